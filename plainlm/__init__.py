@@ -1,0 +1,1 @@
+"""plainlm: readable PyTorch for pretraining, finetuning and running large language models."""

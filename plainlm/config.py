@@ -1,0 +1,145 @@
+"""The `Config` dataclass: every architectural switch of every model family, in one place.
+
+`model.py` reads these fields and nothing else, so a family is a set of values here,
+never a subclass. Named configs (real sizes, real Hugging Face repo ids) live in
+`named_configs.py`; `Config.from_hf_config` derives a config from any `config.json` of
+a supported architecture, so a fine-tune of a known family loads without a named entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    hf_repo: str | None = None  # where the weights live on the Hugging Face hub
+    # The Hugging Face `model_type` this config converts to and from (weight names, config.json).
+    hf_model_type: str = "llama"
+
+    # --- sizes ---
+    vocab_size: int = 32000
+    block_size: int = 4096  # maximum context length (max_position_embeddings)
+    n_layer: int = 2
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
+    head_dim: int | None = None  # None = n_embd // n_head (Gemma and Qwen3 set it apart)
+    intermediate_size: int = 1024
+
+    # --- embeddings and head ---
+    position_embedding: Literal["rope", "learned"] = "rope"  # "learned": GPT-2's absolute positions
+    scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(n_embd)
+    tie_embeddings: bool = False
+    lm_head_bias: bool = False  # Phi-1.5 / Phi-2
+    final_logit_softcap: float | None = None  # Gemma 2
+
+    # --- normalisation ---
+    norm_class: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # Gemma's RMSNorm scales by (1 + weight)
+    norm_affine: bool = True  # OLMo-1 uses LayerNorm without weight or bias
+    norm_bias: bool = True  # only for layernorm: whether it has a bias
+    pre_attention_norm: bool = True  # OLMo-2 normalises only after attention and MLP
+    post_attention_norm: bool = False  # Gemma 2/3, OLMo-2: norm on the attention output
+    pre_mlp_norm: bool = True
+    post_mlp_norm: bool = False  # Gemma 2/3, OLMo-2: norm on the MLP output
+    parallel_residual: bool = False  # GPT-NeoX, Phi-1.5/2, Falcon: x + attn(n1(x)) + mlp(n2(x))
+    shared_attention_norm: bool = False  # Phi-1.5/2, Falcon-7B: attention and MLP read one norm
+
+    # --- attention ---
+    qkv_bias: bool = False  # Qwen2, GPT-2, NeoX, Phi, StableLM
+    attn_out_bias: bool = False
+    qk_norm: Literal["none", "head", "full"] = "none"  # "head": Qwen3/Gemma 3; "full": OLMo-2
+    attention_scale: float | None = None  # None = head_dim ** -0.5; Gemma 2/3 use query_pre_attn_scalar
+    attention_logit_softcap: float | None = None  # Gemma 2
+    clip_qkv: float | None = None  # OLMo-1 clamps q, k and v to [-clip, clip]
+    sliding_window: int | None = None
+    # None: every layer slides (Mistral). k: every k-th layer attends globally (Gemma 2: 2, Gemma 3: 6).
+    sliding_window_pattern: int | None = None
+
+    # --- rotary position embedding ---
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # partial rotary: GPT-NeoX 0.25, Phi-2 0.4, StableLM 0.25
+    # {"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...} as in Hugging Face's rope_scaling
+    rope_scaling: dict[str, Any] | None = None
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers use their own base, unscaled
+
+    # --- MLP ---
+    mlp_class: Literal["gated", "plain"] = "gated"  # gated: act(gate(x)) * up(x); plain: act(up(x))
+    mlp_activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    mlp_bias: bool = False
+    # Mixture of experts: n_expert > 0 replaces every MLP with n_expert gated experts.
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    moe_intermediate_size: int | None = None  # None = intermediate_size
+    moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
+
+    # Everything Hugging Face's config.json says that we carry through conversion unchanged
+    # (token ids, dtype, ...), so that to-hf writes back what from-hf read.
+    hf_extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"Config {self.name!r}: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"
+            )
+        if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
+            raise ValueError(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
+
+    # --- derived values ---
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of each head rotate (the rest pass through unchanged)."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    def is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        if self.sliding_window_pattern is None:
+            return True
+        return (layer + 1) % self.sliding_window_pattern != 0
+
+    # --- construction ---
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        from plainlm.named_configs import NAMED_CONFIGS
+
+        if name not in NAMED_CONFIGS:
+            known = ", ".join(sorted(NAMED_CONFIGS))
+            raise ValueError(f"Unknown model name {name!r}. Known names: {known}")
+        return dataclasses.replace(NAMED_CONFIGS[name], **overrides)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any], name: str | None = None) -> Config:
+        """Our config from a Hugging Face `config.json` dict, for any supported `model_type`."""
+        from plainlm.convert.hf_config import config_from_hf
+
+        return config_from_hf(hf_config, name=name)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, found {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Conversion between plainlm checkpoints and other formats (Hugging Face, later GGUF)."""

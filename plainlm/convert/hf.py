@@ -1,0 +1,137 @@
+"""Hugging Face model directories <-> plainlm, both ways, losslessly.
+
+from-hf reads `config.json` and the weights (safetensors or `.bin`, sharded or not) one tensor
+at a time and writes a native checkpoint; to-hf writes `config.json` plus safetensors
+(sharded with an index past a size) that `transformers.AutoModelForCausalLM.from_pretrained`
+loads as it is. The name maps per family are in `hf_weights.py`, the config maps in `hf_config.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from plainlm.checkpoint import (
+    CONFIG_FILE,
+    DEFAULT_SHARD_BYTES,
+    CheckpointError,
+    TensorSource,
+    atomic_write_text,
+    copy_tokenizer_files,
+    load_state,
+    save_tensors,
+)
+from plainlm.config import Config
+from plainlm.convert.hf_config import config_to_hf
+from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
+from plainlm.model import GPT
+
+
+def read_hf_config(directory: str | Path) -> Config:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return Config.from_hf_config(hf, name=Path(directory).name)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e} that a {hf.get('model_type')} config needs") from None
+
+
+def hf_to_plainlm_tensors(config: Config, source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our tensors, produced one Hugging Face tensor at a time."""
+    used: set[str] = set()
+    for rule in weight_rules(config):
+        key = _find_key(source, rule.hf)
+        if key is None:
+            raise CheckpointError(
+                f"{source.directory}: the weights have no tensor {rule.hf!r}, which a {config.hf_model_type} "
+                f"model with this config.json needs; the config and the weights do not match"
+            )
+        used.add(key)
+        parts = rule.split(source.get(key))
+        yield from zip(rule.ours, parts, strict=True)
+    unused = [k for k in source.keys() if k not in used and not k.endswith(IGNORED_HF_SUFFIXES)]
+    if config.tie_embeddings:
+        unused = [k for k in unused if not k.endswith("lm_head.weight")]
+    if unused:
+        raise CheckpointError(
+            f"{source.directory}: tensors {unused[:5]}{' ...' if len(unused) > 5 else ''} have no place in a "
+            f"{config.hf_model_type} model with this config.json; the weights belong to a different architecture"
+        )
+
+
+def _find_key(source: TensorSource, name: str) -> str | None:
+    # Old GPT-2 checkpoints have no "transformer." prefix; some exports add a "model." one.
+    for candidate in (name, name.removeprefix("transformer."), name.removeprefix("model."), f"model.{name}"):
+        if candidate in source:
+            return candidate
+    return None
+
+
+def plainlm_to_hf_tensors(config: Config, get: callable) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face tensors from ours, read through `get(name)` one rule at a time."""
+    for rule in weight_rules(config):
+        yield rule.hf, rule.join([get(name) for name in rule.ours])
+
+
+def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """A `GPT` straight from a Hugging Face directory, converted in memory."""
+    config = read_hf_config(directory)
+    source = TensorSource(directory)
+    with torch.device("meta"):
+        model = GPT(config)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    tensors = ((k, cast(t)) for k, t in hf_to_plainlm_tensors(config, source))
+    return load_state(model, tensors, directory).to(device)
+
+
+def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Hugging Face directory -> native checkpoint (weights, config.yaml, tokenizer files)."""
+    src, dst = Path(src), Path(dst)
+    config = read_hf_config(src)
+    source = TensorSource(src)
+    tensors = hf_to_plainlm_tensors(config, source)
+    if dtype is not None:
+        tensors = ((k, t.to(dtype) if t.is_floating_point() else t) for k, t in tensors)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, dst)
+    config.save(dst / CONFIG_FILE)
+    copy_tokenizer_files(src, dst)
+    return dst
+
+
+def convert_to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Native checkpoint -> a directory that transformers' from_pretrained loads as it is."""
+    src, dst = Path(src), Path(dst)
+    if not (src / CONFIG_FILE).exists():
+        raise CheckpointError(f"{src}: no {CONFIG_FILE}; is this a plainlm checkpoint?")
+    config = Config.from_file(src / CONFIG_FILE)
+    source = TensorSource(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_tensors(plainlm_to_hf_tensors(config, source.get), dst, max_shard_bytes=max_shard_bytes)
+    hf_config = config_to_hf(config)
+    dtype = _dtype_name(source)
+    if dtype and "torch_dtype" not in hf_config and "dtype" not in hf_config:
+        hf_config["torch_dtype"] = dtype
+    atomic_write_text(dst / "config.json", json.dumps(hf_config, indent=2))
+    copy_tokenizer_files(src, dst)
+    return dst
+
+
+def _dtype_name(source: TensorSource) -> str | None:
+    keys = source.keys()
+    if not keys:
+        return None
+    return str(source.get(keys[0]).dtype).removeprefix("torch.")

@@ -1,0 +1,248 @@
+"""Hugging Face tensor names <-> plainlm tensor names, per family.
+
+`weight_rules(config)` lists, for the whole model, which Hugging Face tensor holds which of
+our tensors. Most rules are one to one; where Hugging Face fuses tensors (Phi-3's qkv_proj,
+GPT-NeoX's and Falcon's query_key_value, GPT-2's c_attn) a rule splits one tensor into
+several and joins them back, so both directions are exact inverses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from plainlm.config import Config
+
+
+def _identity_split(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t]
+
+
+def _identity_join(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0]
+
+
+@dataclass
+class Rule:
+    hf: str  # one Hugging Face tensor
+    ours: list[str]  # the plainlm tensors it holds, several when Hugging Face fuses them
+    split: Callable[[torch.Tensor], list[torch.Tensor]] = field(default=_identity_split)
+    join: Callable[[list[torch.Tensor]], torch.Tensor] = field(default=_identity_join)
+
+
+# Buffers some checkpoints carry that are recomputed, not learned.
+IGNORED_HF_SUFFIXES = (
+    ".rotary_emb.inv_freq",
+    ".attn.bias",
+    ".attn.masked_bias",
+    ".attention.bias",
+    ".attention.masked_bias",
+)
+
+
+def weight_rules(c: Config) -> list[Rule]:
+    t = c.hf_model_type
+    if t == "gpt2":
+        return _gpt2_rules(c)
+    if t == "gpt_neox":
+        return _neox_rules(c)
+    if t == "falcon":
+        return _falcon_rules(c)
+    if t == "phi":
+        return _phi_rules(c)
+    return _llama_like_rules(c)
+
+
+def _one(hf: str, ours: str, bias: bool = False) -> list[Rule]:
+    rules = [Rule(f"{hf}.weight", [f"{ours}.weight"])]
+    if bias:
+        rules.append(Rule(f"{hf}.bias", [f"{ours}.bias"]))
+    return rules
+
+
+def _norm(c: Config, hf: str, ours: str) -> list[Rule]:
+    if not c.norm_affine:  # OLMo-1's norms have no parameters
+        return []
+    return _one(hf, ours, bias=c.norm_class == "layernorm" and c.norm_bias)
+
+
+def _head(c: Config, hf_embed: str, hf_norm: str, hf_head: str) -> list[Rule]:
+    rules = _one(hf_embed, "embed") + _norm(c, hf_norm, "final_norm")
+    if not c.tie_embeddings:
+        rules += _one(hf_head, "lm_head", bias=c.lm_head_bias)
+    return rules
+
+
+def _llama_like_rules(c: Config) -> list[Rule]:
+    t = c.hf_model_type
+    rules = _head(c, "model.embed_tokens", "model.norm", "lm_head")
+    for i in range(c.n_layer):
+        p, o = f"model.layers.{i}.", f"blocks.{i}."
+        if c.pre_attention_norm:
+            rules += _norm(c, p + "input_layernorm", o + "attn_norm")
+        if t == "phi3":
+            rules.append(
+                _concat(p + "self_attn.qkv_proj.weight", [o + f"attn.{x}_proj.weight" for x in "qkv"], _qkv_sizes(c))
+            )
+        else:
+            for x in "qkv":
+                rules += _one(p + f"self_attn.{x}_proj", o + f"attn.{x}_proj", bias=c.qkv_bias)
+        rules += _one(p + "self_attn.o_proj", o + "attn.o_proj", bias=c.attn_out_bias)
+        if c.qk_norm != "none":
+            rules += _norm(c, p + "self_attn.q_norm", o + "attn.q_norm") + _norm(
+                c, p + "self_attn.k_norm", o + "attn.k_norm"
+            )
+        if t in ("gemma2", "gemma3_text"):  # sandwich norms: HF's post_attention_layernorm is on the output
+            rules += _norm(c, p + "post_attention_layernorm", o + "post_attn_norm")
+            rules += _norm(c, p + "pre_feedforward_layernorm", o + "mlp_norm")
+            rules += _norm(c, p + "post_feedforward_layernorm", o + "post_mlp_norm")
+        elif t == "olmo2":
+            rules += _norm(c, p + "post_attention_layernorm", o + "post_attn_norm")
+            rules += _norm(c, p + "post_feedforward_layernorm", o + "post_mlp_norm")
+        elif not c.shared_attention_norm:
+            rules += _norm(c, p + "post_attention_layernorm", o + "mlp_norm")
+        rules += _mlp_rules(c, p, o)
+    return rules
+
+
+def _mlp_rules(c: Config, p: str, o: str) -> list[Rule]:
+    t = c.hf_model_type
+    if t == "mixtral":
+        rules = _one(p + "block_sparse_moe.gate", o + "mlp.router")
+        for e in range(c.n_expert):
+            hp, op = p + f"block_sparse_moe.experts.{e}.", o + f"mlp.experts.{e}."
+            rules += (
+                _one(hp + "w1", op + "gate_proj") + _one(hp + "w3", op + "up_proj") + _one(hp + "w2", op + "down_proj")
+            )
+        return rules
+    if t == "qwen3_moe":
+        rules = _one(p + "mlp.gate", o + "mlp.router")
+        for e in range(c.n_expert):
+            for x in ("gate", "up", "down"):
+                rules += _one(p + f"mlp.experts.{e}.{x}_proj", o + f"mlp.experts.{e}.{x}_proj")
+        return rules
+    if t == "phi3":
+        size = c.intermediate_size
+        return [
+            _concat(p + "mlp.gate_up_proj.weight", [o + "mlp.gate_proj.weight", o + "mlp.up_proj.weight"], [size, size])
+        ] + _one(p + "mlp.down_proj", o + "mlp.down_proj")
+    return [r for x in ("gate", "up", "down") for r in _one(p + f"mlp.{x}_proj", o + f"mlp.{x}_proj", bias=c.mlp_bias)]
+
+
+def _phi_rules(c: Config) -> list[Rule]:
+    rules = _head(c, "model.embed_tokens", "model.final_layernorm", "lm_head")
+    for i in range(c.n_layer):
+        p, o = f"model.layers.{i}.", f"blocks.{i}."
+        rules += _norm(c, p + "input_layernorm", o + "attn_norm")
+        for x in "qkv":
+            rules += _one(p + f"self_attn.{x}_proj", o + f"attn.{x}_proj", bias=True)
+        rules += _one(p + "self_attn.dense", o + "attn.o_proj", bias=True)
+        rules += _one(p + "mlp.fc1", o + "mlp.up_proj", bias=True) + _one(p + "mlp.fc2", o + "mlp.down_proj", bias=True)
+    return rules
+
+
+def _neox_rules(c: Config) -> list[Rule]:
+    rules = _head(c, "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out")
+    for i in range(c.n_layer):
+        p, o = f"gpt_neox.layers.{i}.", f"blocks.{i}."
+        rules += _norm(c, p + "input_layernorm", o + "attn_norm") + _norm(
+            c, p + "post_attention_layernorm", o + "mlp_norm"
+        )
+        rules += _grouped_qkv(c, p + "attention.query_key_value", o + "attn.", c.qkv_bias)
+        rules += _one(p + "attention.dense", o + "attn.o_proj", bias=c.attn_out_bias)
+        rules += _one(p + "mlp.dense_h_to_4h", o + "mlp.up_proj", bias=True)
+        rules += _one(p + "mlp.dense_4h_to_h", o + "mlp.down_proj", bias=True)
+    return rules
+
+
+def _falcon_rules(c: Config) -> list[Rule]:
+    rules = _head(c, "transformer.word_embeddings", "transformer.ln_f", "lm_head")
+    for i in range(c.n_layer):
+        p, o = f"transformer.h.{i}.", f"blocks.{i}."
+        if c.parallel_residual and not c.shared_attention_norm:  # Falcon-40B/180B: two norms side by side
+            rules += _norm(c, p + "ln_attn", o + "attn_norm") + _norm(c, p + "ln_mlp", o + "mlp_norm")
+        else:
+            rules += _norm(c, p + "input_layernorm", o + "attn_norm")
+            if not c.parallel_residual:
+                rules += _norm(c, p + "post_attention_layernorm", o + "mlp_norm")
+        rules += _grouped_qkv(c, p + "self_attention.query_key_value", o + "attn.", c.qkv_bias)
+        rules += _one(p + "self_attention.dense", o + "attn.o_proj", bias=c.attn_out_bias)
+        rules += _one(p + "mlp.dense_h_to_4h", o + "mlp.up_proj", bias=c.mlp_bias)
+        rules += _one(p + "mlp.dense_4h_to_h", o + "mlp.down_proj", bias=c.mlp_bias)
+    return rules
+
+
+def _gpt2_rules(c: Config) -> list[Rule]:
+    rules = (
+        _one("transformer.wte", "embed")
+        + _one("transformer.wpe", "pos_embed")
+        + _norm(c, "transformer.ln_f", "final_norm")
+    )
+    if not c.tie_embeddings:
+        rules += _one("lm_head", "lm_head")
+    for i in range(c.n_layer):
+        p, o = f"transformer.h.{i}.", f"blocks.{i}."
+        rules += _norm(c, p + "ln_1", o + "attn_norm") + _norm(c, p + "ln_2", o + "mlp_norm")
+        sizes = _qkv_sizes(c)
+        # GPT-2's Conv1D stores weights as (in, out): transpose on the way in and out.
+        rules.append(
+            _concat(p + "attn.c_attn.weight", [o + f"attn.{x}_proj.weight" for x in "qkv"], sizes, transpose=True)
+        )
+        rules.append(_concat(p + "attn.c_attn.bias", [o + f"attn.{x}_proj.bias" for x in "qkv"], sizes))
+        for hf, ours in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
+            rules.append(
+                Rule(
+                    p + hf + ".weight",
+                    [o + ours + ".weight"],
+                    lambda t: [t.t().contiguous()],
+                    lambda ts: ts[0].t().contiguous(),
+                )
+            )
+            rules += [Rule(p + hf + ".bias", [o + ours + ".bias"])]
+    return rules
+
+
+# --- fused tensors ---
+def _qkv_sizes(c: Config) -> list[int]:
+    return [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+
+
+def _concat(hf: str, ours: list[str], sizes: list[int], transpose: bool = False) -> Rule:
+    """One HF tensor that is our tensors stacked along the output dimension."""
+    if transpose:
+        return Rule(
+            hf,
+            ours,
+            lambda t: [x.t().contiguous() for x in t.split(sizes, dim=1)],
+            lambda ts: torch.cat(ts, dim=0).t().contiguous(),
+        )
+    return Rule(hf, ours, lambda t: [x.contiguous() for x in t.split(sizes, dim=0)], lambda ts: torch.cat(ts, dim=0))
+
+
+def _grouped_qkv(c: Config, hf: str, ours: str, bias: bool) -> list[Rule]:
+    """GPT-NeoX / Falcon fuse q, k and v per key/value group: (K, H/K + 2, D, ...) with each
+    group's query heads first, then its key and its value head. This one layout covers
+    NeoX (K = H), Falcon-7B (multi-query, K = 1) and Falcon-40B (grouped)."""
+    H, K, D = c.n_head, c.n_kv_head, c.head_dim
+    per_group = H // K
+
+    def split(t: torch.Tensor) -> list[torch.Tensor]:
+        g = t.reshape(K, per_group + 2, D, *t.shape[1:])
+        q = g[:, :per_group].reshape(H * D, *t.shape[1:])
+        k = g[:, per_group].reshape(K * D, *t.shape[1:])
+        v = g[:, per_group + 1].reshape(K * D, *t.shape[1:])
+        return [q.contiguous(), k.contiguous(), v.contiguous()]
+
+    def join(ts: list[torch.Tensor]) -> torch.Tensor:
+        q, k, v = ts
+        rest = q.shape[1:]
+        g = torch.cat((q.reshape(K, per_group, D, *rest), k.reshape(K, 1, D, *rest), v.reshape(K, 1, D, *rest)), dim=1)
+        return g.reshape(K * (per_group + 2) * D, *rest)
+
+    names = [f"{ours}{x}_proj" for x in "qkv"]
+    rules = [Rule(f"{hf}.weight", [n + ".weight" for n in names], split, join)]
+    if bias:
+        rules.append(Rule(f"{hf}.bias", [n + ".bias" for n in names], split, join))
+    return rules

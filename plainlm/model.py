@@ -1,0 +1,433 @@
+"""The model: `GPT` and its parts, one file for every family.
+
+Every architectural difference between families is a field of `Config`, read in the one
+place it matters. Lines that exist for one family say which, and why, in a comment.
+Nothing here knows about files, tokenizers or Hugging Face names: see `convert/`.
+
+Shapes: B batch, T new tokens, S key/value length, H heads, K key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from plainlm.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position_embedding == "learned":  # GPT-2
+            self.pos_embed = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.final_norm = make_norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_rope_cache()
+
+    def init_rope_cache(self, device: torch.device | None = None) -> None:
+        """(Re)build the cos/sin tables; call after creating the model on the meta device."""
+        c = self.config
+        if c.position_embedding != "rope":
+            return
+        device = device or self.embed.weight.device
+        if device.type == "meta":  # a model built on the meta device still gets real tables
+            device = torch.device("cpu")
+        cos, sin = rope_cache(c.block_size, c.rope_dim, c.rope_theta, c.rope_scaling, c.block_size, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if c.rope_local_theta is not None:  # Gemma 3: sliding layers rotate with their own base
+            cos, sin = rope_cache(c.block_size, c.rope_dim, c.rope_local_theta, None, c.block_size, device)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
+
+    # --- KV cache ---
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: int | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Preallocate a key/value cache for decoding up to `max_seq_length` positions."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
+        dtype = dtype or self.embed.weight.dtype
+        device = self.embed.weight.device
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(
+                batch_size, self.config.n_kv_head, max_seq_length, self.config.head_dim, dtype, device
+            )
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    # --- forward ---
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T).
+
+        input_pos (T,): cache slots these tokens occupy; needed when a KV cache is set.
+        position_ids (B, T): positions for RoPE / learned embeddings; default input_pos or 0..T-1.
+            Left-padded batches and packed sequences pass their own.
+        attention_mask (B, 1, T, S) bool: True where a query may see a key. Default causal.
+            The sliding window is applied on top of it per layer.
+        """
+        c = self.config
+        B, T = idx.shape
+        cached = self.blocks[0].attn.kv_cache is not None
+        if cached and input_pos is None:
+            raise ValueError("a KV cache is set: pass input_pos, the cache slots of these tokens")
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        if position_ids is None:
+            position_ids = input_pos.unsqueeze(0).expand(B, T)
+        if position_ids.numel() and int(position_ids.max()) >= c.block_size:
+            raise ValueError(f"position {int(position_ids.max())} is past the model's context of {c.block_size} tokens")
+
+        x = self.embed(idx)
+        if c.scale_embeddings:  # Gemma: the normaliser is rounded to the activation dtype first
+            x = x * torch.tensor(c.n_embd**0.5, dtype=x.dtype)
+        if c.position_embedding == "learned":
+            x = x + self.pos_embed(position_ids)
+
+        kv_len = int(input_pos[-1]) + 1 if cached else T
+        masks = self._attention_masks(input_pos, kv_len, attention_mask)
+        ropes = self._ropes(position_ids, x.dtype)
+        for i, block in enumerate(self.blocks):
+            sliding = c.is_sliding(i)
+            x = block(x, ropes[sliding], masks[sliding], input_pos)
+        x = self.final_norm(x)
+        logits = self.lm_head(x)
+        if c.final_logit_softcap is not None:  # Gemma 2
+            logits = softcap(logits, c.final_logit_softcap)
+        return logits
+
+    def _ropes(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> dict[bool, tuple[torch.Tensor, torch.Tensor] | None]:
+        """cos/sin (B, 1, T, rope_dim) for global (False) and sliding (True) layers."""
+        if self.config.position_embedding != "rope":
+            return {False: None, True: None}
+        cos, sin = (
+            self.rope_cos[position_ids].unsqueeze(1).to(dtype),
+            self.rope_sin[position_ids].unsqueeze(1).to(dtype),
+        )
+        if self.config.rope_local_theta is None:
+            return {False: (cos, sin), True: (cos, sin)}
+        local = (
+            self.rope_local_cos[position_ids].unsqueeze(1).to(dtype),
+            self.rope_local_sin[position_ids].unsqueeze(1).to(dtype),
+        )
+        return {False: (cos, sin), True: local}
+
+    def _attention_masks(
+        self, input_pos: torch.Tensor, kv_len: int, attention_mask: torch.Tensor | None
+    ) -> dict[bool, torch.Tensor | None]:
+        """Boolean masks (…, T, S) for global (False) and sliding (True) layers; None = plain causal."""
+        c = self.config
+        T = input_pos.shape[0]
+        plain_causal = (
+            attention_mask is None
+            and kv_len == T
+            and bool((input_pos == torch.arange(T, device=input_pos.device)).all())
+        )
+        window = c.sliding_window
+        needs_window = window is not None and kv_len > window
+        if plain_causal and not needs_window:
+            return {False: None, True: None}
+        key_pos = torch.arange(kv_len, device=input_pos.device)
+        causal = key_pos[None, :] <= input_pos[:, None]  # (T, S)
+        if attention_mask is not None:
+            causal = causal & attention_mask[..., :kv_len]
+        masks: dict[bool, torch.Tensor | None] = {
+            False: None if plain_causal else causal,
+            True: None if plain_causal else causal,
+        }
+        if needs_window:
+            masks[True] = causal & (input_pos[:, None] - key_pos[None, :] < window)
+        return masks
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.config = config
+        self.attn_norm = make_norm(config, config.n_embd) if config.pre_attention_norm else nn.Identity()
+        self.attn = Attention(config)
+        self.post_attn_norm = make_norm(config, config.n_embd) if config.post_attention_norm else nn.Identity()
+        needs_mlp_norm = config.pre_mlp_norm and not config.shared_attention_norm
+        self.mlp_norm = make_norm(config, config.n_embd) if needs_mlp_norm else nn.Identity()
+        self.mlp = MoE(config) if config.n_expert else MLP(config, config.intermediate_size)
+        self.post_mlp_norm = make_norm(config, config.n_embd) if config.post_mlp_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        h = self.attn_norm(x)
+        attn_out = self.post_attn_norm(self.attn(h, rope, mask, input_pos))
+        if self.config.parallel_residual:  # GPT-NeoX, Phi-1.5/2, Falcon: both branches read x
+            mlp_in = h if self.config.shared_attention_norm else self.mlp_norm(x)
+            return x + attn_out + self.post_mlp_norm(self.mlp(mlp_in))
+        x = x + attn_out
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        H, K, D = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, H * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, K * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, K * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * D, config.n_embd, bias=config.attn_out_bias)
+        if config.qk_norm == "head":  # Qwen3, Gemma 3: one norm shared by all heads
+            self.q_norm, self.k_norm = make_norm(config, D), make_norm(config, D)
+        elif config.qk_norm == "full":  # OLMo-2: one norm over the whole projection
+            self.q_norm, self.k_norm = make_norm(config, H * D), make_norm(config, K * D)
+        self.scale = config.attention_scale if config.attention_scale is not None else D**-0.5
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if c.clip_qkv is not None:  # OLMo-1
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            kv_len = mask.shape[-1] if mask is not None else T
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        y = self.attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        c = self.config
+        if c.attention_logit_softcap is None:
+            is_causal = mask is None and q.shape[2] > 1
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=c.n_kv_head != c.n_head
+            )
+        # Gemma 2 caps the attention logits before softmax, which SDPA cannot express.
+        groups = c.n_head // c.n_kv_head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = softcap((q @ k.transpose(-2, -1)) * self.scale, c.attention_logit_softcap)
+        if mask is None:
+            T, S = q.shape[2], k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values (B, K, max_seq_length, D); tokens are written at their slots."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_head: int,
+        max_seq_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"batch of {k.shape[0]} does not match the KV cache's batch of {self.k.shape[0]}")
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config, intermediate_size: int, bias: bool | None = None) -> None:
+        super().__init__()
+        bias = config.mlp_bias if bias is None else bias
+        self.gated = config.mlp_class == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.n_embd, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.n_embd, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, config.n_embd, bias=bias)
+        self.activation = config.mlp_activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:  # SwiGLU (silu) / GeGLU (gelu)
+            return self.down_proj(activate(self.gate_proj(x), self.activation) * self.up_proj(x))
+        return self.down_proj(activate(self.up_proj(x), self.activation))
+
+
+class MoE(nn.Module):
+    """Mixture of experts (Mixtral, Qwen3-MoE): a router sends each token to its top-k experts."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        size = config.moe_intermediate_size or config.intermediate_size
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config, size, bias=False) for _ in range(config.n_expert))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C) tokens
+        probs = self.router(x).softmax(dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (N, k)
+        if self.config.moe_normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        # Loop over experts, not tokens: each expert runs once on the tokens routed to it.
+        for e in chosen.unique().tolist():
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        return out.view(shape)
+
+
+# --- building blocks ---
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, unit_offset: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size) if unit_offset else torch.ones(size))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma stores weight - 1 and scales in fp32
+            return (x * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: Config, size: int) -> nn.Module:
+    if config.norm_class == "rmsnorm":
+        return RMSNorm(size, config.norm_eps, config.norm_unit_offset)
+    affine = config.norm_affine
+    return nn.LayerNorm(size, eps=config.norm_eps, elementwise_affine=affine, bias=affine and config.norm_bias)
+
+
+def activate(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+# --- rotary position embedding ---
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head (halves layout); the rest pass through."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def rope_cache(
+    seq_len: int, dim: int, base: float, scaling: dict | None, max_positions: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (seq_len, dim) in fp32, computed as Hugging Face does for bit-equal results."""
+    inv_freq, attention_factor = rope_inv_freq(dim, base, scaling, max_positions)
+    positions = torch.arange(seq_len, dtype=torch.float32, device="cpu")
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_factor).to(device), (emb.sin() * attention_factor).to(device)
+
+
+def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) and the cos/sin multiplier for each RoPE scaling type."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (base**exponents)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    assert scaling is not None
+    factor = scaling.get("factor")
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":  # Llama 3.1+: stretch low frequencies, keep high ones, blend in between
+        old_len = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return yarn_inv_freq(dim, base, scaling, max_positions)
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, yarn")
+
+
+def yarn_inv_freq(dim: int, base: float, scaling: dict, max_positions: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, extrapolate high ones, with a linear ramp between."""
+    original = scaling.get("original_max_position_embeddings") or max_positions
+    factor = scaling.get("factor") or max_positions / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
