@@ -1,0 +1,184 @@
+"""Token generation: sampling, KV-cache decoding, batched prompts and streaming.
+
+Token ids in, token ids out. Tokenizers, chat templates and strings live in `tokenizer.py`
+and `api.py`; the model and its KV cache live in `model.py`.
+
+    for step in generate_tokens(model, [prompt], max_new_tokens=50, temperature=0.8, top_p=0.95):
+        print(tokenizer.decode(step[0]), end="", flush=True)
+
+Timing is left to the caller: count the yielded steps and divide by the wall-clock time
+of the loop to get tokens per second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from plainlm.model import GPT
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row of `logits` (B, V).
+
+    temperature 0 picks the argmax (greedy). Otherwise the logits are divided by the
+    temperature, cut to the `top_k` best, then to the nucleus: the smallest set of tokens
+    whose probabilities add up to at least `top_p` (never fewer than one token).
+    Pass a seeded `torch.Generator` for reproducible draws.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    candidates = None  # token ids of the columns of `logits` once it holds only the best ones, best first
+    if top_k is not None and top_k < logits.shape[-1]:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        logits, candidates = logits.topk(top_k, dim=-1)  # sorts only k values, not the vocabulary
+    if top_p is not None and top_p < 1.0:
+        if top_p <= 0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+        if candidates is None:
+            logits, candidates = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
+        # Drop a token once the better tokens before it already reach top_p; the best one always stays.
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    truncate_prompt: bool = False,
+) -> Iterator[list[int | None]]:
+    """Stream new tokens for a batch of prompts, one decoding step at a time.
+
+    Each step yields a list with one entry per prompt: the token that row produced, or None
+    once the row has stopped. A row stops after it emits one of `stop_ids` (that token is
+    still yielded, so callers see why it ended); generation ends when every row has stopped
+    or after `max_new_tokens` steps. The prompt and the new tokens must fit in the model's
+    context (`config.block_size`): `max_new_tokens` is cut to the room left, and a prompt
+    that leaves no room for even one new token raises a ValueError, or with
+    `truncate_prompt=True` keeps its last `block_size - 1` tokens.
+
+    Prompts of different lengths are left-padded: every row's last prompt token sits in the
+    same cache slot, so one forward pass prefills them all and each step decodes one token
+    per row. Pads are hidden by an attention mask and every row's positions start at 0.
+    """
+    prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
+    lengths = [len(p) for p in prompts]
+    prompt_len = max(lengths)
+    max_new_tokens = min(max_new_tokens, model.config.block_size - prompt_len)
+    if max_new_tokens <= 0:
+        return
+    device = model.embed.weight.device
+    idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
+    slots = torch.arange(prompt_len + max_new_tokens, device=device)
+    padded = min(lengths) != prompt_len
+    if padded:
+        pad = torch.tensor([prompt_len - n for n in lengths], device=device)[:, None]  # (B, 1)
+        prefill_positions = (slots[:prompt_len] - pad).clamp(min=0)
+        prefill_mask, decode_mask = _padding_masks(pad, prompt_len, slots)
+        position = prefill_positions[:, -1:]  # (B, 1)
+    else:  # equal lengths: positions are the cache slots and the model's causal mask is all we need
+        prefill_positions = prefill_mask = decode_mask = position = None
+
+    stop = set(stop_ids)
+    done = [False] * len(prompts)
+    model.set_kv_cache(len(prompts), prompt_len + max_new_tokens)
+    try:
+        logits = model(idx, input_pos=slots[:prompt_len], position_ids=prefill_positions, attention_mask=prefill_mask)
+        token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+        for step in range(max_new_tokens):
+            new = token.tolist()
+            yield [None if d else t for t, d in zip(new, done, strict=True)]
+            done = [d or t in stop for t, d in zip(new, done, strict=True)]
+            if all(done) or step == max_new_tokens - 1:
+                break
+            # Finished rows keep decoding (their outputs are ignored) so the batch keeps its shape.
+            if position is not None:
+                position = position + 1
+            slot = slots[prompt_len + step : prompt_len + step + 1]
+            logits = model(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
+            token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+    finally:
+        model.clear_kv_cache()
+
+
+def generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    truncate_prompt: bool = False,
+) -> list[list[int]]:
+    """The new tokens of every prompt, up to but excluding the stop id that ended it.
+
+    Arguments as for `generate_tokens`, which this collects.
+    """
+    stop = set(stop_ids)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    steps = generate_tokens(
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, truncate_prompt
+    )
+    for step in steps:
+        for out, token in zip(outputs, step, strict=True):
+            if token is not None and token not in stop:
+                out.append(token)
+    return outputs
+
+
+def _fit_prompts(prompts: Sequence[Sequence[int]], block_size: int, truncate: bool) -> list[Sequence[int]]:
+    """Check that every prompt is non-empty and leaves room for one new token, or cut it to do so."""
+    if not prompts:
+        raise ValueError("no prompts given: pass a list of token id lists, e.g. [[1, 2, 3]]")
+    if isinstance(prompts[0], int):
+        raise ValueError("prompts must be a list of token id lists; wrap a single prompt as [prompt]")
+    fitted = []
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+        if len(prompt) + 1 > block_size:
+            if not truncate:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens, but the model's context is {block_size} tokens: "
+                    f"prompt + 1 new token = {len(prompt) + 1} > {block_size}. Shorten the prompt, or pass "
+                    f"truncate_prompt=True to keep its last {block_size - 1} tokens."
+                )
+            prompt = prompt[len(prompt) - (block_size - 1) :]
+        fitted.append(prompt)
+    return fitted
+
+
+def _padding_masks(pad: torch.Tensor, prompt_len: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention masks (B, 1, T, S) for left-padded rows: the prefill's and one reused by every decode step.
+
+    A query may see every real (non-pad) key; the model adds causality and sliding windows.
+    A pad query sees only itself: some SDPA kernels turn a row with no visible key into NaN,
+    which would reach real tokens through the pads' keys and values (0 * NaN = NaN).
+    """
+    real_key = slots[None, :] >= pad  # (B, S)
+    prompt_slots = slots[:prompt_len]
+    itself = prompt_slots[:, None] == prompt_slots[None, :]  # (T, T)
+    prefill_mask = real_key[:, None, None, :prompt_len] | itself
+    return prefill_mask, real_key[:, None, None, :]

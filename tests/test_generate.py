@@ -1,0 +1,239 @@
+"""Generation: KV-cache decoding against full forward passes, batching, stopping, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from plainlm.config import Config
+from plainlm.generate import generate, generate_tokens, sample
+from plainlm.model import GPT
+
+TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_embd=32, n_head=4, intermediate_size=64)
+CONFIGS = {
+    "llama_gqa": Config(**TINY, n_kv_head=2),
+    "sliding_window": Config(**TINY, n_kv_head=2, sliding_window=4, sliding_window_pattern=2),
+    "gemma2": Config(
+        **TINY,
+        n_kv_head=2,
+        head_dim=16,
+        attention_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        norm_unit_offset=True,
+        post_attention_norm=True,
+        post_mlp_norm=True,
+        scale_embeddings=True,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        mlp_activation="gelu_tanh",
+    ),
+    "learned_positions": Config(
+        **TINY,
+        position_embedding="learned",
+        norm_class="layernorm",
+        mlp_class="plain",
+        mlp_activation="gelu_tanh",
+        qkv_bias=True,
+    ),
+    "moe": Config(**TINY, n_kv_head=2, n_expert=4, n_expert_per_token=2),
+}
+
+
+def random_model(config: Config, seed: int = 0) -> GPT:
+    """Every parameter random, norm weights included, so a wrong cache slot or position cannot hide."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+def record_logits(model: GPT, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Make the model keep the last-position logits (B, V) of every forward call it makes."""
+    calls: list[torch.Tensor] = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        calls.append(logits[:, -1].clone())
+        return logits
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    return calls
+
+
+def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence through the model at every step."""
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+# --- 1. the KV cache reproduces the full forward pass ---
+@pytest.mark.parametrize("name", CONFIGS)
+def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
+    model = random_model(CONFIGS[name])
+    seq = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(1))
+    prefill = 5
+    with torch.no_grad():
+        full = model(seq)
+        model.set_kv_cache(batch_size=2, max_seq_length=seq.shape[1])
+        got = [model(seq[:, :prefill], input_pos=torch.arange(prefill))]
+        for i in range(prefill, seq.shape[1]):
+            got.append(model(seq[:, i : i + 1], input_pos=torch.tensor([i])))
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=0)
+
+
+# --- 2. batching with left padding changes nothing ---
+@pytest.mark.parametrize("name", CONFIGS)
+def test_batched_prompts_match_each_prompt_alone(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model(CONFIGS[name])
+    prompts = [[5, 17, 3], [9, 1, 44, 2, 60, 7, 31], [12, 80, 6, 6, 29]]  # longer than the sliding window
+    n = 8
+    calls = record_logits(model, monkeypatch)
+    batched = generate(model, prompts, max_new_tokens=n)
+    batched_logits = torch.stack(calls, dim=1)  # (B, steps, V)
+    for row, prompt in enumerate(prompts):
+        calls.clear()
+        alone = generate(model, [prompt], max_new_tokens=n)[0]
+        assert batched[row] == alone
+        torch.testing.assert_close(batched_logits[row], torch.cat(calls), atol=1e-5, rtol=0)
+
+
+def nan_on_empty_rows_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """Attention as some CUDA kernels compute it: a query that sees no key gets NaN, not 0."""
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        attn_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def test_pad_queries_never_poison_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    prompts = [[5, 17, 3], [9, 1, 44, 2, 60, 7, 31]]
+    alone = [generate(model, [prompt], max_new_tokens=6)[0] for prompt in prompts]
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", nan_on_empty_rows_sdpa)
+    calls = record_logits(model, monkeypatch)
+    assert generate(model, prompts, max_new_tokens=6) == alone
+    assert all(torch.isfinite(logits).all() for logits in calls)
+
+
+# --- 3. greedy decoding with the cache equals argmax of full forward passes ---
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_matches_no_cache_reference(name: str) -> None:
+    model = random_model(CONFIGS[name], seed=3)
+    prompt = [4, 8, 15, 16, 23, 42]
+    assert generate(model, [prompt], max_new_tokens=10) == [reference_greedy(model, prompt, 10)]
+
+
+# --- 4. stopping, lengths and streaming ---
+def test_max_new_tokens_and_streaming() -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    steps = list(generate_tokens(model, [[1, 2, 3]], max_new_tokens=7))
+    assert len(steps) == 7 and all(len(step) == 1 for step in steps)
+    assert [step[0] for step in steps] == generate(model, [[1, 2, 3]], max_new_tokens=7)[0]
+    assert model.blocks[0].attn.kv_cache is None
+
+
+def test_max_new_tokens_is_cut_to_the_context() -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    block_size = model.config.block_size
+    out = generate(model, [list(range(block_size - 3)), [1, 2]], max_new_tokens=10)
+    assert [len(o) for o in out] == [3, 3]
+
+
+def test_stop_ids_end_each_sequence_on_its_own() -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    prompts = [[5, 17, 3], [9, 1, 44, 2, 60]]
+    full = generate(model, prompts, max_new_tokens=12)
+    stop_id = full[0][2]
+    expected = [out[: out.index(stop_id)] if stop_id in out else out for out in full]
+    assert len(expected[0]) <= 2  # row 0 stops early
+
+    assert generate(model, prompts, max_new_tokens=12, stop_ids=[stop_id]) == expected
+    steps = list(generate_tokens(model, prompts, max_new_tokens=12, stop_ids=[stop_id]))
+    # The stop token is streamed, then the row reports None until every row has stopped.
+    column0 = [step[0] for step in steps]
+    assert column0[: len(expected[0]) + 1] == expected[0] + [stop_id]
+    assert all(t is None for t in column0[len(expected[0]) + 1 :])
+    if stop_id in full[1]:
+        assert len(steps) == max(len(e) for e in expected) + 1  # ends once all rows stopped
+    else:
+        assert len(steps) == 12
+
+
+def test_stopping_the_stream_early_clears_the_cache() -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    stream = generate_tokens(model, [[1, 2, 3]], max_new_tokens=5)
+    next(stream)
+    assert model.blocks[0].attn.kv_cache is not None
+    stream.close()
+    assert model.blocks[0].attn.kv_cache is None
+
+
+# --- 5. sampling ---
+def test_top_k_1_is_greedy() -> None:
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
+    for seed in range(5):
+        picked = sample(logits, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(picked, logits.argmax(dim=-1))
+    model = random_model(CONFIGS["llama_gqa"])
+    greedy = generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=8)
+    assert generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=8, temperature=0.9, top_k=1) == greedy
+
+
+def test_top_p_samples_only_the_nucleus() -> None:
+    probs = torch.tensor([0.05, 0.5, 0.02, 0.3, 0.1, 0.03])
+    logits = probs.log().expand(4000, -1)
+    cases = {0.75: {1, 3}, 0.85: {1, 3, 4}, 0.4: {1}, 1e-9: {1}}  # 0.5 < 0.75 <= 0.5 + 0.3, ...
+    for top_p, nucleus in cases.items():
+        drawn = sample(logits, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert set(drawn.tolist()) == nucleus, top_p
+    drawn = sample(logits, temperature=1.0, top_k=3, top_p=0.95, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3, 4}  # top-k first; within it 0.5/0.9 + 0.3/0.9 < 0.95
+
+
+def test_temperature_sampling_follows_the_tempered_distribution() -> None:
+    logits = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    drawn = sample(logits.expand(40000, -1), temperature=2.0, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4).float() / drawn.numel()
+    torch.testing.assert_close(frequencies, (logits / 2.0).softmax(dim=-1), atol=0.01, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+
+    def run(seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompts, max_new_tokens=10, temperature=1.5, top_p=0.95, generator=g)
+
+    assert run(0) == run(0)
+    assert len({str(run(seed)) for seed in range(4)}) > 1  # the seed matters: it really samples
+
+
+# --- 6. prompts that do not fit ---
+def test_too_long_prompt_raises_a_clear_error() -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    long_prompt = list(range(40))
+    with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens.*context is 32.*truncate_prompt=True"):
+        generate(model, [[1, 2], long_prompt], max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[]], max_new_tokens=4)
+
+
+def test_truncate_prompt_keeps_the_last_tokens() -> None:
+    model = random_model(CONFIGS["learned_positions"])
+    long_prompt = [(7 * i) % 97 for i in range(40)]
+    out = generate(model, [long_prompt], max_new_tokens=4, truncate_prompt=True)
+    assert out == generate(model, [long_prompt[-31:]], max_new_tokens=4)
+    assert len(out[0]) == 1  # the last 31 tokens fill the 32-token context but one
