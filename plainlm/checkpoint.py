@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,21 +20,9 @@ from safetensors.torch import save_file
 
 from plainlm.config import Config
 from plainlm.model import GPT
+from plainlm.tokenizer import copy_tokenizer_files
 
 CONFIG_FILE = "config.yaml"
-# Files a tokenizer may consist of; checkpoints carry them unchanged from the source model.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -225,17 +212,6 @@ def save_checkpoint(model: GPT, directory: str | Path, tokenizer_dir: str | Path
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, directory)
     return directory
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy whichever tokenizer files `src` has into `dst`, byte for byte."""
-    src, dst = Path(src), Path(dst)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and src.resolve() != dst.resolve():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 # --- loading into a model ---

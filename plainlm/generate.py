@@ -3,8 +3,9 @@
 Token ids in, token ids out. Tokenizers, chat templates and strings live in `tokenizer.py`
 and `api.py`; the model and its KV cache live in `model.py`.
 
+    decoder = tokenizer.stream_decoder()
     for step in generate_tokens(model, [prompt], max_new_tokens=50, temperature=0.8, top_p=0.95):
-        print(tokenizer.decode(step[0]), end="", flush=True)
+        print(decoder.push(step[0]), end="", flush=True)
 
 Timing is left to the caller: count the yielded steps and divide by the wall-clock time
 of the loop to get tokens per second.

@@ -20,7 +20,6 @@ from plainlm.checkpoint import (
     CheckpointError,
     TensorSource,
     atomic_write_text,
-    copy_tokenizer_files,
     load_state,
     save_tensors,
 )
@@ -28,6 +27,7 @@ from plainlm.config import Config
 from plainlm.convert.hf_config import config_to_hf
 from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
 from plainlm.model import GPT
+from plainlm.tokenizer import copy_tokenizer_files
 
 
 def read_hf_config(directory: str | Path) -> Config:

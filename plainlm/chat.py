@@ -1,0 +1,59 @@
+"""The interactive chat loop behind `plainlm chat`: read a turn, render the conversation with the
+model's chat template, stream the reply, repeat. Works on a terminal and on piped stdin."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from plainlm.api import LLM
+
+HELP = "Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) leaves."
+
+
+def chat_loop(
+    llm: LLM,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    **options: Any,
+) -> list[dict[str, str]]:
+    """Run the conversation until /exit or end of input; returns the messages exchanged."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    interactive = stdin.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    if interactive:
+        print(f"Chatting with {llm.model.config.name}. {HELP}", file=stdout)
+    while True:
+        if interactive:
+            print(">> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            print("(conversation reset)", file=stdout, flush=True)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        context = llm.model.config.block_size
+        if len(llm.tokenizer.encode(prompt, bos=False)) >= context:
+            messages.pop()
+            print(f"(the conversation no longer fits the model's context of {context} tokens: /reset starts over)",
+                  file=stdout, flush=True)
+            continue
+        reply = []
+        print("Assistant: ", end="", file=stdout, flush=True)
+        for piece in llm.stream(prompt, max_new_tokens, templated=True, **options):
+            reply.append(piece)
+            print(piece, end="", file=stdout, flush=True)
+        print(file=stdout, flush=True)
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+    return messages

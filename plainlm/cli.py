@@ -1,0 +1,172 @@
+"""`plainlm <command>`: one small function per command; their docstrings are the help text.
+
+plainlm download ORG/NAME
+plainlm convert from-hf SRC_DIR DST_DIR
+plainlm convert to-hf SRC_DIR DST_DIR
+plainlm generate --checkpoint_dir D --prompt "..."
+plainlm chat --checkpoint_dir D
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from plainlm.checkpoint import CheckpointError
+
+
+def download(
+    repo_id: str,
+    checkpoint_dir: Path = Path("checkpoints"),
+    revision: str | None = None,
+    token: str | None = None,
+    convert: bool = True,
+) -> None:
+    """Download a model from the Hugging Face hub and convert it to a plainlm checkpoint.
+
+    Args:
+        repo_id: The repository, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
+        checkpoint_dir: Where the converted checkpoint goes (as checkpoint_dir/ORG/NAME).
+        revision: A branch, tag or commit of the repository.
+        token: A hub token for gated models (or set HF_TOKEN).
+        convert: Convert to a plainlm checkpoint; without it the hub snapshot path is printed.
+    """
+    from plainlm.download import download as run
+
+    print(run(repo_id, checkpoint_dir, revision=revision, token=token, convert=convert))
+
+
+def convert_from_hf(src_dir: Path, dst_dir: Path, dtype: str | None = None) -> None:
+    """Convert a Hugging Face model directory into a plainlm checkpoint.
+
+    Args:
+        src_dir: A directory with config.json and safetensors or .bin weights.
+        dst_dir: The plainlm checkpoint directory to write.
+        dtype: Store the weights in this dtype (float32, bfloat16, float16); default as they are.
+    """
+    from plainlm.api import resolve_dtype
+    from plainlm.convert.hf import convert_from_hf as run
+
+    print(run(src_dir, dst_dir, dtype=None if dtype is None else resolve_dtype(dtype, None)))
+
+
+def convert_to_hf(src_dir: Path, dst_dir: Path, max_shard_size_mb: int = 5000) -> None:
+    """Convert a plainlm checkpoint into a directory that transformers' from_pretrained loads as it is.
+
+    Args:
+        src_dir: A plainlm checkpoint directory (config.yaml + model.safetensors).
+        dst_dir: The Hugging Face model directory to write.
+        max_shard_size_mb: Split the weights into shards of at most this size, with an index.
+    """
+    from plainlm.convert.hf import convert_to_hf as run
+
+    print(run(src_dir, dst_dir, max_shard_bytes=max_shard_size_mb * 1024**2))
+
+
+def generate(
+    checkpoint_dir: Path | None = None,
+    prompt: str = "What food do llamas eat?",
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    chat: bool = False,
+    truncate_prompt: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """Continue a prompt, streaming the text as it is generated.
+
+    Args:
+        checkpoint_dir: A plainlm checkpoint or Hugging Face model directory.
+        prompt: The text to continue.
+        max_new_tokens: Generate at most this many tokens.
+        temperature: 0 is greedy decoding; higher samples more freely.
+        top_k: Sample only among the k most likely tokens.
+        top_p: Sample only within the smallest set of tokens whose probability reaches top_p.
+        seed: Seed for sampling, for reproducible output.
+        chat: Wrap the prompt in the model's chat template as a user turn.
+        truncate_prompt: Keep the end of a prompt longer than the model's context instead of failing.
+        device: cpu, cuda, cuda:1, ... (default: cuda when available).
+        dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
+    """
+    from plainlm.api import LLM
+
+    llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype)
+    options = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat, truncate_prompt=truncate_prompt
+    )
+    for piece in llm.stream(prompt, max_new_tokens, **options):
+        print(piece, end="", flush=True)
+    print(flush=True)
+    stats = llm.last_stats
+    print(
+        f"[{stats.new_tokens} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s]", file=sys.stderr
+    )
+
+
+def chat(
+    checkpoint_dir: Path | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    chat_template: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> None:
+    """Talk with a model, turn by turn, in its own chat template. Type /exit or press Ctrl-D to leave,
+    /reset to forget the conversation.
+
+    Args:
+        checkpoint_dir: A plainlm checkpoint or Hugging Face model directory.
+        system: A system message to start the conversation with.
+        max_new_tokens: The longest reply, in tokens.
+        temperature: 0 is greedy decoding; higher samples more freely.
+        top_k: Sample only among the k most likely tokens.
+        top_p: Sample only within the smallest set of tokens whose probability reaches top_p.
+        seed: Seed for sampling, for reproducible output.
+        chat_template: A named template (chatml, llama2, llama3, gemma, phi3, plain) for models without one.
+        device: cpu, cuda, cuda:1, ... (default: cuda when available).
+        dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
+    """
+    from plainlm.api import LLM
+    from plainlm.chat import chat_loop
+
+    llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype, chat_template=chat_template)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    chat_loop(llm, system=system, max_new_tokens=max_new_tokens, **options)
+
+
+def _required(checkpoint_dir: Path | None) -> Path:
+    if checkpoint_dir is None:
+        raise ValueError("pass --checkpoint_dir: a plainlm checkpoint or Hugging Face model directory")
+    return checkpoint_dir
+
+
+COMMANDS = {
+    "download": download,
+    "convert": {"from-hf": convert_from_hf, "to-hf": convert_to_hf},
+    "generate": generate,
+    "chat": chat,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    try:
+        CLI(COMMANDS, args=argv, as_positional=True)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        # Bad input ends in one clear line, not a traceback from deep inside a library.
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""`plainlm download ORG/NAME`: fetch a model from the Hugging Face hub and convert it.
+
+The files go through `huggingface_hub` into its cache (so a second download is free and
+`HF_HUB_OFFLINE=1` works from a filled cache); the native checkpoint is then written to
+`checkpoints/ORG/NAME`. Only what a model needs is fetched: config, weights, tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from plainlm.checkpoint import CheckpointError
+
+# safetensors first; `.bin` weights are fetched only for repositories that have nothing else.
+MODEL_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"]
+TOKENIZER_PATTERNS = [
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+BIN_PATTERNS = ["*.bin", "pytorch_model.bin.index.json"]
+
+
+def download(
+    repo_id: str,
+    checkpoint_dir: str | Path = "checkpoints",
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | Path | None = None,
+    convert: bool = True,
+) -> Path:
+    """Download `repo_id` and (by default) convert it to a native checkpoint; returns its path.
+
+    With `convert=False` the path of the downloaded Hugging Face snapshot is returned
+    (`LLM.load` reads it as it is).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if repo_id.count("/") != 1:
+        raise ValueError(f"expected a repository id like ORG/NAME, got {repo_id!r}")
+    kwargs = dict(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir)
+    try:
+        snapshot = Path(snapshot_download(allow_patterns=MODEL_PATTERNS + TOKENIZER_PATTERNS, **kwargs))
+        if not list(snapshot.glob("*.safetensors")):
+            snapshot = Path(
+                snapshot_download(allow_patterns=MODEL_PATTERNS + TOKENIZER_PATTERNS + BIN_PATTERNS, **kwargs)
+            )
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id}: no such repository on the hub, or it is gated: check the name, "
+            "and for gated models accept the licence on the hub and pass --token (or set HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id}: not in the local cache and the hub cannot be reached (offline?). "
+            "Connect to the internet, or unset HF_HUB_OFFLINE"
+        ) from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{repo_id}: download failed ({e})") from None
+    if not convert:
+        return snapshot
+    from plainlm.convert.hf import convert_from_hf
+
+    return convert_from_hf(snapshot, Path(checkpoint_dir) / repo_id)
