@@ -46,8 +46,11 @@ def chat_loop(
         context = llm.model.config.block_size
         if len(llm.tokenizer.encode(prompt, bos=False)) >= context:
             messages.pop()
-            print(f"(the conversation no longer fits the model's context of {context} tokens: /reset starts over)",
-                  file=stdout, flush=True)
+            print(
+                f"(the conversation no longer fits the model's context of {context} tokens: /reset starts over)",
+                file=stdout,
+                flush=True,
+            )
             continue
         reply = []
         print("Assistant: ", end="", file=stdout, flush=True)

@@ -8,6 +8,7 @@ a supported architecture, so a fine-tune of a known family loads without a named
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,8 @@ class Config:
         if name not in NAMED_CONFIGS:
             known = ", ".join(sorted(NAMED_CONFIGS))
             raise ValueError(f"Unknown model name {name!r}. Known names: {known}")
-        return dataclasses.replace(NAMED_CONFIGS[name], **overrides)
+        # A deep copy: callers may change hf_extra or rope_scaling without touching the table.
+        return dataclasses.replace(copy.deepcopy(NAMED_CONFIGS[name]), **overrides)
 
     @classmethod
     def from_hf_config(cls, hf_config: dict[str, Any], name: str | None = None) -> Config:

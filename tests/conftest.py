@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from helpers_tokenizers import make_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +52,9 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`plainlm ARGS` in a fresh process, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "plainlm.cli", *args],

@@ -35,7 +35,9 @@ def test_directory_without_weights(hf_copy: Path) -> None:
     (hf_copy / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights found"):
         load_hf_model(hf_copy)
-    assert_clean_cli_error(run_cli("convert", "from-hf", str(hf_copy), str(hf_copy / "out")), str(hf_copy), "no weights")
+    assert_clean_cli_error(
+        run_cli("convert", "from-hf", str(hf_copy), str(hf_copy / "out")), str(hf_copy), "no weights"
+    )
 
 
 def test_truncated_safetensors(hf_copy: Path) -> None:
@@ -61,7 +63,9 @@ def test_shape_mismatch_names_key_and_shapes(hf_copy: Path, tmp_path: Path) -> N
     config = yaml.safe_load((native / "config.yaml").read_text())
     config["intermediate_size"] = 100
     (native / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(CheckpointError, match=r"'blocks\.0\.mlp\.\w+_proj\.weight' has shape \(\d+, \d+\) but the config needs"):
+    with pytest.raises(
+        CheckpointError, match=r"'blocks\.0\.mlp\.\w+_proj\.weight' has shape \(\d+, \d+\) but the config needs"
+    ):
         load_checkpoint(native)
 
 
@@ -71,7 +75,9 @@ def test_unknown_architecture_names_supported_ones(hf_copy: Path) -> None:
     (hf_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unsupported model_type 'bert'.*llama.*gpt2"):
         LLM.load(hf_copy)
-    assert_clean_cli_error(run_cli("convert", "from-hf", str(hf_copy), str(hf_copy / "o")), "config.json", "bert", "mistral")
+    assert_clean_cli_error(
+        run_cli("convert", "from-hf", str(hf_copy), str(hf_copy / "o")), "config.json", "bert", "mistral"
+    )
 
 
 def test_weights_of_another_architecture(hf_copy: Path) -> None:
@@ -117,8 +123,17 @@ def test_prompt_longer_than_context(tiny_hf_dir: Path) -> None:
     long_prompt = "word " * 600
     result = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), "--prompt", long_prompt, "--max_new_tokens", "3")
     assert_clean_cli_error(result, "context is 512 tokens", "truncate_prompt")
-    ok = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), "--prompt", long_prompt, "--max_new_tokens", "3",
-                 "--truncate_prompt", "true")
+    ok = run_cli(
+        "generate",
+        "--checkpoint_dir",
+        str(tiny_hf_dir),
+        "--prompt",
+        long_prompt,
+        "--max_new_tokens",
+        "3",
+        "--truncate_prompt",
+        "true",
+    )
     assert ok.returncode == 0, ok.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -29,7 +30,13 @@ def native_dir(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_convert_writes_native_checkpoint_with_tokenizer(native_dir: Path, tiny_hf_dir: Path) -> None:
-    for name in ("model.safetensors", "config.yaml", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in (
+        "model.safetensors",
+        "config.yaml",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert (native_dir / name).is_file(), name
     assert (native_dir / "tokenizer.json").read_bytes() == (tiny_hf_dir / "tokenizer.json").read_bytes()
 
@@ -76,7 +83,9 @@ def _until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
 def test_generate_command_streams_text(native_dir: Path) -> None:
     llm = LLM.load(native_dir)
     expected = llm.generate("Once upon a time", max_new_tokens=10)
-    result = run_cli("generate", "--checkpoint_dir", str(native_dir), "--prompt", "Once upon a time", "--max_new_tokens", "10")
+    result = run_cli(
+        "generate", "--checkpoint_dir", str(native_dir), "--prompt", "Once upon a time", "--max_new_tokens", "10"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == expected
     assert "tokens/s" in result.stderr
@@ -93,9 +102,13 @@ def test_chat_with_piped_stdin_is_multi_turn(native_dir: Path) -> None:
         ],
         max_new_tokens=8,
     )
-    result = run_cli("chat", "--checkpoint_dir", str(native_dir), "--max_new_tokens", "8", stdin="hi there\nand again\n")
+    result = run_cli(
+        "chat", "--checkpoint_dir", str(native_dir), "--max_new_tokens", "8", stdin="hi there\nand again\n"
+    )
     assert result.returncode == 0, result.stderr
-    replies = [line.removeprefix("Assistant: ") for line in result.stdout.splitlines() if line.startswith("Assistant: ")]
+    replies = [
+        line.removeprefix("Assistant: ") for line in result.stdout.splitlines() if line.startswith("Assistant: ")
+    ]
     assert replies == [first, second]
 
 
@@ -104,8 +117,10 @@ def test_chat_in_a_real_terminal(native_dir: Path) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child becomes the chat process on the terminal
         os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", "plainlm.cli", "chat", "--checkpoint_dir", str(native_dir),
-                                  "--max_new_tokens", "5"])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "plainlm.cli", "chat", "--checkpoint_dir", str(native_dir), "--max_new_tokens", "5"],
+        )
     try:
         screen = _read_until(fd, ">> ")
         assert "Chatting with" in screen
@@ -116,10 +131,8 @@ def test_chat_in_a_real_terminal(native_dir: Path) -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
         os.close(fd)
 
 

@@ -105,6 +105,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         dict(LLAMA, num_experts=4, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False),
     ),
     "gemma": ("GemmaConfig", dict(LLAMA, head_dim=32)),
+    "gemma-legacy-gelu": ("GemmaConfig", dict(LLAMA, head_dim=32, hidden_act="gelu")),
     "gemma2": (
         "Gemma2Config",
         dict(

@@ -195,6 +195,8 @@ def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str
     if hf.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention=true is not supported")
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if model_type == "gemma" and act == "gelu" and not hf.get("hidden_activation"):
+        act = "gelu_pytorch_tanh"  # Gemma 1's legacy "gelu" means the tanh approximation, as in transformers
     fields: dict[str, Any] = dict(
         norm_unit_offset=True,
         scale_embeddings=True,
