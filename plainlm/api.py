@@ -73,7 +73,7 @@ class LLM:
         """Continue `prompt` (or each of a list of prompts, batched). Returns only the new text.
 
         kwargs: temperature (0 = greedy), top_k, top_p, seed, truncate_prompt, chat (wrap the
-        prompt in the model's chat template as a user turn).
+        prompt in the model's chat template as a user turn), compile (torch.compile the decode step).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [[] for _ in prompts]
@@ -121,6 +121,7 @@ class LLM:
         truncate_prompt: bool = False,
         chat: bool = False,
         templated: bool = False,
+        compile: bool = False,
     ) -> Iterator[list[int | None]]:
         ids = [self.encode_prompt(p, chat=chat, templated=templated) for p in prompts]
         generator = None
@@ -138,6 +139,7 @@ class LLM:
             stop_ids=self.tokenizer.stop_ids,
             generator=generator,
             truncate_prompt=truncate_prompt,
+            compile=compile,
         ):
             stats.new_tokens += sum(t is not None for t in step)
             stats.seconds = time.perf_counter() - start

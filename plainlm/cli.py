@@ -73,6 +73,7 @@ def generate(
     seed: int | None = None,
     chat: bool = False,
     truncate_prompt: bool = False,
+    compile: bool = False,
     device: str | None = None,
     dtype: str | None = None,
 ) -> None:
@@ -88,6 +89,7 @@ def generate(
         seed: Seed for sampling, for reproducible output.
         chat: Wrap the prompt in the model's chat template as a user turn.
         truncate_prompt: Keep the end of a prompt longer than the model's context instead of failing.
+        compile: torch.compile the decode step: slow to start, faster per token.
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
     """
@@ -95,7 +97,13 @@ def generate(
 
     llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype)
     options = dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat, truncate_prompt=truncate_prompt
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        chat=chat,
+        truncate_prompt=truncate_prompt,
+        compile=compile,
     )
     for piece in llm.stream(prompt, max_new_tokens, **options):
         print(piece, end="", flush=True)

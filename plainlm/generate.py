@@ -67,6 +67,7 @@ def generate_tokens(
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Stream new tokens for a batch of prompts, one decoding step at a time.
 
@@ -81,6 +82,9 @@ def generate_tokens(
     Prompts of different lengths are left-padded: every row's last prompt token sits in the
     same cache slot, so one forward pass prefills them all and each step decodes one token
     per row. Pads are hidden by an attention mask and every row's positions start at 0.
+
+    `compile=True` runs the decode step through `torch.compile`: the first call compiles
+    (tens of seconds on a small CPU), later steps lose most of Python's per-op overhead.
     """
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]
@@ -102,6 +106,7 @@ def generate_tokens(
 
     stop = set(stop_ids)
     done = [False] * len(prompts)
+    decode = torch.compile(model, dynamic=False) if compile else model
     model.set_kv_cache(len(prompts), prompt_len + max_new_tokens)
     try:
         logits = model(idx, input_pos=slots[:prompt_len], position_ids=prefill_positions, attention_mask=prefill_mask)
@@ -116,7 +121,7 @@ def generate_tokens(
             if position is not None:
                 position = position + 1
             slot = slots[prompt_len + step : prompt_len + step + 1]
-            logits = model(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
+            logits = decode(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
             token = sample(logits[:, -1], temperature, top_k, top_p, generator)
     finally:
         model.clear_kv_cache()
@@ -132,6 +137,7 @@ def generate(
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens of every prompt, up to but excluding the stop id that ended it.
 
@@ -140,7 +146,7 @@ def generate(
     stop = set(stop_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
     steps = generate_tokens(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, truncate_prompt
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, truncate_prompt, compile
     )
     for step in steps:
         for out, token in zip(outputs, step, strict=True):
@@ -179,7 +185,6 @@ def _padding_masks(pad: torch.Tensor, prompt_len: int, slots: torch.Tensor) -> t
     which would reach real tokens through the pads' keys and values (0 * NaN = NaN).
     """
     real_key = slots[None, :] >= pad  # (B, S)
-    prompt_slots = slots[:prompt_len]
-    itself = prompt_slots[:, None] == prompt_slots[None, :]  # (T, T)
-    prefill_mask = real_key[:, None, None, :prompt_len] | itself
+    itself = slots[:prompt_len, None] == slots[None, :]  # (T, S)
+    prefill_mask = real_key[:, None, None, :] | itself
     return prefill_mask, real_key[:, None, None, :]

@@ -77,22 +77,23 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
-        input_pos (T,): cache slots these tokens occupy; needed when a KV cache is set.
-        position_ids (B, T): positions for RoPE / learned embeddings; default input_pos or 0..T-1.
+        input_pos (T,): cache slots these tokens occupy; needed when a KV cache is set
+            (without one, tokens are the positions 0..T-1).
+        position_ids (B, T): positions for RoPE / learned embeddings; default input_pos.
             Left-padded batches and packed sequences pass their own.
-        attention_mask (B, 1, T, S) bool: True where a query may see a key. Default causal.
-            The sliding window is applied on top of it per layer.
+        attention_mask (B, 1, T, S) bool: True where a query may see a key, on top of causality
+            and sliding windows. S is T without a cache, the cache's length with one.
         """
         c = self.config
         B, T = idx.shape
-        cached = self.blocks[0].attn.kv_cache is not None
-        if cached and input_pos is None:
+        cache = self.blocks[0].attn.kv_cache
+        if cache is not None and input_pos is None:
             raise ValueError("a KV cache is set: pass input_pos, the cache slots of these tokens")
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
         if position_ids is None:
             position_ids = input_pos.unsqueeze(0).expand(B, T)
-        if position_ids.numel() and int(position_ids.max()) >= c.block_size:
+        if not torch.compiler.is_compiling() and int(position_ids.max()) >= c.block_size:
             raise ValueError(f"position {int(position_ids.max())} is past the model's context of {c.block_size} tokens")
 
         x = self.embed(idx)
@@ -101,8 +102,7 @@ class GPT(nn.Module):
         if c.position_embedding == "learned":
             x = x + self.pos_embed(position_ids)
 
-        kv_len = int(input_pos[-1]) + 1 if cached else T
-        masks = self._attention_masks(input_pos, kv_len, attention_mask)
+        masks = self._attention_masks(input_pos, None if cache is None else cache.k.shape[2], attention_mask)
         ropes = self._ropes(position_ids, x.dtype)
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
@@ -132,31 +132,25 @@ class GPT(nn.Module):
         return {False: (cos, sin), True: local}
 
     def _attention_masks(
-        self, input_pos: torch.Tensor, kv_len: int, attention_mask: torch.Tensor | None
+        self, input_pos: torch.Tensor, cache_len: int | None, attention_mask: torch.Tensor | None
     ) -> dict[bool, torch.Tensor | None]:
-        """Boolean masks (…, T, S) for global (False) and sliding (True) layers; None = plain causal."""
-        c = self.config
+        """Boolean masks (..., T, S) for global (False) and sliding (True) layers; None = plain causal.
+
+        With a KV cache, attention always spans the whole preallocated cache (slots past the
+        current position are masked): the shapes stay fixed from step to step, so a compiled
+        decode step never recompiles and nothing waits on the device for a length.
+        """
+        window = self.config.sliding_window
         T = input_pos.shape[0]
-        plain_causal = (
-            attention_mask is None
-            and kv_len == T
-            and bool((input_pos == torch.arange(T, device=input_pos.device)).all())
-        )
-        window = c.sliding_window
-        needs_window = window is not None and kv_len > window
-        if plain_causal and not needs_window:
+        if cache_len is None and attention_mask is None and (window is None or window >= T):
             return {False: None, True: None}
-        key_pos = torch.arange(kv_len, device=input_pos.device)
-        causal = key_pos[None, :] <= input_pos[:, None]  # (T, S)
+        key_pos = torch.arange(cache_len or T, device=input_pos.device)
+        query_pos = input_pos if cache_len is not None else key_pos
+        causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
         if attention_mask is not None:
-            causal = causal & attention_mask[..., :kv_len]
-        masks: dict[bool, torch.Tensor | None] = {
-            False: None if plain_causal else causal,
-            True: None if plain_causal else causal,
-        }
-        if needs_window:
-            masks[True] = causal & (input_pos[:, None] - key_pos[None, :] < window)
-        return masks
+            causal = causal & attention_mask
+        local = causal if window is None else causal & (query_pos[:, None] - key_pos[None, :] < window)
+        return {False: causal, True: local}
 
 
 class Block(nn.Module):
@@ -226,8 +220,6 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            kv_len = mask.shape[-1] if mask is not None else T
-            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         y = self.attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
