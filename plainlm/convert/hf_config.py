@@ -128,17 +128,23 @@ def _sliding_pattern(hf: dict[str, Any], n_layer: int, default_pattern: int | No
     raise UnsupportedModelError(f"layer_types {layer_types} do not follow a repeating sliding/global pattern")
 
 
-def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
-    n_head = hf["num_attention_heads"]
-    fields: dict[str, Any] = dict(
+def _sizes(hf: dict[str, Any]) -> dict[str, Any]:
+    """The size fields every family but GPT-2 names alike."""
+    return dict(
         vocab_size=hf["vocab_size"],
         block_size=hf.get("max_position_embeddings", 2048),
         n_layer=hf["num_hidden_layers"],
         n_embd=hf["hidden_size"],
-        n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        intermediate_size=hf["intermediate_size"],
+        n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        intermediate_size=hf.get("intermediate_size") or 4 * hf["hidden_size"],
+    )
+
+
+def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    fields: dict[str, Any] = dict(
+        **_sizes(hf),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         norm_eps=hf.get("rms_norm_eps", hf.get("layer_norm_eps", 1e-6)),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=hf.get("attention_bias", False),
@@ -224,15 +230,8 @@ def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str
 def _phi_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise UnsupportedModelError("phi with qk_layernorm=true is not supported")
-    n_head = hf["num_attention_heads"]
     return dict(
-        vocab_size=hf["vocab_size"],
-        block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"],
-        n_embd=hf["hidden_size"],
-        n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head,
-        intermediate_size=hf["intermediate_size"],
+        **_sizes(hf),
         norm_class="layernorm",
         norm_eps=hf.get("layer_norm_eps", 1e-5),
         qkv_bias=True,
@@ -252,12 +251,7 @@ def _neox_fields(hf: dict[str, Any]) -> dict[str, Any]:
     rope = _rope_fields(hf, default_theta=hf.get("rotary_emb_base", 10000.0))
     rope.setdefault("rotary_fraction", float(hf.get("rotary_pct", 0.25)))
     return dict(
-        vocab_size=hf["vocab_size"],
-        block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"],
-        n_embd=hf["hidden_size"],
-        n_head=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
+        **_sizes(hf),
         norm_class="layernorm",
         norm_eps=hf.get("layer_norm_eps", 1e-5),
         qkv_bias=hf.get("attention_bias", True),
@@ -286,13 +280,11 @@ def _falcon_fields(hf: dict[str, Any]) -> dict[str, Any]:
     two_norms = new_arch and hf.get("num_ln_in_parallel_attn") in (None, 2)
     bias = hf.get("bias", False)
     return dict(
-        vocab_size=hf["vocab_size"],
-        block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"],
-        n_embd=hf["hidden_size"],
-        n_head=n_head,
-        n_kv_head=n_kv_head,
-        intermediate_size=hf.get("ffn_hidden_size") or 4 * hf["hidden_size"],
+        **{
+            **_sizes(hf),
+            "n_kv_head": n_kv_head,
+            "intermediate_size": hf.get("ffn_hidden_size") or 4 * hf["hidden_size"],
+        },
         norm_class="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         qkv_bias=bias,
