@@ -1,0 +1,270 @@
+"""LoRA and DoRA adapters: inject into chosen Linear layers, merge into the base, save and load
+in the PEFT layout (so `peft`, `transformers` and serving engines read our adapters, and we read theirs).
+
+    lora = LoRAConfig(r=8, alpha=16, targets=["q", "v"])
+    inject_lora(model, lora)            # wraps the chosen layers; only adapter parameters train
+    save_peft_adapter(model, lora, "out/adapter")
+    merge_lora(model)                   # folds the adapters into plain Linear layers again
+
+A LoRA layer adds scaling * B(A(dropout(x))) to the frozen base layer's output, with
+scaling = alpha / r. DoRA (use `dora=True`) also learns a magnitude per output row:
+output = m / ||W + scaling * B A||_row * (W x + scaling * B A x) + bias, the norm held constant
+in the backward pass as in the DoRA paper and in PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from plainlm.checkpoint import CheckpointError
+from plainlm.config import Config
+from plainlm.convert.hf_weights import weight_rules
+
+# Short target names -> the suffix of the module paths they select in `GPT`.
+TARGETS = {
+    "q": "attn.q_proj",
+    "k": "attn.k_proj",
+    "v": "attn.v_proj",
+    "o": "attn.o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+    "lm_head": "lm_head",
+}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A frozen base layer (nn.Linear or a quantized one) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, dora: bool) -> None:
+        super().__init__()
+        self.base = base
+        out_features, in_features = base.out_features, base.in_features
+        device = base_weight(base).device
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: B = 0 makes the start exact
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.magnitude = nn.Parameter(self._weight_norm().detach()) if dora else None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def _weight_norm(self) -> torch.Tensor:
+        weight = base_weight(self.base).float()
+        return (weight + self.delta_weight().float()).norm(p=2, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        dropped = self.dropout(x)
+        lora = F.linear(F.linear(dropped, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+        if self.magnitude is None:
+            return out + lora
+        scale = (self.magnitude / self._weight_norm().detach()).to(x.dtype)
+        bias = getattr(self.base, "bias", None)
+        plain = out - bias if bias is not None else out
+        if self.training and not isinstance(self.dropout, nn.Identity):  # PEFT scales W(dropout(x)) then
+            plain = F.linear(dropped, base_weight(self.base).to(x.dtype))
+        return out + (scale - 1) * plain + scale * lora
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear equal to this layer (in eval mode)."""
+        base = base_weight(self.base)
+        weight = base.float() + self.delta_weight().float()
+        if self.magnitude is not None:
+            weight = weight * (self.magnitude / weight.norm(p=2, dim=1))[:, None]
+        bias = getattr(self.base, "bias", None)
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device)
+        linear.weight.data = weight.to(base.dtype)
+        if bias is not None:
+            linear.bias.data = bias.data.clone()
+        return linear
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a float matrix (quantized layers dequantize)."""
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight()
+    return module.weight
+
+
+def lora_module_names(model: nn.Module, targets: list[str]) -> list[str]:
+    suffixes = tuple(TARGETS[t] for t in targets)
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.endswith(suffixes) and not isinstance(module, LoRALinear) and hasattr(module, "in_features")
+    ]
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap every targeted layer in a LoRALinear and freeze everything else; returns the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = lora_module_names(model, config.targets)
+    if not names:
+        raise ValueError(f"no layer of this model matches the LoRA targets {config.targets}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        # A tied head keeps sharing its (frozen) base weight with the embedding; the adapter is the head's alone.
+        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.alpha, config.dropout, config.dora))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by the plain Linear it equals."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.merged())
+    return model
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter parameters, under plainlm names."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude")}
+
+
+# --- the PEFT layout ---
+def _hf_module_names(config: Config) -> dict[str, str]:
+    """plainlm module path -> Hugging Face module path, for layers stored one to one."""
+    names = {}
+    for rule in weight_rules(config):
+        if len(rule.ours) == 1 and rule.ours[0].endswith(".weight") and rule.hf.endswith(".weight"):
+            names[rule.ours[0].removesuffix(".weight")] = rule.hf.removesuffix(".weight")
+    if config.tie_embeddings:
+        names["lm_head"] = "lm_head"
+    return names
+
+
+def save_peft_adapter(model: nn.Module, lora: LoRAConfig, directory: str | Path, base_model: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors with PEFT's key names."""
+    config: Config = model.config
+    hf_names = _hf_module_names(config)
+    tensors, target_modules = {}, set()
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        if name not in hf_names:
+            raise ValueError(
+                f"{name}: Hugging Face stores this layer fused with others in {config.hf_model_type}, "
+                "which the PEFT layout cannot express; merge the adapter instead (plainlm merge-lora)"
+            )
+        hf = PEFT_PREFIX + hf_names[name]
+        tensors[f"{hf}.lora_A.weight"] = module.lora_A.detach().contiguous()
+        tensors[f"{hf}.lora_B.weight"] = module.lora_B.detach().contiguous()
+        if module.magnitude is not None:
+            tensors[f"{hf}.lora_magnitude_vector"] = module.magnitude.detach().contiguous()
+        target_modules.add(hf_names[name].rsplit(".", 1)[-1])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or config.hf_repo,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(target_modules),
+        "use_dora": lora.dora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+    return directory
+
+
+def load_peft_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
+    """Inject and fill the adapter in `directory` (saved by us or by `peft`); returns its LoRAConfig."""
+    directory = Path(directory)
+    config_file = directory / ADAPTER_CONFIG
+    if not config_file.exists():
+        raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG}; is this a LoRA adapter directory?")
+    raw = json.loads(config_file.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{config_file}: peft_type {raw['peft_type']!r} is not LoRA")
+    if raw.get("rank_pattern") or raw.get("alpha_pattern") or raw.get("use_rslora"):
+        raise CheckpointError(f"{config_file}: rank_pattern, alpha_pattern and rsLoRA are not supported")
+    hf_names = _hf_module_names(model.config)
+    ours_by_hf = {hf: ours for ours, hf in hf_names.items()}
+    weights_file = directory / ADAPTER_WEIGHTS
+    if weights_file.exists():
+        tensors = load_file(str(weights_file))
+    else:
+        tensors = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
+    modules = {}
+    for key in tensors:
+        hf = key.removeprefix(PEFT_PREFIX).split(".lora_")[0]
+        if ".lora_" in key:
+            if hf not in ours_by_hf:
+                raise CheckpointError(
+                    f"{weights_file}: {key} names no layer of this {model.config.hf_model_type} model"
+                )
+            modules[ours_by_hf[hf]] = hf
+    targets = sorted({t for t, suffix in TARGETS.items() for m in modules if m.endswith(suffix)})
+    lora = LoRAConfig(
+        r=raw["r"],
+        alpha=raw["lora_alpha"],
+        dropout=raw.get("lora_dropout", 0.0),
+        targets=targets,
+        dora=raw.get("use_dora", False),
+    )
+    inject_lora(model, lora)
+    for ours, hf in modules.items():
+        module = model.get_submodule(ours)
+        if not isinstance(module, LoRALinear):
+            raise CheckpointError(f"{weights_file}: {hf} is not an adapted layer here")
+        with torch.no_grad():
+            module.lora_A.copy_(tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"])
+            module.lora_B.copy_(tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"])
+            if module.magnitude is not None:
+                module.magnitude.copy_(tensors[f"{PEFT_PREFIX}{hf}.lora_magnitude_vector"])
+    adapted = {name for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    if adapted != set(modules):
+        missing = sorted(adapted - set(modules))[:5]
+        raise CheckpointError(f"{weights_file}: no adapter weights for {missing}")
+    return lora
