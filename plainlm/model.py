@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from plainlm.config import Config
 
@@ -30,6 +31,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False  # training sets it: recompute each block in the backward pass
         self.init_rope_cache()
 
     def init_rope_cache(self, device: torch.device | None = None) -> None:
@@ -106,7 +108,10 @@ class GPT(nn.Module):
         ropes = self._ropes(position_ids, x.dtype)
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
-            x = block(x, ropes[sliding], masks[sliding], input_pos)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, ropes[sliding], masks[sliding], input_pos, use_reentrant=False)
+            else:
+                x = block(x, ropes[sliding], masks[sliding], input_pos)
         x = self.final_norm(x)
         logits = self.lm_head(x)
         if c.final_logit_softcap is not None:  # Gemma 2

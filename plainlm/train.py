@@ -1,0 +1,252 @@
+"""The one training loop: pretraining and every finetuning method, in plain PyTorch.
+
+A method (full, LoRA, DoRA, QLoRA) only decides how the model is prepared and which parameters
+have requires_grad; this loop trains whatever is trainable:
+
+    for each step:
+        read the step's micro-batches, count their target tokens
+        forward + backward each micro-batch, its summed loss divided by the step's token count
+            (so accumulating micro-batches equals one big batch exactly)
+        stop on a non-finite loss (the newest checkpoint stays the newest good one)
+        clip gradients, optimizer step, scheduler step
+        log loss, learning rate, tokens/s, MFU; evaluate and save at intervals
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from plainlm.data import IGNORE_INDEX
+from plainlm.metrics import MetricsLogger, flops_per_token, measure_peak_flops, plot_loss
+from plainlm.train_state import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
+
+Precision = Literal["auto", "32-true", "bf16-mixed", "bf16-true"]
+
+
+@dataclass
+class TrainArgs:
+    """How to train. Batch sizes count sequences; one step is one optimizer update.
+
+    Args:
+        max_steps: Optimizer steps to run.
+        global_batch_size: Sequences per optimizer step (accumulated over micro-batches).
+        micro_batch_size: Sequences per forward/backward pass.
+        warmup_steps: Linear warm-up of the learning rate (default scheduler).
+        min_lr_ratio: The cosine schedule decays to this fraction of the peak learning rate.
+        max_norm: Clip the gradient norm to this (None: no clipping).
+        log_interval: Log metrics every this many steps.
+        eval_interval: Validate every this many steps (and at the end).
+        eval_max_batches: Validate on at most this many batches (None: the whole split).
+        save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
+        keep_checkpoints: Keep this many of the newest step checkpoints (0: all).
+        precision: 32-true, bf16-mixed, bf16-true; auto is bf16-mixed on a GPU with bf16, else 32-true.
+        activation_checkpointing: Recompute each block's activations in the backward pass (less memory).
+        compile: torch.compile the model for training.
+        seed: Seeds weights of new layers, dropout and data order.
+        sample_prompt: Text to continue greedily at every validation, to watch the model learn.
+        sample_tokens: Length of that sample.
+        tensorboard: Also write TensorBoard events.
+        peak_flops: The device's peak FLOP/s for MFU; default: measured with a matmul at start.
+    """
+
+    max_steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_norm: float | None = 1.0
+    log_interval: int = 1
+    eval_interval: int = 50
+    eval_max_batches: int | None = 20
+    save_interval: int | None = 50
+    keep_checkpoints: int = 2
+    precision: Precision = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 1337
+    sample_prompt: str | None = None
+    sample_tokens: int = 30
+    tensorboard: bool = True
+    peak_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            low = self.global_batch_size // self.micro_batch_size * self.micro_batch_size
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size}; use {low or self.micro_batch_size} or {low + self.micro_batch_size}"
+            )
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"  # CPUs without native bf16 (like this project's CI machines) are fastest in fp32
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the optimizer's lr, then cosine decay to min_lr_ratio of it at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (IGNORE_INDEX positions excluded)."""
+    logits = model(
+        batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask")
+    )
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], max_batches: int | None, device
+) -> float:
+    """Mean token loss over the validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        total += token_loss_sum(model, batch)
+        count += int((batch["targets"] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError(
+            "the validation split has no target tokens: give it examples, or set eval_interval past max_steps"
+        )
+    return float(total) / count
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def fit(
+    model: torch.nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    args: TrainArgs,
+    out_dir: Path,
+    identity: dict[str, Any],
+    resume: bool = False,
+    sample: Any = None,
+) -> dict[str, float]:
+    """Train `model` for args.max_steps; returns the final metrics.
+
+    train_loader / val_loader follow plainlm/data's contract; `identity` names the run (model,
+    method, adapter) so that --resume refuses another run's checkpoint; `sample(model) -> str`
+    is called at each validation when given.
+    """
+    device = next(model.parameters()).device
+    precision = resolve_precision(args.precision, device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step, tokens_seen = 0, 0
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        state = load_training_checkpoint(checkpoint, model, optimizer, scheduler, identity)
+        step, tokens_seen = state["step"], state["tokens"]
+        train_loader.load_state_dict(state["loader"])
+        print(f"Resumed from {checkpoint} at step {step}")
+    logger = MetricsLogger(out_dir, resume=checkpoint is not None, tensorboard=args.tensorboard)
+    if checkpoint is not None:
+        logger.truncate_after(step)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak = args.peak_flops or measure_peak_flops(device, torch.bfloat16 if "bf16" in precision else torch.float32)
+    forward_model = torch.compile(model) if args.compile else model
+    batches = iter(train_loader)
+    model.train()
+    progress = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    window_start, window_tokens = time.perf_counter(), 0
+    while step < args.max_steps:
+        micro_batches = [to_device(next(batches), device) for _ in range(args.accumulation_steps)]
+        step_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        if step_tokens == 0:
+            raise ValueError(f"step {step + 1} has no target tokens: every example's response was masked or cut")
+        loss = torch.zeros((), device=device)
+        for batch in micro_batches:
+            with autocast:
+                micro_loss = token_loss_sum(forward_model, batch) / step_tokens
+            micro_loss.backward()
+            loss += micro_loss.detach()
+        if not torch.isfinite(loss):
+            last = latest_checkpoint(out_dir)
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {step + 1}; stopping before it reaches the weights. "
+                f"The newest good checkpoint is {last or '(none saved yet)'}: lower the learning rate or check the data"
+            )
+        if args.max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        tokens_seen += sum(b["input_ids"].numel() for b in micro_batches)
+        window_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+        progress.update(1)
+
+        val_loss = None
+        if step % args.eval_interval == 0 or step == args.max_steps:
+            val_loss = evaluate(model, val_loader.val_batches(), args.eval_max_batches, device)
+            text = sample(model) if sample is not None else None
+            tqdm.write(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+            if text is not None:
+                tqdm.write(f"  sample: {text!r}")
+        if step % args.log_interval == 0 or val_loss is not None:
+            seconds = time.perf_counter() - window_start
+            seq_len = micro_batches[0]["input_ids"].shape[1]
+            tps = window_tokens / seconds
+            mfu = tps * flops_per_token(model.config, n_params, seq_len, trainable / n_params) / peak
+            metrics = dict(tokens=tokens_seen, loss=loss.item(), lr=lr, tokens_per_second=tps, mfu=mfu, seconds=seconds)
+            if val_loss is not None:
+                metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+            logger.log(step, **metrics)
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{mfu:.1%}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if (args.save_interval and step % args.save_interval == 0) or step == args.max_steps:
+            state = {"tokens": tokens_seen, "loader": train_loader.state_dict(), "identity": identity}
+            save_training_checkpoint(out_dir, step, model, optimizer, scheduler, state)
+            prune_checkpoints(out_dir, args.keep_checkpoints)
+    progress.close()
+    logger.close()
+    plot_loss(logger.path, out_dir / "loss.png")
+    return metrics
