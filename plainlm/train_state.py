@@ -6,6 +6,7 @@
         scheduler.pt          scheduler state
         rng.pt                torch (and CUDA) random state
         trainer_state.json    step, tokens seen, the data loader's position, what run this is
+        recipe.yaml           the resolved recipe of the run
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash or a
 full disk mid-save never leaves a broken newest checkpoint: the previous one stays the newest.
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 from plainlm.checkpoint import CheckpointError, save_tensors
 
 STATE_FILE = "trainer_state.json"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe of the run, copied next to every checkpoint
 
 
 class ResumeError(RuntimeError):
@@ -59,6 +61,8 @@ def save_training_checkpoint(
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         torch.save(rng_state(), partial / "rng.pt")
         (partial / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if (out_dir / RECIPE_FILE).exists():
+            shutil.copyfile(out_dir / RECIPE_FILE, partial / RECIPE_FILE)
         _fsync_dir_files(partial)
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
