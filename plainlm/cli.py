@@ -2,6 +2,7 @@
 
 plainlm download ORG/NAME
 plainlm convert from-hf SRC_DIR DST_DIR
+plainlm convert from-gguf FILE DST_DIR
 plainlm convert to-hf SRC_DIR DST_DIR
 plainlm generate --checkpoint_dir D --prompt "..."
 plainlm chat --checkpoint_dir D
@@ -50,6 +51,20 @@ def convert_from_hf(src_dir: Path, dst_dir: Path, dtype: str | None = None) -> N
     print(run(src_dir, dst_dir, dtype=None if dtype is None else resolve_dtype(dtype, None)))
 
 
+def convert_from_gguf(file: Path, dst_dir: Path, dtype: str | None = None) -> None:
+    """Convert a GGUF file (llama.cpp) into a plainlm checkpoint, dequantizing its weights.
+
+    Args:
+        file: A .gguf file of a llama, qwen2, qwen3, phi3, gemma2 or gemma3 model.
+        dst_dir: The plainlm checkpoint directory to write (weights, config.yaml, tokenizer files).
+        dtype: Store the weights in this dtype (float32, bfloat16, float16); default float32.
+    """
+    from plainlm.api import resolve_dtype
+    from plainlm.convert.gguf import convert_from_gguf as run
+
+    print(run(file, dst_dir, dtype=None if dtype is None else resolve_dtype(dtype, None)))
+
+
 def convert_to_hf(src_dir: Path, dst_dir: Path, max_shard_size_mb: int = 5000) -> None:
     """Convert a plainlm checkpoint into a directory that transformers' from_pretrained loads as it is.
 
@@ -80,7 +95,7 @@ def generate(
     """Continue a prompt, streaming the text as it is generated.
 
     Args:
-        checkpoint_dir: A plainlm checkpoint or Hugging Face model directory.
+        checkpoint_dir: A plainlm checkpoint, a Hugging Face model directory or a .gguf file.
         prompt: The text to continue.
         max_new_tokens: Generate at most this many tokens.
         temperature: 0 is greedy decoding; higher samples more freely.
@@ -130,7 +145,7 @@ def chat(
     /reset to forget the conversation.
 
     Args:
-        checkpoint_dir: A plainlm checkpoint or Hugging Face model directory.
+        checkpoint_dir: A plainlm checkpoint, a Hugging Face model directory or a .gguf file.
         system: A system message to start the conversation with.
         max_new_tokens: The longest reply, in tokens.
         temperature: 0 is greedy decoding; higher samples more freely.
@@ -151,24 +166,64 @@ def chat(
 
 def _required(checkpoint_dir: Path | None) -> Path:
     if checkpoint_dir is None:
-        raise ValueError("pass --checkpoint_dir: a plainlm checkpoint or Hugging Face model directory")
+        raise ValueError("pass --checkpoint_dir: a plainlm checkpoint, a Hugging Face model directory or a .gguf file")
     return checkpoint_dir
 
 
+def merge_lora(checkpoint_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """Fold a LoRA or DoRA adapter (PEFT layout) into its base model and write a plain plainlm checkpoint.
+
+    Args:
+        checkpoint_dir: The base model: a plainlm checkpoint, a Hugging Face model directory or a .gguf file.
+        adapter_dir: The adapter: adapter_config.json + adapter_model.safetensors (ours or peft's).
+        out_dir: The merged checkpoint to write.
+    """
+    from plainlm.api import LLM
+    from plainlm.checkpoint import save_checkpoint
+    from plainlm.lora import load_peft_adapter
+    from plainlm.lora import merge_lora as merge
+
+    llm = LLM.load(checkpoint_dir)
+    load_peft_adapter(llm.model, adapter_dir)
+    save_checkpoint(merge(llm.model), out_dir)
+    llm.tokenizer.save(out_dir)
+    print(out_dir)
+
+
+def finetune(**kwargs) -> None:  # the real signature and help: plainlm/finetune.py, through recipe.py
+    """Finetune a model (full, lora, dora, qlora) from a recipe: plainlm finetune --config RECIPE.yaml"""
+
+
+# Training commands read YAML recipes: parsed by recipe.py against the function's own signature.
+TRAINING_COMMANDS = {"finetune": ("plainlm.finetune", "finetune")}
+
 COMMANDS = {
     "download": download,
-    "convert": {"from-hf": convert_from_hf, "to-hf": convert_to_hf},
+    "convert": {"from-hf": convert_from_hf, "from-gguf": convert_from_gguf, "to-hf": convert_to_hf},
     "generate": generate,
     "chat": chat,
+    "finetune": finetune,
+    "merge-lora": merge_lora,
 }
 
 
 def main(argv: list[str] | None = None) -> None:
+    import importlib
+
     from jsonargparse import CLI
 
+    from plainlm.recipe import run_recipe_command
+    from plainlm.train import TrainingDiverged
+    from plainlm.train_state import ResumeError
+
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        CLI(COMMANDS, args=argv, as_positional=True)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        if argv and argv[0] in TRAINING_COMMANDS:
+            module, name = TRAINING_COMMANDS[argv[0]]
+            run_recipe_command(getattr(importlib.import_module(module), name), f"plainlm {argv[0]}", argv[1:])
+        else:
+            CLI(COMMANDS, args=argv, as_positional=True)
+    except (CheckpointError, ValueError, FileNotFoundError, ResumeError, TrainingDiverged) as e:
         # Bad input ends in one clear line, not a traceback from deep inside a library.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

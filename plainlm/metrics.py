@@ -28,8 +28,9 @@ def flops_per_token(config: Config, n_params: int, seq_len: int, trainable_fract
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
     """The best matmul FLOP/s this device reaches for `dtype`, measured for about `seconds`."""
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Filled without the global RNG, which a resumed run has just restored.
+    a = torch.ones(n, n, device=device, dtype=dtype)
+    b = torch.ones(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     best, deadline = math.inf, time.perf_counter() + seconds
     while time.perf_counter() < deadline:

@@ -1,0 +1,146 @@
+"""Finetuning end to end through the real command: every method, exact resume after SIGKILL,
+bad input, and outputs that the rest of plainlm and peft accept."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from conftest import REPO, run_cli
+
+from plainlm import LLM
+
+FAST = [
+    "--data.max_seq_length",
+    "128",
+    "--train.global_batch_size",
+    "4",
+    "--train.micro_batch_size",
+    "2",
+    "--train.eval_interval",
+    "3",
+    "--train.eval_max_batches",
+    "1",
+    "--train.tensorboard",
+    "false",
+    "--train.warmup_steps",
+    "2",
+    "--train.peak_flops",
+    "1e11",
+    "--lora.r",
+    "4",
+    "--lora.dropout",
+    "0.1",
+    "--optimizer.class_path",
+    "torch.optim.AdamW",
+    "--optimizer.init_args.lr",
+    "0.003",
+]
+
+
+def finetune_args(model: Path, out: Path, method: str, steps: int, *extra: str) -> list[str]:
+    return [
+        "finetune",
+        "--checkpoint_dir",
+        str(model),
+        "--out_dir",
+        str(out),
+        "--method",
+        method,
+        "--train.max_steps",
+        str(steps),
+        *FAST,
+        *extra,
+    ]
+
+
+def losses(out: Path) -> dict[int, str]:
+    with (out / "metrics.csv").open() as f:
+        return {int(r["step"]): r["loss"] for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path: Path, method: str) -> None:
+    steps = 8
+    reference = run_cli(*finetune_args(tiny_hf_dir, tmp_path / "a", method, steps, "--train.save_interval", "2"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    expected = losses(tmp_path / "a")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    out = tmp_path / "b"
+    args = finetune_args(tiny_hf_dir, out, method, steps, "--train.save_interval", "2")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "plainlm.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "step-000004").exists():  # killed part-way: after a checkpoint, before the end
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not (out / "final").exists()
+
+    resumed = run_cli(*args, "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resumed from" in resumed.stdout
+    assert losses(out) == expected  # bit for bit, as text
+
+
+def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 3, "--train.save_interval", "3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = tmp_path / "final"
+    for name in ("model.safetensors", "config.yaml", "tokenizer.json", "recipe.yaml", "adapter/adapter_config.json"):
+        assert (final / name).exists(), name
+    assert (tmp_path / "step-000003" / "recipe.yaml").exists() and (tmp_path / "loss.png").exists()
+    merged = LLM.load(final)
+    assert isinstance(merged.generate("Hello", max_new_tokens=3), str)
+    # peft puts our adapter on the transformers base and agrees with our merged model
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(base, final / "adapter").eval()
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+    # merge-lora gives the same model from base + adapter
+    merged_again = run_cli("merge-lora", str(tiny_hf_dir), str(final / "adapter"), str(tmp_path / "merged"))
+    assert merged_again.returncode == 0, merged_again.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(LLM.load(tmp_path / "merged").model(ids), merged.model(ids), atol=1e-6, rtol=1e-6)
+
+
+def test_resume_refuses_another_method(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    assert run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 2, "--train.save_interval", "2")).returncode == 0
+    result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "full", 4, "--resume", "true"))
+    assert result.returncode == 2
+    assert "different run" in result.stderr and "method" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recipe_key_typo_names_the_closest_key(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("checkpoint_dir: x\ntrain:\n  max_stepz: 3\n")
+    result = run_cli("finetune", "--config", str(recipe))
+    assert result.returncode == 2
+    assert "'train.max_stepz' does not exist" in result.stderr and "'train.max_steps'" in result.stderr
+
+
+def test_every_shipped_recipe_parses() -> None:
+    from plainlm.recipe import check_recipe_keys, parser_for
+
+    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        command = recipe.relative_to(REPO / "recipes").parts[0]
+        module = __import__(f"plainlm.{command}", fromlist=[command])
+        parser = parser_for(getattr(module, command), f"plainlm {command}")
+        check_recipe_keys(recipe, parser)
+        cfg = parser.parse_args(["--config", str(recipe)])
+        assert cfg.train.max_steps > 0, recipe
