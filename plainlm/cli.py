@@ -4,7 +4,7 @@ plainlm download ORG/NAME
 plainlm convert from-hf SRC_DIR DST_DIR
 plainlm convert from-gguf FILE DST_DIR
 plainlm convert to-hf SRC_DIR DST_DIR
-plainlm generate --checkpoint_dir D --prompt "..."
+plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4]
 plainlm chat --checkpoint_dir D
 """
 
@@ -91,6 +91,7 @@ def generate(
     compile: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
 ) -> None:
     """Continue a prompt, streaming the text as it is generated.
 
@@ -107,10 +108,11 @@ def generate(
         compile: torch.compile the decode step: slow to start, faster per token.
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
+        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
     """
     from plainlm.api import LLM
 
-    llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype)
+    llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype, quantize=quantize)
     options = dict(
         temperature=temperature,
         top_k=top_k,
@@ -140,6 +142,7 @@ def chat(
     chat_template: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
 ) -> None:
     """Talk with a model, turn by turn, in its own chat template. Type /exit or press Ctrl-D to leave,
     /reset to forget the conversation.
@@ -155,11 +158,14 @@ def chat(
         chat_template: A named template (chatml, llama2, llama3, gemma, phi3, plain) for models without one.
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
+        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
     """
     from plainlm.api import LLM
     from plainlm.chat import chat_loop
 
-    llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype, chat_template=chat_template)
+    llm = LLM.load(
+        _required(checkpoint_dir), device=device, dtype=dtype, chat_template=chat_template, quantize=quantize
+    )
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     chat_loop(llm, system=system, max_new_tokens=max_new_tokens, **options)
 
@@ -194,14 +200,19 @@ def finetune(**kwargs) -> None:  # the real signature and help: plainlm/finetune
     """Finetune a model (full, lora, dora, qlora) from a recipe: plainlm finetune --config RECIPE.yaml"""
 
 
+def pretrain(**kwargs) -> None:  # the real signature and help: plainlm/pretrain.py, through recipe.py
+    """Pretrain a model on a folder of text from a recipe: plainlm pretrain --config RECIPE.yaml"""
+
+
 # Training commands read YAML recipes: parsed by recipe.py against the function's own signature.
-TRAINING_COMMANDS = {"finetune": ("plainlm.finetune", "finetune")}
+TRAINING_COMMANDS = {"finetune": ("plainlm.finetune", "finetune"), "pretrain": ("plainlm.pretrain", "pretrain")}
 
 COMMANDS = {
     "download": download,
     "convert": {"from-hf": convert_from_hf, "from-gguf": convert_from_gguf, "to-hf": convert_to_hf},
     "generate": generate,
     "chat": chat,
+    "pretrain": pretrain,
     "finetune": finetune,
     "merge-lora": merge_lora,
 }

@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-# Sections whose keys are free-form: the arguments of the optimizer or scheduler class named there.
-FREE_FORM = ("optimizer", "scheduler")
+# Sections whose keys are free-form: the arguments of the optimizer or scheduler class named there, and
+# model_config (any Config field, checked when the Config is built).
+FREE_FORM = ("optimizer", "scheduler", "model_config")
 
 
 class RecipeError(ValueError):

@@ -1,0 +1,183 @@
+"""`plainlm pretrain`: train a model from scratch (or continue pretraining one) on a folder of text.
+
+    text / JSONL files -> token shards (tokenized once, data/pretrain.py) -> train.fit -> out_dir/final/
+
+The model is a named config (`model_name`, e.g. "SmolLM2-135M") with `model_config` overrides, or
+`model_config` alone; `initial_checkpoint` continues from trained weights instead of a fresh start.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from plainlm.checkpoint import load_checkpoint, save_checkpoint
+from plainlm.config import Config
+from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
+from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
+from plainlm.generate import generate
+from plainlm.model import GPT
+from plainlm.tokenizer import Tokenizer, copy_tokenizer_files
+from plainlm.train import TrainArgs, fit, warmup_cosine
+from plainlm.train_state import RECIPE_FILE
+
+
+@dataclass
+class PretrainDataConfig:
+    """Where pretraining text comes from: the `data:` section of a pretrain recipe.
+
+    Args:
+        source: A folder of .txt (one document per file) and .jsonl ({"text": ...} per line) files.
+        shards_dir: Where the token shards go (default: out_dir/tokens); reused while the source is unchanged.
+        seq_length: Tokens per training sequence.
+        val_fraction: The tail of the token stream held out for validation.
+        workers: Processes that tokenize (default: one per core).
+        strict: Fail on a malformed JSONL line instead of skipping it.
+    """
+
+    source: str = "data/pretrain"
+    shards_dir: str | None = None
+    seq_length: int = 256
+    val_fraction: float = 0.05
+    workers: int | None = None
+    strict: bool = False
+
+
+def train_bpe_tokenizer(source: str | Path, out_dir: str | Path, vocab_size: int = 2048) -> Path:
+    """A byte-level BPE tokenizer learned from the .txt files under `source`, for from-scratch models.
+
+    "<|endoftext|>" ends every document (EOS); the files written are those `Tokenizer` reads.
+    """
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    files = sorted(str(p) for p in Path(source).rglob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"{source}: no .txt files to learn a tokenizer from")
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train(files, trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": None}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def init_weights(model: GPT) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, residual outputs scaled by 1/sqrt(2 n_layer)."""
+    residual_std = 0.02 / math.sqrt(2 * model.config.n_layer)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = residual_std if name.endswith(("o_proj", "down_proj")) else 0.02
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+
+
+def build_model(model_name: str | None, model_config: dict[str, Any], tokenizer: Tokenizer) -> GPT:
+    overrides = dict(model_config)
+    overrides.setdefault("vocab_size", math.ceil(tokenizer.vocab_size / 64) * 64)  # a multiple of 64 runs faster
+    config = Config.from_name(model_name, **overrides) if model_name else Config(**overrides)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    model = GPT(config)
+    init_weights(model)
+    return model
+
+
+def pretrain(
+    tokenizer_dir: Path,
+    out_dir: Path = Path("out/pretrain"),
+    model_name: str | None = None,
+    model_config: dict[str, Any] | None = None,
+    initial_checkpoint: Path | None = None,
+    data: PretrainDataConfig = PretrainDataConfig(),
+    train: TrainArgs = TrainArgs(),
+    optimizer: OptimizerFactory | None = None,
+    scheduler: SchedulerFactory | None = None,
+    resume: bool | Literal["auto"] = False,
+    device: str | None = None,
+    recipe: str | None = None,
+) -> Path:
+    """Pretrain a model on a folder of text; returns out_dir/final.
+
+    Args:
+        tokenizer_dir: The tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json).
+        out_dir: Where token shards, step checkpoints, metrics.csv, TensorBoard events, loss.png and final/ go.
+        model_name: A named config (see plainlm/named_configs.py) to start from.
+        model_config: Config fields: overrides of model_name's, or the whole architecture without one.
+        initial_checkpoint: Continue pretraining these weights (a plainlm checkpoint) instead of starting fresh.
+        data: The text and how it becomes sequences.
+        train: Steps, batch sizes, schedule, precision, intervals.
+        optimizer: class_path + init_args of a torch optimizer (default AdamW, lr 2e-4).
+        scheduler: class_path + init_args of a torch lr scheduler (default: warm-up then cosine).
+        resume: Continue from the newest complete checkpoint in out_dir.
+        device: cpu, cuda, ... (default: cuda when available).
+        recipe: The resolved recipe text, written to out_dir/recipe.yaml (the CLI passes it).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(train.seed)
+    tokenizer = Tokenizer(tokenizer_dir)
+    if initial_checkpoint is not None:
+        model = load_checkpoint(initial_checkpoint, device=device)
+    else:
+        model = build_model(model_name, model_config or {}, tokenizer).to(device)
+    if train.precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    if train.activation_checkpointing:
+        model.activation_checkpointing = True
+    if data.seq_length > model.config.block_size:
+        raise ValueError(f"data.seq_length {data.seq_length} exceeds the model's context of {model.config.block_size}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = prepare_token_shards(
+        data.source,
+        tokenizer_dir,
+        Path(data.shards_dir or out_dir / "tokens"),
+        workers=data.workers,
+        strict=data.strict,
+    )
+    loader = PretrainLoader(
+        shards, train.micro_batch_size, data.seq_length, seed=train.seed, val_fraction=data.val_fraction
+    )
+    params: Iterable = [p for p in model.parameters() if p.requires_grad]
+    opt = (optimizer or default_optimizer)(params)
+    sched = scheduler(opt) if scheduler is not None else warmup_cosine(opt, train)
+    if recipe is not None:
+        (out_dir / RECIPE_FILE).write_text(recipe)
+    n_params = sum(p.numel() for p in model.parameters())
+    identity = {"model": model.config.name, "n_params": n_params, "method": "pretrain", "lora": None}
+    print(f"pretraining {n_params:,} parameters on {loader.info['tokens']:,} tokens")
+
+    def sample(m: torch.nn.Module) -> str | None:
+        if not train.sample_prompt:
+            return None
+        was_training = m.training
+        m.eval()
+        ids = generate(m, [tokenizer.encode(train.sample_prompt)], train.sample_tokens, stop_ids=tokenizer.stop_ids)[0]
+        m.train(was_training)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    fit(model, loader, loader, opt, sched, train, out_dir, identity, resume=bool(resume), sample=sample)
+    final = save_checkpoint(model.eval(), out_dir / "final")
+    copy_tokenizer_files(tokenizer_dir, final)
+    if recipe is not None:
+        shutil.copyfile(out_dir / RECIPE_FILE, final / RECIPE_FILE)
+    return final
