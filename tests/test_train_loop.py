@@ -1,0 +1,132 @@
+"""The training loop's own guarantees, in process on a tiny model: accumulation equals one big batch,
+a non-finite loss stops the run before it reaches the weights, a full disk keeps the last checkpoint."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+
+import plainlm.train as train_module
+import plainlm.train_state as train_state
+from plainlm.checkpoint import CheckpointError
+from plainlm.config import Config
+from plainlm.data import IGNORE_INDEX
+from plainlm.model import GPT
+from plainlm.train import TrainArgs, TrainingDiverged, fit, warmup_cosine
+from plainlm.train_state import latest_checkpoint, load_training_checkpoint
+
+
+class ToyLoader:
+    """Seeded random batches following plainlm/data's contract, with a resumable position."""
+
+    def __init__(self, batch_size: int = 2, length: int = 16) -> None:
+        self.batch_size, self.length, self.position = batch_size, length, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self._batch(self.position)
+        self.position += 1
+        return batch
+
+    def _batch(self, i: int) -> dict[str, torch.Tensor]:
+        x = torch.randint(0, 64, (self.batch_size, self.length + 1), generator=torch.Generator().manual_seed(i))
+        targets = x[:, 1:].clone()
+        targets[0, : i % 5] = IGNORE_INDEX  # uneven target counts across micro-batches
+        return {"input_ids": x[:, :-1], "targets": targets}
+
+    def val_batches(self):
+        yield self._batch(10_000)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(Config(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, vocab_size=64, block_size=32))
+
+
+def run(out: Path, steps: int = 4, **kwargs) -> tuple[GPT, dict]:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = TrainArgs(
+        max_steps=steps,
+        global_batch_size=4,
+        micro_batch_size=2,
+        save_interval=2,
+        eval_interval=100,
+        tensorboard=False,
+        peak_flops=1e11,
+        warmup_steps=1,
+        **kwargs,
+    )
+    metrics = fit(model, ToyLoader(), ToyLoader(), opt, warmup_cosine(opt, args), args, out, {"model": "tiny"})
+    return model, metrics
+
+
+def test_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
+    accumulated, _ = run(tmp_path / "a", steps=1)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = ToyLoader()
+    batches = [next(loader), next(loader)]
+    big = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    tokens = int((big["targets"] != IGNORE_INDEX).sum())
+    (train_module.token_loss_sum(model, big) / tokens).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    for (name, a), b in zip(accumulated.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_non_finite_loss_stops_before_the_weights_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = train_module.token_loss_sum
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 5 else loss  # steps 1-2 fine (2 micro-batches each)
+
+    monkeypatch.setattr(train_module, "token_loss_sum", poisoned)
+    with pytest.raises(TrainingDiverged, match="nan at step 3.*step-000002"):
+        run(tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert not (tmp_path / "step-000003").exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save_until_full(obj, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 3:  # the first checkpoint (optimizer, scheduler, rng) fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_state.torch, "save", save_until_full)
+    with pytest.raises(CheckpointError, match="step 4.*No space left.*step-000002, is intact"):
+        run(tmp_path)
+    monkeypatch.setattr(train_state.torch, "save", real_save)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert not list(tmp_path.glob(".step-*"))  # no half-written folder left behind
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = load_training_checkpoint(
+        tmp_path / "step-000002", model, opt, warmup_cosine(opt, TrainArgs()), {"model": "tiny"}
+    )
+    assert state["step"] == 2 and state["loader"] == {"position": 4}
+
+
+def test_bad_batch_sizes_suggest_valid_ones() -> None:
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size 4; use 8 or 12"):
+        TrainArgs(global_batch_size=10, micro_batch_size=4)
