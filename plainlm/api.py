@@ -1,7 +1,7 @@
 """`LLM`: the Python entry point. Load any supported checkpoint, generate text, chat.
 
     from plainlm import LLM
-    llm = LLM.load("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
+    llm = LLM.load("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")   # or a .gguf file
     llm.generate("Hello", max_new_tokens=20, temperature=0.0)   # -> str
     logits = llm.model(input_ids)                                  # (batch, time, vocab)
 
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from plainlm.checkpoint import CheckpointError, detect_format, load_checkpoint
+from plainlm.checkpoint import detect_format, load_checkpoint
 from plainlm.generate import generate_tokens
 from plainlm.model import GPT
 from plainlm.tokenizer import Tokenizer
@@ -48,15 +49,24 @@ class LLM:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         chat_template: str | None = None,
+        quantize: str | None = None,
     ) -> LLM:
-        """A plainlm checkpoint directory or a Hugging Face model directory (converted in memory).
+        """A plainlm checkpoint directory, a Hugging Face model directory or a GGUF file (both converted
+        in memory; a GGUF file's weights are dequantized).
 
         device: default "cuda" when available, else "cpu". dtype: default float32 on the CPU
         (no native bf16 there), bfloat16 on a GPU that supports it.
+        quantize: "int8", "int4" or "nf4" quantizes the weights as they load (see quantize.py);
+        a checkpoint saved quantized loads as it was saved, without this.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
+        if quantize is not None:
+            from plainlm.quantize import check_mode
+
+            check_mode(quantize, None, device)  # fail before the weights load, not after
         kind = detect_format(path)
+        tokenizer_dir, temporary = Path(path), None
         if kind == "plainlm":
             model = load_checkpoint(path, device=device, dtype=dtype)
         elif kind == "hf":
@@ -64,9 +74,27 @@ class LLM:
 
             model = load_hf_model(path, device=device, dtype=dtype)
         else:
-            raise CheckpointError(f"{path}: GGUF files cannot be loaded yet; convert the model to safetensors first")
-        tokenizer = Tokenizer(path, chat_template=chat_template, model_family=model.config.hf_model_type)
-        return cls(model.eval(), tokenizer)
+            from plainlm.convert.gguf import load_gguf_model
+
+            # The tokenizer files come from the GGUF metadata, written to a temporary directory that lives
+            # as long as this LLM (Tokenizer.save copies from it).
+            temporary = tempfile.TemporaryDirectory(prefix="plainlm-gguf-tokenizer-")
+            tokenizer_dir = Path(temporary.name)
+            model = load_gguf_model(path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        saved = getattr(model, "quantization", None)
+        if quantize is not None and saved is None:
+            from plainlm.quantize import quantize_model
+
+            quantize_model(model, quantize)
+        elif quantize is not None and saved["mode"] != quantize:
+            raise ValueError(
+                f"{path} is saved quantized as {saved['mode']}; load it without quantize={quantize!r}, "
+                "or quantize the float checkpoint it came from"
+            )
+        tokenizer = Tokenizer(tokenizer_dir, chat_template=chat_template, model_family=model.config.hf_model_type)
+        llm = cls(model.eval(), tokenizer)
+        llm._tokenizer_files = temporary
+        return llm
 
     # --- text in, text out ---
     def generate(self, prompt: str | list[str], max_new_tokens: int = 100, **kwargs: Any) -> str | list[str]:

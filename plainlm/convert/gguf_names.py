@@ -1,0 +1,369 @@
+"""What llama.cpp calls things, per architecture: metadata keys -> `Config`, tensor names and layouts.
+
+`read_config(reader, path)` builds our `Config` from a GGUF file's metadata and tensor shapes, filling in
+what llama.cpp hard-codes instead of storing (Gemma's sliding-window pattern, local RoPE base, query
+scale). `tensor_rules(config)` lists every GGUF tensor of a model with the plainlm tensors it holds, as
+llama.cpp's `convert_hf_to_gguf.py` writes them: `to_ours` undoes what it did on export (permuted q/k
+rows, Gemma's +1 on norm weights, Phi-3's fused tensors) and `to_gguf` redoes it, so GGUF export can use
+the same rules. Reading the file safely and dequantizing is in `gguf.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+
+from plainlm.checkpoint import CheckpointError
+from plainlm.config import Config
+from plainlm.model import rope_inv_freq
+
+# RoPE tables are precomputed for the whole context, so a corrupt context_length would allocate without
+# bound; no supported model comes near this (Qwen2.5-1M: 1,010,000).
+MAX_CONTEXT = 1 << 20
+IGNORED_TENSORS = ("rope_freqs.weight",)  # Llama 3 RoPE factors: read into Config.rope_scaling instead
+
+# GGUF general.architecture -> Config.hf_model_type (what the model exports to with to-hf).
+GGUF_ARCHITECTURES = {
+    "llama": "llama",  # also SmolLM2, Mistral 7B, TinyLlama: llama.cpp writes them all as "llama"
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}
+
+# What llama.cpp hard-codes instead of storing it in the file (src/llama-model.cpp, llm_load_hparams).
+GEMMA_SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}  # every k-th layer attends globally
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # unless the file has gemma3.rope.freq_base_swa
+GEMMA2_SOFTCAPS = (50.0, 30.0)  # attention, final logits: unless the file has the keys
+# Gemma 2 27B (46 layers) and Gemma 3 27B (62 layers) scale queries by n_embd / n_head instead of
+# head_dim (query_pre_attn_scalar in their config.json); llama.cpp recognises them by layer count.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_query_pre_attn_scalar(arch: str, n_layer: int, n_embd: int, n_head: int, head_dim: int) -> int:
+    return n_embd // n_head if GEMMA_27B_LAYERS.get(arch) == n_layer else head_dim
+
+
+# --- metadata -> Config ---
+_REQUIRED, _MISSING = object(), object()
+_INTS = {int(t) for t in GGUFValueType if t.name.startswith(("UINT", "INT"))}
+_FLOATS = {int(GGUFValueType.FLOAT32), int(GGUFValueType.FLOAT64)}
+
+
+class _Metadata:
+    """Typed access to one file's metadata; keys without a "general." or "tokenizer." prefix are the
+    architecture's own ("{arch}.block_count"). Errors name the file and the key."""
+
+    def __init__(self, reader: GGUFReader, path: Path) -> None:
+        self.reader, self.path, self.arch = reader, path, ""
+
+    def key(self, key: str) -> str:
+        return key if key.startswith(("general.", "tokenizer.")) else f"{self.arch}.{key}"
+
+    def get(self, key: str, kinds: set[int], default: Any, what: str) -> Any:
+        field = self.reader.fields.get(self.key(key))
+        if field is None:
+            if default is _REQUIRED:
+                raise CheckpointError(
+                    f"{self.path}: metadata key {self.key(key)!r} is missing; "
+                    f"a GGUF file of architecture {self.arch!r} needs it"
+                )
+            return default
+        if len(field.types) not in (1, 2) or int(field.types[0]) not in kinds:
+            raise CheckpointError(f"{self.path}: metadata {self.key(key)!r} should be {what}, found {field.types}")
+        return field.contents()
+
+    def int(self, key: str, default: Any = _REQUIRED, minimum: int = 1, maximum: int = 1 << 31) -> Any:
+        value = self.get(key, _INTS, _MISSING if default is not _REQUIRED else _REQUIRED, "an integer")
+        if value is _MISSING:
+            return default
+        if not minimum <= value <= maximum:
+            raise CheckpointError(
+                f"{self.path}: metadata {self.key(key)!r} = {value} is outside the plausible range "
+                f"[{minimum}, {maximum}]; the file is corrupt or of an unsupported model"
+            )
+        return value
+
+    def float(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self.get(key, _FLOATS, _MISSING if default is not _REQUIRED else _REQUIRED, "a float")
+        if value is _MISSING:
+            return default
+        if not (math.isfinite(value) and value > 0):
+            raise CheckpointError(f"{self.path}: metadata {self.key(key)!r} = {value} should be a positive number")
+        return value
+
+    def string(self, key: str, default: Any = _REQUIRED) -> Any:
+        return self.get(key, {int(GGUFValueType.STRING)}, default, "a string")
+
+
+def read_config(reader: GGUFReader, path: Path) -> Config:
+    """Our `Config` from a GGUF file's metadata and tensor shapes, with llama.cpp's defaults per architecture."""
+    meta = _Metadata(reader, path)
+    arch = meta.arch = meta.string("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    vocab_size, n_embd = _shape(tensors, "token_embd.weight", path, dims=2)
+    if meta.int("embedding_length") != n_embd:
+        raise CheckpointError(f"{path}: embedding_length does not match the {n_embd} columns of token_embd.weight")
+    n_head = meta.int("attention.head_count", maximum=n_embd)
+    n_kv_head = meta.int("attention.head_count_kv", default=n_head, maximum=n_head)
+    head_dim = meta.int("attention.key_length", default=n_embd // n_head)
+    _check_head_dim(tensors, arch, n_head, n_kv_head, head_dim, path)
+    n_layer = meta.int("block_count", maximum=len(tensors))
+    rope_dims = meta.int("rope.dimension_count", default=head_dim, maximum=head_dim)
+    fields: dict[str, Any] = dict(
+        name=meta.string("general.name", default=path.stem),
+        hf_model_type=GGUF_ARCHITECTURES[arch],
+        vocab_size=vocab_size,
+        block_size=meta.int("context_length", maximum=MAX_CONTEXT),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        head_dim=head_dim,
+        intermediate_size=meta.int("feed_forward_length"),
+        tie_embeddings="output.weight" not in tensors,
+        norm_eps=meta.float("attention.layer_norm_rms_epsilon"),
+        qkv_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
+        attn_out_bias="blk.0.attn_output.bias" in tensors,
+        mlp_bias="blk.0.ffn_up.bias" in tensors,
+        rope_theta=meta.float("rope.freq_base", default=10000.0),
+        rotary_fraction=rope_dims / head_dim,
+        rope_scaling=_rope_scaling(meta, tensors, rope_dims),
+        hf_extra=_token_ids(meta),
+    )
+    if arch in ("qwen3", "gemma3"):
+        fields["qk_norm"] = "head"
+    if arch == "phi3":  # 0 marks Phi-4, which has no sliding window
+        fields["sliding_window"] = meta.int("attention.sliding_window", default=0, minimum=0) or None
+    if arch in ("gemma2", "gemma3"):
+        fields.update(_gemma_fields(meta, n_layer, n_embd, n_head, head_dim))
+    try:
+        config = Config(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if config.rope_dim != rope_dims:
+        raise CheckpointError(f"{path}: rope.dimension_count {rope_dims} is not a usable part of head_dim {head_dim}")
+    return config
+
+
+def _shape(tensors: dict[str, ReaderTensor], name: str, path: Path, dims: int) -> tuple[int, ...]:
+    """A tensor's shape as PyTorch orders it (GGUF lists the fastest-varying dimension first)."""
+    if name not in tensors:
+        raise CheckpointError(f"{path}: no tensor {name!r}; the file is not a complete model")
+    shape = tuple(int(d) for d in reversed(tensors[name].shape.tolist()))
+    if len(shape) != dims:
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, expected {dims} dimensions")
+    return shape
+
+
+def _check_head_dim(tensors: dict, arch: str, n_head: int, n_kv_head: int, head_dim: int, path: Path) -> None:
+    # Checked before the model is built: its RoPE tables are sized by head_dim.
+    name, heads = (
+        ("blk.0.attn_qkv.weight", n_head + 2 * n_kv_head) if arch == "phi3" else ("blk.0.attn_q.weight", n_head)
+    )
+    rows = _shape(tensors, name, path, dims=2)[0]
+    if rows != heads * head_dim:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has {rows} rows but the metadata says {heads} heads of {head_dim}; "
+            "the metadata and the weights do not match"
+        )
+
+
+def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: int) -> dict[str, Any] | None:
+    kind = meta.string("rope.scaling.type", default="none")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": meta.float("rope.scaling.factor")}
+    if kind == "yarn":
+        scaling = {
+            "rope_type": "yarn",
+            "factor": meta.float("rope.scaling.factor"),
+            "original_max_position_embeddings": meta.int("rope.scaling.original_context_length"),
+        }
+        for name in ("beta_fast", "beta_slow"):
+            if (value := meta.float(f"rope.scaling.yarn_{name}", default=None)) is not None:
+                scaling[name] = value
+        return scaling
+    if kind != "none":
+        raise CheckpointError(f"{meta.path}: RoPE scaling {kind!r} is not supported; supported: linear, yarn")
+    if "rope_factors_long.weight" in tensors:
+        raise CheckpointError(f"{meta.path}: Phi-3 LongRoPE (rope_factors_long.weight) is not supported")
+    if "rope_freqs.weight" in tensors:
+        return _llama3_scaling(meta, tensors["rope_freqs.weight"], rope_dims)
+    return None
+
+
+def _llama3_scaling(meta: _Metadata, tensor: ReaderTensor, rope_dims: int) -> dict[str, Any]:
+    """Llama 3.1+ RoPE scaling from the per-frequency factors llama.cpp writes as rope_freqs.weight.
+
+    llama.cpp computes them with low_freq_factor 1, high_freq_factor 4 and an original context of 8192
+    (every Llama 3.x); the factor is the largest of them. Anything else is refused, not guessed.
+    """
+    if tensor.tensor_type != GGMLQuantizationType.F32 or len(tensor.shape) != 1:
+        raise CheckpointError(f"{meta.path}: rope_freqs.weight should be a float32 vector, as llama.cpp writes it")
+    factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    theta = meta.float("rope.freq_base", default=10000.0)
+    plain, scaled = rope_inv_freq(rope_dims, theta, None, 0)[0], rope_inv_freq(rope_dims, theta, scaling, 0)[0]
+    if factors.shape != plain.shape or not torch.allclose(plain / scaled, factors, rtol=1e-4):
+        raise CheckpointError(f"{meta.path}: rope_freqs.weight matches no Llama 3 RoPE scaling; not supported")
+    return scaling
+
+
+def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_dim: int) -> dict[str, Any]:
+    arch = meta.arch
+    scalar = gemma_query_pre_attn_scalar(arch, n_layer, n_embd, n_head, head_dim)
+    fields: dict[str, Any] = dict(
+        norm_unit_offset=True,
+        scale_embeddings=True,
+        mlp_activation="gelu_tanh",
+        post_attention_norm=True,
+        post_mlp_norm=True,
+        attention_scale=scalar**-0.5,
+        sliding_window=meta.int("attention.sliding_window", default=0, minimum=0) or None,
+        sliding_window_pattern=_sliding_pattern(meta, n_layer),
+    )
+    if arch == "gemma2":
+        fields["attention_logit_softcap"] = meta.float("attn_logit_softcapping", default=GEMMA2_SOFTCAPS[0])
+        fields["final_logit_softcap"] = meta.float("final_logit_softcapping", default=GEMMA2_SOFTCAPS[1])
+    else:
+        fields["final_logit_softcap"] = meta.float("final_logit_softcapping", default=None)
+        fields["rope_local_theta"] = meta.float("rope.freq_base_swa", default=GEMMA3_LOCAL_ROPE_THETA)
+    return fields
+
+
+def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
+    """llama.cpp's pattern: an int k (every k-th layer global, 0 = all sliding) or one bool per layer."""
+    key = "attention.sliding_window_pattern"
+    default = GEMMA_SLIDING_WINDOW_PATTERN[meta.arch]
+    value = meta.get(key, _INTS | {int(GGUFValueType.ARRAY)}, default, "an integer or a list of booleans")
+    if isinstance(value, int):
+        return value or None
+    for pattern in (None, 2, 3, 4, 5, 6, 8):
+        if list(value) == [bool(pattern is None or (i + 1) % pattern) for i in range(n_layer)]:
+            return pattern
+    raise CheckpointError(f"{meta.path}: {meta.arch}.{key} {value} does not follow a repeating pattern")
+
+
+def _token_ids(meta: _Metadata) -> dict[str, int]:
+    """BOS / EOS / padding ids, carried through to config.json on export as from-hf does."""
+    ids = {}
+    for ours, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        value = meta.int(f"tokenizer.ggml.{key}", default=None, minimum=0)
+        if value is not None:
+            ids[f"{ours}_token_id"] = value
+    return ids
+
+
+# --- tensors ---
+@dataclass
+class GGUFRule:
+    gguf: str  # one GGUF tensor
+    ours: list[str]  # the plainlm tensors it holds, several where llama.cpp fuses them
+    to_ours: Callable[[torch.Tensor], list[torch.Tensor]]
+    to_gguf: Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def tensor_rules(c: Config) -> list[GGUFRule]:
+    """Every GGUF tensor of a model with this config, in llama.cpp's names and layout."""
+    arch = HF_TO_GGUF_ARCHITECTURE[c.hf_model_type]
+    rules = [_plain("token_embd.weight", "embed.weight"), _norm(c, "output_norm.weight", "final_norm.weight")]
+    if not c.tie_embeddings:
+        rules.append(_plain("output.weight", "lm_head.weight"))
+    for i in range(c.n_layer):
+        g, o = f"blk.{i}.", f"blocks.{i}."
+        rules.append(_norm(c, g + "attn_norm.weight", o + "attn_norm.weight"))
+        rules += _attention_rules(c, arch, g, o + "attn.")
+        if c.post_attention_norm:  # Gemma 2/3: "ffn_norm" is the pre-MLP norm, the post norms have their own names
+            rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
+            rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
+        rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
+        if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
+            size = c.intermediate_size
+            rules.append(
+                _fused(g + "ffn_up.weight", [o + "mlp.gate_proj.weight", o + "mlp.up_proj.weight"], [size] * 2)
+            )
+            rules.append(_plain(g + "ffn_down.weight", o + "mlp.down_proj.weight"))
+        else:
+            for gguf_name, ours in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+                rules += _linear(g + gguf_name, o + f"mlp.{ours}", c.mlp_bias)
+    return rules
+
+
+def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
+    if arch == "phi3":  # attn_qkv is Phi-3's qkv_proj as it is
+        sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+        rules = [_fused(g + "attn_qkv.weight", [o + f"{x}_proj.weight" for x in "qkv"], sizes)]
+    elif arch == "llama":
+        # llama.cpp permutes the rows of q and k (weights and biases) from Hugging Face's "halves" RoPE
+        # layout to the interleaved pairs its RoPE kernel expects; undo it.
+        rules = [_permuted(g + "attn_q" + s, o + "q_proj" + s, c.n_head) for s in _suffixes(c.qkv_bias)] + [
+            _permuted(g + "attn_k" + s, o + "k_proj" + s, c.n_kv_head) for s in _suffixes(c.qkv_bias)
+        ]
+        rules += _linear(g + "attn_v", o + "v_proj", c.qkv_bias)
+    else:
+        rules = [r for x in "qkv" for r in _linear(g + f"attn_{x}", o + f"{x}_proj", c.qkv_bias)]
+    rules += _linear(g + "attn_output", o + "o_proj", c.attn_out_bias)
+    if c.qk_norm == "head":  # Qwen3, Gemma 3
+        rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
+        rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]
+    return rules
+
+
+def _suffixes(bias: bool) -> list[str]:
+    return [".weight", ".bias"] if bias else [".weight"]
+
+
+def _plain(gguf_name: str, ours: str) -> GGUFRule:
+    return GGUFRule(gguf_name, [ours], lambda t: [t], lambda ts: ts[0])
+
+
+def _linear(gguf_stem: str, our_stem: str, bias: bool) -> list[GGUFRule]:
+    return [_plain(gguf_stem + s, our_stem + s) for s in _suffixes(bias)]
+
+
+def _norm(c: Config, gguf_name: str, ours: str) -> GGUFRule:
+    if not c.norm_unit_offset:
+        return _plain(gguf_name, ours)
+    # Gemma scales by (1 + weight); llama.cpp stores the 1 in the file, we store weight - 1 (as transformers).
+    return GGUFRule(gguf_name, [ours], lambda t: [t - 1.0], lambda ts: ts[0] + 1.0)
+
+
+def _fused(gguf_name: str, ours: list[str], sizes: list[int]) -> GGUFRule:
+    return GGUFRule(
+        gguf_name, ours, lambda t: [x.contiguous() for x in t.split(sizes, dim=0)], lambda ts: torch.cat(ts, dim=0)
+    )
+
+
+def _permuted(gguf_name: str, ours: str, n_head: int) -> GGUFRule:
+    return GGUFRule(
+        gguf_name, [ours], lambda t: [unpermute_rope_rows(t, n_head)], lambda ts: permute_rope_rows(ts[0], n_head)
+    )
+
+
+def permute_rope_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's `LlamaModel.permute`: per head, rows (half 0, half 1) -> interleaved pairs."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def unpermute_rope_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `permute_rope_rows` (transformers' `reverse_permute_weights`)."""
+    return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
