@@ -2,6 +2,8 @@
 
 A native checkpoint directory holds `model.safetensors` (or shards plus
 `model.safetensors.index.json`), `config.yaml` and the tokenizer files as the source had them.
+A quantized model's checkpoint also holds `quantization.json` ({"mode": "int8", "group_size": null})
+and its quantized tensors as they are stored in memory (see `quantize.py`).
 Only tensors are ever deserialised: safetensors first, `.bin` / `.pth` through
 `torch.load(weights_only=True)`, which refuses anything but tensors.
 """
@@ -18,11 +20,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from plainlm import quantize
 from plainlm.config import Config
 from plainlm.model import GPT
 from plainlm.tokenizer import copy_tokenizer_files
 
 CONFIG_FILE = "config.yaml"
+QUANTIZATION_FILE = "quantization.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -197,17 +201,35 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def model_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors to save: the tied head is written once, as the embedding."""
+    written: set[int] = set()
     for name, tensor in model.state_dict().items():
-        if model.config.tie_embeddings and name == "lm_head.weight":
+        if _is_tied_head(model, name):
             continue
+        # safetensors refuses two names for one storage (bitsandbytes shares its NF4 code table).
+        if tensor.data_ptr() in written and tensor.numel():
+            tensor = tensor.clone()
+        written.add(tensor.data_ptr())
         yield name, tensor.detach()
 
 
+def _is_tied_head(model: GPT, name: str) -> bool:
+    """The lm_head's tensors that are the embedding's (its weight, and the scales of a quantized one)."""
+    return model.config.tie_embeddings and name.startswith("lm_head.") and name != "lm_head.bias"
+
+
 def save_checkpoint(model: GPT, directory: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a native checkpoint: weights, config.yaml and (copied unchanged) tokenizer files."""
+    """Write a native checkpoint: weights, config.yaml and (copied unchanged) tokenizer files.
+
+    A quantized model (`quantize.quantize_model`) writes its quantized tensors and quantization.json.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(model_tensors(model), directory)
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(quantization))
+    elif (directory / QUANTIZATION_FILE).exists():  # a float model written over a quantized one
+        (directory / QUANTIZATION_FILE).unlink()
     model.config.save(directory / CONFIG_FILE)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, directory)
@@ -217,9 +239,7 @@ def save_checkpoint(model: GPT, directory: str | Path, tokenizer_dir: str | Path
 # --- loading into a model ---
 def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: str | Path) -> GPT:
     """Assign tensors into a model built on the meta device, checking every name and shape."""
-    expected = dict(model.state_dict())
-    if model.config.tie_embeddings:
-        expected.pop("lm_head.weight", None)
+    expected = {k: v for k, v in model.state_dict().items() if not _is_tied_head(model, k)}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors:
         if name not in expected:
@@ -234,8 +254,9 @@ def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: 
     if missing:
         raise CheckpointError(f"{origin}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+    for name in [k for k in model.state_dict() if _is_tied_head(model, k)]:
+        attribute = name.removeprefix("lm_head.")  # weight, and a quantized matrix's scales
+        setattr(model.lm_head, attribute, getattr(model.embed, attribute))
     return model
 
 
@@ -248,15 +269,67 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", d
             f"{directory}: no {CONFIG_FILE}; is this a plainlm checkpoint? (convert one with `plainlm convert from-hf`)"
         )
     config = Config.from_file(config_file)
+    quantization = read_quantization(directory)
     source = TensorSource(directory)
     with torch.device("meta"):
         model = GPT(config)
+    if quantization is not None:
+        return _load_quantized(model, source, quantization, directory, torch.device(device), dtype)
     tensors = ((k, _cast(source.get(k), dtype, device)) for k in source.keys())
     return load_state(model, tensors, directory).to(device)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+
+def read_quantization(directory: str | Path) -> dict | None:
+    """The contents of a checkpoint's quantization.json, or None for a float checkpoint."""
+    file = Path(directory) / QUANTIZATION_FILE
+    if not file.exists():
+        return None
+    try:
+        quantization = json.loads(file.read_text())
+        mode = quantization["mode"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f'{file}: not valid ({e}); expected {{"mode": "int8", "group_size": null}}') from None
+    if mode not in quantize.MODES:
+        known = ", ".join(quantize.MODES)
+        raise CheckpointError(f"{file}: unknown quantization mode {mode!r}; this plainlm knows {known}")
+    return quantization
+
+
+def _load_quantized(
+    model: GPT,
+    source: TensorSource,
+    quantization: dict,
+    directory: Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> GPT:
+    """Build the quantized layers of a meta-device model straight from their saved tensors (no re-quantizing)."""
+    mode = quantization["mode"]
+    nf4_layers = quantize.quantized_linear_names(model, mode) if mode == "nf4" else []
+    quantize.empty_quantized_model(model, mode, quantization.get("group_size"), dtype or torch.float32)
+    nf4_keys = {k for k in source.keys() if k.startswith(tuple(f"{name}." for name in nf4_layers))}
+
+    def cast(key: str) -> torch.Tensor:
+        t = source.get(key)
+        stored = key.endswith((".scales", ".scales_and_zeros")) or (key in nf4_keys and not key.endswith(".bias"))
+        if stored or not t.is_floating_point():
+            # Quantized tensors keep their dtype, in memory of their own: PyTorch's int8 kernel
+            # faults on the unaligned addresses a tensor inside a safetensors file can have.
+            return t.to(device, copy=True)
+        return _cast(t, dtype, device)
+
+    load_state(model, ((k, cast(k)) for k in source.keys() if k not in nf4_keys), directory).to(device)
+    for name in nf4_layers:
+        prefix = f"{name}."
+        tensors = {k.removeprefix(prefix): cast(k) for k in nf4_keys if k.startswith(prefix)}
+        if "weight" not in tensors:
+            raise CheckpointError(f"{directory}: no tensors for the nf4 layer {name!r}; the checkpoint is incomplete")
+        quantize.set_module(model, name, quantize.nf4_from_tensors(tensors, device))
+    return quantize.finish_loading(model)
 
 
 def detect_format(path: str | Path) -> str:

@@ -58,7 +58,8 @@ class GPT(nn.Module):
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
-        dtype = dtype or self.embed.weight.dtype
+        # A quantized embedding (quantize.py) holds integers and says which float dtype it returns.
+        dtype = dtype or getattr(self.embed, "dtype", self.embed.weight.dtype)
         device = self.embed.weight.device
         for block in self.blocks:
             block.attn.kv_cache = KVCache(

@@ -1,0 +1,348 @@
+"""Weight-only quantization: small modules that take the place of Linear and Embedding layers.
+
+    quantize_model(model, "int8")              # in place; norms and biases stay in float
+    save_checkpoint(model, "out")              # writes the quantized tensors and quantization.json
+
+int8  one scale per output row, symmetric: w = q * scale, q in -127..127.
+      Forward: PyTorch's CPU int8-weight kernel `aten._weight_int8pack_mm`.
+int4  groups of `group_size` inputs (default 32), asymmetric: w = (q - 8) * scale + zero, q in 0..15.
+      Forward: `aten._weight_int4pack_mm_for_cpu` on a copy packed for this CPU at load time;
+      what is saved is the portable form (two values per byte, low nibble first).
+nf4   bitsandbytes' Linear4bit (NF4 blocks of 64, double-quantized scales): it also trains (QLoRA).
+
+Both CPU kernels read bf16 activations (fp32 ones take a path ~8x slower), so int8 and int4 cast
+in and out. The token embedding is quantized too for int8/int4 and reads only the rows it
+gathers; a tied lm_head shares the embedding's quantized matrix. Loading and saving checkpoints
+live in `checkpoint.py`; this file only builds modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from plainlm.model import GPT
+
+MODES = ("int8", "int4", "nf4")
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32, "nf4": 64}
+
+
+# --- the math of what is stored ---
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values (N, K) and bf16 scales (N,), one per output row."""
+    w = weight.float()
+    # The kernel reads bf16 scales: round them first, then quantize against the rounded value.
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(torch.bfloat16)
+    q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.float() * scales.float()[..., None]
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable nibbles (N, K/2) uint8 and bf16 scales_and_zeros (K/group_size, N, 2), the kernel's layout."""
+    N, K = weight.shape
+    groups = weight.float().reshape(N, K // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16)
+    zeros = (low + 8 * scales.float()).to(torch.bfloat16)  # w = (q - 8) * scale + zero spans [low, high]
+    scale, zero = scales.float()[..., None], zeros.float()[..., None]
+    q = ((groups - (zero - 8 * scale)) / scale).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+    return pack_nibbles(q), torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(..., K) values 0..15 -> (..., K/2) bytes, the even column in the low nibble."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Float rows (..., K) from nibble rows (..., K/2) and their scales_and_zeros (K/group_size, ..., 2)."""
+    q = unpack_nibbles(packed).float()
+    q = q.reshape(*q.shape[:-1], -1, group_size)  # (..., groups, group_size)
+    sz = scales_and_zeros.float().movedim(0, -2)  # (..., groups, 2)
+    return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
+
+
+# --- modules ---
+class Int8Linear(nn.Module):
+    """y = x @ (q * scales)^T + bias, with int8 weights read by the CPU int8 kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.scales)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + bias, W in 4-bit groups, through the CPU int4 kernel.
+
+    `weight` (portable nibbles) and `scales_and_zeros` are saved; `packed` is the kernel's own
+    layout for this CPU, made by `pack()` and never saved. The kernel needs a multiple of 16
+    output rows: other layers are padded with zero rows in the packed copy only.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group_size: int, device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(
+                f"int4 groups of {group_size} do not divide this layer's {in_features} inputs; "
+                f"pass a group_size that does (32 and 64 divide most models)"
+            )
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        groups = in_features // group_size
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device)
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("packed_scales_and_zeros", None, persistent=False)
+
+    def pack(self) -> None:
+        """Lay the weights out for this CPU's int4 kernel."""
+        pad = -self.out_features % 16
+        q = unpack_nibbles(self.weight).to(torch.int32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nn.functional.pad(q, (0, 0, 0, pad)), 8)
+        self.packed_scales_and_zeros = nn.functional.pad(self.scales_and_zeros, (0, 0, 0, pad)) if pad else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.pack()
+        sz = self.scales_and_zeros if self.packed_scales_and_zeros is None else self.packed_scales_and_zeros
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz).to(x.dtype)
+        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.scales_and_zeros, self.group_size)
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings stored as int8 rows with one scale each; a lookup dequantizes only its rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device: torch.device | None = None):
+        super().__init__()
+        self.dtype = dtype  # the activations' dtype (the table itself holds integers)
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.bfloat16, device=device))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return dequantize_int8(self.weight[idx], self.scales[idx]).to(self.dtype)
+
+
+class Int4Embedding(nn.Module):
+    """Token embeddings stored as int4 groups; a lookup dequantizes only its rows."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        group_size: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.dtype, self.group_size = dtype, group_size
+        self.register_buffer(
+            "weight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device)
+        )
+        groups = embedding_dim // group_size
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(groups, num_embeddings, 2, dtype=torch.bfloat16, device=device)
+        )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_int4(self.weight[idx], self.scales_and_zeros[:, idx], self.group_size)
+        return rows.to(self.dtype)
+
+
+def nf4_linear(linear: nn.Linear, blocksize: int) -> nn.Module:
+    """A bitsandbytes Linear4bit holding `linear`'s weights in NF4 (double-quantized scales, as QLoRA)."""
+    bnb = _bitsandbytes()
+    weight = linear.weight.detach()
+    packed, state = bnb.functional.quantize_4bit(
+        weight.contiguous(), blocksize=blocksize, compress_statistics=True, quant_type="nf4"
+    )
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type="nf4", device="meta"
+    )
+    layer.weight = bnb.nn.Params4bit(
+        packed, quant_state=state, blocksize=blocksize, quant_type="nf4", bnb_quantized=True, module=layer
+    )
+    layer.quant_state = state
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return _without_cpu_repacking(layer)
+
+
+def nf4_from_tensors(tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A Linear4bit from its saved tensors (`weight`, `weight.absmax`, ..., optional `bias`)."""
+    bnb = _bitsandbytes()
+    stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k.startswith("weight.")}
+    weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, device=device)
+    out_features, in_features = weight.quant_state.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias="bias" in tensors, quant_type="nf4", device="meta")
+    layer.weight, layer.quant_state = weight, weight.quant_state
+    weight.module = layer
+    if "bias" in tensors:
+        layer.bias = nn.Parameter(tensors["bias"].to(device), requires_grad=False)
+    return _without_cpu_repacking(layer)
+
+
+def _without_cpu_repacking(layer: nn.Module) -> nn.Module:
+    # bitsandbytes 0.50 repacks 4-bit weights in place on the first no-grad CPU forward, and its
+    # inverse (run when saving) returns other scales than were stored: off, so save/load stays exact.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def _bitsandbytes():  # noqa: ANN202 (imported on use: an optional dependency)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError("nf4 needs bitsandbytes: pip install 'plainlm[quantize]'") from None
+    return bitsandbytes
+
+
+# --- whole models ---
+def quantized_linear_names(model: GPT, mode: str) -> list[str]:
+    """The Linear layers a mode replaces: every one in the blocks, and an untied (or int8/int4) lm_head."""
+    names = [
+        f"blocks.{name}"
+        for name, module in model.blocks.named_modules()
+        # The MoE router stays in float: it is tiny, and its top-k choice is what rounding would flip.
+        if isinstance(module, nn.Linear) and not name.endswith("router")
+    ]
+    # nf4 keeps a tied head in float, tied: bitsandbytes has no 4-bit embedding that saves,
+    # and QLoRA leaves the head in float anyway.
+    if not (mode == "nf4" and model.config.tie_embeddings):
+        names.append("lm_head")
+    return names
+
+
+def quantize_model(model: GPT, mode: str, group_size: int | None = None) -> GPT:
+    """Quantize `model`'s weights in place, one layer at a time, and return it.
+
+    mode: "int8", "int4" or "nf4". group_size: int4's group (default 32) or nf4's block (64).
+    """
+    group_size = check_mode(mode, group_size, model.embed.weight.device)
+    with torch.no_grad():
+        for name in quantized_linear_names(model, mode):
+            linear = model.get_submodule(name)
+            set_module(model, name, _quantize_linear(linear, mode, group_size).train(linear.training))
+        if mode != "nf4":
+            model.embed = _quantize_embedding(model, mode, group_size)
+    model.quantization = {"mode": mode, "group_size": group_size}
+    return model
+
+
+def check_mode(mode: str, group_size: int | None, device: torch.device) -> int | None:
+    """The group size to use, or an error for an unknown mode or a device without kernels."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    if mode in ("int8", "int4") and device.type not in ("cpu", "meta"):
+        raise NotImplementedError(
+            f"{mode} runs PyTorch's CPU kernels; on {device.type} their packing differs and is not implemented: "
+            "use nf4 there, or quantize on the CPU"
+        )
+    return group_size or DEFAULT_GROUP_SIZE[mode]
+
+
+def _quantize_linear(linear: nn.Linear, mode: str, group_size: int | None) -> nn.Module:
+    if mode == "nf4":
+        return nf4_linear(linear, group_size)
+    layer = _empty_linear(linear, mode, group_size)
+    if mode == "int8":
+        layer.weight, layer.scales = quantize_int8(linear.weight)
+    else:
+        layer.weight, layer.scales_and_zeros = quantize_int4(linear.weight, group_size)
+        layer.pack()
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def _quantize_embedding(model: GPT, mode: str, group_size: int | None) -> nn.Module:
+    """The embedding in the mode's format; a tied one shares the quantized head's tensors (one matrix)."""
+    weight, head = model.embed.weight, model.lm_head
+    embed = _empty_embedding(*weight.shape, mode, group_size, weight.dtype)
+    tied = model.config.tie_embeddings
+    if mode == "int8":
+        embed.weight, embed.scales = (head.weight, head.scales) if tied else quantize_int8(weight)
+    else:
+        embed.weight, embed.scales_and_zeros = (
+            (head.weight, head.scales_and_zeros) if tied else quantize_int4(weight, group_size)
+        )
+    return embed
+
+
+def _empty_linear(linear: nn.Linear, mode: str, group_size: int | None) -> nn.Module:
+    bias = linear.bias is not None
+    if mode == "int8":
+        return Int8Linear(linear.in_features, linear.out_features, bias, device="meta")
+    return Int4Linear(linear.in_features, linear.out_features, bias, group_size, device="meta")
+
+
+def _empty_embedding(vocab: int, dim: int, mode: str, group_size: int | None, dtype: torch.dtype) -> nn.Module:
+    if mode == "int8":
+        return Int8Embedding(vocab, dim, dtype, device="meta")
+    return Int4Embedding(vocab, dim, group_size, dtype, device="meta")
+
+
+def empty_quantized_model(model: GPT, mode: str, group_size: int | None, dtype: torch.dtype) -> GPT:
+    """Swap a meta-device model's layers for empty quantized ones, ready to receive saved tensors.
+
+    nf4 layers become placeholders: `nf4_from_tensors` builds them, since their saved shapes are
+    known only from the saved tensors.
+    """
+    group_size = check_mode(mode, group_size, torch.device("meta"))
+    for name in quantized_linear_names(model, mode):
+        linear = model.get_submodule(name)
+        set_module(model, name, nn.Identity() if mode == "nf4" else _empty_linear(linear, mode, group_size))
+    if mode != "nf4":
+        model.embed = _empty_embedding(*model.embed.weight.shape, mode, group_size, dtype)
+    model.quantization = {"mode": mode, "group_size": group_size}
+    return model
+
+
+def finish_loading(model: GPT) -> GPT:
+    """After the saved tensors are in: pack the int4 layers for this CPU's kernel."""
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights held in memory: the saved tensors plus int4's packed copies; shared ones count once."""
+    tensors = list(model.state_dict(keep_vars=True).values())  # the tensors themselves: tied ones are one object
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            tensors += [t for t in (module.packed, module.packed_scales_and_zeros) if t is not None]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

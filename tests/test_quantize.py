@@ -1,0 +1,271 @@
+"""Weight-only quantization: each mode's layer against the math of what it stored, the model
+against fp32, the packed kernels really in use, memory, exact save/load, generation, LLM and CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import run_cli
+
+from plainlm import quantize
+from plainlm.api import LLM
+from plainlm.checkpoint import QUANTIZATION_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from plainlm.config import Config
+from plainlm.generate import generate
+from plainlm.model import GPT
+from plainlm.quantize import (
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_model,
+    weight_bytes,
+)
+
+bnb = pytest.importorskip("bitsandbytes")
+
+MODES = ["int8", "int4", "nf4"]
+# vocab 250: not a multiple of 16, so the int4 head takes the padded path.
+TINY = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=250, block_size=128)
+
+
+def tiny_model(tie: bool = True, bias: bool = False, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(Config(**TINY, tie_embeddings=tie, qkv_bias=bias, lm_head_bias=bias and not tie)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # peaked logits, so top-1 agreement means something
+    return model
+
+
+def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(1)
+    return nn.Linear(in_features, out_features, bias=bias).eval()
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> bool:
+    return (actual - expected).abs().max().item() <= rel * expected.abs().max().item()
+
+
+# --- one layer against the math of what it stored ---
+@pytest.mark.parametrize("out_features", [96, 40])  # 40: padded to 48 rows for the int4 kernel
+def test_int8_and_int4_linear_compute_what_they_store(out_features: int) -> None:
+    fp = linear(128, out_features)
+    x = torch.randn(3, 5, 128)
+    for mode, dequantize, step in (
+        ("int8", lambda m: dequantize_int8(m.weight, m.scales), lambda m: m.scales.float()[:, None]),
+        ("int4", lambda m: dequantize_int4(m.weight, m.scales_and_zeros, 32), None),
+    ):
+        layer = quantize._quantize_linear(fp, mode, quantize.DEFAULT_GROUP_SIZE[mode])
+        w = dequantize(layer)
+        if step is not None:  # int8 rounds each weight to the nearest step of its row
+            assert ((w - fp.weight).abs() <= step(layer) / 2 * 1.01).all()
+        # The kernels read bf16 activations: the reference rounds x the same way.
+        reference = F.linear(x.bfloat16().float(), w, fp.bias)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (3, 5, out_features) and y.dtype == torch.float32
+        assert close(y, reference, 1e-2), mode
+
+
+def test_int4_groups_span_their_weights() -> None:
+    fp = linear(128, 64, bias=False)
+    layer = quantize._quantize_linear(fp, "int4", 32)
+    scales = layer.scales_and_zeros[..., 0].float().T.repeat_interleave(32, dim=1)  # (N, K)
+    error = (layer.dequantized_weight() - fp.weight).abs()
+    assert (error <= scales / 2 * 1.05).all()  # every weight within half a step of its group's grid
+
+
+def test_nf4_linear_matches_bitsandbytes_dequantized_weight() -> None:
+    fp = linear(128, 64)
+    layer = quantize.nf4_linear(fp, 64)
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == "nf4"
+    w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert 0 < (w - fp.weight).abs().max() < 0.2 * fp.weight.abs().max()
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, w, fp.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_trains_on_the_cpu() -> None:
+    """QLoRA's path: gradients flow through the frozen 4-bit weight to the input and to an adapter."""
+    layer = quantize.nf4_linear(linear(64, 32), 64).train()
+    lora_a = nn.Parameter(torch.randn(4, 64) * 0.1)
+    x = torch.randn(3, 64, requires_grad=True)
+    (layer(x) + x @ lora_a.T @ torch.ones(4, 32)).sum().backward()
+    w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    torch.testing.assert_close(x.grad, (torch.ones(3, 32) @ w + torch.ones(3, 32) @ torch.ones(32, 4) @ lora_a))
+    assert lora_a.grad is not None and lora_a.grad.abs().sum() > 0
+    assert layer.weight.grad is None
+
+
+# --- whole models ---
+# Random weights leave near-ties among 250 logits, so 4-bit modes flip some top-1 choices (0.56-0.95
+# over five seeds); int8 stays within rounding (cosine 0.9999, top-1 0.95-0.99).
+@pytest.mark.parametrize(
+    ("mode", "min_cosine", "min_top1"), [("int8", 0.9995, 0.9), ("int4", 0.975, 0.5), ("nf4", 0.975, 0.5)]
+)
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_stay_close_to_fp32(mode: str, min_cosine: float, min_top1: float, tie: bool) -> None:
+    model = tiny_model(tie=tie, bias=True)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 40))
+    with torch.no_grad():
+        expected = model(idx)
+        quantize_model(model, mode)
+        logits = model(idx)
+    cosine = F.cosine_similarity(logits.flatten(), expected.flatten(), dim=0).item()
+    top1 = (logits.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert cosine > min_cosine and top1 >= min_top1, (cosine, top1)
+    assert model.quantization == {"mode": mode, "group_size": quantize.DEFAULT_GROUP_SIZE[mode]}
+    if mode != "nf4" and tie:  # one quantized matrix serves the lookup and the head
+        assert model.lm_head.weight is model.embed.weight
+
+
+def test_every_layer_is_quantized_and_no_float_weight_is_left() -> None:
+    for mode, kinds in (("int8", (Int8Linear, Int8Embedding)), ("int4", (Int4Linear, Int4Embedding))):
+        model = quantize_model(tiny_model(), mode)
+        assert not [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        assert isinstance(model.lm_head, kinds[0]) and isinstance(model.embed, kinds[1])
+        float_matrices = [n for n, t in model.state_dict().items() if t.is_floating_point() and t.dim() == 2]
+        assert float_matrices == [], mode  # only norms, biases and per-row/group scales are float
+
+
+def test_the_packed_kernels_do_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"_weight_int8pack_mm": 0, "_weight_int4pack_mm_for_cpu": 0}
+    for name in calls:
+        kernel = getattr(torch.ops.aten, name)
+
+        def counted(*args: object, _kernel: object = kernel, _name: str = name) -> torch.Tensor:
+            calls[_name] += 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(torch.ops.aten, name, counted)
+    idx = torch.randint(0, TINY["vocab_size"], (1, 8))
+    n_linear = TINY["n_layer"] * 7 + 1  # q, k, v, o, gate, up, down per block, and the head
+    for mode, kernel in (("int8", "_weight_int8pack_mm"), ("int4", "_weight_int4pack_mm_for_cpu")):
+        model = quantize_model(tiny_model(), mode)
+        with torch.no_grad():
+            model(idx)
+        assert calls[kernel] == n_linear, (mode, calls)
+        calls[kernel] = 0
+
+
+def test_int8_weights_take_a_quarter_of_fp32_for_smollm2_135m() -> None:
+    with torch.device("meta"):  # shapes and dtypes only: no memory, no time
+        model = GPT(Config.from_name("SmolLM2-135M"))
+    fp32 = weight_bytes(model)
+    assert fp32 == pytest.approx(4 * 134.5e6, rel=0.01)  # the tied head counts once
+    quantize_model(model, "int8")
+    assert weight_bytes(model) <= 0.3 * fp32, weight_bytes(model) / fp32
+    assert model.lm_head.weight is model.embed.weight
+
+
+# --- saving and loading ---
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_and_load_are_exact_and_never_requantize(
+    mode: str, tie: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = quantize_model(tiny_model(tie=tie, bias=True), mode)
+    save_checkpoint(model, tmp_path)
+    assert json.loads((tmp_path / QUANTIZATION_FILE).read_text())["mode"] == mode
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loading a quantized checkpoint quantized again")
+
+    for name in ("quantize_int8", "quantize_int4", "quantize_model", "nf4_linear"):
+        monkeypatch.setattr(quantize, name, refuse)
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", refuse)
+    loaded = load_checkpoint(tmp_path).eval()
+
+    saved, again = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == again.keys()
+    for key in saved:
+        assert saved[key].dtype == again[key].dtype and torch.equal(saved[key], again[key]), key
+    idx = torch.randint(0, TINY["vocab_size"], (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded(idx))
+    assert loaded.quantization == model.quantization
+    if tie and mode != "nf4":
+        assert loaded.lm_head.weight is loaded.embed.weight
+
+
+def test_checkpoint_is_a_fraction_of_fp32_on_disk(tmp_path: Path) -> None:
+    model = tiny_model(tie=False)
+    save_checkpoint(model, tmp_path / "fp32")
+    save_checkpoint(quantize_model(model, "int8"), tmp_path / "int8")
+    fp32, int8 = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("fp32", "int8"))
+    assert int8 < 0.3 * fp32
+
+
+# --- generation ---
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_generation_with_the_kv_cache_and_batches(mode: str) -> None:
+    model = quantize_model(tiny_model(), mode)
+    prompts = [[5, 9, 3, 7, 1, 2], [8, 4]]
+    batched = generate(model, prompts, 8)
+    alone = [generate(model, [p], 8)[0] for p in prompts]
+    assert batched == alone and all(len(row) == 8 for row in batched)
+    # The cached decode equals recomputing the whole sequence at every step.
+    ids = list(prompts[0])
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert ids[len(prompts[0]) :] == batched[0]
+
+
+def test_llm_load_quantizes_and_loads_quantized(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    llm = LLM.load(tiny_hf_dir, device="cpu", quantize="int8")
+    assert isinstance(llm.model.lm_head, Int8Linear) and llm.model.quantization["mode"] == "int8"
+    text = llm.generate("hello world", max_new_tokens=6)
+    assert isinstance(text, str) and text
+    assert len(llm.generate(["hello", "the llama eats"], max_new_tokens=4)) == 2
+
+    save_checkpoint(llm.model, tmp_path, tokenizer_dir=tiny_hf_dir)
+    again = LLM.load(tmp_path, device="cpu")
+    assert isinstance(again.model.lm_head, Int8Linear)
+    assert again.generate("hello world", max_new_tokens=6) == text
+    with pytest.raises(ValueError, match="saved quantized as int8"):
+        LLM.load(tmp_path, device="cpu", quantize="int4")
+
+
+def test_cli_generate_with_quantize(tiny_hf_dir: Path) -> None:
+    result = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), "--quantize", "int8", "--max_new_tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stderr
+    bad = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), "--quantize", "int3")
+    assert bad.returncode != 0 and "int3" in bad.stderr
+
+
+# --- bad input ---
+def test_bad_modes_and_devices_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        quantize_model(tiny_model(), "int3")
+    with pytest.raises(ValueError, match="groups of 48 do not divide"):
+        quantize_model(tiny_model(), "int4", group_size=48)
+    with pytest.raises(NotImplementedError, match="CPU kernels"):
+        quantize.check_mode("int8", None, torch.device("cuda"))
+
+
+def test_a_quantized_model_is_not_the_float_one(tmp_path: Path) -> None:
+    """Writing a float model over a quantized checkpoint removes the stale quantization.json."""
+    model = tiny_model()
+    save_checkpoint(quantize_model(copy.deepcopy(model), "int8"), tmp_path)
+    save_checkpoint(model, tmp_path)
+    assert not (tmp_path / QUANTIZATION_FILE).exists()
+    assert isinstance(load_checkpoint(tmp_path).lm_head, nn.Linear)
+
+
+def test_a_bad_quantization_file_names_itself(tmp_path: Path) -> None:
+    save_checkpoint(quantize_model(tiny_model(), "int8"), tmp_path)
+    (tmp_path / QUANTIZATION_FILE).write_text('{"mode": "int3"}')
+    with pytest.raises(CheckpointError, match=r"quantization.json: unknown quantization mode 'int3'"):
+        load_checkpoint(tmp_path)
