@@ -123,8 +123,13 @@ class LoRALinear(nn.Module):
 
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The base layer's weight as a float matrix (quantized layers dequantize)."""
-    if hasattr(module, "dequantized_weight"):
+    if hasattr(module, "dequantized_weight"):  # plainlm's int8 / int4 layers
         return module.dequantized_weight()
+    quant_state = getattr(module.weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes' NF4 Linear4bit (QLoRA)
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(module.weight.data, quant_state)
     return module.weight
 
 

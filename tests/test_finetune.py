@@ -144,3 +144,56 @@ def test_every_shipped_recipe_parses() -> None:
         check_recipe_keys(recipe, parser)
         cfg = parser.parse_args(["--config", str(recipe)])
         assert cfg.train.max_steps > 0, recipe
+
+
+def test_real_model_lora_run(tmp_path: Path) -> None:
+    """A short LoRA run on the real SmolLM2-135M-Instruct (from its packaged GGUF): the loss falls,
+    and the pirate voice of the shipped data starts to show in the training examples' own prompts."""
+    from plainlm.data.sft import SFTDataConfig
+    from plainlm.finetune import finetune
+    from plainlm.lora import LoRAConfig
+    from plainlm.packaged_models import smollm2_gguf
+    from plainlm.train import TrainArgs
+
+    records = tmp_path / "pirate.jsonl"
+    lines = (REPO / "data" / "finetune" / "pirate_train.jsonl").read_text().splitlines()[:8]
+    records.write_text("\n".join(lines) + "\n")
+    final = finetune(
+        smollm2_gguf(),
+        out_dir=tmp_path / "run",
+        method="lora",
+        data=SFTDataConfig(path=str(records), val_path=str(records), max_seq_length=96),
+        lora=LoRAConfig(r=8, alpha=16, targets=["q", "v", "o", "down"]),
+        train=TrainArgs(
+            max_steps=6,
+            global_batch_size=8,
+            micro_batch_size=8,
+            warmup_steps=1,
+            eval_interval=6,
+            eval_max_batches=1,
+            save_interval=None,
+            tensorboard=False,
+            peak_flops=1e11,
+        ),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+    )
+    steps = losses(tmp_path / "run")
+    assert float(steps[6]) < 0.8 * float(steps[1]), steps
+    assert (final / "adapter" / "adapter_model.safetensors").exists()
+    assert LLM.load(final).generate("Hi", max_new_tokens=2) is not None
+
+
+@pytest.mark.parametrize("method", ["dora", "qlora"])
+def test_dora_and_qlora_train_and_export(tiny_hf_dir: Path, tmp_path: Path, method: str) -> None:
+    result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, method, 2, "--train.save_interval", "2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = losses(tmp_path)
+    assert sorted(steps) == [1, 2] and all(float(v) > 0 for v in steps.values())
+    adapter = tmp_path / "final" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+    merged = LLM.load(tmp_path / "final")  # a plain full-precision checkpoint, adapter folded in
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
