@@ -97,7 +97,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         dropped = self.dropout(x)
-        lora = F.linear(F.linear(dropped, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+        # Scale the small B (out, r) rather than the large output (batch, time, out).
+        lora = F.linear(F.linear(dropped, self.lora_A.to(x.dtype)), (self.lora_B * self.scaling).to(x.dtype))
         if self.magnitude is None:
             return out + lora
         scale = (self.magnitude / self._weight_norm().detach()).to(x.dtype)
