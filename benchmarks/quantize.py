@@ -1,0 +1,229 @@
+"""Quantized inference on the real SmolLM2-135M-Instruct, side by side with transformers and llama.cpp.
+
+    python benchmarks/quantize.py [--threads 1] [--new_tokens 64] [--rounds 3] [--llama-cpp]
+
+Loads the packaged GGUF (Q4_1) dequantized to fp32 and times greedy batch-1 generation for our
+fp32, bf16, int8, int4 and nf4; transformers fp32 from the same file (its own GGUF loader); and,
+with --llama-cpp, llama.cpp on the file itself (llama-cpp-python, run in its own venv: --lcpp_venv,
+created and installed into when missing; the column is skipped if that fails). Decode tokens/s
+counts the steps after the first new token, so the prompt's prefill is excluded everywhere (it
+is reported separately; llama.cpp feeds its prompt one token at a time). Modes alternate round
+by round; the best round counts. Also prints the resident weight bytes, model bandwidth
+utilisation (against the read bandwidth measured as benchmarks/inference.py does, at the same
+thread count), greedy agreement with our fp32, and the issue-3 targets, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from inference import memory_bandwidth_gbs  # benchmarks/inference.py, beside this file
+
+from plainlm.convert.gguf import load_gguf_model, read_gguf
+from plainlm.generate import generate, generate_tokens
+from plainlm.packaged_models import smollm2_gguf
+from plainlm.quantize import Int4Linear, quantize_model, weight_bytes
+from plainlm.tokenizer import Tokenizer
+
+PROMPTS = [
+    "What food do llamas eat?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about the sea.",
+    "List three uses of a hash table in programming.",
+]
+AGREE_TOKENS = 30
+
+# Run by the llama-cpp-python venv's python: one JSON request per line in, one JSON reply per line out.
+LLAMA_CPP_CHILD = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[2]), n_threads_batch=int(sys.argv[2]), n_ctx=512,
+            verbose=False)
+def greedy():  # temperature 0 / top_k 1: the argmax of the last position's logits
+    return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
+print(json.dumps({"version": __import__("llama_cpp").__version__}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    llm.reset()
+    start = time.perf_counter()
+    for token in req["ids"]:  # one at a time: multi-token batches crash some CPU builds of llama-cpp-python
+        llm.eval([token])
+    tokens = [greedy()]
+    first = time.perf_counter()
+    for _ in range(req["n"] - 1):
+        llm.eval([tokens[-1]])
+        tokens.append(greedy())
+    end = time.perf_counter()
+    print(json.dumps({"prefill": first - start, "decode": end - first, "tokens": tokens}), flush=True)
+"""
+
+
+class LlamaCpp:
+    def __init__(self, venv: Path, gguf: Path, threads: int) -> None:
+        python = venv / "bin" / "python"
+        if subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode if python.exists() else 1:
+            print(f"installing llama-cpp-python into {venv} (a build from source takes minutes)", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+            subprocess.run([python, "-m", "pip", "install", "-q", "llama-cpp-python", "numpy"], check=True)
+        cmd = [python, "-c", LLAMA_CPP_CHILD, str(gguf), str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.version = json.loads(self.proc.stdout.readline())["version"]
+
+    def run(self, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+        self.proc.stdin.write(json.dumps({"ids": ids, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        return reply["prefill"], reply["decode"], reply["tokens"]
+
+
+def run_ours(model: torch.nn.Module, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+    tokens, start, first = [], time.perf_counter(), 0.0
+    for step in generate_tokens(model, [ids], n):
+        tokens.append(step[0])
+        first = first or time.perf_counter()
+    return first - start, time.perf_counter() - first, tokens
+
+
+class Stamps(transformers.generation.streamers.BaseStreamer):
+    """Times of each `put`: the first is the prompt, then one per new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_theirs(model: torch.nn.Module, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+    stamps, start = Stamps(), time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=stamps)
+    return stamps.times[1] - start, stamps.times[-1] - stamps.times[1], out[0, len(ids) :].tolist()
+
+
+def read_bytes_per_token(model: torch.nn.Module) -> int:
+    """Resident weight bytes less int4's portable nibbles, which the kernel never reads (it reads `packed`)."""
+    portable = {id(m.weight): m.weight for m in model.modules() if isinstance(m, Int4Linear)}
+    return weight_bytes(model) - sum(t.numel() * t.element_size() for t in portable.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python)")
+    parser.add_argument("--lcpp_venv", type=Path, default=Path("/tmp/lcpp"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gguf = smollm2_gguf()
+
+    bandwidth = memory_bandwidth_gbs()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_gguf_model(gguf, tokenizer_dir=tmp).eval()
+        tokenizer = Tokenizer(tmp)
+        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+        prompts = [tokenizer.encode(chat, bos=False) for chat in chats]
+    state = {k: v.clone() for k, v in base.state_dict().items()}  # quantize_model works in place
+
+    def fresh() -> torch.nn.Module:
+        model = load_gguf_model(gguf).eval()
+        model.load_state_dict(state)
+        return model
+
+    ours = {"fp32": base, "bf16": fresh().to(torch.bfloat16)}
+    ours |= {mode: quantize_model(fresh(), mode) for mode in ("int8", "int4", "nf4")}
+    runners = {f"plainlm {k}": (lambda ids, n, m=m: run_ours(m, ids, n)) for k, m in ours.items()}
+    read_bytes = {f"plainlm {k}": read_bytes_per_token(m) for k, m in ours.items()}
+    resident = {f"plainlm {k}": weight_bytes(m) for k, m in ours.items()}
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    runners["transformers fp32"] = lambda ids, n: run_theirs(theirs.eval(), ids, n)
+    read_bytes["transformers fp32"] = resident["transformers fp32"] = resident["plainlm fp32"]
+    note, lcpp_version = "", None
+    if args.llama_cpp:
+        try:
+            lcpp = LlamaCpp(args.lcpp_venv, gguf, args.threads)
+            runners["llama.cpp Q4_1"], lcpp_version = lcpp.run, lcpp.version
+            read_bytes["llama.cpp Q4_1"] = sum(int(t.n_bytes) for t in read_gguf(gguf).tensors)
+            resident["llama.cpp Q4_1"] = gguf.stat().st_size
+        except (OSError, subprocess.CalledProcessError, ValueError) as error:
+            note = f"llama.cpp skipped: could not install or start llama-cpp-python ({error})"
+    else:
+        note = "llama.cpp not timed (pass --llama-cpp)"
+
+    # Greedy agreement with our fp32 over the first AGREE_TOKENS tokens, position by position.
+    reference = [generate(base, [ids], AGREE_TOKENS)[0] for ids in prompts]
+    agree = {}
+    for name, run in runners.items():
+        same = sum(
+            a == b
+            for ids, ref in zip(prompts, reference, strict=True)
+            for a, b in zip(run(ids, AGREE_TOKENS)[2], ref, strict=True)
+        )
+        agree[name] = same / (AGREE_TOKENS * len(prompts))
+
+    decode = {name: float("inf") for name in runners}
+    prefill = dict(decode)
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            first, rest, tokens = run(prompts[0], args.new_tokens)
+            assert len(tokens) == args.new_tokens, (name, len(tokens))
+            prefill[name], decode[name] = min(prefill[name], first), min(decode[name], rest)
+        loads.append(os.getloadavg()[0])
+    tps = {name: (args.new_tokens - 1) / seconds for name, seconds in decode.items()}
+
+    print(
+        f"\nSmolLM2-135M-Instruct ({gguf.name}, ours dequantized to fp32), batch 1, greedy, {args.threads} thread(s), "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, llama-cpp-python {lcpp_version}"
+    )
+    print(
+        f"prompt: {len(prompts[0])} tokens, then {args.new_tokens} new; decode tokens/s over the "
+        f"{args.new_tokens - 1} steps after the first token; best of {args.rounds} alternating rounds; "
+        f"measured memory read bandwidth {bandwidth:.1f} GB/s; 1-min load average {min(loads):.1f}-{max(loads):.1f}"
+    )
+    if note:
+        print(note)
+    agreement = f"greedy agreement ({AGREE_TOKENS} tok x {len(prompts)})"
+    print(f"\n| model | decode tokens/s | x our fp32 | prompt (ms) | weights MB | x fp32 | MBU | {agreement} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in runners:
+        mbu = read_bytes[name] * tps[name] / (bandwidth * 1e9)
+        print(
+            f"| {name} | {tps[name]:.1f} | {tps[name] / tps['plainlm fp32']:.2f}x | {prefill[name] * 1e3:.0f} "
+            f"| {resident[name] / 1e6:.1f} | {resident[name] / resident['plainlm fp32']:.3f} | {mbu:.0%} "
+            f"| {agree[name]:.0%} |"
+        )
+
+    fp32 = tps["plainlm fp32"]
+    best_quantized = max(tps[f"plainlm {m}"] for m in ("int8", "int4", "nf4"))
+    targets = [
+        ("int8 >= 2x our fp32 tokens/s", tps["plainlm int8"] / fp32, 2.0, "x"),
+        ("int4 >= 3x our fp32 tokens/s", tps["plainlm int4"] / fp32, 3.0, "x"),
+        ("int8 weights <= 0.3x fp32 bytes", resident["plainlm int8"] / resident["plainlm fp32"], 0.3, "<="),
+        ("int8 greedy agreement >= 90%", agree["plainlm int8"], 0.9, "x"),
+    ]
+    if "llama.cpp Q4_1" in tps:
+        targets.insert(2, ("best quantized >= llama.cpp tokens/s", best_quantized / tps["llama.cpp Q4_1"], 1.0, "x"))
+    print("\n| target | measured | |\n|---|---|---|")
+    for label, value, bound, kind in targets:
+        met = value <= bound if kind == "<=" else value >= bound
+        print(f"| {label} | {value:.2f} | {'met' if met else 'not met'} |")
+
+
+if __name__ == "__main__":
+    main()
