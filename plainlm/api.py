@@ -22,6 +22,7 @@ import torch
 from plainlm.checkpoint import detect_format, load_checkpoint
 from plainlm.generate import generate_tokens
 from plainlm.model import GPT
+from plainlm.quantize import check_mode, quantize_model
 from plainlm.tokenizer import Tokenizer
 
 
@@ -62,8 +63,6 @@ class LLM:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
         if quantize is not None:
-            from plainlm.quantize import check_mode
-
             check_mode(quantize, None, device)  # fail before the weights load, not after
         kind = detect_format(path)
         tokenizer_dir, temporary = Path(path), None
@@ -83,8 +82,6 @@ class LLM:
             model = load_gguf_model(path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
         saved = getattr(model, "quantization", None)
         if quantize is not None and saved is None:
-            from plainlm.quantize import quantize_model
-
             quantize_model(model, quantize)
         elif quantize is not None and saved["mode"] != quantize:
             raise ValueError(
