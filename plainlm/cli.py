@@ -4,6 +4,7 @@ plainlm download ORG/NAME
 plainlm convert from-hf SRC_DIR DST_DIR
 plainlm convert from-gguf FILE DST_DIR
 plainlm convert to-hf SRC_DIR DST_DIR
+plainlm convert to-gguf SRC_DIR FILE [--dtype f16|q8_0|f32|bf16]
 plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4]
 plainlm chat --checkpoint_dir D
 """
@@ -76,6 +77,19 @@ def convert_to_hf(src_dir: Path, dst_dir: Path, max_shard_size_mb: int = 5000) -
     from plainlm.convert.hf import convert_to_hf as run
 
     print(run(src_dir, dst_dir, max_shard_bytes=max_shard_size_mb * 1024**2))
+
+
+def convert_to_gguf(src_dir: Path, file: Path, dtype: str = "f16") -> None:
+    """Convert a plainlm checkpoint into a GGUF file that llama.cpp (and transformers' gguf_file=) loads.
+
+    Args:
+        src_dir: A plainlm checkpoint directory of a llama, qwen2, qwen3, phi3, gemma2 or gemma3 model.
+        file: The .gguf file to write: metadata, tokenizer and weights in llama.cpp's layout.
+        dtype: The type of the 2-D weights: f16, q8_0 (8-bit blocks), f32 or bf16; norms and biases stay float32.
+    """
+    from plainlm.convert.gguf_export import convert_to_gguf as run
+
+    print(run(src_dir, file, dtype=dtype))
 
 
 def generate(
@@ -209,7 +223,12 @@ TRAINING_COMMANDS = {"finetune": ("plainlm.finetune", "finetune"), "pretrain": (
 
 COMMANDS = {
     "download": download,
-    "convert": {"from-hf": convert_from_hf, "from-gguf": convert_from_gguf, "to-hf": convert_to_hf},
+    "convert": {
+        "from-hf": convert_from_hf,
+        "from-gguf": convert_from_gguf,
+        "to-hf": convert_to_hf,
+        "to-gguf": convert_to_gguf,
+    },
     "generate": generate,
     "chat": chat,
     "pretrain": pretrain,

@@ -2,10 +2,11 @@
 
 `read_config(reader, path)` builds our `Config` from a GGUF file's metadata and tensor shapes, filling in
 what llama.cpp hard-codes instead of storing (Gemma's sliding-window pattern, local RoPE base, query
-scale). `tensor_rules(config)` lists every GGUF tensor of a model with the plainlm tensors it holds, as
-llama.cpp's `convert_hf_to_gguf.py` writes them: `to_ours` undoes what it did on export (permuted q/k
-rows, Gemma's +1 on norm weights, Phi-3's fused tensors) and `to_gguf` redoes it, so GGUF export can use
-the same rules. Reading the file safely and dequantizing is in `gguf.py`.
+scale). `write_config(writer, config)` is its inverse, for export. `tensor_rules(config)` lists every GGUF
+tensor of a model with the plainlm tensors it holds, as llama.cpp's `convert_hf_to_gguf.py` writes them:
+`to_ours` undoes what it did on export (permuted q/k rows, Gemma's +1 on norm weights, Phi-3's fused
+tensors) and `to_gguf` redoes it, so GGUF export can use the same rules. Reading the file safely and
+dequantizing is in `gguf.py`; writing one is in `gguf_export.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor, RopeScalingType
 
 from plainlm.checkpoint import CheckpointError
 from plainlm.config import Config
@@ -271,6 +272,80 @@ def _token_ids(meta: _Metadata) -> dict[str, int]:
         if value is not None:
             ids[f"{ours}_token_id"] = value
     return ids
+
+
+# --- Config -> metadata (export) ---
+def write_config(writer: GGUFWriter, c: Config) -> None:
+    """The metadata `read_config` reads, as llama.cpp's convert_hf_to_gguf.py writes it for `writer.arch`.
+
+    What llama.cpp hard-codes per architecture (Gemma's sliding pattern) is written only where the model
+    differs. Llama 3's RoPE scaling is a tensor, not metadata: `llama3_rope_factors`. Token ids come with
+    the tokenizer (`gguf_tokenizer.add_tokenizer_to_gguf`), or from `write_token_ids` without one.
+    """
+    arch = writer.arch
+    writer.add_name(c.name)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_block_count(c.n_layer)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.n_head)
+    writer.add_head_count_kv(c.n_kv_head)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.rope_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    _write_rope_scaling(writer, c)
+    gemma = arch in ("gemma2", "gemma3")
+    if gemma or arch == "phi3":  # 0: no sliding window (Phi-4)
+        writer.add_sliding_window(c.sliding_window or 0)
+    if gemma and c.sliding_window and c.sliding_window_pattern != GEMMA_SLIDING_WINDOW_PATTERN[arch]:
+        writer.add_sliding_window_pattern([c.is_sliding(i) for i in range(c.n_layer)])
+    if c.attention_logit_softcap is not None:
+        writer.add_attn_logit_softcapping(c.attention_logit_softcap)
+    if c.final_logit_softcap is not None:
+        writer.add_final_logit_softcapping(c.final_logit_softcap)
+    if arch == "gemma3" and c.rope_local_theta is not None:
+        writer.add_rope_freq_base_swa(c.rope_local_theta)
+
+
+def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
+    scaling = c.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        for name in ("beta_fast", "beta_slow"):
+            if name in scaling:
+                getattr(writer, f"add_rope_scaling_yarn_{name}")(scaling[name])
+    elif kind not in ("default", "llama3"):
+        raise CheckpointError(
+            f"model {c.name!r}: RoPE scaling {kind!r} cannot be written to GGUF; supported: linear, llama3, yarn"
+        )
+
+
+def llama3_rope_factors(c: Config) -> torch.Tensor | None:
+    """Llama 3.1+'s rope_freqs.weight (what `_llama3_scaling` reads back), or None for other RoPE types."""
+    if (c.rope_scaling or {}).get("rope_type") != "llama3":
+        return None
+    plain = rope_inv_freq(c.rope_dim, c.rope_theta, None, 0)[0]
+    return plain / rope_inv_freq(c.rope_dim, c.rope_theta, c.rope_scaling, 0)[0]
+
+
+def write_token_ids(writer: GGUFWriter, c: Config) -> None:
+    """BOS / EOS / padding ids from the config (the inverse of `_token_ids`), for a model without tokenizer files."""
+    for ours, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
+        if isinstance(token_id := c.hf_extra.get(f"{ours}_token_id"), int):
+            add(token_id)
 
 
 # --- tensors ---
