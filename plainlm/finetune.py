@@ -23,9 +23,8 @@ import torch
 from plainlm.api import LLM
 from plainlm.checkpoint import save_checkpoint
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
-from plainlm.generate import generate
 from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, merge_lora, save_peft_adapter
-from plainlm.train import TrainArgs, fit, warmup_cosine
+from plainlm.train import TrainArgs, fit, sample_text, warmup_cosine
 from plainlm.train_state import RECIPE_FILE
 
 Method = Literal["full", "lora", "dora", "qlora"]
@@ -126,11 +125,7 @@ def finetune(
         if not train.sample_prompt:
             return None
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": train.sample_prompt}])
-        was_training = m.training
-        m.eval()
-        ids = generate(m, [tokenizer.encode(prompt, bos=False)], train.sample_tokens, stop_ids=tokenizer.stop_ids)[0]
-        m.train(was_training)
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        return sample_text(m, tokenizer, tokenizer.encode(prompt, bos=False), train.sample_tokens)
 
     fit(model, loader, loader, opt, sched, train, out_dir, identity, resume=resume, sample=sample)
     return export_final(llm, checkpoint_dir, method, lora_used, out_dir / "final", device)

@@ -22,10 +22,9 @@ from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.config import Config
 from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
 from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
-from plainlm.generate import generate
 from plainlm.model import GPT
 from plainlm.tokenizer import Tokenizer, copy_tokenizer_files
-from plainlm.train import TrainArgs, fit, warmup_cosine
+from plainlm.train import TrainArgs, fit, sample_text, warmup_cosine
 from plainlm.train_state import RECIPE_FILE
 
 
@@ -169,11 +168,7 @@ def pretrain(
     def sample(m: torch.nn.Module) -> str | None:
         if not train.sample_prompt:
             return None
-        was_training = m.training
-        m.eval()
-        ids = generate(m, [tokenizer.encode(train.sample_prompt)], train.sample_tokens, stop_ids=tokenizer.stop_ids)[0]
-        m.train(was_training)
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        return sample_text(m, tokenizer, tokenizer.encode(train.sample_prompt), train.sample_tokens)
 
     fit(model, loader, loader, opt, sched, train, out_dir, identity, resume=bool(resume), sample=sample)
     final = save_checkpoint(model.eval(), out_dir / "final")

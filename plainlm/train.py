@@ -148,6 +148,17 @@ def evaluate(
     return float(total) / count
 
 
+def sample_text(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """A greedy continuation of `prompt_ids`, to watch the model learn at each validation."""
+    from plainlm.generate import generate
+
+    was_training = model.training
+    model.eval()
+    ids = generate(model, [prompt_ids], max_new_tokens, stop_ids=tokenizer.stop_ids)[0]
+    model.train(was_training)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
