@@ -26,16 +26,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from plainlm.config import Config
+from plainlm.convert.hf import load_hf_model
 from plainlm.convert.hf_config import config_to_hf
 from plainlm.data import IGNORE_INDEX
+from plainlm.lora import LoRAConfig, inject_lora
 from plainlm.metrics import measure_peak_flops
-from plainlm.train import TrainArgs, warmup_cosine
+from plainlm.train import TrainArgs, fit, warmup_cosine
 
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,14 +49,7 @@ def rss_mb(model: torch.nn.Module) -> float:
     file and read a weight only when it is first used."""
     for p in model.parameters():
         p.detach().sum()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024  # kB
 
 
 class RandomBatches:
@@ -65,10 +61,10 @@ class RandomBatches:
         )
         self.batches = [{"input_ids": t[:, :-1].contiguous(), "targets": t[:, 1:].contiguous()} for t in tokens]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.batches)
 
-    def val_batches(self):
+    def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.batches[:1])
 
     def state_dict(self) -> dict:
@@ -85,10 +81,6 @@ def make_optimizer(
 
 def train_ours(method: str, data: RandomBatches, train: TrainArgs, args: argparse.Namespace) -> dict:
     """plainlm's real loop; steps, losses and MFU are read back from the metrics.csv that fit writes."""
-    from plainlm.convert.hf import load_hf_model
-    from plainlm.lora import LoRAConfig, inject_lora
-    from plainlm.train import fit
-
     model = load_hf_model(args.model_dir)
     baseline = rss_mb(model)
     if method == "lora":
@@ -110,13 +102,14 @@ def train_theirs(method: str, data: RandomBatches, train: TrainArgs, args: argpa
     """A plain PyTorch loop doing what fit does in a step, timed from the end of one step to the next."""
     import transformers
 
+    if method == "lora":
+        import peft  # before the baseline: importing it (bitsandbytes, accelerate) is part of LoRA's cost here
+
     model = transformers.AutoModelForCausalLM.from_pretrained(
         args.model_dir, attn_implementation="sdpa", dtype=torch.float32
     )
     baseline = rss_mb(model)
     if method == "lora":
-        import peft
-
         config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=HF_LORA_TARGETS)
         model = peft.get_peft_model(model, config)
     optimizer, scheduler = make_optimizer(model, args, train)
@@ -165,7 +158,7 @@ def child(run: str, args: argparse.Namespace) -> None:
     config = Config.from_name(args.model)
     data = RandomBatches(config.vocab_size, train.max_steps * train.accumulation_steps, args.micro_batch, args.seq_len)
     result = (train_theirs if side == "theirs" else train_ours)(method, data, train, args)
-    result["peak"] = peak_rss_mb()
+    result["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
     print(json.dumps(result))
 
 
@@ -210,23 +203,23 @@ def report(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace,
     print("| measurement | plainlm | transformers | ratio |")
     print("|---|---|---|---|")
     for method, label in (("full", "full finetuning"), ("lora", "LoRA r=8, 7 targets")):
-        theirs = tps["theirs", method]
-        for side, what in (("ours", "tokens/s"), ("compiled", "tokens/s, plainlm with `compile=True`")):
+        theirs, their_runs = tps["theirs", method], results["theirs", method]
+        for side, how in (("ours", ""), ("compiled", ", plainlm with `compile=True`")):
             if (side, method) not in tps:
                 continue
-            ours = tps[side, method]
+            ours, our_runs = tps[side, method], results[side, method]
             ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
             print(
-                f"| {label}: {what} | {max(ours):.0f} ({statistics.median(ours):.0f}) "
+                f"| {label}{how}: tokens/s | {max(ours):.0f} ({statistics.median(ours):.0f}) "
                 f"| {max(theirs):.0f} ({statistics.median(theirs):.0f}) "
                 f"| {max(ours) / max(theirs):.2f}x ({statistics.median(ratios):.2f}x) |"
             )
-            mfu = results[side, method][0]["mfu_per_token_per_second"]  # fit's MFU is proportional to tokens/s
-            print(f"| {label}: MFU, as fit logs it | {mfu * max(ours):.1%} | {mfu * max(theirs):.1%} | |")
-        for key, what in (("peak", "peak RSS, MB"), ("baseline", "RSS after imports + model load, MB")):
-            o = max(r[key] for r in results["ours", method])
-            t = max(r[key] for r in results["theirs", method])
-            print(f"| {label}: {what} (highest run) | {o:.0f} | {t:.0f} | {o / t:.2f}x |")
+            mfu = our_runs[0]["mfu_per_token_per_second"]  # fit's MFU is proportional to tokens/s
+            print(f"| {label}{how}: MFU, as fit logs it | {mfu * max(ours):.1%} | {mfu * max(theirs):.1%} | |")
+            o, t = max(r["peak"] for r in our_runs), max(r["peak"] for r in their_runs)
+            print(f"| {label}{how}: peak RSS, MB (highest run) | {o:.0f} | {t:.0f} | {o / t:.2f}x |")
+        o, t = max(r["baseline"] for r in results["ours", method]), max(r["baseline"] for r in their_runs)
+        print(f"| {label}: RSS after imports + model load, MB (highest run) | {o:.0f} | {t:.0f} | {o / t:.2f}x |")
 
 
 def main() -> None:
@@ -240,12 +233,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also train ours under torch.compile (fit's compile=True; compiling is part of the warm-up)",
-    )
+    parser.add_argument("--compile", action="store_true", help="also train ours under fit's compile=True")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     parser.add_argument("--peak_flops", type=float, help=argparse.SUPPRESS)
