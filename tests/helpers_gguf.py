@@ -79,6 +79,22 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
 }
 
 
+# Prompt ids as transformers' tokenizer for each packaged GGUF gives them (AutoTokenizer with gguf_file=...):
+# "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,".
+REAL_PROMPTS = {
+    "smollm2": [
+        [504, 3575, 282, 4649, 314],
+        [1604, 3987, 46477, 24, 94, 727],
+        [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28],
+    ],
+    "gemma3": [
+        [2, 818, 5279, 529, 7001, 563],
+        [2, 2063, 10779, 78113, 236769, 236749, 1473],
+        [2, 14946, 3324, 496, 990, 236764, 528, 496, 1944, 9744, 236764],
+    ],
+}
+
+
 def make_tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A tiny transformers model with every parameter (norms included) random."""
     _, config_class, kwargs = TINY_MODELS[name]

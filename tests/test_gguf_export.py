@@ -26,7 +26,7 @@ import torch
 import transformers
 from conftest import run_cli
 from gguf import GGMLQuantizationType
-from helpers_gguf import TINY_MODELS, make_tiny_model, round_trip
+from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, round_trip
 
 import plainlm.convert.gguf
 from plainlm.checkpoint import CheckpointError, TensorSource, load_checkpoint, save_checkpoint
@@ -50,20 +50,7 @@ REAL_DTYPES = {"smollm2": ("q8_0", "f16"), "gemma3": ("q8_0",)}
 # (~10 s for Gemma's 262,144 tokens), and test_gguf_tokenizer.py checks that vocabulary's export. Gemma's checkpoint
 # is bfloat16, as most are: its norm weights must go +1 in float32.
 GEMMA_DTYPE = torch.bfloat16
-# "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village," as each model's tokenizer
-# (and transformers') gives them, as in test_gguf_import.py.
-PROMPTS = {
-    "smollm2": [
-        [504, 3575, 282, 4649, 314],
-        [1604, 3987, 46477, 24, 94, 727],
-        [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28],
-    ],
-    "gemma3": [
-        [2, 818, 5279, 529, 7001, 563],
-        [2, 2063, 10779, 78113, 236769, 236749, 1473],
-        [2, 14946, 3324, 496, 990, 236764, 528, 496, 1944, 9744, 236764],
-    ],
-}
+PROMPTS = REAL_PROMPTS  # the prompts of tests/helpers_gguf.py
 # fmt: off
 TEXTS = [
     "", " ", "Hello", "Hello, world!", "  two leading spaces", "line one\nline two\n\nline four", "tabs\tinside",

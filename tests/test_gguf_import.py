@@ -23,7 +23,7 @@ import torch
 import transformers
 from conftest import run_cli
 from gguf import GGMLQuantizationType
-from helpers_gguf import TINY_MODELS, make_tiny_model, quantized_reference, write_gguf
+from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, quantized_reference, write_gguf
 
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.convert.gguf import dequantize, load_gguf_model, read_gguf
@@ -38,20 +38,7 @@ from plainlm.packaged_models import PackagedModelMissing, gemma3_gguf, smollm2_g
 # dequantization, same float32 arithmetic), the tiny ones too; the tolerance leaves room for kernel changes.
 ATOL = RTOL = 1e-5
 
-# Prompt ids as transformers' tokenizer for each GGUF file gives them (AutoTokenizer with gguf_file=...):
-# "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,".
-PROMPTS = {
-    "smollm2": [
-        [504, 3575, 282, 4649, 314],
-        [1604, 3987, 46477, 24, 94, 727],
-        [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28],
-    ],
-    "gemma3": [
-        [2, 818, 5279, 529, 7001, 563],
-        [2, 2063, 10779, 78113, 236769, 236749, 1473],
-        [2, 14946, 3324, 496, 990, 236764, 528, 496, 1944, 9744, 236764],
-    ],
-}
+PROMPTS = REAL_PROMPTS  # the prompts of tests/helpers_gguf.py
 
 
 @dataclass
