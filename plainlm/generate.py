@@ -19,6 +19,10 @@ import torch
 
 from plainlm.model import GPT
 
+# Compiled decoding rounds the KV cache length up to a multiple of this, so that prompts of other
+# lengths reuse the compiled step instead of compiling it again (the cache shape is part of the graph).
+COMPILED_CACHE_MULTIPLE = 256
+
 
 def sample(
     logits: torch.Tensor,
@@ -84,7 +88,9 @@ def generate_tokens(
     per row. Pads are hidden by an attention mask and every row's positions start at 0.
 
     `compile=True` runs the decode step through `torch.compile`: the first call compiles
-    (tens of seconds on a small CPU), later steps lose most of Python's per-op overhead.
+    (tens of seconds on a small CPU), later steps lose most of Python's per-op overhead. The
+    cache is then rounded up to a multiple of COMPILED_CACHE_MULTIPLE slots (the unused slots
+    are masked), so later calls with other prompt lengths reuse the compiled step.
     """
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]
@@ -94,7 +100,11 @@ def generate_tokens(
         return
     device = model.embed.weight.device
     idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
-    slots = torch.arange(prompt_len + max_new_tokens, device=device)
+    cache_length = prompt_len + max_new_tokens
+    if compile:
+        rounded = -(-cache_length // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+        cache_length = min(rounded, model.config.block_size)
+    slots = torch.arange(cache_length, device=device)
     padded = min(lengths) != prompt_len
     if padded:
         pad = torch.tensor([prompt_len - n for n in lengths], device=device)[:, None]  # (B, 1)
@@ -107,7 +117,7 @@ def generate_tokens(
     stop = set(stop_ids)
     done = [False] * len(prompts)
     decode = torch.compile(model, dynamic=False) if compile else model
-    model.set_kv_cache(len(prompts), prompt_len + max_new_tokens)
+    model.set_kv_cache(len(prompts), cache_length)
     try:
         logits = model(idx, input_pos=slots[:prompt_len], position_ids=prefill_positions, attention_mask=prefill_mask)
         token = sample(logits[:, -1], temperature, top_k, top_p, generator)

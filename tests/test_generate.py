@@ -237,3 +237,20 @@ def test_truncate_prompt_keeps_the_last_tokens() -> None:
     out = generate(model, [long_prompt], max_new_tokens=4, truncate_prompt=True)
     assert out == generate(model, [long_prompt[-31:]], max_new_tokens=4)
     assert len(out[0]) == 1  # the last 31 tokens fill the 32-token context but one
+
+
+def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length() -> None:
+    """compile=True gives eager's tokens, and a prompt of another length reuses the compiled step."""
+    from torch._dynamo.utils import counters
+
+    config = Config(**{**TINY, "block_size": 512}, n_kv_head=2)
+    model = random_model(config)
+    torch._dynamo.reset()
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6]]
+    eager = [generate(model, [p], 6) for p in prompts]
+    compiled = [generate(model, [prompts[0]], 6, compile=True)]
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    compiled.append(generate(model, [prompts[1]], 6, compile=True))
+    assert compiled == eager
+    assert graphs_after_first >= 1
+    assert counters["stats"]["unique_graphs"] == graphs_after_first  # the second length compiled nothing new
