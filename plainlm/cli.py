@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from jsonargparse import CLI
 
+    from plainlm.distributed import WorkerFailed
     from plainlm.recipe import run_recipe_command
     from plainlm.train import TrainingDiverged
     from plainlm.train_state import ResumeError
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             run_recipe_command(getattr(importlib.import_module(module), name), f"plainlm {argv[0]}", argv[1:])
         else:
             CLI(COMMANDS, args=argv, as_positional=True)
-    except (CheckpointError, ValueError, FileNotFoundError, ResumeError, TrainingDiverged) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, ResumeError, TrainingDiverged, WorkerFailed) as e:
         # Bad input ends in one clear line, not a traceback from deep inside a library.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

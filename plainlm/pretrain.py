@@ -18,13 +18,15 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from plainlm import distributed
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.config import Config
 from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
+from plainlm.distributed import Strategy
 from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
 from plainlm.model import GPT
 from plainlm.tokenizer import Tokenizer, copy_tokenizer_files
-from plainlm.train import TrainArgs, fit, sample_text, warmup_cosine
+from plainlm.train import TrainArgs, fit, micro_batches_per_rank, resolve_precision, sample_text, warmup_cosine
 from plainlm.train_state import RECIPE_FILE
 
 
@@ -113,6 +115,10 @@ def pretrain(
     scheduler: SchedulerFactory | None = None,
     resume: bool | Literal["auto"] = False,
     device: str | None = None,
+    strategy: Strategy = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    rdzv_endpoint: str | None = None,
     recipe: str | None = None,
 ) -> Path:
     """Pretrain a model on a folder of text; returns out_dir/final.
@@ -128,51 +134,83 @@ def pretrain(
         optimizer: class_path + init_args of a torch optimizer (default AdamW, lr 2e-4).
         scheduler: class_path + init_args of a torch lr scheduler (default: warm-up then cosine).
         resume: Continue from the newest complete checkpoint in out_dir.
-        device: cpu, cuda, ... (default: cuda when available).
+        device: cpu, cuda, ... (default: cuda when available; with several processes, one GPU each).
+        strategy: auto (one process: as it is; several: ddp), ddp (a replica per process) or fsdp (sharded).
+        devices: Processes on this node (one per GPU); under torchrun its environment decides.
+        num_nodes: Machines taking part; each runs this same command.
+        rdzv_endpoint: HOST:PORT where the processes meet (needed for num_nodes > 1; default: a free local port).
         recipe: The resolved recipe text, written to out_dir/recipe.yaml (the CLI passes it).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(train.seed)
-    tokenizer = Tokenizer(tokenizer_dir)
-    if initial_checkpoint is not None:
-        model = load_checkpoint(initial_checkpoint, device=device)
-    else:
-        model = build_model(model_name, model_config or {}, tokenizer).to(device)
-    if train.precision == "bf16-true":
-        model = model.to(torch.bfloat16)
-    if train.activation_checkpointing:
-        model.activation_checkpointing = True
-    if data.seq_length > model.config.block_size:
-        raise ValueError(f"data.seq_length {data.seq_length} exceeds the model's context of {model.config.block_size}")
+    if distributed.must_launch(devices, num_nodes):
+        micro_batches_per_rank(train, devices * num_nodes)  # a bad batch size fails here, before any process starts
+        return distributed.launch(pretrain, dict(locals()), devices, num_nodes, rdzv_endpoint)
+    with distributed.joined(strategy, device) as world:
+        torch.manual_seed(train.seed)  # every rank starts from the same weights
+        tokenizer = Tokenizer(tokenizer_dir)
+        if initial_checkpoint is not None:
+            model = load_checkpoint(initial_checkpoint, device=world.device)
+        else:
+            model = build_model(model_name, model_config or {}, tokenizer).to(world.device)
+        if train.precision == "bf16-true":
+            model = model.to(torch.bfloat16)
+        if train.activation_checkpointing:
+            model.activation_checkpointing = True
+        if data.seq_length > model.config.block_size:
+            raise ValueError(
+                f"data.seq_length {data.seq_length} exceeds the model's context of {model.config.block_size}"
+            )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = prepare_token_shards(
-        data.source,
-        tokenizer_dir,
-        Path(data.shards_dir or out_dir / "tokens"),
-        workers=data.workers,
-        strict=data.strict,
-    )
-    loader = PretrainLoader(
-        shards, train.micro_batch_size, data.seq_length, seed=train.seed, val_fraction=data.val_fraction
-    )
-    params: Iterable = [p for p in model.parameters() if p.requires_grad]
-    opt = (optimizer or default_optimizer)(params)
-    sched = scheduler(opt) if scheduler is not None else warmup_cosine(opt, train)
-    if recipe is not None:
-        (out_dir / RECIPE_FILE).write_text(recipe)
-    n_params = sum(p.numel() for p in model.parameters())
-    identity = {"model": model.config.name, "n_params": n_params, "method": "pretrain", "lora": None}
-    print(f"pretraining {n_params:,} parameters on {loader.info['tokens']:,} tokens")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shards = Path(data.shards_dir or out_dir / "tokens")
+        if world.is_main:  # one rank tokenizes; the others read its shards
+            prepare_token_shards(data.source, tokenizer_dir, shards, workers=data.workers, strict=data.strict)
+        world.barrier()
+        loader = PretrainLoader(
+            shards,
+            train.micro_batch_size,
+            data.seq_length,
+            seed=train.seed,
+            rank=world.rank,
+            world_size=world.size,
+            val_fraction=data.val_fraction,
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        identity = {"model": model.config.name, "n_params": n_params, "method": "pretrain", "lora": None}
+        wrapped = distributed.wrap(model, world, resolve_precision(train.precision, world.device))
+        params: Iterable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP's shards
+        opt = (optimizer or default_optimizer)(params)
+        sched = scheduler(opt) if scheduler is not None else warmup_cosine(opt, train)
+        if world.is_main:
+            if recipe is not None:
+                (out_dir / RECIPE_FILE).write_text(recipe)
+            processes = f" on {world.size} processes ({world.strategy})" if world.size > 1 else ""
+            print(f"pretraining {n_params:,} parameters on {loader.info['tokens']:,} tokens{processes}")
 
-    def sample(m: torch.nn.Module) -> str | None:
-        if not train.sample_prompt:
-            return None
-        return sample_text(m, tokenizer, tokenizer.encode(train.sample_prompt), train.sample_tokens)
+        def sample(m: torch.nn.Module) -> str | None:
+            if not train.sample_prompt:
+                return None
+            return sample_text(m, tokenizer, tokenizer.encode(train.sample_prompt), train.sample_tokens)
 
-    fit(model, loader, loader, opt, sched, train, out_dir, identity, resume=bool(resume), sample=sample)
-    final = save_checkpoint(model.eval(), out_dir / "final")
-    copy_tokenizer_files(tokenizer_dir, final)
-    if recipe is not None:
-        shutil.copyfile(out_dir / RECIPE_FILE, final / RECIPE_FILE)
-    return final
+        resume = bool(resume)
+        fit(wrapped, loader, loader, opt, sched, train, out_dir, identity, resume=resume, sample=sample, world=world)
+        trained = distributed.full_state_dict(wrapped) if world.strategy == "fsdp" else None  # every rank gathers
+        final = out_dir / "final"
+        if world.is_main:
+            save_checkpoint(whole_model(model, trained).eval(), final)
+            copy_tokenizer_files(tokenizer_dir, final)
+            if recipe is not None:
+                shutil.copyfile(out_dir / RECIPE_FILE, final / RECIPE_FILE)
+        world.barrier()  # final/ is complete when any rank returns
+        return final
+
+
+def whole_model(model: GPT, trained: dict[str, torch.Tensor] | None) -> GPT:
+    """`model` itself, or, when it holds only FSDP shards, a plain copy holding `trained` (every weight, whole)."""
+    if trained is None:
+        return model
+    with torch.device("meta"):
+        copy = GPT(model.config)
+    copy.load_state_dict(trained, assign=True)
+    if model.config.tie_embeddings:
+        copy.lm_head.weight = copy.embed.weight
+    return copy

@@ -1,15 +1,17 @@
 """The one training loop: pretraining and every finetuning method, in plain PyTorch.
 
 A method (full, LoRA, DoRA, QLoRA) only decides how the model is prepared and which parameters
-have requires_grad; this loop trains whatever is trainable:
+have requires_grad; this loop trains whatever is trainable, on one process or on several (each rank
+reads its own micro-batches; distributed.py wraps the model in DDP or shards it with FSDP):
 
     for each step:
-        read the step's micro-batches, count their target tokens
+        read this rank's micro-batches, count the target tokens of the whole step over all ranks
         forward + backward each micro-batch, its summed loss divided by the step's token count
-            (so accumulating micro-batches equals one big batch exactly)
+            (so accumulating micro-batches, on one rank or many, equals one big batch exactly);
+            gradients are reduced over ranks only in the last micro-batch's backward
         stop on a non-finite loss (the newest checkpoint stays the newest good one)
         clip gradients, optimizer step, scheduler step
-        log loss, learning rate, tokens/s, MFU; evaluate and save at intervals
+        log loss, learning rate, tokens/s, MFU; evaluate and save at intervals (rank 0 writes the logs)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from plainlm.data import IGNORE_INDEX
+from plainlm.distributed import World, clip_grad_norm_, gradient_sync, unwrap
 from plainlm.metrics import MetricsLogger, flops_per_token, measure_peak_flops, plot_loss
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
 
@@ -39,14 +42,14 @@ class TrainArgs:
 
     Args:
         max_steps: Optimizer steps to run.
-        global_batch_size: Sequences per optimizer step (accumulated over micro-batches).
-        micro_batch_size: Sequences per forward/backward pass.
+        global_batch_size: Sequences per optimizer step, over all processes (accumulated over micro-batches).
+        micro_batch_size: Sequences per forward/backward pass on each process.
         warmup_steps: Linear warm-up of the learning rate (default scheduler).
         min_lr_ratio: The cosine schedule decays to this fraction of the peak learning rate.
         max_norm: Clip the gradient norm to this (None: no clipping).
         log_interval: Log metrics every this many steps.
         eval_interval: Validate every this many steps (and at the end).
-        eval_max_batches: Validate on at most this many batches (None: the whole split).
+        eval_max_batches: Validate on at most this many batches, over all processes (None: the whole split).
         save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
         keep_checkpoints: Keep this many of the newest step checkpoints (0: all).
         precision: 32-true, bf16-mixed, bf16-true; auto is bf16-mixed on a GPU with bf16, else 32-true.
@@ -89,7 +92,21 @@ class TrainArgs:
 
     @property
     def accumulation_steps(self) -> int:
+        """Micro-batches per step on one process; see `micro_batches_per_rank` for several."""
         return self.global_batch_size // self.micro_batch_size
+
+
+def micro_batches_per_rank(args: TrainArgs, world_size: int) -> int:
+    """How many micro-batches each of `world_size` processes runs per step: global_batch_size is split over all."""
+    per_pass = args.micro_batch_size * world_size
+    if args.global_batch_size % per_pass:
+        low = args.global_batch_size // per_pass * per_pass
+        raise ValueError(
+            f"global_batch_size {args.global_batch_size} is not a multiple of micro_batch_size x processes = "
+            f"{args.micro_batch_size} x {world_size} = {per_pass}; use global_batch_size {low or per_pass} or "
+            f"{low + per_pass}, or another micro_batch_size or number of processes"
+        )
+    return args.global_batch_size // per_pass
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,24 +145,33 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], max_batches: int | None, device
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    max_batches: int | None,
+    device,
+    world: World | None = None,
 ) -> float:
-    """Mean token loss over the validation batches."""
+    """Mean token loss over the validation batches of every rank (loaders give all ranks as many batches:
+    under FSDP each forward pass is collective)."""
+    world = world or World()
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), device=device), 0
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         batch = to_device(batch, device)
         total += token_loss_sum(model, batch)
-        count += int((batch["targets"] != IGNORE_INDEX).sum())
+        count += (batch["targets"] != IGNORE_INDEX).sum()
     model.train(was_training)
+    world.sum(total)
+    world.sum(count)
     if count == 0:
         raise ValueError(
             "the validation split has no target tokens: give it examples, or set eval_interval past max_steps"
         )
-    return float(total) / count
+    return float(total) / int(count)
 
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
@@ -174,50 +200,67 @@ def fit(
     identity: dict[str, Any],
     resume: bool = False,
     sample: Any = None,
+    world: World | None = None,
 ) -> dict[str, float]:
-    """Train `model` for args.max_steps; returns the final metrics.
+    """Train `model` for args.max_steps; returns the final metrics (rank 0 logs them; other ranks get {}).
 
     train_loader / val_loader follow plainlm/data's contract; `identity` names the run (model,
     method, adapter) so that --resume refuses another run's checkpoint; `sample(model) -> str`
-    is called at each validation when given.
+    is called at each validation when given. On several processes every rank calls this with its
+    `world` and its model as `distributed.wrap` returned it.
     """
-    device = next(model.parameters()).device
+    world = world or World(device=next(model.parameters()).device)
+    device, plain = world.device, unwrap(model)  # plain: no DDP wrapper, for evaluation, sampling, the config
+    accumulation = micro_batches_per_rank(args, world.size)
+    # Each rank validates on its share: the ranks together read the batches one process would.
+    eval_batches = None if args.eval_max_batches is None else math.ceil(args.eval_max_batches / world.size)
     precision = resolve_precision(args.precision, device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
-    )
+    # FSDP casts the weights itself (distributed.shard gives it bf16-mixed as a MixedPrecisionPolicy).
+    mixed = precision == "bf16-mixed" and world.strategy != "fsdp"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
     out_dir.mkdir(parents=True, exist_ok=True)
     step, tokens_seen = 0, 0
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        state = load_training_checkpoint(checkpoint, model, optimizer, scheduler, identity)
+        state = load_training_checkpoint(checkpoint, model, optimizer, scheduler, identity, world)
         step, tokens_seen = state["step"], state["tokens"]
         train_loader.load_state_dict(state["loader"])
-        print(f"Resumed from {checkpoint} at step {step}")
-    logger = MetricsLogger(out_dir, resume=checkpoint is not None, tensorboard=args.tensorboard)
-    if checkpoint is not None:
-        logger.truncate_after(step)
+        if world.is_main:
+            print(f"Resumed from {checkpoint} at step {step}")
+    if world.is_main:  # only rank 0 writes metrics.csv, TensorBoard events and loss.png
+        logger = MetricsLogger(out_dir, resume=checkpoint is not None, tensorboard=args.tensorboard)
+        if checkpoint is not None:
+            logger.truncate_after(step)
+        dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+        peak = (args.peak_flops or measure_peak_flops(device, dtype)) * world.size
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter counts whole
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    peak = args.peak_flops or measure_peak_flops(device, torch.bfloat16 if "bf16" in precision else torch.float32)
     forward_model = torch.compile(model) if args.compile else model
     batches = iter(train_loader)
     model.train()
-    progress = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True)
+    progress = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True, disable=not world.is_main)
     metrics: dict[str, float] = {}
     window_start, window_tokens = time.perf_counter(), 0
     while step < args.max_steps:
-        micro_batches = [to_device(next(batches), device) for _ in range(args.accumulation_steps)]
-        step_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        micro_batches = [to_device(next(batches), device) for _ in range(accumulation)]
+        counts = [
+            sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches),
+            sum(b["input_ids"].numel() for b in micro_batches),
+        ]
+        step_tokens, step_inputs = world.sum(torch.tensor(counts, device=device)).tolist()  # over every rank
         if step_tokens == 0:
             raise ValueError(f"step {step + 1} has no target tokens: every example's response was masked or cut")
         loss = torch.zeros((), device=device)
-        for batch in micro_batches:
-            with autocast:
-                micro_loss = token_loss_sum(forward_model, batch) / step_tokens
-            micro_loss.backward()
+        for i, batch in enumerate(micro_batches):
+            with gradient_sync(model, enabled=i == len(micro_batches) - 1):
+                with autocast:
+                    micro_loss = token_loss_sum(forward_model, batch) / step_tokens
+                # DDP and FSDP average gradients over ranks; the loss is already divided by the tokens of all
+                # ranks, so scaling by the world size turns that average into the sum one big batch would give.
+                (micro_loss * world.size).backward()
             loss += micro_loss.detach()
+        world.sum(loss)
         if not torch.isfinite(loss):
             last = latest_checkpoint(out_dir)
             raise TrainingDiverged(
@@ -225,28 +268,30 @@ def fit(
                 f"The newest good checkpoint is {last or '(none saved yet)'}: lower the learning rate or check the data"
             )
         if args.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_norm)
+            clip_grad_norm_(list(model.parameters()), args.max_norm)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        tokens_seen += sum(b["input_ids"].numel() for b in micro_batches)
-        window_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+        tokens_seen += step_inputs
+        window_tokens += step_inputs
         progress.update(1)
 
         val_loss = None
         if step % args.eval_interval == 0 or step == args.max_steps:
-            val_loss = evaluate(model, val_loader.val_batches(), args.eval_max_batches, device)
-            text = sample(model) if sample is not None else None
-            tqdm.write(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
-            if text is not None:
-                tqdm.write(f"  sample: {text!r}")
-        if step % args.log_interval == 0 or val_loss is not None:
+            val_loss = evaluate(plain, val_loader.val_batches(), eval_batches, device, world)
+            # Every rank generates: under FSDP each forward pass gathers weights from all ranks.
+            text = sample(plain) if sample is not None else None
+            if world.is_main:
+                tqdm.write(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+                if text is not None:
+                    tqdm.write(f"  sample: {text!r}")
+        if world.is_main and (step % args.log_interval == 0 or val_loss is not None):
             seconds = time.perf_counter() - window_start
             seq_len = micro_batches[0]["input_ids"].shape[1]
             tps = window_tokens / seconds
-            mfu = tps * flops_per_token(model.config, n_params, seq_len, trainable / n_params) / peak
+            mfu = tps * flops_per_token(plain.config, n_params, seq_len, trainable / n_params) / peak
             metrics = dict(tokens=tokens_seen, loss=loss.item(), lr=lr, tokens_per_second=tps, mfu=mfu, seconds=seconds)
             if val_loss is not None:
                 metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
@@ -255,9 +300,11 @@ def fit(
             window_start, window_tokens = time.perf_counter(), 0
         if (args.save_interval and step % args.save_interval == 0) or step == args.max_steps:
             state = {"tokens": tokens_seen, "loader": train_loader.state_dict(), "identity": identity}
-            save_training_checkpoint(out_dir, step, model, optimizer, scheduler, state)
-            prune_checkpoints(out_dir, args.keep_checkpoints)
+            save_training_checkpoint(out_dir, step, model, optimizer, scheduler, state, world)
+            if world.is_main:
+                prune_checkpoints(out_dir, args.keep_checkpoints)
     progress.close()
-    logger.close()
-    plot_loss(logger.path, out_dir / "loss.png")
+    if world.is_main:
+        logger.close()
+        plot_loss(logger.path, out_dir / "loss.png")
     return metrics

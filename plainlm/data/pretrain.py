@@ -353,17 +353,20 @@ class PretrainLoader:
         """The held-out blocks once, in stream order, `batch_size` at a time (the last batch may be smaller).
 
         With several ranks each takes every world_size-th batch: sum the loss over ranks for the whole set.
+        Every rank gets as many batches (a rank past the end gets empty ones, of 0 rows), since a forward pass
+        under FSDP needs every rank.
         """
         if len(self.val_blocks) == 0:
             raise ValueError("No validation data: create the PretrainLoader with val_fraction > 0")
         step = self.batch_size * self.world_size
-        for first in range(self.rank * self.batch_size, len(self.val_blocks), step):
+        for start in range(0, len(self.val_blocks), step):
+            first = start + self.rank * self.batch_size
             yield self._batch(self.val_blocks[first : first + self.batch_size])
 
     def _batch(self, blocks: np.ndarray) -> dict[str, torch.Tensor]:
         length = self.block_size + 1
-        x = np.stack([self._read(int(block) * length, length) for block in blocks]).astype(np.int64)
-        x = torch.from_numpy(x)
+        rows = [self._read(int(block) * length, length) for block in blocks]
+        x = torch.from_numpy(np.stack(rows).astype(np.int64) if rows else np.zeros((0, length), np.int64))
         return {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
 
     def _read(self, start: int, length: int) -> np.ndarray:
