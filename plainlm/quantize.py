@@ -30,7 +30,7 @@ DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32, "nf4": 64}
 # --- the math of what is stored ---
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values (N, K) and bf16 scales (N,), one per output row."""
-    w = weight.float()
+    w = weight.detach().float()
     # The kernel reads bf16 scales: round them first, then quantize against the rounded value.
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(torch.bfloat16)
     q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -44,7 +44,7 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Portable nibbles (N, K/2) uint8 and bf16 scales_and_zeros (K/group_size, N, 2), the kernel's layout."""
     N, K = weight.shape
-    groups = weight.float().reshape(N, K // group_size, group_size)
+    groups = weight.detach().float().reshape(N, K // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16)
     zeros = (low + 8 * scales.float()).to(torch.bfloat16)  # w = (q - 8) * scale + zero spans [low, high]
@@ -71,6 +71,26 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_
 
 
 # --- modules ---
+class QuantizedMatmul(torch.autograd.Function):
+    """x @ W^T through a layer's integer kernel, with a backward (the kernels have none): the input's gradient
+    goes through the dequantized weight. The weight itself is frozen, as in QLoRA, so it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
+
+
+def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return QuantizedMatmul.apply(x, layer)
+    return layer.matmul(x)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scales)^T + bias, with int8 weights read by the CPU int8 kernel."""
 
@@ -82,10 +102,13 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quantized_matmul(x, self)
+        return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scales)
@@ -126,13 +149,16 @@ class Int4Linear(nn.Module):
         self.packed_scales_and_zeros = nn.functional.pad(self.scales_and_zeros, (0, 0, 0, pad)) if pad else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quantized_matmul(x, self)
+        return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             self.pack()
         sz = self.scales_and_zeros if self.packed_scales_and_zeros is None else self.packed_scales_and_zeros
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz).to(x.dtype)
-        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int4(self.weight, self.scales_and_zeros, self.group_size)

@@ -183,9 +183,10 @@ def test_real_model_lora_run(tmp_path: Path) -> None:
     assert LLM.load(final).generate("Hi", max_new_tokens=2) is not None
 
 
-@pytest.mark.parametrize("method", ["dora", "qlora"])
-def test_dora_and_qlora_train_and_export(tiny_hf_dir: Path, tmp_path: Path, method: str) -> None:
-    result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, method, 2, "--train.save_interval", "2"))
+@pytest.mark.parametrize(("method", "quantize"), [("dora", "nf4"), ("qlora", "nf4"), ("qlora", "int4")])
+def test_dora_and_qlora_train_and_export(tiny_hf_dir: Path, tmp_path: Path, method: str, quantize: str) -> None:
+    extra = ("--train.save_interval", "2", "--quantize", quantize)
+    result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, method, 2, *extra))
     assert result.returncode == 0, result.stderr[-2000:]
     steps = losses(tmp_path)
     assert sorted(steps) == [1, 2] and all(float(v) > 0 for v in steps.values())

@@ -107,6 +107,20 @@ def test_nf4_trains_on_the_cpu() -> None:
     assert layer.weight.grad is None
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int8_and_int4_pass_gradients_to_the_input(mode: str) -> None:
+    """QLoRA on an int4 (or int8) base: the kernels have no backward of their own; ours goes through the
+    dequantized weight. The kernels read bf16 activations, so the forward matches to bf16 rounding."""
+    fp = linear(64, 48)
+    layer = quantize._quantize_linear(fp, mode, quantize.DEFAULT_GROUP_SIZE[mode])
+    x = torch.randn(3, 64, requires_grad=True)
+    grad_out = torch.randn(3, 48)
+    (layer(x) * grad_out).sum().backward()
+    w = layer.dequantized_weight()
+    torch.testing.assert_close(x.grad, grad_out @ w, rtol=1e-5, atol=1e-5)
+    assert all(not t.requires_grad for t in layer.buffers())
+
+
 # --- whole models ---
 # Random weights leave near-ties among 250 logits, so 4-bit modes flip some top-1 choices (0.56-0.95
 # over five seeds); int8 stays within rounding (cosine 0.9999, top-1 0.95-0.99).
