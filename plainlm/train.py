@@ -54,7 +54,7 @@ class TrainArgs:
         keep_checkpoints: Keep this many of the newest step checkpoints (0: all).
         precision: 32-true, bf16-mixed, bf16-true; auto is bf16-mixed on a GPU with bf16, else 32-true.
         activation_checkpointing: Recompute each block's activations in the backward pass (less memory).
-        compile: torch.compile the model for training.
+        compile: torch.compile the forward pass and the loss together for training.
         seed: Seeds weights of new layers, dropout and data order.
         sample_prompt: Text to continue greedily at every validation, to watch the model learn.
         sample_tokens: Length of that sample.
@@ -236,7 +236,9 @@ def fit(
 
     n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter counts whole
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    forward_model = torch.compile(model) if args.compile else model
+    # Compiled together, the head's logits and the cross-entropy fuse: the (tokens x vocab) fp32 logits are
+    # not written out and read back again for the softmax.
+    loss_sum = torch.compile(token_loss_sum) if args.compile else token_loss_sum
     batches = iter(train_loader)
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True, disable=not world.is_main)
@@ -255,7 +257,7 @@ def fit(
         for i, batch in enumerate(micro_batches):
             with gradient_sync(model, enabled=i == len(micro_batches) - 1):
                 with autocast:
-                    micro_loss = token_loss_sum(forward_model, batch) / step_tokens
+                    micro_loss = loss_sum(model, batch) / step_tokens
                 # DDP and FSDP average gradients over ranks; the loss is already divided by the tokens of all
                 # ranks, so scaling by the world size turns that average into the sum one big batch would give.
                 (micro_loss * world.size).backward()

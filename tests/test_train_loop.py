@@ -130,3 +130,11 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
 def test_bad_batch_sizes_suggest_valid_ones() -> None:
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size 4; use 8 or 12"):
         TrainArgs(global_batch_size=10, micro_batch_size=4)
+
+
+def test_compiled_training_gives_the_eager_losses_and_weights(tmp_path: Path) -> None:
+    eager, eager_metrics = run(tmp_path / "eager", steps=3)
+    compiled, compiled_metrics = run(tmp_path / "compiled", steps=3, compile=True)
+    assert compiled_metrics["loss"] == pytest.approx(eager_metrics["loss"], rel=1e-5)
+    for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
