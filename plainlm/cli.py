@@ -218,6 +218,11 @@ def pretrain(**kwargs) -> None:  # the real signature and help: plainlm/pretrain
     """Pretrain a model on a folder of text from a recipe: plainlm pretrain --config RECIPE.yaml"""
 
 
+def estimate(**kwargs) -> None:  # reads finetune/pretrain recipes: plainlm/estimate.py
+    """Memory per device of a finetune or pretrain recipe, without loading weights:
+    plainlm estimate --config RECIPE.yaml [any recipe key override]"""
+
+
 # Training commands read YAML recipes: parsed by recipe.py against the function's own signature.
 TRAINING_COMMANDS = {"finetune": ("plainlm.finetune", "finetune"), "pretrain": ("plainlm.pretrain", "pretrain")}
 
@@ -234,6 +239,7 @@ COMMANDS = {
     "pretrain": pretrain,
     "finetune": finetune,
     "merge-lora": merge_lora,
+    "estimate": estimate,
 }
 
 
@@ -249,7 +255,11 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in TRAINING_COMMANDS:
+        if argv and argv[0] == "estimate":
+            from plainlm.estimate import estimate_command
+
+            print(estimate_command(argv[1:]))
+        elif argv and argv[0] in TRAINING_COMMANDS:
             module, name = TRAINING_COMMANDS[argv[0]]
             run_recipe_command(getattr(importlib.import_module(module), name), f"plainlm {argv[0]}", argv[1:])
         else:

@@ -101,10 +101,11 @@ def micro_batches_per_rank(args: TrainArgs, world_size: int) -> int:
     per_pass = args.micro_batch_size * world_size
     if args.global_batch_size % per_pass:
         low = args.global_batch_size // per_pass * per_pass
+        nearest = f"{low} or {low + per_pass}" if low else str(per_pass)
         raise ValueError(
             f"global_batch_size {args.global_batch_size} is not a multiple of micro_batch_size x processes = "
-            f"{args.micro_batch_size} x {world_size} = {per_pass}; use global_batch_size {low or per_pass} or "
-            f"{low + per_pass}, or another micro_batch_size or number of processes"
+            f"{args.micro_batch_size} x {world_size} = {per_pass}; use global_batch_size {nearest}, "
+            "or another micro_batch_size or number of processes"
         )
     return args.global_batch_size // per_pass
 
