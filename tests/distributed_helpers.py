@@ -1,8 +1,9 @@
-"""An optimizer for tests/test_distributed.py that fails on one rank only, named in a recipe by class_path."""
+"""Optimizers for tests/test_distributed.py that fail on one rank only, named in a recipe by class_path."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 
@@ -14,6 +15,16 @@ class FailingAdamW(torch.optim.AdamW):
         self.calls = getattr(self, "calls", 0) + 1
         if self.calls == 3 and os.environ.get("RANK") == "1":
             raise RuntimeError("injected failure on rank 1 in step 3")
+        return super().step(closure)
+
+
+class DyingAdamW(torch.optim.AdamW):
+    """AdamW whose process is killed (SIGKILL: no exception, no cleanup) in its third step on rank 1."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 3 and os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
         return super().step(closure)
 
 

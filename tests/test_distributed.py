@@ -165,13 +165,22 @@ def test_qlora_trains_on_two_processes_with_a_sharded_base(tiny_hf_dir: Path, da
 
 
 @pytest.mark.timeout(200)
-def test_a_failure_on_one_rank_ends_every_rank_with_its_message(tiny_hf_dir: Path, data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "message"),
+    [
+        ("FailingAdamW", "error: rank 1 of 2 failed: RuntimeError: injected failure on rank 1 in step 3"),
+        ("DyingAdamW", "error: rank 1 of 2 failed: Signal 9 (SIGKILL)"),  # the process died without a word
+    ],
+)
+def test_a_failure_on_one_rank_ends_every_rank_with_its_message(
+    tiny_hf_dir: Path, data: Path, tmp_path: Path, optimizer: str, message: str
+) -> None:
     out = tmp_path / "failing"
-    args = finetune_args(tiny_hf_dir, data, out, "full", "--optimizer.class_path", "distributed_helpers.FailingAdamW")
+    args = finetune_args(tiny_hf_dir, data, out, "full", "--optimizer.class_path", f"distributed_helpers.{optimizer}")
     start = time.monotonic()
     result = run_cli(*args, "--devices", "2", "--strategy", "fsdp", timeout=RUN_TIMEOUT, env=ENV)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "error: rank 1 of 2 failed: RuntimeError: injected failure on rank 1 in step 3" in result.stderr
+    assert message in result.stderr, result.stderr[-3000:]
     assert time.monotonic() - start < 60  # not a hang until some timeout
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("step-", ".step-"))) == ["step-000002"]
     assert {"trainer_state.json", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= {
