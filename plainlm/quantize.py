@@ -10,6 +10,9 @@ int4  groups of `group_size` inputs (default 32), asymmetric: w = (q - 8) * scal
       what is saved is the portable form (two values per byte, low nibble first).
 nf4   bitsandbytes' Linear4bit (NF4 blocks of 64, double-quantized scales): it also trains (QLoRA).
 
+All three serve as QLoRA's frozen base: the integer kernels have no backward, so QuantizedMatmul
+passes the input's gradient through the dequantized weight.
+
 Both CPU kernels read bf16 activations (fp32 ones take a path ~8x slower), so int8 and int4 cast
 in and out. The token embedding is quantized too for int8/int4 and reads only the rows it
 gathers; a tied lm_head shares the embedding's quantized matrix. Loading and saving checkpoints

@@ -119,7 +119,8 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
-    return "32-true"  # CPUs without native bf16 (like this project's CI machines) are fastest in fp32
+    # The safe CPU default. CPUs with AMX-BF16 (this project's machines) train faster in bf16-mixed: ask for it.
+    return "32-true"
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.optim.lr_scheduler.LambdaLR:
