@@ -426,6 +426,37 @@ def export_bytes(model: nn.Module, method: str, param_bytes: int, freed: int, de
     return merged if device != "cpu" else max(0, merged - freed)
 
 
+def training_plan(
+    config: Config,
+    method: Method,
+    train: Any,
+    seq_length: int,
+    world: Any,
+    optimizer: torch.optim.Optimizer,
+    lora: LoRAConfig | None = None,
+    quantize: str = "nf4",
+    packed: bool = False,
+) -> str:
+    """What a training run prints at its start: the estimate for its TrainArgs and World, and whether it fits."""
+    plan = estimate_memory(
+        config,
+        method,
+        lora,
+        quantize,
+        precision=resolve_precision(train.precision, world.device),
+        micro_batch_size=train.micro_batch_size,
+        seq_length=seq_length,
+        strategy=world.strategy,
+        world_size=world.size,
+        activation_checkpointing=train.activation_checkpointing,
+        accumulation_steps=micro_batches_per_rank(train, world.size),
+        optimizer=type(optimizer).__name__,
+        device=world.device.type,
+        packed=packed,
+    )
+    return plan.format(available_bytes(world.device.type))
+
+
 # --- what the device has ---
 def available_bytes(device: str) -> int:
     """Free memory of the device the run will use: CUDA's free memory, or the RAM Linux can hand out."""

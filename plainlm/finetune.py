@@ -25,7 +25,7 @@ from plainlm.api import LLM
 from plainlm.checkpoint import save_checkpoint
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
 from plainlm.distributed import Strategy
-from plainlm.estimate import available_bytes, estimate_memory
+from plainlm.estimate import training_plan
 from plainlm.lora import LoRAConfig, inject_lora, merge_lora, save_peft_adapter
 from plainlm.train import TrainArgs, fit, micro_batches_per_rank, resolve_precision, sample_text, warmup_cosine
 from plainlm.train_state import RECIPE_FILE
@@ -143,23 +143,8 @@ def finetune(
                 f"{method}: training {n_trainable:,} of {identity['n_params']:,} parameters "
                 f"on {len(train_examples)} examples{processes}"
             )
-            plan = estimate_memory(
-                model.config,
-                method,
-                lora_used,
-                quantize,
-                precision=resolve_precision(train.precision, world.device),
-                micro_batch_size=train.micro_batch_size,
-                seq_length=data.max_seq_length,
-                strategy=world.strategy,
-                world_size=world.size,
-                activation_checkpointing=train.activation_checkpointing,
-                accumulation_steps=micro_batches_per_rank(train, world.size),
-                optimizer=type(opt).__name__,
-                device=world.device.type,
-                packed=data.packing,
-            )
-            print(plan.format(available_bytes(world.device.type)))
+            seq_length, packed = data.max_seq_length, data.packing
+            print(training_plan(model.config, method, train, seq_length, world, opt, lora_used, quantize, packed))
 
         def sample(m: torch.nn.Module) -> str | None:
             if not train.sample_prompt:

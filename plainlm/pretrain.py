@@ -23,7 +23,7 @@ from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.config import Config
 from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
 from plainlm.distributed import Strategy
-from plainlm.estimate import available_bytes, estimate_memory
+from plainlm.estimate import training_plan
 from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
 from plainlm.model import GPT
 from plainlm.tokenizer import Tokenizer, copy_tokenizer_files
@@ -186,20 +186,7 @@ def pretrain(
                 (out_dir / RECIPE_FILE).write_text(recipe)
             processes = f" on {world.size} processes ({world.strategy})" if world.size > 1 else ""
             print(f"pretraining {n_params:,} parameters on {loader.info['tokens']:,} tokens{processes}")
-            plan = estimate_memory(
-                model.config,
-                "pretrain",
-                precision=resolve_precision(train.precision, world.device),
-                micro_batch_size=train.micro_batch_size,
-                seq_length=data.seq_length,
-                strategy=world.strategy,
-                world_size=world.size,
-                activation_checkpointing=train.activation_checkpointing,
-                accumulation_steps=micro_batches_per_rank(train, world.size),
-                optimizer=type(opt).__name__,
-                device=world.device.type,
-            )
-            print(plan.format(available_bytes(world.device.type)))
+            print(training_plan(model.config, "pretrain", train, data.seq_length, world, opt))
 
         def sample(m: torch.nn.Module) -> str | None:
             if not train.sample_prompt:
