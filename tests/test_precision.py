@@ -104,9 +104,11 @@ def safetensors_dtypes(path: Path) -> set[str]:
         return {f.get_slice(k).get_dtype() for k in f.keys()}
 
 
-def test_auto_is_32_true_on_this_cpu() -> None:
+@pytest.mark.parametrize(("amx", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
+def test_auto_is_bf16_mixed_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch, amx: bool, expected: str) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "32-true"
+    assert resolve_precision("auto", cpu) == expected
     for explicit in ("32-true", "bf16-mixed", "bf16-true"):
         assert resolve_precision(explicit, cpu) == explicit
 

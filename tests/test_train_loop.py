@@ -66,6 +66,7 @@ def run(out: Path, steps: int = 4, **kwargs) -> tuple[GPT, dict]:
         tensorboard=False,
         peak_flops=1e11,
         warmup_steps=1,
+        precision="32-true",  # exact comparisons below (auto would be bf16-mixed on an AMX CPU)
         **kwargs,
     )
     metrics = fit(model, ToyLoader(), ToyLoader(), opt, warmup_cosine(opt, args), args, out, {"model": "tiny"})
