@@ -32,7 +32,8 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-Strategy = Literal["auto", "ddp", "fsdp"]
+Strategy = Literal["auto", "ddp", "fsdp"]  # what a user asks for
+Wrapping = Literal["none", "ddp", "fsdp"]  # what a run does: auto resolved (none on one process, else ddp)
 # A collective that waits longer than this ends the run with an error instead of hanging forever (a rank that
 # died without its launcher noticing). Generous, because rank 0 alone tokenizes a pretraining corpus while
 # the others wait at a barrier.
@@ -51,7 +52,7 @@ class World:
     local_rank: int = 0
     size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    strategy: Wrapping = "none"
 
     @property
     def is_main(self) -> bool:
@@ -86,6 +87,13 @@ def inside_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_strategy(strategy: Strategy, world_size: int) -> Wrapping:
+    """auto: nothing to wrap on one process, ddp on several; ddp and fsdp as asked."""
+    if strategy == "auto":
+        return "ddp" if world_size > 1 else "none"
+    return strategy
+
+
 def must_launch(devices: int, num_nodes: int) -> bool:
     return (devices > 1 or num_nodes > 1) and not inside_launcher()
 
@@ -96,7 +104,7 @@ def joined(strategy: Strategy, device: str | None) -> Iterator[World]:
     ddp/fsdp on one process); leave it on exit."""
     size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    chosen = ("ddp" if size > 1 else "none") if strategy == "auto" else strategy
+    chosen = resolve_strategy(strategy, size)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", local_rank)  # one GPU per process on a node

@@ -25,13 +25,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from plainlm.config import Config
+from plainlm.distributed import Wrapping, resolve_strategy
 from plainlm.lora import LoRAConfig, inject_lora
 from plainlm.metrics import flops_per_token
 from plainlm.train import micro_batches_per_rank, resolve_precision
 
 MiB, GiB = 1024**2, 1024**3
 Method = Literal["full", "lora", "dora", "qlora", "pretrain"]
-Strategy = Literal["none", "ddp", "fsdp"]
 
 # What a training process holds before its model: Python, torch, plainlm and what they import
 # (jsonargparse, tokenizers, the optimizer's and TensorBoard's modules, matplotlib for loss.png),
@@ -315,7 +315,7 @@ def estimate_memory(
     precision: str = "32-true",
     micro_batch_size: int = 1,
     seq_length: int = 1024,
-    strategy: Strategy = "none",
+    strategy: Wrapping = "none",
     world_size: int = 1,
     activation_checkpointing: bool = False,
     accumulation_steps: int = 1,
@@ -557,7 +557,7 @@ def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEsti
         config = pretrain_config(cfg)
         method, seq, packed, lora, tokenizer_vocab = "pretrain", cfg.data.seq_length, False, None, None
     world_size = cfg.devices * cfg.num_nodes
-    strategy = {"auto": "ddp" if world_size > 1 else "none"}.get(cfg.strategy, cfg.strategy)
+    strategy = resolve_strategy(cfg.strategy, world_size)
     # Parsed, not instantiated: the optimizer is still its class_path (a Namespace, or a dict from a recipe).
     optimizer = cfg.optimizer or {}
     optimizer = optimizer.get("class_path") if isinstance(optimizer, dict) else getattr(optimizer, "class_path", None)

@@ -64,9 +64,13 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     """The same command under torchrun, which plainlm joins instead of launching processes itself."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "plainlm"]
-    result = subprocess.run(
-        command + args, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO, env={**os.environ, **ENV}
-    )
+    try:
+        result = subprocess.run(
+            command + args, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO, env={**os.environ, **ENV}
+        )
+    except subprocess.TimeoutExpired as e:  # say where it hung: the ranks' last words
+        output = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"torchrun did not finish in {RUN_TIMEOUT} s; its stderr ended with:\n{output[-3000:]}")
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
