@@ -1,0 +1,103 @@
+"""plainlm's own CPU kernels for decoding, in C++ beside this file, compiled on first use.
+
+    if int4_kernel_fits(out_features, in_features, group_size):
+        y = torch.ops.plainlm.int4_matmul(x, nibbles, scales_and_zeros, group_size)
+    if int8_kernel_fits(out_features, in_features):
+        y = torch.ops.plainlm.int8_matmul(x, weight, scales)
+    if decode_attention_fits(head_dim, dtype, device):
+        y = torch.ops.plainlm.decode_attention(q, k_cache, v_cache, mask, scale)
+
+int4_matmul.cpp       x @ W^T for int4 weights as quantize.py stores them, with AVX512-VNNI integer
+int8_matmul.cpp       dot products on activations rounded to int8: decoding at memory speed.
+vnni_common.h         what the two share.
+decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots.
+
+Each file's header gives its math. Batch-1 decoding at one thread spends its time in these
+kernels and in per-call overhead; llama.cpp, the peer to beat, is C throughout.
+
+The first use compiles both files with the system's C++ compiler through torch.utils.cpp_extension
+(a few seconds; cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR, and rebuilt when
+a source changes). Where the CPU lacks AVX512-VNNI or the build fails, the `*_fits` checks answer
+False, with one warning saying why, and the callers use PyTorch's own kernels instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sysconfig
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).parent / name for name in ("int4_matmul.cpp", "int8_matmul.cpp", "decode_attention.cpp")]
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+ROWS_PER_BLOCK = 16  # the matmul kernels compute 16 output rows per register
+INPUTS_PER_CHUNK = 64  # and read 64 inputs per load
+HEAD_DIM_MULTIPLE = 16  # decode_attention reads a head 16 floats at a time
+
+
+def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """True when torch.ops.plainlm.int4_matmul can run this layer's shape on this CPU."""
+    shape_fits = (
+        out_features % ROWS_PER_BLOCK == 0 and group_size % INPUTS_PER_CHUNK == 0 and in_features % group_size == 0
+    )
+    return shape_fits and kernels_loaded()
+
+
+def int8_kernel_fits(out_features: int, in_features: int) -> bool:
+    """True when torch.ops.plainlm.int8_matmul can run this layer's shape on this CPU."""
+    shape_fits = out_features % ROWS_PER_BLOCK == 0 and in_features % INPUTS_PER_CHUNK == 0
+    return shape_fits and kernels_loaded()
+
+
+def decode_attention_fits(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """True when torch.ops.plainlm.decode_attention can run a KV cache of this kind on this CPU (fp32)."""
+    return device.type == "cpu" and dtype == torch.float32 and head_dim % HEAD_DIM_MULTIPLE == 0 and kernels_loaded()
+
+
+@functools.cache
+def kernels_loaded() -> bool:
+    if not torch.cpu._is_vnni_supported():  # AVX512-VNNI: Intel from Cascade Lake, AMD from Zen 4
+        return False
+    if shutil.which("ninja") is None:  # pip's ninja sits beside this Python, which may not be on PATH
+        os.environ["PATH"] = f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ.get('PATH', '')}"
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="plainlm_kernels",
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=COMPILER_FLAGS,
+            is_python_module=False,  # the library registers torch.ops.plainlm.* as it loads
+        )
+    except Exception as error:  # no compiler, a failed build: PyTorch's kernels still work
+        warnings.warn(
+            f"plainlm's CPU kernels ({', '.join(str(p) for p in SOURCES)}) did not build, so decoding uses "
+            f"PyTorch's slower kernels. Install a C++ compiler (g++) to get them. The error: {error}",
+            stacklevel=3,
+        )
+        return False
+    torch.library.register_fake("plainlm::int4_matmul")(_int4_matmul_shape)
+    torch.library.register_fake("plainlm::int8_matmul")(_int8_matmul_shape)
+    torch.library.register_fake("plainlm::decode_attention")(_decode_attention_shape)
+    return True
+
+
+# The outputs' shapes and dtypes, for torch.compile's tracing (fake tensors).
+def _int4_matmul_shape(
+    x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], nibbles.shape[0])
+
+
+def _int8_matmul_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _decode_attention_shape(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return torch.empty_like(q)
