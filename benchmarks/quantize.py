@@ -160,8 +160,9 @@ def forced_argmax(model: torch.nn.Module, ids: list[int], continuation: list[int
 
 
 def read_bytes_per_token(model: torch.nn.Module) -> int:
-    """Resident weight bytes less int4's portable nibbles, which the kernel never reads (it reads `packed`)."""
-    portable = {id(m.weight): m.weight for m in model.modules() if isinstance(m, Int4Linear)}
+    """Resident weight bytes less the portable nibbles of int4 layers run by PyTorch's kernel (it reads `packed`);
+    plainlm's int4 kernel reads the portable nibbles themselves and there is no packed copy."""
+    portable = {id(m.weight): m.weight for m in model.modules() if isinstance(m, Int4Linear) and m.kernel == "aten"}
     return weight_bytes(model) - sum(t.numel() * t.element_size() for t in portable.values())
 
 

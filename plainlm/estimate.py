@@ -52,7 +52,9 @@ GLIBC_RETAINED = {False: 0.22, True: 0.12}
 # runs a few percent above the bytes of live tensors at the peak.
 CUDA_FRAGMENTATION = 0.05
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, fp32 per 256 absmax
-INT4_BYTES_PER_PARAM = 0.5 + 0.5 + 4 / 32  # portable nibbles, the CPU kernel's packed copy, bf16 scale+zero per 32
+# Nibbles and a bf16 (scale, zero) per group of 64, read as stored by plainlm's int4 kernel (PyTorch's
+# kernel, used where plainlm's cannot run, adds a packed copy: 0.5 more).
+INT4_BYTES_PER_PARAM = 0.5 + 4 / 64
 OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "RMSprop": 1, "Adagrad": 1, "Adafactor": 1, "Lion": 1, "SGD": 0}
 
 

@@ -13,6 +13,7 @@ of the loop to get tokens per second.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -131,7 +132,8 @@ def generate_tokens(
             if position is not None:
                 position = position + 1
             slot = slots[prompt_len + step : prompt_len + step + 1]
-            logits = decode(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
+            with _without_guard_checks(compile and step >= 2):
+                logits = decode(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
             token = sample(logits[:, -1], temperature, top_k, top_p, generator)
     finally:
         model.clear_kv_cache()
@@ -163,6 +165,17 @@ def generate(
             if token is not None and token not in stop:
                 out.append(token)
     return outputs
+
+
+def _without_guard_checks(skip: bool) -> contextlib.AbstractContextManager:
+    """Skip dynamo's guard checks on a compiled step that has run twice already.
+
+    Before each call, dynamo checks that the model and the inputs still match the compiled graph: one
+    guard per parameter, about 0.4 ms a step on SmolLM2, 6% of an int4 decode step. From the third step
+    on, the inputs have the same shapes, strides and dtypes as the steps before (the first two cover the
+    only change, from prefill-derived tensors to the loop's own), so the checks cannot fail.
+    """
+    return torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip else contextlib.nullcontext()
 
 
 def _fit_prompts(prompts: Sequence[Sequence[int]], block_size: int, truncate: bool) -> list[Sequence[int]]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from plainlm.config import Config
+from plainlm.kernels import decode_attention_fits
 
 
 class GPT(nn.Module):
@@ -232,6 +233,15 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         c = self.config
+        cache = self.kv_cache
+        one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
+        if one_new_token and cache.decode_kernel and c.attention_logit_softcap is None:
+            # One new token on the CPU: plainlm's kernel visits only the cache slots the mask allows
+            # (SDPA computes all of them). See kernels/decode_attention.cpp.
+            B, H, _, D = q.shape
+            mask = mask.reshape(-1, mask.shape[-1]).contiguous()  # (B or 1, S)
+            y = torch.ops.plainlm.decode_attention(q.reshape(B, H, D).contiguous(), k, v, mask, self.scale)
+            return y.view(B, H, 1, D)
         if c.attention_logit_softcap is None:
             is_causal = mask is None and q.shape[2] > 1
             return F.scaled_dot_product_attention(
@@ -264,6 +274,7 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, max_seq_length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.decode_kernel = decode_attention_fits(head_dim, dtype, device)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k.shape[0] != self.k.shape[0]:

@@ -4,19 +4,22 @@
     save_checkpoint(model, "out")              # writes the quantized tensors and quantization.json
 
 int8  one scale per output row, symmetric: w = q * scale, q in -127..127.
-      Forward: PyTorch's CPU int8-weight kernel `aten._weight_int8pack_mm`.
-int4  groups of `group_size` inputs (default 32), asymmetric: w = (q - 8) * scale + zero, q in 0..15.
-      Forward: `aten._weight_int4pack_mm_for_cpu` on a copy packed for this CPU at load time;
-      what is saved is the portable form (two values per byte, low nibble first).
+      Forward: plainlm's own kernel (kernels/int8_matmul.cpp: int8 activations, AVX512-VNNI dot
+      products), or where it cannot run PyTorch's `aten._weight_int8pack_mm` (bf16 activations).
+int4  groups of `group_size` inputs (default 64), asymmetric: w = (q - 8) * scale + zero, q in 0..15,
+      stored as two values per byte (low nibble first) and bf16 (scale, zero) pairs.
+      Forward: plainlm's own kernel (kernels/int4_matmul.cpp: int8 activations, AVX512-VNNI dot
+      products) reads those tensors as they are. Where it cannot run (no VNNI, groups not a multiple
+      of 64, rows not a multiple of 16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed
+      for it at load time.
 nf4   bitsandbytes' Linear4bit (NF4 blocks of 64, double-quantized scales): it also trains (QLoRA).
 
 All three serve as QLoRA's frozen base: the integer kernels have no backward, so QuantizedMatmul
 passes the input's gradient through the dequantized weight.
 
-Both CPU kernels read bf16 activations (fp32 ones take a path ~8x slower), so int8 and int4 cast
-in and out. The token embedding is quantized too for int8/int4 and reads only the rows it
-gathers; a tied lm_head shares the embedding's quantized matrix. Loading and saving checkpoints
-live in `checkpoint.py`; this file only builds modules.
+The token embedding is quantized too for int8/int4 and reads only the rows it gathers; a tied
+lm_head shares the embedding's quantized matrix. Loading and saving checkpoints live in
+`checkpoint.py`; this file only builds modules.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from plainlm.kernels import int4_kernel_fits, int8_kernel_fits
 from plainlm.model import GPT
 
 MODES = ("int8", "int4", "nf4")
-DEFAULT_GROUP_SIZE = {"int8": None, "int4": 32, "nf4": 64}
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 64, "nf4": 64}
 
 
 # --- the math of what is stored ---
@@ -95,7 +99,9 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scales)^T + bias, with int8 weights read by the CPU int8 kernel."""
+    """y = x @ (q * scales)^T + bias, with int8 weights read by an integer CPU kernel: plainlm's own
+    (kernels/int8_matmul.cpp) where it fits (AVX512-VNNI, rows a multiple of 16, inputs of 64),
+    PyTorch's `aten._weight_int8pack_mm` elsewhere. Both read the stored tensors as they are."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None) -> None:
         super().__init__()
@@ -103,26 +109,46 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
+
+    def pack(self, kernel: str | None = None) -> None:
+        """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits). Both read the
+        stored tensors, so there is nothing to lay out (the name matches Int4Linear's)."""
+        fits = int8_kernel_fits(self.out_features, self.in_features)
+        if kernel == "plainlm" and not fits:
+            raise ValueError(f"plainlm's int8 kernel cannot run this layer or this CPU: {self!r}")
+        self.kernel = kernel or ("plainlm" if fits else "aten")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quantized_matmul(x, self)
         return y if self.bias is None else y + self.bias
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        if self.kernel is None:
+            self.pack()
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "plainlm":
+            x2 = x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+            y = torch.ops.plainlm.int8_matmul(x2, self.weight, self.scales)
+        else:  # PyTorch's kernel reads bf16 activations (fp32 ones take a path ~8x slower)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scales)
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
 
 class Int4Linear(nn.Module):
-    """y = x @ W^T + bias, W in 4-bit groups, through the CPU int4 kernel.
+    """y = x @ W^T + bias, W in 4-bit groups, through one of two CPU kernels.
 
-    `weight` (portable nibbles) and `scales_and_zeros` are saved; `packed` is the kernel's own
-    layout for this CPU, made by `pack()` and never saved. The kernel needs a multiple of 16
-    output rows: other layers are padded with zero rows in the packed copy only.
+    `weight` (portable nibbles) and `scales_and_zeros` are what is saved. plainlm's own kernel
+    (plainlm/kernels/int4_matmul.cpp) reads them as they are; it needs AVX512-VNNI, groups of a
+    multiple of 64 and a multiple of 16 output rows. Otherwise PyTorch's kernel runs on `packed`,
+    its own layout for this CPU, made by `pack()` and never saved; it needs a multiple of 16 output
+    rows too, so other layers are padded with zero rows in the packed copy only.
     """
 
     def __init__(
@@ -141,11 +167,20 @@ class Int4Linear(nn.Module):
             "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device)
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("packed_scales_and_zeros", None, persistent=False)
 
-    def pack(self) -> None:
-        """Lay the weights out for this CPU's int4 kernel."""
+    def pack(self, kernel: str | None = None) -> None:
+        """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and, for PyTorch's,
+        lay the weights out for it."""
+        self.packed = self.packed_scales_and_zeros = None
+        fits = int4_kernel_fits(self.out_features, self.in_features, self.group_size)
+        if kernel == "plainlm" and not fits:
+            raise ValueError(f"plainlm's int4 kernel cannot run this layer or this CPU: {self!r}")
+        self.kernel = kernel or ("plainlm" if fits else "aten")
+        if self.kernel == "plainlm":
+            return
         pad = -self.out_features % 16
         q = unpack_nibbles(self.weight).to(torch.int32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nn.functional.pad(q, (0, 0, 0, pad)), 8)
@@ -156,15 +191,22 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.kernel is None:
             self.pack()
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "plainlm":
+            x2 = x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+            y = torch.ops.plainlm.int4_matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         sz = self.scales_and_zeros if self.packed_scales_and_zeros is None else self.packed_scales_and_zeros
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz).to(x.dtype)
-        return y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size, sz)
+        return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int4(self.weight, self.scales_and_zeros, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
 class Int8Embedding(nn.Module):
@@ -273,7 +315,7 @@ def quantized_linear_names(model: GPT, mode: str) -> list[str]:
 def quantize_model(model: GPT, mode: str, group_size: int | None = None) -> GPT:
     """Quantize `model`'s weights in place, one layer at a time, and return it.
 
-    mode: "int8", "int4" or "nf4". group_size: int4's group (default 32) or nf4's block (64).
+    mode: "int8", "int4" or "nf4". group_size: int4's group (default 64) or nf4's block (64).
     """
     group_size = check_mode(mode, group_size, model.embed.weight.device)
     with torch.no_grad():
@@ -306,7 +348,7 @@ def _quantize_linear(linear: nn.Linear, mode: str, group_size: int | None) -> nn
         layer.weight, layer.scales = quantize_int8(linear.weight)
     else:
         layer.weight, layer.scales_and_zeros = quantize_int4(linear.weight, group_size)
-        layer.pack()
+    layer.pack()
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer
@@ -356,9 +398,9 @@ def empty_quantized_model(model: GPT, mode: str, group_size: int | None, dtype: 
 
 
 def finish_loading(model: GPT) -> GPT:
-    """After the saved tensors are in: pack the int4 layers for this CPU's kernel."""
+    """After the saved tensors are in: choose each int8/int4 layer's kernel and pack for it."""
     for module in model.modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, (Int8Linear, Int4Linear)):
             module.pack()
     return model
 

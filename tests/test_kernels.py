@@ -1,0 +1,164 @@
+"""plainlm's own CPU kernels (plainlm/kernels/) against the math they implement and against PyTorch's
+SDPA, and in use: eager and compiled decoding give the tokens that PyTorch's kernels give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plainlm.config import Config
+from plainlm.generate import generate
+from plainlm.kernels import kernels_loaded
+from plainlm.model import GPT, KVCache
+from plainlm.quantize import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
+
+pytestmark = pytest.mark.skipif(not kernels_loaded(), reason="plainlm's kernels need AVX512-VNNI and a C++ compiler")
+
+# head_dim 16: the smallest the attention kernel takes; 64-wide layers take int4 groups of 64.
+TINY = dict(vocab_size=160, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128)
+
+
+def rounded_inputs(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the kernels see it: rounded to int8 per group of inputs, d = amax / 127."""
+    M, K = x.shape
+    groups = x.float().reshape(M, K // group, group)
+    amax = groups.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return ((groups * inverse).round() * (amax / 127)).reshape(M, K)
+
+
+def int4_reference(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """The kernel's math in PyTorch: activations rounded to int8 per group, then an exact product."""
+    return rounded_inputs(x, group).double() @ dequantize_int4(nibbles, scales_and_zeros, group).double().T
+
+
+@pytest.mark.parametrize(
+    ("M", "N", "K", "group"), [(1, 16, 64, 64), (3, 48, 256, 64), (2, 32, 256, 128), (5, 16, 512, 256)]
+)
+def test_int4_matmul_computes_its_math(M: int, N: int, K: int, group: int) -> None:
+    torch.manual_seed(0)
+    nibbles, scales_and_zeros = quantize_int4(torch.randn(N, K), group)
+    x = torch.randn(M, K) * torch.linspace(0.1, 3, K)  # groups of different ranges
+    y = torch.ops.plainlm.int4_matmul(x, nibbles, scales_and_zeros, group)
+    expected = int4_reference(x, nibbles, scales_and_zeros, group)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    # Only the order of fp32 sums differs from the float64 reference.
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    y16 = torch.ops.plainlm.int4_matmul(x.bfloat16(), nibbles, scales_and_zeros, group)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        y16.float(),
+        int4_reference(x.bfloat16(), nibbles, scales_and_zeros, group).float(),
+        rtol=1e-2,
+        atol=1e-2 * expected.abs().max().item(),
+    )
+
+
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 16, 64), (3, 48, 256), (2, 576, 1536)])
+def test_int8_matmul_computes_its_math(M: int, N: int, K: int) -> None:
+    torch.manual_seed(0)
+    weight, scales = quantize_int8(torch.randn(N, K))
+    x = torch.randn(M, K) * torch.linspace(0.1, 3, K)
+    y = torch.ops.plainlm.int8_matmul(x, weight, scales)
+    expected = rounded_inputs(x, 64).double() @ dequantize_int8(weight, scales).double().T
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # integer sums: exact but fp32 scaling
+    exact = x @ dequantize_int8(weight, scales).T
+    assert (y - exact).norm() / exact.norm() < 0.01  # the int8 activations' cost
+    y16 = torch.ops.plainlm.int8_matmul(x.bfloat16(), weight, scales)
+    torch.testing.assert_close(y16.float(), y, rtol=2e-2, atol=2e-2 * y.abs().max().item())
+
+
+def test_int4_matmul_stays_within_one_percent_of_the_float_product() -> None:
+    """The cost of int8 activations: with their sum taken from the rounded values too, the error is
+    sum w_k e_k (about 0.6% of the output's size here), not sum (w_k - min) e_k (about 2%)."""
+    torch.manual_seed(0)
+    w, x = torch.randn(576, 1536), torch.randn(4, 1536)
+    nibbles, scales_and_zeros = quantize_int4(w, 64)
+    exact = x @ dequantize_int4(nibbles, scales_and_zeros, 64).T
+    y = torch.ops.plainlm.int4_matmul(x, nibbles, scales_and_zeros, 64)
+    assert (y - exact).norm() / exact.norm() < 0.01
+
+
+def test_int4_matmul_refuses_shapes_it_cannot_run() -> None:
+    nibbles, scales_and_zeros = quantize_int4(torch.randn(16, 64), 64)
+    with pytest.raises(RuntimeError, match="nibbles must be contiguous uint8"):
+        torch.ops.plainlm.int4_matmul(torch.randn(1, 128), nibbles, scales_and_zeros, 64)
+    with pytest.raises(RuntimeError, match="groups of a multiple of 64"):
+        torch.ops.plainlm.int4_matmul(torch.randn(1, 64), nibbles, quantize_int4(torch.randn(16, 64), 32)[1], 32)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        torch.ops.plainlm.int4_matmul(torch.randn(1, 64).double(), nibbles, scales_and_zeros, 64)
+
+
+@pytest.mark.parametrize(("B", "H", "KH", "D"), [(1, 4, 4, 16), (3, 6, 2, 64), (2, 9, 3, 64), (1, 8, 1, 32)])
+def test_decode_attention_matches_sdpa(B: int, H: int, KH: int, D: int) -> None:
+    torch.manual_seed(0)
+    S = 40
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KH, S, D), torch.randn(B, KH, S, D)
+    # Each row: its own left padding, slots up to its current position, a hole (as a sliding window leaves).
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        mask[b, 2 * b : 30 - b] = True
+        mask[b, 10 + b] = False
+    for m in (mask, mask[:1]):  # per row, and one mask for the whole batch
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :], scale=0.3, enable_gqa=True)
+        y = torch.ops.plainlm.decode_attention(q.reshape(B, H, D), k, v, m.contiguous(), 0.3)
+        torch.testing.assert_close(y.view(B, H, 1, D), expected, rtol=1e-5, atol=1e-6)
+
+
+def without_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = KVCache.__init__
+
+    def init(self: KVCache, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        self.decode_kernel = False
+
+    monkeypatch.setattr(KVCache, "__init__", init)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [Config(**TINY), Config(**TINY, sliding_window=6, sliding_window_pattern=2)],
+    ids=["llama_gqa", "sliding_window"],
+)
+def test_decoding_with_the_attention_kernel_gives_sdpas_tokens(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # peaked logits: ties would make the comparison a coin toss
+    prompts = [[5, 17, 33, 2, 9], [40, 41], [7] * 9]  # left-padded batch: per-row masks
+    model.set_kv_cache(len(prompts), 32)
+    assert model.blocks[0].attn.kv_cache.decode_kernel
+    model.clear_kv_cache()
+    ours = generate(model, prompts, max_new_tokens=20)
+    without_decode_kernel(monkeypatch)
+    assert generate(model, prompts, max_new_tokens=20) == ours
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_decoding_runs_plainlms_kernels(mode: str) -> None:
+    """The kernels inside a torch.compile graph (through their registered shapes): the same tokens as eager."""
+    torch.manual_seed(0)
+    model = GPT(Config(**TINY)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    quantize_model(model, mode)
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert len(layers) == 15 and all(m.kernel == "plainlm" for m in layers)
+    prompts = [[5, 17, 33, 2, 9]]
+    eager = generate(model, prompts, max_new_tokens=12)
+    with torch.profiler.profile() as profile:
+        assert generate(model, prompts, max_new_tokens=12, compile=True) == eager
+    called = {event.key: event.count for event in profile.key_averages()}
+    assert called.get(f"plainlm::{mode}_matmul", 0) > 0 and called.get("plainlm::decode_attention", 0) > 0, called
