@@ -160,8 +160,8 @@ def forced_argmax(model: torch.nn.Module, ids: list[int], continuation: list[int
 
 
 def read_bytes_per_token(model: torch.nn.Module) -> int:
-    """Resident weight bytes less the portable nibbles of int4 layers run by PyTorch's kernel (it reads `packed`);
-    plainlm's int4 kernel reads the portable nibbles themselves and there is no packed copy."""
+    """Resident weight bytes less the nibble rows of int4 layers run by PyTorch's kernel (it reads `packed`);
+    plainlm's int4 kernel reads its tiles, the same bytes as the rows in its own order, and there is no copy."""
     portable = {id(m.weight): m.weight for m in model.modules() if isinstance(m, Int4Linear) and m.kernel == "aten"}
     return weight_bytes(model) - sum(t.numel() * t.element_size() for t in portable.values())
 

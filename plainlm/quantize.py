@@ -9,9 +9,10 @@ int8  one scale per output row, symmetric: w = q * scale, q in -127..127.
 int4  groups of `group_size` inputs (default 64), asymmetric: w = (q - 8) * scale + zero, q in 0..15,
       stored as two values per byte (low nibble first) and bf16 (scale, zero) pairs.
       Forward: plainlm's own kernel (kernels/int4_matmul.cpp: int8 activations, AVX512-VNNI dot
-      products) reads those tensors as they are. Where it cannot run (no VNNI, groups not a multiple
-      of 64, rows not a multiple of 16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed
-      for it at load time.
+      products). Where it cannot run (no VNNI, groups not a multiple of 16, rows not a multiple of
+      16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed for it at load time.
+plainlm's kernels read the same bytes in their own order, tiles of 16 rows (`tile_int8`,
+`tile_nibbles`): a layer that runs them rearranges its matrix in place, and saves it as rows.
 nf4   bitsandbytes' Linear4bit (NF4 blocks of 64, double-quantized scales): it also trains (QLoRA).
 
 All three serve as QLoRA's frozen base: the integer kernels have no backward, so QuantizedMatmul
@@ -77,6 +78,63 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_
     return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
 
+# --- the kernels' order of the same bytes ---
+# plainlm's kernels read a matrix as tiles of 16 rows, one row's four weights per 32-bit lane (see
+# kernels/int4_matmul.cpp). A layer that runs them holds its matrix that way (3-D); everything else
+# (checkpoints, state dicts, dequantization, PyTorch's kernels) sees the row order (2-D).
+def tile_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 rows (N, K) -> tiles (N/16, K/4, 64): byte 4r + i of tile (b, j) is row 16b + r, input 4j + i."""
+    N, K = q.shape
+    return q.reshape(N // 16, 16, K // 4, 4).transpose(1, 2).reshape(N // 16, K // 4, 64)
+
+
+def tile_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Nibble rows (N, K/2) -> tiles (N/16, K/8, 64): byte 4r + i of tile (b, j) holds row 16b + r's
+    input 8j + i in its low nibble and input 8j + 4 + i in its high one."""
+    q = unpack_nibbles(packed)
+    N, K = q.shape
+    q = q.reshape(N // 16, 16, K // 8, 2, 4).permute(0, 2, 1, 4, 3)  # (block, j, row, i, low/high)
+    return (q[..., 0] | (q[..., 1] << 4)).reshape(N // 16, K // 8, 64)
+
+
+def tile_rows(tiles: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """Rows of a tiled matrix (any index shape), back in the row order: int8 (..., K) or nibbles (..., K/2)."""
+    if not isinstance(rows, torch.Tensor):
+        rows = torch.arange(tiles.shape[0] * 16, device=tiles.device)[rows]
+    lanes = tiles.view(tiles.shape[0], tiles.shape[1], 16, 4)[rows // 16, :, rows % 16]  # (..., K/4 or K/8, 4)
+    if tiles.dtype == torch.int8:
+        return lanes.flatten(-2)
+    return pack_nibbles(torch.cat((lanes & 15, lanes >> 4), dim=-1).flatten(-2))
+
+
+def row_order(weight: torch.Tensor) -> torch.Tensor:
+    """A quantized matrix in the row order, whether or not a layer tiled it for plainlm's kernel."""
+    return tile_rows(weight) if weight.dim() == 3 else weight
+
+
+def set_tiled(weight: torch.Tensor, tiled: bool) -> None:
+    """Lay a quantized matrix out as tiles or as rows, in place (Tensor.set_): a tied embedding holds the
+    head's very tensor, so it sees the change, and memory holds one copy."""
+    if (weight.dim() == 3) != tiled:
+        tiles = tile_int8 if weight.dtype == torch.int8 else tile_nibbles
+        weight.set_(tiles(weight) if tiled else tile_rows(weight))
+
+
+class TiledWeight(nn.Module):
+    """What the int8/int4 layers share: `weight` may be tiled in memory, and is rows everywhere else."""
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:  # keep_vars asks for the tensors themselves (weight_bytes counts them)
+            destination[prefix + "weight"] = row_order(self.weight)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        tiled = self.weight.dim() == 3 and prefix + "weight" in state_dict
+        set_tiled(self.weight, False)  # the saved rows go in as rows, then take the order they had
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        set_tiled(self.weight, tiled)
+
+
 # --- modules ---
 class QuantizedMatmul(torch.autograd.Function):
     """x @ W^T through a layer's integer kernel, with a backward (the kernels have none): the input's gradient
@@ -98,10 +156,10 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return layer.matmul(x)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(TiledWeight):
     """y = x @ (q * scales)^T + bias, with int8 weights read by an integer CPU kernel: plainlm's own
-    (kernels/int8_matmul.cpp) where it fits (AVX512-VNNI, rows a multiple of 16, inputs of 64),
-    PyTorch's `aten._weight_int8pack_mm` elsewhere. Both read the stored tensors as they are."""
+    (kernels/int8_matmul.cpp, on `weight` tiled by pack()) where it fits (AVX512-VNNI, rows a multiple
+    of 16, inputs of 64), PyTorch's `aten._weight_int8pack_mm` (on rows) elsewhere."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None) -> None:
         super().__init__()
@@ -112,12 +170,12 @@ class Int8Linear(nn.Module):
         self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
 
     def pack(self, kernel: str | None = None) -> None:
-        """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits). Both read the
-        stored tensors, so there is nothing to lay out (the name matches Int4Linear's)."""
+        """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and lay `weight` out for it."""
         fits = int8_kernel_fits(self.out_features, self.in_features)
         if kernel == "plainlm" and not fits:
             raise ValueError(f"plainlm's int8 kernel cannot run this layer or this CPU: {self!r}")
         self.kernel = kernel or ("plainlm" if fits else "aten")
+        set_tiled(self.weight, self.kernel == "plainlm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quantized_matmul(x, self)
@@ -135,20 +193,20 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scales)
+        return dequantize_int8(row_order(self.weight), self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(TiledWeight):
     """y = x @ W^T + bias, W in 4-bit groups, through one of two CPU kernels.
 
-    `weight` (portable nibbles) and `scales_and_zeros` are what is saved. plainlm's own kernel
-    (plainlm/kernels/int4_matmul.cpp) reads them as they are; it needs AVX512-VNNI, groups of a
-    multiple of 64 and a multiple of 16 output rows. Otherwise PyTorch's kernel runs on `packed`,
-    its own layout for this CPU, made by `pack()` and never saved; it needs a multiple of 16 output
-    rows too, so other layers are padded with zero rows in the packed copy only.
+    `weight` (nibble rows) and `scales_and_zeros` are what is saved. plainlm's own kernel
+    (plainlm/kernels/int4_matmul.cpp) reads `weight` tiled in place by `pack()`; it needs AVX512-VNNI,
+    groups of a multiple of 16 and a multiple of 16 output rows. Otherwise PyTorch's kernel runs on
+    `packed`, its own layout for this CPU, made by `pack()` and never saved; it needs a multiple of 16
+    output rows too, so other layers are padded with zero rows in the packed copy only.
     """
 
     def __init__(
@@ -179,6 +237,7 @@ class Int4Linear(nn.Module):
         if kernel == "plainlm" and not fits:
             raise ValueError(f"plainlm's int4 kernel cannot run this layer or this CPU: {self!r}")
         self.kernel = kernel or ("plainlm" if fits else "aten")
+        set_tiled(self.weight, self.kernel == "plainlm")
         if self.kernel == "plainlm":
             return
         pad = -self.out_features % 16
@@ -203,14 +262,15 @@ class Int4Linear(nn.Module):
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scales_and_zeros, self.group_size)
+        return dequantize_int4(row_order(self.weight), self.scales_and_zeros, self.group_size)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-class Int8Embedding(nn.Module):
-    """Token embeddings stored as int8 rows with one scale each; a lookup dequantizes only its rows."""
+class Int8Embedding(TiledWeight):
+    """Token embeddings stored as int8 rows with one scale each; a lookup dequantizes only its rows.
+    Tied, `weight` is the lm_head's tensor, tiled when the head runs plainlm's kernel."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, device: torch.device | None = None):
         super().__init__()
@@ -219,11 +279,13 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.bfloat16, device=device))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return dequantize_int8(self.weight[idx], self.scales[idx]).to(self.dtype)
+        rows = tile_rows(self.weight, idx) if self.weight.dim() == 3 else self.weight[idx]
+        return dequantize_int8(rows, self.scales[idx]).to(self.dtype)
 
 
-class Int4Embedding(nn.Module):
-    """Token embeddings stored as int4 groups; a lookup dequantizes only its rows."""
+class Int4Embedding(TiledWeight):
+    """Token embeddings stored as int4 groups; a lookup dequantizes only its rows.
+    Tied, `weight` is the lm_head's tensor, tiled when the head runs plainlm's kernel."""
 
     def __init__(
         self,
@@ -244,7 +306,8 @@ class Int4Embedding(nn.Module):
         )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = dequantize_int4(self.weight[idx], self.scales_and_zeros[:, idx], self.group_size)
+        nibbles = tile_rows(self.weight, idx) if self.weight.dim() == 3 else self.weight[idx]
+        rows = dequantize_int4(nibbles, self.scales_and_zeros[:, idx], self.group_size)
         return rows.to(self.dtype)
 
 

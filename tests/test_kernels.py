@@ -19,11 +19,14 @@ from plainlm.quantize import (
     quantize_int4,
     quantize_int8,
     quantize_model,
+    tile_int8,
+    tile_nibbles,
+    tile_rows,
 )
 
 pytestmark = pytest.mark.skipif(not kernels_loaded(), reason="plainlm's kernels need AVX512-VNNI and a C++ compiler")
 
-# head_dim 16: the smallest the attention kernel takes; 64-wide layers take int4 groups of 64.
+# head_dim 16: the smallest the attention kernel takes.
 TINY = dict(vocab_size=160, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128)
 
 
@@ -41,19 +44,39 @@ def int4_reference(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: tor
     return rounded_inputs(x, group).double() @ dequantize_int4(nibbles, scales_and_zeros, group).double().T
 
 
+def test_tiles_hold_the_rows_bytes_in_the_kernels_order() -> None:
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (32, 16), dtype=torch.int8)
+    tiles = tile_int8(q)
+    assert tiles.shape == (2, 4, 64)
+    assert tiles[1, 2, 4 * 5 + 3] == q[16 + 5, 4 * 2 + 3]  # byte 4r + i of tile (b, j): row 16b + r, input 4j + i
+    nibbles, _ = quantize_int4(torch.randn(32, 16), 16)
+    tiles = tile_nibbles(nibbles)
+    assert tiles.shape == (2, 2, 64)
+    values = torch.stack((nibbles & 15, nibbles >> 4), -1).flatten(-2)  # (32, 16) values 0..15
+    byte = tiles[1, 1, 4 * 5 + 3]  # row 21, inputs 8 + 3 (low nibble) and 8 + 4 + 3 (high)
+    assert byte & 15 == values[21, 11] and byte >> 4 == values[21, 15]
+    rows = torch.tensor([[0, 31], [21, 7]])
+    for matrix, tiled in ((q, tile_int8(q)), (nibbles, tiles)):
+        assert torch.equal(tile_rows(tiled), matrix)
+        assert torch.equal(tile_rows(tiled, rows), matrix[rows])
+
+
 @pytest.mark.parametrize(
-    ("M", "N", "K", "group"), [(1, 16, 64, 64), (3, 48, 256, 64), (2, 32, 256, 128), (5, 16, 512, 256)]
+    ("M", "N", "K", "group"),
+    [(1, 16, 64, 64), (3, 48, 256, 64), (2, 32, 256, 128), (5, 16, 512, 256), (2, 32, 96, 32), (1, 16, 48, 16)],
 )
 def test_int4_matmul_computes_its_math(M: int, N: int, K: int, group: int) -> None:
     torch.manual_seed(0)
     nibbles, scales_and_zeros = quantize_int4(torch.randn(N, K), group)
     x = torch.randn(M, K) * torch.linspace(0.1, 3, K)  # groups of different ranges
-    y = torch.ops.plainlm.int4_matmul(x, nibbles, scales_and_zeros, group)
+    tiles = tile_nibbles(nibbles)
+    y = torch.ops.plainlm.int4_matmul(x, tiles, scales_and_zeros, group)
     expected = int4_reference(x, nibbles, scales_and_zeros, group)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     # Only the order of fp32 sums differs from the float64 reference.
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
-    y16 = torch.ops.plainlm.int4_matmul(x.bfloat16(), nibbles, scales_and_zeros, group)
+    y16 = torch.ops.plainlm.int4_matmul(x.bfloat16(), tiles, scales_and_zeros, group)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(
         y16.float(),
@@ -68,13 +91,13 @@ def test_int8_matmul_computes_its_math(M: int, N: int, K: int) -> None:
     torch.manual_seed(0)
     weight, scales = quantize_int8(torch.randn(N, K))
     x = torch.randn(M, K) * torch.linspace(0.1, 3, K)
-    y = torch.ops.plainlm.int8_matmul(x, weight, scales)
+    y = torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales)
     expected = rounded_inputs(x, 64).double() @ dequantize_int8(weight, scales).double().T
     assert y.dtype == torch.float32 and y.shape == (M, N)
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # integer sums: exact but fp32 scaling
     exact = x @ dequantize_int8(weight, scales).T
     assert (y - exact).norm() / exact.norm() < 0.01  # the int8 activations' cost
-    y16 = torch.ops.plainlm.int8_matmul(x.bfloat16(), weight, scales)
+    y16 = torch.ops.plainlm.int8_matmul(x.bfloat16(), tile_int8(weight), scales)
     torch.testing.assert_close(y16.float(), y, rtol=2e-2, atol=2e-2 * y.abs().max().item())
 
 
@@ -85,18 +108,24 @@ def test_int4_matmul_stays_within_one_percent_of_the_float_product() -> None:
     w, x = torch.randn(576, 1536), torch.randn(4, 1536)
     nibbles, scales_and_zeros = quantize_int4(w, 64)
     exact = x @ dequantize_int4(nibbles, scales_and_zeros, 64).T
-    y = torch.ops.plainlm.int4_matmul(x, nibbles, scales_and_zeros, 64)
+    y = torch.ops.plainlm.int4_matmul(x, tile_nibbles(nibbles), scales_and_zeros, 64)
     assert (y - exact).norm() / exact.norm() < 0.01
 
 
-def test_int4_matmul_refuses_shapes_it_cannot_run() -> None:
+def test_the_matmul_kernels_refuse_what_they_cannot_run() -> None:
     nibbles, scales_and_zeros = quantize_int4(torch.randn(16, 64), 64)
-    with pytest.raises(RuntimeError, match="nibbles must be contiguous uint8"):
-        torch.ops.plainlm.int4_matmul(torch.randn(1, 128), nibbles, scales_and_zeros, 64)
-    with pytest.raises(RuntimeError, match="groups of a multiple of 64"):
-        torch.ops.plainlm.int4_matmul(torch.randn(1, 64), nibbles, quantize_int4(torch.randn(16, 64), 32)[1], 32)
+    tiles = tile_nibbles(nibbles)
+    with pytest.raises(RuntimeError, match="must be contiguous uint8 tiles"):
+        torch.ops.plainlm.int4_matmul(torch.randn(1, 64), nibbles, scales_and_zeros, 64)
+    with pytest.raises(RuntimeError, match="the tiles hold 64 inputs, x has 128"):
+        torch.ops.plainlm.int4_matmul(torch.randn(1, 128), tiles, scales_and_zeros, 64)
+    with pytest.raises(RuntimeError, match="groups of a multiple of 16"):
+        torch.ops.plainlm.int4_matmul(torch.randn(1, 64), tiles, quantize_int4(torch.randn(16, 64), 8)[1], 8)
     with pytest.raises(RuntimeError, match="fp32 or bf16"):
-        torch.ops.plainlm.int4_matmul(torch.randn(1, 64).double(), nibbles, scales_and_zeros, 64)
+        torch.ops.plainlm.int4_matmul(torch.randn(1, 64).double(), tiles, scales_and_zeros, 64)
+    weight, scales = quantize_int8(torch.randn(16, 64))
+    with pytest.raises(RuntimeError, match="must be contiguous int8 tiles"):
+        torch.ops.plainlm.int8_matmul(torch.randn(1, 64), weight, scales)
 
 
 @pytest.mark.parametrize(("B", "H", "KH", "D"), [(1, 4, 4, 16), (3, 6, 2, 64), (2, 9, 3, 64), (1, 8, 1, 32)])

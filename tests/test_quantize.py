@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import run_cli
+from safetensors.torch import load_file
 
 from plainlm import quantize
 from plainlm.api import LLM
@@ -238,6 +239,36 @@ def test_save_and_load_are_exact_and_never_requantize(
     assert loaded.quantization == model.quantization
     if tie and mode != "nf4":
         assert loaded.lm_head.weight is loaded.embed.weight
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_tiles_stay_in_memory_and_rows_go_everywhere_else(mode: str, tmp_path: Path) -> None:
+    """plainlm's kernels read the matrices tiled in place: the tied embedding's lookups, state dicts,
+    checkpoints and load_state_dict still see rows, as quantize_int8/int4 made them."""
+    if not kernels_loaded():
+        pytest.skip("plainlm's kernels need AVX512-VNNI and a C++ compiler")
+    torch.manual_seed(0)
+    model = GPT(Config(**{**TINY, "vocab_size": 256}, tie_embeddings=True)).eval()  # 256 rows: the head tiles
+    float_head = model.lm_head.weight.detach().clone()
+    quantize_model(model, mode)
+    head, embed = model.lm_head, model.embed
+    assert head.kernel == "plainlm" and head.weight.dim() == 3 and embed.weight is head.weight
+    rows = quantize.quantize_int8(float_head)[0] if mode == "int8" else quantize.quantize_int4(float_head, 64)[0]
+    state = model.state_dict()
+    assert torch.equal(state["embed.weight"], rows) and torch.equal(state["lm_head.weight"], rows)
+    idx = torch.tensor([[0, 17, 255], [31, 16, 15]])
+    torch.testing.assert_close(embed(idx), head.dequantized_weight()[idx], rtol=0, atol=0)
+
+    save_checkpoint(model, tmp_path)
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["embed.weight"], rows)
+    loaded = load_checkpoint(tmp_path).eval()
+    assert loaded.lm_head.weight.dim() == 3 and loaded.embed.weight is loaded.lm_head.weight
+    with torch.no_grad():
+        expected = model(idx)
+        assert torch.equal(loaded(idx), expected)
+        other = quantize_model(GPT(Config(**{**TINY, "vocab_size": 256}, tie_embeddings=True)).eval(), mode)
+        other.load_state_dict(state)  # into layers already tiled: the rows go in, and are tiled again
+        assert other.lm_head.weight.dim() == 3 and torch.equal(other(idx), expected)
 
 
 def test_checkpoint_is_a_fraction_of_fp32_on_disk(tmp_path: Path) -> None:

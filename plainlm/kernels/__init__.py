@@ -1,14 +1,15 @@
 """plainlm's own CPU kernels for decoding, in C++ beside this file, compiled on first use.
 
     if int4_kernel_fits(out_features, in_features, group_size):
-        y = torch.ops.plainlm.int4_matmul(x, nibbles, scales_and_zeros, group_size)
+        y = torch.ops.plainlm.int4_matmul(x, tile_nibbles(nibbles), scales_and_zeros, group_size)
     if int8_kernel_fits(out_features, in_features):
-        y = torch.ops.plainlm.int8_matmul(x, weight, scales)
+        y = torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales)
     if decode_attention_fits(head_dim, dtype, device):
         y = torch.ops.plainlm.decode_attention(q, k_cache, v_cache, mask, scale)
 
-int4_matmul.cpp       x @ W^T for int4 weights as quantize.py stores them, with AVX512-VNNI integer
-int8_matmul.cpp       dot products on activations rounded to int8: decoding at memory speed.
+int4_matmul.cpp       x @ W^T for int4 and int8 weights in 16-row tiles (quantize.tile_nibbles,
+int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activations rounded
+                      to int8: decoding at memory speed.
 vnni_common.h         what the two share.
 decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots.
 
@@ -35,21 +36,22 @@ import torch
 SOURCES = [Path(__file__).parent / name for name in ("int4_matmul.cpp", "int8_matmul.cpp", "decode_attention.cpp")]
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 ROWS_PER_BLOCK = 16  # the matmul kernels compute 16 output rows per register
-INPUTS_PER_CHUNK = 64  # and read 64 inputs per load
+INT4_GROUP_MULTIPLE = 16  # int4_matmul reads 16 inputs per step, and a group holds whole steps
+INT8_INPUT_MULTIPLE = 64  # int8_matmul rounds its activations per 64 inputs
 HEAD_DIM_MULTIPLE = 16  # decode_attention reads a head 16 floats at a time
 
 
 def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bool:
     """True when torch.ops.plainlm.int4_matmul can run this layer's shape on this CPU."""
     shape_fits = (
-        out_features % ROWS_PER_BLOCK == 0 and group_size % INPUTS_PER_CHUNK == 0 and in_features % group_size == 0
+        out_features % ROWS_PER_BLOCK == 0 and group_size % INT4_GROUP_MULTIPLE == 0 and in_features % group_size == 0
     )
     return shape_fits and kernels_loaded()
 
 
 def int8_kernel_fits(out_features: int, in_features: int) -> bool:
     """True when torch.ops.plainlm.int8_matmul can run this layer's shape on this CPU."""
-    shape_fits = out_features % ROWS_PER_BLOCK == 0 and in_features % INPUTS_PER_CHUNK == 0
+    shape_fits = out_features % ROWS_PER_BLOCK == 0 and in_features % INT8_INPUT_MULTIPLE == 0
     return shape_fits and kernels_loaded()
 
 
@@ -88,13 +90,13 @@ def kernels_loaded() -> bool:
 
 # The outputs' shapes and dtypes, for torch.compile's tracing (fake tensors).
 def _int4_matmul_shape(
-    x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+    x: torch.Tensor, tiles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    return x.new_empty(x.shape[0], nibbles.shape[0])
+    return x.new_empty(x.shape[0], tiles.shape[0] * ROWS_PER_BLOCK)
 
 
-def _int8_matmul_shape(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _int8_matmul_shape(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], tiles.shape[0] * ROWS_PER_BLOCK)
 
 
 def _decode_attention_shape(

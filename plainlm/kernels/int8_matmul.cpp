@@ -1,7 +1,9 @@
 // y = x @ W^T for int8 weights, on x86 CPUs with AVX512-VNNI: plainlm's own kernel for decoding.
 //
-// It reads the weights as plainlm stores them (quantize.py):
-//   weight  (N, K) int8: w = q * scale, q in -127..127
+// It reads the weights in its own order of the same bytes ("tiles", made by quantize.tile_int8 when a
+// layer picks this kernel; checkpoints keep the row order):
+//   tiles   (N/16, K/4, 64) int8: block b of 16 output rows, inputs 4j..4j+3; byte 4r + i is row
+//           16b + r's input 4j + i. w = q * scale, q in -127..127
 //   scales  (N,) bf16: one per output row
 //
 // PyTorch's int8-weight kernel converts every weight to float and runs at about 6 GB/s on one thread
@@ -12,8 +14,8 @@
 //   sum_k q_k xq_k  =  sum_k (q_k + 128) xq_k  -  128 * sum_k xq_k
 //   sum_k x_k w_k  ~=  scale * sum_groups d * sum_k q_k xq_k
 //
-// Rows go 16 at a time, as in int4_matmul.cpp: each row's dot products accumulate in its own
-// register and are reduced at the end of a group into one register whose lanes are the 16 rows.
+// The tiles put one row's four weights in each 32-bit lane, as in int4_matmul.cpp: one instruction
+// advances 16 rows by four inputs and the lanes are the rows, so nothing is reduced across lanes.
 //
 // Built on first use by plainlm/kernels/__init__.py and registered as torch.ops.plainlm.int8_matmul.
 
@@ -30,55 +32,61 @@
 
 namespace {
 
-using plainlm_vnni::kChunk;
+using plainlm_vnni::broadcast_four;
 using plainlm_vnni::kRows;
 
-// y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs; groups of kChunk inputs.
-void rows_block(const int8_t* weight, const uint16_t* scales, const plainlm_vnni::QuantizedInputs& in, int64_t M,
+constexpr int64_t kGroup = 64;  // inputs per activation scale
+constexpr int64_t kPrefetchAhead = 2048;  // bytes, as in int4_matmul.cpp (prefetches never fault)
+
+// y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs.
+void rows_block(const int8_t* tiles, const uint16_t* scales, const plainlm_vnni::QuantizedInputs& in, int64_t M,
                 int64_t N, int64_t K, int64_t n0, float* y) {
+  const int8_t* block = tiles + n0 * K;
   const __m512i sign_bit = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int64_t groups = K / kChunk;
+  const int64_t groups = K / kGroup;
   const __m256i raw_scales = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + n0));
   const __m512 row_scales = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw_scales), 16));
   for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = in.values.data() + m * K;
     __m512 result = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t c = g * kChunk;
-      const __m512i x = _mm512_loadu_si512(in.values.data() + m * K + c);
-      __m512i acc[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        const int8_t* row = weight + (n0 + r) * K + c;
-        // The same row's chunk in the next block: fetched now, so the loads there find it in cache.
-        _mm_prefetch(reinterpret_cast<const char*>(row + kRows * K), _MM_HINT_T0);
-        const __m512i shifted = _mm512_xor_si512(_mm512_loadu_si512(row), sign_bit);  // q + 128, unsigned
-        acc[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), shifted, x);
+      // Four accumulators: vpdpbusd's latency is several cycles, one chain would wait on itself.
+      __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+      for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 16) {
+        for (int i = 0; i < 4; ++i) {
+          const int8_t* tile = block + (k + 4 * i) * kRows;  // 16 rows x 4 inputs
+          _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchAhead), _MM_HINT_T0);
+          const __m512i shifted = _mm512_xor_si512(_mm512_loadu_si512(tile), sign_bit);  // q + 128, unsigned
+          acc[i] = _mm512_dpbusd_epi32(acc[i], shifted, broadcast_four(xq + k + 4 * i));
+        }
       }
-      const __m512i shift_back = _mm512_set1_epi32(128 * in.sums[m * groups + g]);
-      const __m512i dots = _mm512_sub_epi32(plainlm_vnni::sum_each_of_16(acc), shift_back);
+      const __m512i sums = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
+      const __m512i dots = _mm512_sub_epi32(sums, _mm512_set1_epi32(128 * in.sums[m * groups + g]));
       result = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(in.scales[m * groups + g]), result);
     }
     _mm512_storeu_ps(y + m * N + n0, _mm512_mul_ps(result, row_scales));
   }
 }
 
-at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_matmul: x must be a contiguous (M, K) matrix");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_matmul: x must be fp32 or bf16");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.size(1) == K,
-              "int8_matmul: weight must be contiguous int8 (N, K)");
-  TORCH_CHECK(K % kChunk == 0 && N % kRows == 0, "int8_matmul: needs a multiple of 64 inputs and of 16 output rows");
+  TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.is_contiguous() && tiles.dim() == 3 && tiles.size(2) == 64,
+              "int8_matmul: the weights must be contiguous int8 tiles (N/16, K/4, 64); see quantize.tile_int8");
+  const int64_t M = x.size(0), K = x.size(1), N = tiles.size(0) * kRows;
+  TORCH_CHECK(tiles.size(1) * 4 == K, "int8_matmul: the tiles hold ", tiles.size(1) * 4, " inputs, x has ", K);
+  TORCH_CHECK(K % kGroup == 0, "int8_matmul: needs a multiple of 64 inputs");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() == N,
               "int8_matmul: scales must be contiguous bf16 (N,)");
 
   thread_local plainlm_vnni::QuantizedInputs in;
   if (x.scalar_type() == at::kFloat) {
-    plainlm_vnni::quantize_inputs(x.data_ptr<float>(), M, K, kChunk, /*nibble_order=*/false, in);
+    plainlm_vnni::quantize_inputs(x.data_ptr<float>(), M, K, kGroup, in);
   } else {
-    plainlm_vnni::quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, kChunk, false, in);
+    plainlm_vnni::quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, kGroup, in);
   }
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const int8_t* w = weight.data_ptr<int8_t>();
+  const int8_t* w = tiles.data_ptr<int8_t>();
   const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
@@ -89,6 +97,6 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& weight, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(plainlm, m) { m.def("int8_matmul(Tensor x, Tensor weight, Tensor scales) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(plainlm, m) { m.def("int8_matmul(Tensor x, Tensor tiles, Tensor scales) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(plainlm, CPU, m) { m.impl("int8_matmul", &int8_matmul); }
