@@ -55,17 +55,24 @@ class GPT(nn.Module):
     def set_kv_cache(
         self, batch_size: int, max_seq_length: int | None = None, dtype: torch.dtype | None = None
     ) -> None:
-        """Preallocate a key/value cache for decoding up to `max_seq_length` positions."""
+        """Preallocate a key/value cache for decoding up to `max_seq_length` positions.
+
+        A cache of the same shape, dtype and device is zeroed and kept rather than made anew: the modules
+        stay as they were, so a compiled decode step's guards can skip them (see generate.py).
+        """
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
         # A quantized embedding (quantize.py) holds integers and says which float dtype it returns.
         dtype = dtype or getattr(self.embed, "dtype", self.embed.weight.dtype)
         device = self.embed.weight.device
+        shape = (batch_size, self.config.n_kv_head, max_seq_length, self.config.head_dim)
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(
-                batch_size, self.config.n_kv_head, max_seq_length, self.config.head_dim, dtype, device
-            )
+            cache = block.attn.kv_cache
+            if cache is not None and cache.k.shape == shape and cache.k.dtype == dtype and cache.k.device == device:
+                cache.k.zero_(), cache.v.zero_()
+            else:
+                block.attn.kv_cache = KVCache(*shape, dtype, device)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
@@ -92,7 +99,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         cache = self.blocks[0].attn.kv_cache
         if cache is not None and input_pos is None:
-            raise ValueError("a KV cache is set: pass input_pos, the cache slots of these tokens")
+            raise ValueError(
+                "a KV cache is set: pass input_pos, the cache slots of these tokens, or remove the cache with "
+                "model.clear_kv_cache() (generate(compile=True) leaves its cache for the next call)"
+            )
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
         if position_ids is None:

@@ -254,3 +254,11 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
     assert compiled == eager
     assert graphs_after_first >= 1
     assert counters["stats"]["unique_graphs"] == graphs_after_first  # the second length compiled nothing new
+    # The compiled path keeps its KV cache on the model, and the next call reuses it (zeroed): the same
+    # modules, so the compiled step's guards can skip them.
+    kept = model.blocks[0].attn.kv_cache
+    assert kept is not None
+    assert generate(model, [prompts[0]], 6, compile=True) == eager[0]
+    assert model.blocks[0].attn.kv_cache is kept
+    generate(model, [prompts[0]], 6)
+    assert model.blocks[0].attn.kv_cache is None  # eager decoding frees its cache
