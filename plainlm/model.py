@@ -224,7 +224,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         if c.clip_qkv is not None:  # OLMo-1
             q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
         if c.qk_norm == "full":
@@ -307,7 +307,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # SwiGLU (silu) / GeGLU (gelu)
-            return self.down_proj(activate(self.gate_proj(x), self.activation) * self.up_proj(x))
+            gate, up = project(x, self.gate_proj, self.up_proj)
+            return self.down_proj(activate(gate, self.activation) * up)
         return self.down_proj(activate(self.up_proj(x), self.activation))
 
 
@@ -359,6 +360,14 @@ def make_norm(config: Config, size: int) -> nn.Module:
         return RMSNorm(size, config.norm_eps, config.norm_unit_offset)
     affine = config.norm_affine
     return nn.LayerNorm(size, eps=config.norm_eps, elementwise_affine=affine, bias=affine and config.norm_bias)
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """`x` through layers that all read it: q, k and v, or gate and up. plainlm's int8/int4 layers
+    (quantize.py) take them in one kernel call, since a small quantized model's decode step spends
+    much of its time in per-call overhead; other layers go one by one."""
+    together = getattr(layers[0], "project_together", None)
+    return together(x, layers) if together is not None else [layer(x) for layer in layers]
 
 
 def activate(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -25,6 +25,8 @@ lm_head shares the embedding's quantized matrix. Loading and saving checkpoints 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -156,6 +158,31 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return layer.matmul(x)
 
 
+def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """x through int8 or int4 layers that all read it (model.project), in one call of plainlm's kernel when
+    they all run it and no gradient flows; otherwise one call each. The outputs are the same either way."""
+    first = layers[0]
+    group_size = getattr(first, "group_size", None)
+    shared = all(
+        type(layer) is type(first) and layer.kernel == "plainlm" and getattr(layer, "group_size", None) == group_size
+        for layer in layers
+    )
+    if not shared or (torch.is_grad_enabled() and x.requires_grad):
+        return [layer(x) for layer in layers]
+    x2 = x.reshape(-1, first.in_features)
+    x2 = x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+    tiles = [layer.weight for layer in layers]
+    if isinstance(first, Int4Linear):
+        ys = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
+    else:
+        ys = torch.ops.plainlm.int8_matmuls(x2, tiles, [layer.scales for layer in layers])
+    outputs = []
+    for y, layer in zip(ys, layers, strict=True):
+        y = y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+        outputs.append(y if layer.bias is None else y + layer.bias)
+    return outputs
+
+
 class Int8Linear(TiledWeight):
     """y = x @ (q * scales)^T + bias, with int8 weights read by an integer CPU kernel: plainlm's own
     (kernels/int8_matmul.cpp, on `weight` tiled by pack()) where it fits (AVX512-VNNI, rows a multiple
@@ -168,6 +195,7 @@ class Int8Linear(TiledWeight):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
+        self.project_together = project_together  # see Int4Linear
 
     def pack(self, kernel: str | None = None) -> None:
         """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and lay `weight` out for it."""
@@ -228,6 +256,9 @@ class Int4Linear(TiledWeight):
         self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("packed_scales_and_zeros", None, persistent=False)
+        # For model.project. An instance attribute, not a method: compiled decoding's guards skip a
+        # module whose __dict__ is unchanged, unless some attribute read went through its class.
+        self.project_together = project_together
 
     def pack(self, kernel: str | None = None) -> None:
         """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and, for PyTorch's,

@@ -12,6 +12,7 @@ round-tripped through the same quantization, so the tolerance stays that of floa
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from plainlm.convert.hf_weights import weight_rules
 from plainlm.generate import generate
 from plainlm.model import GPT
 from plainlm.packaged_models import PackagedModelMissing, gemma3_gguf, smollm2_gguf
+from plainlm.quantize import quantize_model
 
 # float32 logits (up to ~37 in size). Measured: both real models bit-identical to transformers (same
 # dequantization, same float32 arithmetic), the tiny ones too; the tolerance leaves room for kernel changes.
@@ -93,6 +95,22 @@ def test_real_model_greedy_generation_matches_transformers(real: RealModel) -> N
     for our_ids, row in zip(ours, out[:, width:].tolist(), strict=True):
         stops = [i for i, t in enumerate(row) if t in eos]
         assert our_ids == row[: stops[0] if stops else None]
+
+
+def test_real_model_int8_predicts_fp32s_greedy_tokens(real: RealModel) -> None:
+    """Issue 3's int8 accuracy target, on both real models: reading fp32's greedy continuation of each prompt
+    (teacher-forced), int8's argmax is fp32's token at >= 90% of the 30 positions. Measured: 83 of 90 on both
+    models, the same with exact float activations, so the per-row weight rounding is what costs. Free-running
+    agreement, where one flip between near-equal logits fails every later position, is in docs/benchmarks.md."""
+    reference = generate(real.ours, real.prompts, max_new_tokens=30)
+    int8 = quantize_model(copy.deepcopy(real.ours), "int8")
+    hits = positions = 0
+    for prompt, continuation in zip(real.prompts, reference, strict=True):
+        with torch.no_grad():
+            logits = int8(torch.tensor([prompt + continuation[:-1]]))[0, len(prompt) - 1 :]
+        hits += sum(a == b for a, b in zip(logits.argmax(-1).tolist(), continuation, strict=True))
+        positions += len(continuation)
+    assert hits / positions >= 0.9, f"{hits} of {positions}"
 
 
 def test_real_model_config_matches_transformers(real: RealModel) -> None:

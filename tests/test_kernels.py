@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from plainlm import quantize
 from plainlm.config import Config
 from plainlm.generate import generate
 from plainlm.kernels import kernels_loaded
-from plainlm.model import GPT, KVCache
+from plainlm.model import GPT, KVCache, project
 from plainlm.quantize import (
     Int4Linear,
     Int8Linear,
@@ -126,6 +127,30 @@ def test_the_matmul_kernels_refuse_what_they_cannot_run() -> None:
     weight, scales = quantize_int8(torch.randn(16, 64))
     with pytest.raises(RuntimeError, match="must be contiguous int8 tiles"):
         torch.ops.plainlm.int8_matmul(torch.randn(1, 64), weight, scales)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_layers_that_read_one_input_share_one_kernel_call(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.project (q, k, v; gate, up): one call of int8_matmuls / int4_matmuls, the same outputs, biases
+    included, as one call per layer; with a gradient to pass back, one call each (through their backward)."""
+    torch.manual_seed(0)
+    layers = [
+        quantize._quantize_linear(torch.nn.Linear(64, n, bias=bias), mode, 32 if mode == "int4" else None)
+        for n, bias in ((48, True), (16, False), (32, True))
+    ]
+    x = torch.randn(2, 3, 64)
+    shared = getattr(torch.ops.plainlm, f"{mode}_matmuls")
+    calls = []
+    monkeypatch.setattr(torch.ops.plainlm, f"{mode}_matmuls", lambda *args: calls.append(1) or shared(*args))
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            together, alone = project(x.to(dtype), *layers), [layer(x.to(dtype)) for layer in layers]
+        for a, b in zip(together, alone, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert len(calls) == 2
+    x.requires_grad_(True)
+    sum(y.sum() for y in project(x, *layers)).backward()
+    assert len(calls) == 2 and x.grad is not None
 
 
 @pytest.mark.parametrize(("B", "H", "KH", "D"), [(1, 4, 4, 16), (3, 6, 2, 64), (2, 9, 3, 64), (1, 8, 1, 32)])

@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "vnni_common.h"
 
@@ -86,18 +87,34 @@ void rows_block(const uint8_t* tiles, const uint16_t* scales_and_zeros, const pl
   }
 }
 
-at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales_and_zeros,
-                       int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_matmul: x must be a contiguous (M, K) matrix");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_matmul: x must be fp32 or bf16");
+void check_weights(const at::Tensor& tiles, const at::Tensor& scales_and_zeros, int64_t K, int64_t G) {
   TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 3 && tiles.size(2) == 64,
               "int4_matmul: the weights must be contiguous uint8 tiles (N/16, K/8, 64); see quantize.tile_nibbles");
-  const int64_t M = x.size(0), K = x.size(1), N = tiles.size(0) * kRows, G = group_size;
   TORCH_CHECK(tiles.size(1) * 8 == K, "int4_matmul: the tiles hold ", tiles.size(1) * 8, " inputs, x has ", K);
   TORCH_CHECK(G > 0 && G % kInputsPerStep == 0 && K % G == 0, "int4_matmul: needs groups of a multiple of 16 inputs");
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
-                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == K / G && scales_and_zeros.size(1) == N,
+                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == K / G &&
+                  scales_and_zeros.size(1) == tiles.size(0) * kRows,
               "int4_matmul: scales_and_zeros must be contiguous bf16 (K/G, N, 2)");
+}
+
+// x @ W_i^T for every weight i, all reading the same x (a layer's q, k and v; gate and up): the
+// activations are rounded once, and one parallel loop covers every matrix's blocks. Decoding a small
+// model makes some 200 calls a step, and each call costs microseconds of dispatch: one call for
+// several matrices saves them.
+std::vector<at::Tensor> int4_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales_and_zeros,
+                                     int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_matmul: x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_matmul: x must be fp32 or bf16");
+  TORCH_CHECK(tiles.size() == scales_and_zeros.size(), "int4_matmuls: one scales_and_zeros per tiles");
+  const int64_t M = x.size(0), K = x.size(1), G = group_size;
+  std::vector<at::Tensor> outputs;
+  std::vector<int64_t> first_block = {0};  // matrix i has blocks first_block[i] .. first_block[i + 1] - 1
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    check_weights(tiles[i], scales_and_zeros[i], K, G);
+    outputs.push_back(at::empty({M, tiles[i].size(0) * kRows}, x.options().dtype(at::kFloat)));
+    first_block.push_back(first_block.back() + tiles[i].size(0));
+  }
 
   thread_local plainlm_vnni::QuantizedInputs in;
   if (x.scalar_type() == at::kFloat) {
@@ -105,23 +122,35 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::T
   } else {
     plainlm_vnni::quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, G, in);
   }
-
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const uint8_t* w = tiles.data_ptr<uint8_t>();
-  const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<c10::BFloat16>());
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
+    size_t i = 0;
     for (int64_t block = begin; block < end; ++block) {
-      rows_block(w, sz, in, M, N, K, G, block * kRows, out);
+      while (block >= first_block[i + 1]) ++i;
+      const int64_t N = outputs[i].size(1);
+      rows_block(tiles[i].data_ptr<uint8_t>(),
+                 reinterpret_cast<const uint16_t*>(scales_and_zeros[i].data_ptr<c10::BFloat16>()), in, M, N, K, G,
+                 (block - first_block[i]) * kRows, outputs[i].data_ptr<float>());
     }
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (x.scalar_type() != at::kFloat) {
+    for (at::Tensor& y : outputs) y = y.to(x.scalar_type());
+  }
+  return outputs;
+}
+
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales_and_zeros,
+                       int64_t group_size) {
+  return int4_matmuls(x, {tiles}, {scales_and_zeros}, group_size)[0];
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(plainlm, m) {
   m.def("int4_matmul(Tensor x, Tensor tiles, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("int4_matmuls(Tensor x, Tensor[] tiles, Tensor[] scales_and_zeros, int group_size) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(plainlm, CPU, m) { m.impl("int4_matmul", &int4_matmul); }
+TORCH_LIBRARY_IMPL(plainlm, CPU, m) {
+  m.impl("int4_matmul", &int4_matmul);
+  m.impl("int4_matmuls", &int4_matmuls);
+}

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "vnni_common.h"
 
@@ -68,16 +69,28 @@ void rows_block(const int8_t* tiles, const uint16_t* scales, const plainlm_vnni:
   }
 }
 
-at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_matmul: x must be a contiguous (M, K) matrix");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_matmul: x must be fp32 or bf16");
+void check_weights(const at::Tensor& tiles, const at::Tensor& scales, int64_t K) {
   TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.is_contiguous() && tiles.dim() == 3 && tiles.size(2) == 64,
               "int8_matmul: the weights must be contiguous int8 tiles (N/16, K/4, 64); see quantize.tile_int8");
-  const int64_t M = x.size(0), K = x.size(1), N = tiles.size(0) * kRows;
   TORCH_CHECK(tiles.size(1) * 4 == K, "int8_matmul: the tiles hold ", tiles.size(1) * 4, " inputs, x has ", K);
-  TORCH_CHECK(K % kGroup == 0, "int8_matmul: needs a multiple of 64 inputs");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() == N,
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() == tiles.size(0) * kRows,
               "int8_matmul: scales must be contiguous bf16 (N,)");
+}
+
+// x @ W_i^T for every weight i, all reading the same x: as int4_matmuls in int4_matmul.cpp.
+std::vector<at::Tensor> int8_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_matmul: x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_matmul: x must be fp32 or bf16");
+  TORCH_CHECK(tiles.size() == scales.size(), "int8_matmuls: one scales per tiles");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % kGroup == 0, "int8_matmul: needs a multiple of 64 inputs");
+  std::vector<at::Tensor> outputs;
+  std::vector<int64_t> first_block = {0};  // matrix i has blocks first_block[i] .. first_block[i + 1] - 1
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    check_weights(tiles[i], scales[i], K);
+    outputs.push_back(at::empty({M, tiles[i].size(0) * kRows}, x.options().dtype(at::kFloat)));
+    first_block.push_back(first_block.back() + tiles[i].size(0));
+  }
 
   thread_local plainlm_vnni::QuantizedInputs in;
   if (x.scalar_type() == at::kFloat) {
@@ -85,18 +98,32 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::T
   } else {
     plainlm_vnni::quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, kGroup, in);
   }
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const int8_t* w = tiles.data_ptr<int8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) rows_block(w, s, in, M, N, K, block * kRows, out);
+  at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
+    size_t i = 0;
+    for (int64_t block = begin; block < end; ++block) {
+      while (block >= first_block[i + 1]) ++i;
+      rows_block(tiles[i].data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scales[i].data_ptr<c10::BFloat16>()),
+                 in, M, outputs[i].size(1), K, (block - first_block[i]) * kRows, outputs[i].data_ptr<float>());
+    }
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (x.scalar_type() != at::kFloat) {
+    for (at::Tensor& y : outputs) y = y.to(x.scalar_type());
+  }
+  return outputs;
+}
+
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales) {
+  return int8_matmuls(x, {tiles}, {scales})[0];
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(plainlm, m) { m.def("int8_matmul(Tensor x, Tensor tiles, Tensor scales) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(plainlm, m) {
+  m.def("int8_matmul(Tensor x, Tensor tiles, Tensor scales) -> Tensor");
+  m.def("int8_matmuls(Tensor x, Tensor[] tiles, Tensor[] scales) -> Tensor[]");
+}
 
-TORCH_LIBRARY_IMPL(plainlm, CPU, m) { m.impl("int8_matmul", &int8_matmul); }
+TORCH_LIBRARY_IMPL(plainlm, CPU, m) {
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_matmuls", &int8_matmuls);
+}
