@@ -103,7 +103,8 @@ def generate_tokens(
     (tens of seconds on a small CPU), later steps lose most of Python's per-op overhead. The
     cache is then rounded up to a multiple of COMPILED_CACHE_MULTIPLE slots (the unused slots
     are masked), so later calls with other prompt lengths reuse the compiled step, and the cache
-    stays on the model after the call, for the next one (`model.clear_kv_cache()` frees it).
+    stays on the model after the call, for the next one (`model.clear_kv_cache()` frees it; a forward
+    without `input_pos` ignores it).
     """
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]

@@ -88,8 +88,9 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
-        input_pos (T,): cache slots these tokens occupy; needed when a KV cache is set
-            (without one, tokens are the positions 0..T-1).
+        input_pos (T,): the KV cache slots these tokens occupy. With it, the cache set by
+            set_kv_cache is written and read; without it, this is a plain pass over idx (tokens at
+            positions 0..T-1) that leaves any cache untouched.
         position_ids (B, T): positions for RoPE / learned embeddings; default input_pos.
             Left-padded batches and packed sequences pass their own.
         attention_mask (B, 1, T, S) bool: True where a query may see a key, on top of causality
@@ -97,16 +98,10 @@ class GPT(nn.Module):
         """
         c = self.config
         B, T = idx.shape
-        cache = self.blocks[0].attn.kv_cache
-        if cache is not None and input_pos is None:
-            raise ValueError(
-                "a KV cache is set: pass input_pos, the cache slots of these tokens, or remove the cache with "
-                "model.clear_kv_cache() (generate(compile=True) leaves its cache for the next call)"
-            )
-        if input_pos is None:
-            input_pos = torch.arange(T, device=idx.device)
+        cache = self.blocks[0].attn.kv_cache if input_pos is not None else None
+        positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
         if position_ids is None:
-            position_ids = input_pos.unsqueeze(0).expand(B, T)
+            position_ids = positions.unsqueeze(0).expand(B, T)
         # (An empty batch, 0 rows, still runs: a rank out of validation data keeps step with the others.)
         if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= c.block_size:
             raise ValueError(f"position {int(position_ids.max())} is past the model's context of {c.block_size} tokens")
@@ -117,14 +112,14 @@ class GPT(nn.Module):
         if c.position_embedding == "learned":
             x = x + self.pos_embed(position_ids)
 
-        masks = self._attention_masks(input_pos, None if cache is None else cache.k.shape[2], attention_mask)
+        masks = self._attention_masks(positions, None if cache is None else cache.k.shape[2], attention_mask)
         ropes = self._ropes(position_ids, x.dtype)
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, ropes[sliding], masks[sliding], input_pos, use_reentrant=False)
             else:
-                x = block(x, ropes[sliding], masks[sliding], input_pos)
+                x = block(x, ropes[sliding], masks[sliding], input_pos)  # input_pos None: no cache
         x = self.final_norm(x)
         logits = self.lm_head(x)
         if c.final_logit_softcap is not None:  # Gemma 2
@@ -188,7 +183,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        input_pos: torch.Tensor,
+        input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
         h = self.attn_norm(x)
         attn_out = self.post_attn_norm(self.attn(h, rope, mask, input_pos))
@@ -220,7 +215,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        input_pos: torch.Tensor,
+        input_pos: torch.Tensor | None,
     ) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
@@ -236,14 +231,16 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-        y = self.attend(q, k, v, mask)
+        cache = self.kv_cache if input_pos is not None else None  # see GPT.forward
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)
+        y = self.attend(q, k, v, mask, cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
         c = self.config
-        cache = self.kv_cache
         one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
         if one_new_token and cache.decode_kernel and c.attention_logit_softcap is None:
             # One new token on the CPU: plainlm's kernel visits only the cache slots the mask allows

@@ -260,5 +260,12 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
     assert kept is not None
     assert generate(model, [prompts[0]], 6, compile=True) == eager[0]
     assert model.blocks[0].attn.kv_cache is kept
+    # A forward without input_pos is a plain pass that neither reads nor writes the kept cache.
+    idx, cached_keys = torch.tensor([prompts[1]]), kept.k.clone()
+    with torch.no_grad():
+        with_cache = model(idx)
+        model.clear_kv_cache()
+        torch.testing.assert_close(with_cache, model(idx), rtol=0, atol=0)
+    assert torch.equal(kept.k, cached_keys)
     generate(model, [prompts[0]], 6)
     assert model.blocks[0].attn.kv_cache is None  # eager decoding frees its cache
