@@ -53,7 +53,9 @@ def sample(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        # max's indices are argmax's (the first maximum), at a third of its time on the CPU here (61 -> 22 us
+        # over SmolLM2's 49k logits, about 1% of an int4 decode step).
+        return logits.max(dim=-1).indices
     logits = logits.float() / temperature
     candidates = None  # token ids of the columns of `logits` once it holds only the best ones, best first
     if top_k is not None and top_k < logits.shape[-1]:

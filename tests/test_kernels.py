@@ -163,10 +163,12 @@ def test_decode_attention_matches_sdpa(B: int, H: int, KH: int, D: int) -> None:
     for b in range(B):
         mask[b, 2 * b : 30 - b] = True
         mask[b, 10 + b] = False
-    for m in (mask, mask[:1]):  # per row, and one mask for the whole batch
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :], scale=0.3, enable_gqa=True)
-        y = torch.ops.plainlm.decode_attention(q.reshape(B, H, D), k, v, m.contiguous(), 0.3)
-        torch.testing.assert_close(y.view(B, H, 1, D), expected, rtol=1e-5, atol=1e-6)
+    for m, scale in ((mask, 0.3), (mask[:1], 0.3), (mask, 3.0)):  # per row, one for the batch; a peaked softmax
+        # Against SDPA in float64: at scale 3, SDPA's own fp32 result is 6e-6 off it, the kernel's 5e-6.
+        qkv = (q.double(), k.double(), v.double())
+        expected = F.scaled_dot_product_attention(*qkv, attn_mask=m[:, None, None, :], scale=scale, enable_gqa=True)
+        y = torch.ops.plainlm.decode_attention(q.reshape(B, H, D), k, v, m.contiguous(), scale)
+        torch.testing.assert_close(y.view(B, H, 1, D).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def without_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,6 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -33,39 +32,68 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return _mm512_reduce_add_ps(acc);
 }
 
-inline void add_scaled(float* out, const float* v, float weight, int64_t D) {
-  const __m512 w = _mm512_set1_ps(weight);
-  for (int64_t d = 0; d < D; d += kLanes) {
-    _mm512_storeu_ps(out + d, _mm512_fmadd_ps(w, _mm512_loadu_ps(v + d), _mm512_loadu_ps(out + d)));
-  }
+// e^x for 16 floats, x <= 0 here (scores less their maximum): 2^(x log2 e) = 2^n 2^f, n the nearest integer,
+// f in [-0.5, 0.5] and 2^f a degree-6 Taylor polynomial (relative error ~1e-7). One call of the C
+// library's expf per score cost more than the rest of the kernel together.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381610e-4f);            // ln2^6 / 6!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 5!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 4!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 3!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n, 0 once n is far enough below the float range
 }
 
 // One (sequence, KV head): its group of query heads against the allowed slots of its keys and values.
+// Each key and value row is read once for the whole group.
 void attend_group(const float* q, const float* k, const float* v, const bool* mask, int64_t group, int64_t S,
                   int64_t D, float scale, float* out) {
   thread_local std::vector<int32_t> slots;  // reused: a decode step calls this once per layer and KV head
-  thread_local std::vector<float> scores;
+  thread_local std::vector<float> weights;  // (group, slots), padded to whole registers
   slots.clear();
   for (int64_t s = 0; s < S; ++s) {
     if (mask[s]) slots.push_back(static_cast<int32_t>(s));
   }
-  scores.resize(slots.size());
-  for (int64_t j = 0; j < group; ++j) {
-    const float* query = q + j * D;
-    float* result = out + j * D;
-    for (int64_t d = 0; d < D; ++d) result[d] = 0.f;
-    if (slots.empty()) continue;  // nothing to attend to: zeros, where SDPA would give NaN
-    float highest = -std::numeric_limits<float>::infinity();
-    for (size_t i = 0; i < slots.size(); ++i) {
-      scores[i] = scale * dot(query, k + slots[i] * D, D);
-      highest = std::fmax(highest, scores[i]);
+  const int64_t n = static_cast<int64_t>(slots.size()), stride = (n + kLanes - 1) / kLanes * kLanes;
+  for (int64_t i = 0; i < group * D; ++i) out[i] = 0.f;
+  if (n == 0) return;  // nothing to attend to: zeros, where SDPA would give NaN
+  weights.assign(group * stride, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* key = k + slots[i] * D;
+    for (int64_t j = 0; j < group; ++j) weights[j * stride + i] = scale * dot(q + j * D, key, D);
+  }
+  for (int64_t j = 0; j < group; ++j) {  // softmax over the slots, 16 at a time
+    float* w = weights.data() + j * stride;
+    __m512 highest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      highest = _mm512_mask_max_ps(highest, valid, highest, _mm512_loadu_ps(w + i));
     }
-    float total = 0.f;
-    for (size_t i = 0; i < slots.size(); ++i) {
-      scores[i] = std::exp(scores[i] - highest);
-      total += scores[i];
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(highest));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(w + i), top)));
+      _mm512_storeu_ps(w + i, e);
+      total = _mm512_add_ps(total, e);
     }
-    for (size_t i = 0; i < slots.size(); ++i) add_scaled(result, v + slots[i] * D, scores[i] / total, D);
+    const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+    for (int64_t i = 0; i < n; i += kLanes) _mm512_storeu_ps(w + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), inverse));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* value = v + slots[i] * D;
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const __m512 row = _mm512_loadu_ps(value + d);
+      for (int64_t j = 0; j < group; ++j) {
+        float* result = out + j * D + d;
+        _mm512_storeu_ps(result, _mm512_fmadd_ps(_mm512_set1_ps(weights[j * stride + i]), row, _mm512_loadu_ps(result)));
+      }
+    }
   }
 }
 
