@@ -10,14 +10,15 @@
 
 int4_matmul.cpp       x @ W^T for int4 and int8 weights in 16-row tiles (quantize.tile_nibbles,
 int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activations rounded
-                      to int8: decoding at memory speed.
+                      to int8: decoding at memory speed. The *_matmuls forms take several weights
+                      that read one input (q, k, v) in one call.
 vnni_common.h         what the two share.
 decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots.
 
 Each file's header gives its math. Batch-1 decoding at one thread spends its time in these
 kernels and in per-call overhead; llama.cpp, the peer to beat, is C throughout.
 
-The first use compiles both files with the system's C++ compiler through torch.utils.cpp_extension
+The first use compiles the three files with the system's C++ compiler through torch.utils.cpp_extension
 (a few seconds; cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR, and rebuilt when
 a source changes). Where the CPU lacks AVX512-VNNI or the build fails, the `*_fits` checks answer
 False, with one warning saying why, and the callers use PyTorch's own kernels instead.
