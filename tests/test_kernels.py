@@ -113,6 +113,29 @@ def test_int4_matmul_stays_within_one_percent_of_the_float_product() -> None:
     assert (y - exact).norm() / exact.norm() < 0.01
 
 
+def test_the_matmul_kernels_give_the_same_bits_on_any_thread_count() -> None:
+    """Large matrices are split across threads by blocks of 16 rows, each computed whole by one thread."""
+    torch.manual_seed(0)
+    w, x = torch.randn(4096, 576), torch.randn(3, 576)  # 1.2 MB of int4: several threads' shares
+    nibbles, scales_and_zeros = quantize_int4(w, 64)
+    weight, scales = quantize_int8(w)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outputs.append(
+                (
+                    torch.ops.plainlm.int4_matmul(x, tile_nibbles(nibbles), scales_and_zeros, 64),
+                    torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*outputs, strict=True):
+        assert torch.equal(one, two)
+
+
 def test_the_matmul_kernels_refuse_what_they_cannot_run() -> None:
     nibbles, scales_and_zeros = quantize_int4(torch.randn(16, 64), 64)
     tiles = tile_nibbles(nibbles)

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / name for name in ("int4_matmul.cpp", "int8_matmul.cpp", "decode_attention.cpp")]
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
+# -fopenmp: at::parallel_for (ATen/ParallelOpenMP.h) runs its loop on one thread without it.
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp"]
 ROWS_PER_BLOCK = 16  # the matmul kernels compute 16 output rows per register
 INT4_GROUP_MULTIPLE = 16  # int4_matmul reads 16 inputs per step, and a group holds whole steps
 INT8_INPUT_MULTIPLE = 64  # int8_matmul rounds its activations per 64 inputs

@@ -115,7 +115,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
+  // A (sequence, KV head) is microseconds of work: threads share them only when there are several each.
+  at::parallel_for(0, B * KH, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KH, h = i % KH;
       attend_group(qp + (b * H + h * group) * D, kp + i * S * D, vp + i * S * D, mp + (mask.size(0) == 1 ? 0 : b * S),

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <vector>
 
 #include "vnni_common.h"
@@ -92,13 +93,16 @@ std::vector<at::Tensor> int8_matmuls(const at::Tensor& x, at::TensorList tiles, 
     first_block.push_back(first_block.back() + tiles[i].size(0));
   }
 
-  thread_local plainlm_vnni::QuantizedInputs in;
+  thread_local plainlm_vnni::QuantizedInputs rounded;
+  // The workers of the parallel loop below have thread_locals of their own: they read the caller's.
+  plainlm_vnni::QuantizedInputs& in = rounded;
   if (x.scalar_type() == at::kFloat) {
     plainlm_vnni::quantize_inputs(x.data_ptr<float>(), M, K, kGroup, in);
   } else {
     plainlm_vnni::quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, kGroup, in);
   }
-  at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, plainlm_vnni::kBytesPerTask / (kRows * K));  // blocks
+  at::parallel_for(0, first_block.back(), grain, [&](int64_t begin, int64_t end) {
     size_t i = 0;
     for (int64_t block = begin; block < end; ++block) {
       while (block >= first_block[i + 1]) ++i;

@@ -12,6 +12,9 @@
 namespace plainlm_vnni {
 
 constexpr int64_t kRows = 16;  // output rows per block: one zmm of results, one 32-bit lane each
+// A thread's share of a matmul is at least this many bytes of weights: a smaller one (a few us of
+// reading) would cost about as much in handing it to another thread as it saves.
+constexpr int64_t kBytesPerTask = 64 * 1024;
 
 // The activations of one call, rounded to int8 per group of G: x ~= d * xq. The buffers are per
 // thread and reused from call to call: a decode step makes some 200 calls.
