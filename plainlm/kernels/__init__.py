@@ -15,8 +15,10 @@ int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activ
 vnni_common.h         what the two share.
 decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots.
 
-Each file's header gives its math. Batch-1 decoding at one thread spends its time in these
-kernels and in per-call overhead; llama.cpp, the peer to beat, is C throughout.
+Each file's header gives its math. Batch-1 decoding spends its time in these kernels and in
+per-call overhead; llama.cpp, the peer to beat, is C throughout. The matmuls split a matrix across
+torch's threads by blocks of 16 rows (a share is at least 64 KB of weights), so any thread count
+gives the same bits.
 
 The first use compiles the three files with the system's C++ compiler through torch.utils.cpp_extension
 (a few seconds; cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR, and rebuilt when
