@@ -11,9 +11,10 @@ int4  groups of `group_size` inputs (default 64), asymmetric: w = (q - 8) * scal
       Forward: plainlm's own kernel (kernels/int4_matmul.cpp: int8 activations, AVX512-VNNI dot
       products). Where it cannot run (no VNNI, groups not a multiple of 16, rows not a multiple of
       16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed for it at load time.
-plainlm's kernels read the same bytes in their own order, tiles of 16 rows (`tile_int8`,
-`tile_nibbles`): a layer that runs them rearranges its matrix in place, and saves it as rows.
 nf4   bitsandbytes' Linear4bit (NF4 blocks of 64, double-quantized scales): it also trains (QLoRA).
+
+plainlm's kernels read the same bytes in their own order, tiles of 16 rows (`tile_int8`,
+`tile_nibbles`): an int8/int4 layer that runs them rearranges its matrix in place, and saves rows.
 
 All three serve as QLoRA's frozen base: the integer kernels have no backward, so QuantizedMatmul
 passes the input's gradient through the dequantized weight.
