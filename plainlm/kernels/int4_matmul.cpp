@@ -25,15 +25,12 @@
 // Built on first use by plainlm/kernels/__init__.py (torch.utils.cpp_extension) and registered as
 // the operator torch.ops.plainlm.int4_matmul, so torch.compile calls it inside a compiled graph.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <algorithm>
 #include <vector>
 
 #include "vnni_common.h"
@@ -105,41 +102,16 @@ void check_weights(const at::Tensor& tiles, const at::Tensor& scales_and_zeros, 
 // several matrices saves them.
 std::vector<at::Tensor> int4_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales_and_zeros,
                                      int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_matmul: x must be a contiguous (M, K) matrix");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_matmul: x must be fp32 or bf16");
+  plainlm_vnni::check_inputs("int4_matmul", x);
   TORCH_CHECK(tiles.size() == scales_and_zeros.size(), "int4_matmuls: one scales_and_zeros per tiles");
   const int64_t M = x.size(0), K = x.size(1), G = group_size;
-  std::vector<at::Tensor> outputs;
-  std::vector<int64_t> first_block = {0};  // matrix i has blocks first_block[i] .. first_block[i + 1] - 1
-  for (size_t i = 0; i < tiles.size(); ++i) {
-    check_weights(tiles[i], scales_and_zeros[i], K, G);
-    outputs.push_back(at::empty({M, tiles[i].size(0) * kRows}, x.options().dtype(at::kFloat)));
-    first_block.push_back(first_block.back() + tiles[i].size(0));
-  }
-
-  thread_local plainlm_vnni::QuantizedInputs rounded;
-  // The workers of the parallel loop below have thread_locals of their own: they read the caller's.
-  plainlm_vnni::QuantizedInputs& in = rounded;
-  if (x.scalar_type() == at::kFloat) {
-    plainlm_vnni::quantize_inputs(x.data_ptr<float>(), M, K, G, in);
-  } else {
-    plainlm_vnni::quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, G, in);
-  }
-  const int64_t grain = std::max<int64_t>(1, plainlm_vnni::kBytesPerTask / (kRows * K / 2));  // blocks
-  at::parallel_for(0, first_block.back(), grain, [&](int64_t begin, int64_t end) {
-    size_t i = 0;
-    for (int64_t block = begin; block < end; ++block) {
-      while (block >= first_block[i + 1]) ++i;
-      const int64_t N = outputs[i].size(1);
-      rows_block(tiles[i].data_ptr<uint8_t>(),
-                 reinterpret_cast<const uint16_t*>(scales_and_zeros[i].data_ptr<c10::BFloat16>()), in, M, N, K, G,
-                 (block - first_block[i]) * kRows, outputs[i].data_ptr<float>());
-    }
-  });
-  if (x.scalar_type() != at::kFloat) {
-    for (at::Tensor& y : outputs) y = y.to(x.scalar_type());
-  }
-  return outputs;
+  for (size_t i = 0; i < tiles.size(); ++i) check_weights(tiles[i], scales_and_zeros[i], K, G);
+  return plainlm_vnni::multiply_each(
+      x, tiles, G, kRows * K / 2, [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y) {
+        rows_block(tiles[i].data_ptr<uint8_t>(),
+                   reinterpret_cast<const uint16_t*>(scales_and_zeros[i].data_ptr<c10::BFloat16>()), in, M,
+                   tiles[i].size(0) * kRows, K, G, n0, y);
+      });
 }
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales_and_zeros,

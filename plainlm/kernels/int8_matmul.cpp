@@ -19,15 +19,12 @@
 //
 // Built on first use by plainlm/kernels/__init__.py and registered as torch.ops.plainlm.int8_matmul.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <algorithm>
 #include <vector>
 
 #include "vnni_common.h"
@@ -80,40 +77,16 @@ void check_weights(const at::Tensor& tiles, const at::Tensor& scales, int64_t K)
 
 // x @ W_i^T for every weight i, all reading the same x: as int4_matmuls in int4_matmul.cpp.
 std::vector<at::Tensor> int8_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_matmul: x must be a contiguous (M, K) matrix");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_matmul: x must be fp32 or bf16");
+  plainlm_vnni::check_inputs("int8_matmul", x);
   TORCH_CHECK(tiles.size() == scales.size(), "int8_matmuls: one scales per tiles");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kGroup == 0, "int8_matmul: needs a multiple of 64 inputs");
-  std::vector<at::Tensor> outputs;
-  std::vector<int64_t> first_block = {0};  // matrix i has blocks first_block[i] .. first_block[i + 1] - 1
-  for (size_t i = 0; i < tiles.size(); ++i) {
-    check_weights(tiles[i], scales[i], K);
-    outputs.push_back(at::empty({M, tiles[i].size(0) * kRows}, x.options().dtype(at::kFloat)));
-    first_block.push_back(first_block.back() + tiles[i].size(0));
-  }
-
-  thread_local plainlm_vnni::QuantizedInputs rounded;
-  // The workers of the parallel loop below have thread_locals of their own: they read the caller's.
-  plainlm_vnni::QuantizedInputs& in = rounded;
-  if (x.scalar_type() == at::kFloat) {
-    plainlm_vnni::quantize_inputs(x.data_ptr<float>(), M, K, kGroup, in);
-  } else {
-    plainlm_vnni::quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, kGroup, in);
-  }
-  const int64_t grain = std::max<int64_t>(1, plainlm_vnni::kBytesPerTask / (kRows * K));  // blocks
-  at::parallel_for(0, first_block.back(), grain, [&](int64_t begin, int64_t end) {
-    size_t i = 0;
-    for (int64_t block = begin; block < end; ++block) {
-      while (block >= first_block[i + 1]) ++i;
-      rows_block(tiles[i].data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scales[i].data_ptr<c10::BFloat16>()),
-                 in, M, outputs[i].size(1), K, (block - first_block[i]) * kRows, outputs[i].data_ptr<float>());
-    }
-  });
-  if (x.scalar_type() != at::kFloat) {
-    for (at::Tensor& y : outputs) y = y.to(x.scalar_type());
-  }
-  return outputs;
+  for (size_t i = 0; i < tiles.size(); ++i) check_weights(tiles[i], scales[i], K);
+  return plainlm_vnni::multiply_each(
+      x, tiles, kGroup, kRows * K, [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y) {
+        rows_block(tiles[i].data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scales[i].data_ptr<c10::BFloat16>()),
+                   in, M, tiles[i].size(0) * kRows, K, n0, y);
+      });
 }
 
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales) {

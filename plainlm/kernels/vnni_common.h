@@ -1,9 +1,15 @@
 // What plainlm's integer matmul kernels share (int4_matmul.cpp, int8_matmul.cpp): activations rounded to
-// int8 per group once per call, and the broadcast of four of them against a tile of 16 rows.
+// int8 per group once per call, the broadcast of four of them against a tile of 16 rows, and the loop
+// that runs every 16-row block of every matrix of a call.
 #pragma once
 
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,6 +67,45 @@ inline __m512i broadcast_four(const int8_t* xq) {
   int32_t four;
   std::memcpy(&four, xq, sizeof(four));
   return _mm512_set1_epi32(four);
+}
+
+inline void check_inputs(const char* kernel, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), kernel, ": x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, kernel, ": x must be fp32 or bf16");
+}
+
+// x @ W_i^T for every matrix i of `tiles` (checked by the caller), all reading the same x: x is rounded
+// once per group of G, and one parallel loop runs block(i, first_row, rounded x, output i) for every
+// 16-row block of every matrix, a thread's share at least kBytesPerTask of weights.
+template <typename Block>
+std::vector<at::Tensor> multiply_each(const at::Tensor& x, at::TensorList tiles, int64_t G, int64_t bytes_per_block,
+                                      const Block& block) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<at::Tensor> outputs;
+  std::vector<int64_t> first_block = {0};  // matrix i has blocks first_block[i] .. first_block[i + 1] - 1
+  for (const at::Tensor& t : tiles) {
+    outputs.push_back(at::empty({M, t.size(0) * kRows}, x.options().dtype(at::kFloat)));
+    first_block.push_back(first_block.back() + t.size(0));
+  }
+  thread_local QuantizedInputs rounded;
+  QuantizedInputs& in = rounded;  // the loop's workers have thread_locals of their own: they read the caller's
+  if (x.scalar_type() == at::kFloat) {
+    quantize_inputs(x.data_ptr<float>(), M, K, G, in);
+  } else {
+    quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, G, in);
+  }
+  at::parallel_for(0, first_block.back(), std::max<int64_t>(1, kBytesPerTask / bytes_per_block),
+                   [&](int64_t begin, int64_t end) {
+                     size_t i = 0;
+                     for (int64_t b = begin; b < end; ++b) {
+                       while (b >= first_block[i + 1]) ++i;
+                       block(i, (b - first_block[i]) * kRows, in, outputs[i].data_ptr<float>());
+                     }
+                   });
+  if (x.scalar_type() != at::kFloat) {
+    for (at::Tensor& y : outputs) y = y.to(x.scalar_type());
+  }
+  return outputs;
 }
 
 }  // namespace plainlm_vnni
