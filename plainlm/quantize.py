@@ -159,6 +159,12 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return layer.matmul(x)
 
 
+def kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as plainlm's matmul kernels take it: a contiguous (M, K) matrix of fp32 or bf16."""
+    x2 = x.reshape(-1, in_features)
+    return x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+
+
 def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     """x through int8 or int4 layers that all read it (model.project), in one call of plainlm's kernel when
     they all run it and no gradient flows; otherwise one call each. The outputs are the same either way."""
@@ -170,8 +176,7 @@ def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     )
     if not shared or (torch.is_grad_enabled() and x.requires_grad):
         return [layer(x) for layer in layers]
-    x2 = x.reshape(-1, first.in_features)
-    x2 = x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+    x2 = kernel_input(x, first.in_features)
     tiles = [layer.weight for layer in layers]
     if isinstance(first, Int4Linear):
         ys = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
@@ -213,12 +218,11 @@ class Int8Linear(TiledWeight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             self.pack()
-        x2 = x.reshape(-1, self.in_features)
         if self.kernel == "plainlm":
-            x2 = x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-            y = torch.ops.plainlm.int8_matmul(x2, self.weight, self.scales)
+            y = torch.ops.plainlm.int8_matmul(kernel_input(x, self.in_features), self.weight, self.scales)
         else:  # PyTorch's kernel reads bf16 activations (fp32 ones take a path ~8x slower)
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -286,7 +290,7 @@ class Int4Linear(TiledWeight):
             self.pack()
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "plainlm":
-            x2 = x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+            x2 = kernel_input(x, self.in_features)
             y = torch.ops.plainlm.int4_matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         sz = self.scales_and_zeros if self.packed_scales_and_zeros is None else self.packed_scales_and_zeros
