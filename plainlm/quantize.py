@@ -179,14 +179,12 @@ def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     x2 = kernel_input(x, first.in_features)
     tiles = [layer.weight for layer in layers]
     if isinstance(first, Int4Linear):
-        ys = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
+        y = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
     else:
-        ys = torch.ops.plainlm.int8_matmuls(x2, tiles, [layer.scales for layer in layers])
-    outputs = []
-    for y, layer in zip(ys, layers, strict=True):
-        y = y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
-        outputs.append(y if layer.bias is None else y + layer.bias)
-    return outputs
+        y = torch.ops.plainlm.int8_matmuls(x2, tiles, [layer.scales for layer in layers])
+    y = y.to(x.dtype).view(*x.shape[:-1], -1)  # the layers' outputs side by side
+    outputs = y.split([layer.out_features for layer in layers], dim=-1)
+    return [out if layer.bias is None else out + layer.bias for out, layer in zip(outputs, layers, strict=True)]
 
 
 class Int8Linear(TiledWeight):

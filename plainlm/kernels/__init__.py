@@ -2,7 +2,7 @@
 
     if int4_kernel_fits(out_features, in_features, group_size):
         y = torch.ops.plainlm.int4_matmul(x, tile_nibbles(nibbles), scales_and_zeros, group_size)
-        q, k, v = torch.ops.plainlm.int4_matmuls(x, [q_tiles, k_tiles, v_tiles], [q_sz, k_sz, v_sz], group_size)
+        qkv = torch.ops.plainlm.int4_matmuls(x, [q_tiles, k_tiles, v_tiles], [q_sz, k_sz, v_sz], group_size)
     if int8_kernel_fits(out_features, in_features):
         y = torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales)
     if decode_attention_fits(head_dim, dtype, device):
@@ -88,9 +88,9 @@ def kernels_loaded() -> bool:
         )
         return False
     torch.library.register_fake("plainlm::int4_matmul")(_int4_matmul_shape)
-    torch.library.register_fake("plainlm::int4_matmuls")(_int4_matmuls_shapes)
+    torch.library.register_fake("plainlm::int4_matmuls")(_int4_matmuls_shape)
     torch.library.register_fake("plainlm::int8_matmul")(_int8_matmul_shape)
-    torch.library.register_fake("plainlm::int8_matmuls")(_int8_matmuls_shapes)
+    torch.library.register_fake("plainlm::int8_matmuls")(_int8_matmuls_shape)
     torch.library.register_fake("plainlm::decode_attention")(_decode_attention_shape)
     return True
 
@@ -102,18 +102,18 @@ def _int4_matmul_shape(
     return x.new_empty(x.shape[0], tiles.shape[0] * ROWS_PER_BLOCK)
 
 
-def _int4_matmuls_shapes(
+def _int4_matmuls_shape(
     x: torch.Tensor, tiles: list[torch.Tensor], scales_and_zeros: list[torch.Tensor], group_size: int
-) -> list[torch.Tensor]:
-    return [x.new_empty(x.shape[0], t.shape[0] * ROWS_PER_BLOCK) for t in tiles]
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(t.shape[0] for t in tiles) * ROWS_PER_BLOCK)
 
 
 def _int8_matmul_shape(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], tiles.shape[0] * ROWS_PER_BLOCK)
 
 
-def _int8_matmuls_shapes(x: torch.Tensor, tiles: list[torch.Tensor], scales: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [x.new_empty(x.shape[0], t.shape[0] * ROWS_PER_BLOCK) for t in tiles]
+def _int8_matmuls_shape(x: torch.Tensor, tiles: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(t.shape[0] for t in tiles) * ROWS_PER_BLOCK)
 
 
 def _decode_attention_shape(

@@ -45,9 +45,9 @@ constexpr int64_t kInputsPerStep = 16;  // two 64-byte tiles per step of the inn
 // the end of the weights is harmless: prefetches never fault.
 constexpr int64_t kPrefetchAhead = 2048;  // bytes
 
-// y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs.
+// y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs; y's rows are row_stride apart.
 void rows_block(const uint8_t* tiles, const uint16_t* scales_and_zeros, const plainlm_vnni::QuantizedInputs& in,
-                int64_t M, int64_t N, int64_t K, int64_t G, int64_t n0, float* y) {
+                int64_t M, int64_t N, int64_t K, int64_t G, int64_t n0, float* y, int64_t row_stride) {
   const uint8_t* block = tiles + n0 * (K / 2);
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000));
@@ -81,7 +81,7 @@ void rows_block(const uint8_t* tiles, const uint16_t* scales_and_zeros, const pl
       result = _mm512_fmadd_ps(dots, _mm512_mul_ps(scale, _mm512_set1_ps(d)), result);
       result = _mm512_fmadd_ps(min, _mm512_set1_ps(d * static_cast<float>(in.sums[m * groups + g])), result);
     }
-    _mm512_storeu_ps(y + m * N + n0, result);
+    _mm512_storeu_ps(y + m * row_stride + n0, result);
   }
 }
 
@@ -96,34 +96,37 @@ void check_weights(const at::Tensor& tiles, const at::Tensor& scales_and_zeros, 
               "int4_matmul: scales_and_zeros must be contiguous bf16 (K/G, N, 2)");
 }
 
-// x @ W_i^T for every weight i, all reading the same x (a layer's q, k and v; gate and up): the
-// activations are rounded once, and one parallel loop covers every matrix's blocks. Decoding a small
-// model makes some 200 calls a step, and each call costs microseconds of dispatch: one call for
-// several matrices saves them.
-std::vector<at::Tensor> int4_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales_and_zeros,
-                                     int64_t group_size) {
+// x @ W_i^T for every weight i, all reading the same x (a layer's q, k and v; gate and up), side by side
+// in the columns of one result: the activations are rounded once, and one parallel loop covers every
+// matrix's blocks. Decoding a small model makes some 200 calls a step, and each call costs microseconds
+// of dispatch: one call for several matrices saves them.
+at::Tensor int4_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales_and_zeros,
+                        int64_t group_size) {
   plainlm_vnni::check_inputs("int4_matmul", x);
-  TORCH_CHECK(tiles.size() == scales_and_zeros.size(), "int4_matmuls: one scales_and_zeros per tiles");
+  TORCH_CHECK(!tiles.empty() && tiles.size() == scales_and_zeros.size(),
+              "int4_matmuls: one scales_and_zeros per tiles, at least one");
   const int64_t M = x.size(0), K = x.size(1), G = group_size;
   for (size_t i = 0; i < tiles.size(); ++i) check_weights(tiles[i], scales_and_zeros[i], K, G);
-  return plainlm_vnni::multiply_each(
-      x, tiles, G, kRows * K / 2, [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y) {
-        rows_block(tiles[i].data_ptr<uint8_t>(),
-                   reinterpret_cast<const uint16_t*>(scales_and_zeros[i].data_ptr<c10::BFloat16>()), in, M,
-                   tiles[i].size(0) * kRows, K, G, n0, y);
-      });
+  return plainlm_vnni::multiply_each(x, tiles, G, kRows * K / 2,
+                                     [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y,
+                                         int64_t row_stride) {
+                                       rows_block(tiles[i].data_ptr<uint8_t>(),
+                                                  reinterpret_cast<const uint16_t*>(
+                                                      scales_and_zeros[i].data_ptr<c10::BFloat16>()),
+                                                  in, M, tiles[i].size(0) * kRows, K, G, n0, y, row_stride);
+                                     });
 }
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales_and_zeros,
                        int64_t group_size) {
-  return int4_matmuls(x, {tiles}, {scales_and_zeros}, group_size)[0];
+  return int4_matmuls(x, {tiles}, {scales_and_zeros}, group_size);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(plainlm, m) {
   m.def("int4_matmul(Tensor x, Tensor tiles, Tensor scales_and_zeros, int group_size) -> Tensor");
-  m.def("int4_matmuls(Tensor x, Tensor[] tiles, Tensor[] scales_and_zeros, int group_size) -> Tensor[]");
+  m.def("int4_matmuls(Tensor x, Tensor[] tiles, Tensor[] scales_and_zeros, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plainlm, CPU, m) {

@@ -39,7 +39,7 @@ constexpr int64_t kPrefetchAhead = 2048;  // bytes, as in int4_matmul.cpp (prefe
 
 // y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs.
 void rows_block(const int8_t* tiles, const uint16_t* scales, const plainlm_vnni::QuantizedInputs& in, int64_t M,
-                int64_t N, int64_t K, int64_t n0, float* y) {
+                int64_t K, int64_t n0, float* y, int64_t row_stride) {
   const int8_t* block = tiles + n0 * K;
   const __m512i sign_bit = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t groups = K / kGroup;
@@ -63,7 +63,7 @@ void rows_block(const int8_t* tiles, const uint16_t* scales, const plainlm_vnni:
       const __m512i dots = _mm512_sub_epi32(sums, _mm512_set1_epi32(128 * in.sums[m * groups + g]));
       result = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(in.scales[m * groups + g]), result);
     }
-    _mm512_storeu_ps(y + m * N + n0, _mm512_mul_ps(result, row_scales));
+    _mm512_storeu_ps(y + m * row_stride + n0, _mm512_mul_ps(result, row_scales));
   }
 }
 
@@ -76,28 +76,29 @@ void check_weights(const at::Tensor& tiles, const at::Tensor& scales, int64_t K)
 }
 
 // x @ W_i^T for every weight i, all reading the same x: as int4_matmuls in int4_matmul.cpp.
-std::vector<at::Tensor> int8_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales) {
+at::Tensor int8_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorList scales) {
   plainlm_vnni::check_inputs("int8_matmul", x);
-  TORCH_CHECK(tiles.size() == scales.size(), "int8_matmuls: one scales per tiles");
+  TORCH_CHECK(!tiles.empty() && tiles.size() == scales.size(), "int8_matmuls: one scales per tiles, at least one");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kGroup == 0, "int8_matmul: needs a multiple of 64 inputs");
   for (size_t i = 0; i < tiles.size(); ++i) check_weights(tiles[i], scales[i], K);
   return plainlm_vnni::multiply_each(
-      x, tiles, kGroup, kRows * K, [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y) {
+      x, tiles, kGroup, kRows * K,
+      [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y, int64_t row_stride) {
         rows_block(tiles[i].data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(scales[i].data_ptr<c10::BFloat16>()),
-                   in, M, tiles[i].size(0) * kRows, K, n0, y);
+                   in, M, K, n0, y, row_stride);
       });
 }
 
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales) {
-  return int8_matmuls(x, {tiles}, {scales})[0];
+  return int8_matmuls(x, {tiles}, {scales});
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(plainlm, m) {
   m.def("int8_matmul(Tensor x, Tensor tiles, Tensor scales) -> Tensor");
-  m.def("int8_matmuls(Tensor x, Tensor[] tiles, Tensor[] scales) -> Tensor[]");
+  m.def("int8_matmuls(Tensor x, Tensor[] tiles, Tensor[] scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plainlm, CPU, m) {

@@ -74,19 +74,18 @@ inline void check_inputs(const char* kernel, const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, kernel, ": x must be fp32 or bf16");
 }
 
-// x @ W_i^T for every matrix i of `tiles` (checked by the caller), all reading the same x: x is rounded
-// once per group of G, and one parallel loop runs block(i, first_row, rounded x, output i) for every
-// 16-row block of every matrix, a thread's share at least kBytesPerTask of weights.
+// x @ W_i^T for every matrix i of `tiles` (checked by the caller), all reading the same x, side by side in
+// the columns of one (M, N_0 + N_1 + ...) fp32 result: x is rounded once per group of G, and one parallel
+// loop runs block(i, first_row, rounded x, y, row_stride) for every 16-row block of every matrix, y
+// pointing at matrix i's first column, a thread's share at least kBytesPerTask of weights.
 template <typename Block>
-std::vector<at::Tensor> multiply_each(const at::Tensor& x, at::TensorList tiles, int64_t G, int64_t bytes_per_block,
-                                      const Block& block) {
+at::Tensor multiply_each(const at::Tensor& x, at::TensorList tiles, int64_t G, int64_t bytes_per_block,
+                         const Block& block) {
   const int64_t M = x.size(0), K = x.size(1);
-  std::vector<at::Tensor> outputs;
   std::vector<int64_t> first_block = {0};  // matrix i has blocks first_block[i] .. first_block[i + 1] - 1
-  for (const at::Tensor& t : tiles) {
-    outputs.push_back(at::empty({M, t.size(0) * kRows}, x.options().dtype(at::kFloat)));
-    first_block.push_back(first_block.back() + t.size(0));
-  }
+  for (const at::Tensor& t : tiles) first_block.push_back(first_block.back() + t.size(0));
+  const int64_t N = first_block.back() * kRows;  // all matrices' rows: the result's columns
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   thread_local QuantizedInputs rounded;
   QuantizedInputs& in = rounded;  // the loop's workers have thread_locals of their own: they read the caller's
   if (x.scalar_type() == at::kFloat) {
@@ -94,18 +93,16 @@ std::vector<at::Tensor> multiply_each(const at::Tensor& x, at::TensorList tiles,
   } else {
     quantize_inputs(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), M, K, G, in);
   }
+  float* out = y.data_ptr<float>();
   at::parallel_for(0, first_block.back(), std::max<int64_t>(1, kBytesPerTask / bytes_per_block),
                    [&](int64_t begin, int64_t end) {
                      size_t i = 0;
                      for (int64_t b = begin; b < end; ++b) {
                        while (b >= first_block[i + 1]) ++i;
-                       block(i, (b - first_block[i]) * kRows, in, outputs[i].data_ptr<float>());
+                       block(i, (b - first_block[i]) * kRows, in, out + first_block[i] * kRows, N);
                      }
                    });
-  if (x.scalar_type() != at::kFloat) {
-    for (at::Tensor& y : outputs) y = y.to(x.scalar_type());
-  }
-  return outputs;
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace plainlm_vnni
