@@ -98,7 +98,8 @@ class LLM:
         """Continue `prompt` (or each of a list of prompts, batched). Returns only the new text.
 
         kwargs: temperature (0 = greedy), top_k, top_p, seed, truncate_prompt, chat (wrap the
-        prompt in the model's chat template as a user turn), compile (torch.compile the decode step).
+        prompt in the model's chat template as a user turn), compile (torch.compile the decode step:
+        True, or "reduce-overhead" for less per-step overhead after a longer compile).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [[] for _ in prompts]
@@ -146,7 +147,7 @@ class LLM:
         truncate_prompt: bool = False,
         chat: bool = False,
         templated: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> Iterator[list[int | None]]:
         ids = [self.encode_prompt(p, chat=chat, templated=templated) for p in prompts]
         generator = None

@@ -102,7 +102,7 @@ def generate(
     seed: int | None = None,
     chat: bool = False,
     truncate_prompt: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
@@ -119,7 +119,8 @@ def generate(
         seed: Seed for sampling, for reproducible output.
         chat: Wrap the prompt in the model's chat template as a user turn.
         truncate_prompt: Keep the end of a prompt longer than the model's context instead of failing.
-        compile: torch.compile the decode step: slow to start, faster per token.
+        compile: torch.compile the decode step: slow to start, faster per token. true, or
+            reduce-overhead: faster still per token, minutes to compile the first time (cached after).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).

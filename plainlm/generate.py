@@ -14,7 +14,7 @@ of the loop to get tokens per second.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -34,6 +34,12 @@ COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_as
 #   was compiled: 0.15 ms, as long as the KV cache modules stay too (set_kv_cache reuses them, and the
 #   compiled path keeps them between calls). skip_guard_eval_unsafe, used before, now costs more.
 DYNAMO_SETTINGS = {"use_recursive_dict_tags_for_guards": True}
+# `compile` takes True (= "default") or a mode. "reduce-overhead" cuts the cost of launching a step's ~300
+# kernels: on a GPU, torch.compile's own mode of that name (CUDA graphs); on the CPU, inductor's C++
+# wrapper, which runs the step's launch sequence in C++ instead of Python: 0.35 ms less a step on int4
+# SmolLM2 here (docs/benchmarks.md). Its first compile takes 1.5-2 minutes on 2 cores instead of about 25 s;
+# inductor caches the result on disk, so later processes load it in seconds.
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 def sample(
@@ -85,7 +91,7 @@ def generate_tokens(
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Iterator[list[int | None]]:
     """Stream new tokens for a batch of prompts, one decoding step at a time.
 
@@ -102,12 +108,14 @@ def generate_tokens(
     per row. Pads are hidden by an attention mask and every row's positions start at 0.
 
     `compile=True` runs the decode step through `torch.compile`: the first call compiles
-    (tens of seconds on a small CPU), later steps lose most of Python's per-op overhead. The
+    (tens of seconds on a small CPU), later steps lose most of Python's per-op overhead;
+    `compile="reduce-overhead"` cuts it further and compiles longer (COMPILE_MODES). The
     cache is then rounded up to a multiple of COMPILED_CACHE_MULTIPLE slots (the unused slots
     are masked), so later calls with other prompt lengths reuse the compiled step, and the cache
     stays on the model after the call, for the next one (`model.clear_kv_cache()` frees it; a forward
     without `input_pos` ignores it).
     """
+    compile_mode = _compile_mode(compile)
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]
     prompt_len = max(lengths)
@@ -117,7 +125,7 @@ def generate_tokens(
     device = model.embed.weight.device
     idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
     cache_length = prompt_len + max_new_tokens
-    if compile:
+    if compile_mode:
         rounded = -(-cache_length // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
         cache_length = min(rounded, model.config.block_size)
     slots = torch.arange(cache_length, device=device)
@@ -132,7 +140,7 @@ def generate_tokens(
 
     stop = set(stop_ids)
     done = [False] * len(prompts)
-    decode = torch.compile(model, dynamic=False, options=COMPILE_OPTIONS) if compile else model
+    decode = compile_decode_step(model, compile_mode) if compile_mode else model
     model.set_kv_cache(len(prompts), cache_length)
     try:
         logits = model(idx, input_pos=slots[:prompt_len], position_ids=prefill_positions, attention_mask=prefill_mask)
@@ -147,12 +155,28 @@ def generate_tokens(
             if position is not None:
                 position = position + 1
             slot = slots[prompt_len + step : prompt_len + step + 1]
-            with torch._dynamo.config.patch(DYNAMO_SETTINGS) if compile else contextlib.nullcontext():
+            with torch._dynamo.config.patch(DYNAMO_SETTINGS) if compile_mode else contextlib.nullcontext():
                 logits = decode(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
             token = sample(logits[:, -1], temperature, top_k, top_p, generator)
     finally:
-        if not compile:  # a compiled step keeps its cache for the next call (set_kv_cache reuses it)
+        if not compile_mode:  # a compiled step keeps its cache for the next call (set_kv_cache reuses it)
             model.clear_kv_cache()
+
+
+def compile_decode_step(model: GPT, mode: str = "default") -> Callable[..., torch.Tensor]:
+    """The model under torch.compile for decoding, in one of COMPILE_MODES."""
+    if mode == "reduce-overhead" and model.embed.weight.device.type != "cpu":
+        return torch.compile(model, mode="reduce-overhead", dynamic=False)
+    options = {**COMPILE_OPTIONS, "cpp_wrapper": mode == "reduce-overhead"}
+    return torch.compile(model, dynamic=False, options=options)
+
+
+def _compile_mode(compile: bool | str) -> str | None:
+    if compile is True or compile is False:
+        return "default" if compile else None
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
+    return compile
 
 
 def generate(
@@ -165,7 +189,7 @@ def generate(
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> list[list[int]]:
     """The new tokens of every prompt, up to but excluding the stop id that ended it.
 

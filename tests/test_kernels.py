@@ -241,3 +241,22 @@ def test_compiled_quantized_decoding_runs_plainlms_kernels(mode: str) -> None:
         assert generate(model, prompts, max_new_tokens=12, compile=True) == eager
     called = {event.key: event.count for event in profile.key_averages()}
     assert called.get(f"plainlm::{mode}_matmul", 0) > 0 and called.get("plainlm::decode_attention", 0) > 0, called
+
+
+def test_reduce_overhead_decoding_calls_the_kernels_from_cpp() -> None:
+    """compile="reduce-overhead" on the CPU: inductor's C++ wrapper calls plainlm's kernels through the
+    dispatcher (the list-taking int4_matmuls too), and a padded batch decodes eager's tokens."""
+    torch.manual_seed(0)
+    model = GPT(Config(**TINY)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    quantize_model(model, "int4")
+    prompts = [[5, 17, 33, 2, 9], [40, 41]]
+    eager = generate(model, prompts, max_new_tokens=12)
+    with torch.profiler.profile() as profile:
+        assert generate(model, prompts, max_new_tokens=12, compile="reduce-overhead") == eager
+    called = {event.key: event.count for event in profile.key_averages()}
+    assert called.get("plainlm::int4_matmuls", 0) > 0 and called.get("plainlm::decode_attention", 0) > 0, called
+    with pytest.raises(ValueError, match="compile must be True, False or one of default, reduce-overhead"):
+        generate(model, prompts, max_new_tokens=2, compile="max-autotune")
