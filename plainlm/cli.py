@@ -137,6 +137,7 @@ def generate(
         truncate_prompt=truncate_prompt,
         compile=compile,
     )
+    _note_compiling(compile)
     for piece in llm.stream(prompt, max_new_tokens, **options):
         print(piece, end="", flush=True)
     print(flush=True)
@@ -155,6 +156,7 @@ def chat(
     top_p: float | None = None,
     seed: int | None = None,
     chat_template: str | None = None,
+    compile: bool | str = False,
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
@@ -171,6 +173,7 @@ def chat(
         top_p: Sample only within the smallest set of tokens whose probability reaches top_p.
         seed: Seed for sampling, for reproducible output.
         chat_template: A named template (chatml, llama2, llama3, gemma, phi3, plain) for models without one.
+        compile: torch.compile the decode step, as for generate (true or reduce-overhead).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
@@ -181,8 +184,14 @@ def chat(
     llm = LLM.load(
         _required(checkpoint_dir), device=device, dtype=dtype, chat_template=chat_template, quantize=quantize
     )
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, compile=compile)
+    _note_compiling(compile)
     chat_loop(llm, system=system, max_new_tokens=max_new_tokens, **options)
+
+
+def _note_compiling(compile: bool | str) -> None:
+    if compile:  # the first new token waits on the compiler: say why nothing appears for a while
+        print("[compiling the decode step: up to a few minutes the first time, cached for later runs]", file=sys.stderr)
 
 
 def _required(checkpoint_dir: Path | None) -> Path:

@@ -102,8 +102,16 @@ def test_chat_with_piped_stdin_is_multi_turn(native_dir: Path) -> None:
         ],
         max_new_tokens=8,
     )
+    # --compile true: the compiled decode step gives eager's replies, turn after turn.
     result = run_cli(
-        "chat", "--checkpoint_dir", str(native_dir), "--max_new_tokens", "8", stdin="hi there\nand again\n"
+        "chat",
+        "--checkpoint_dir",
+        str(native_dir),
+        "--max_new_tokens",
+        "8",
+        "--compile",
+        "true",
+        stdin="hi there\nand again\n",
     )
     assert result.returncode == 0, result.stderr
     replies = [
