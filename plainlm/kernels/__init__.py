@@ -11,7 +11,7 @@
 int4_matmul.cpp       x @ W^T for int4 and int8 weights in 16-row tiles (quantize.tile_nibbles,
 int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activations rounded
                       to int8: decoding at memory speed. The *_matmuls forms take several weights
-                      that read one input (q, k, v) in one call.
+                      that read one input (q, k, v) in one call, their outputs side by side.
 vnni_common.h         what the two share.
 decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots.
 
