@@ -107,14 +107,12 @@ at::Tensor int4_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorLis
               "int4_matmuls: one scales_and_zeros per tiles, at least one");
   const int64_t M = x.size(0), K = x.size(1), G = group_size;
   for (size_t i = 0; i < tiles.size(); ++i) check_weights(tiles[i], scales_and_zeros[i], K, G);
-  return plainlm_vnni::multiply_each(x, tiles, G, kRows * K / 2,
-                                     [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y,
-                                         int64_t row_stride) {
-                                       rows_block(tiles[i].data_ptr<uint8_t>(),
-                                                  reinterpret_cast<const uint16_t*>(
-                                                      scales_and_zeros[i].data_ptr<c10::BFloat16>()),
-                                                  in, M, tiles[i].size(0) * kRows, K, G, n0, y, row_stride);
-                                     });
+  return plainlm_vnni::multiply_each(
+      x, tiles, G, kRows * K / 2,
+      [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y, int64_t row_stride) {
+        const auto* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros[i].data_ptr<c10::BFloat16>());
+        rows_block(tiles[i].data_ptr<uint8_t>(), sz, in, M, tiles[i].size(0) * kRows, K, G, n0, y, row_stride);
+      });
 }
 
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales_and_zeros,

@@ -37,7 +37,7 @@ using plainlm_vnni::kRows;
 constexpr int64_t kGroup = 64;  // inputs per activation scale
 constexpr int64_t kPrefetchAhead = 2048;  // bytes, as in int4_matmul.cpp (prefetches never fault)
 
-// y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs.
+// y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs; y's rows are row_stride apart.
 void rows_block(const int8_t* tiles, const uint16_t* scales, const plainlm_vnni::QuantizedInputs& in, int64_t M,
                 int64_t K, int64_t n0, float* y, int64_t row_stride) {
   const int8_t* block = tiles + n0 * K;
