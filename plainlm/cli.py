@@ -127,6 +127,7 @@ def generate(
     """
     from plainlm.api import LLM
 
+    _check_compile(compile)
     llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype, quantize=quantize)
     options = dict(
         temperature=temperature,
@@ -137,7 +138,6 @@ def generate(
         truncate_prompt=truncate_prompt,
         compile=compile,
     )
-    _note_compiling(compile)
     for piece in llm.stream(prompt, max_new_tokens, **options):
         print(piece, end="", flush=True)
     print(flush=True)
@@ -181,15 +181,18 @@ def chat(
     from plainlm.api import LLM
     from plainlm.chat import chat_loop
 
+    _check_compile(compile)
     llm = LLM.load(
         _required(checkpoint_dir), device=device, dtype=dtype, chat_template=chat_template, quantize=quantize
     )
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, compile=compile)
-    _note_compiling(compile)
     chat_loop(llm, system=system, max_new_tokens=max_new_tokens, **options)
 
 
-def _note_compiling(compile: bool | str) -> None:
+def _check_compile(compile: bool | str) -> None:
+    from plainlm.generate import check_compile
+
+    check_compile(compile)  # a bad mode fails before the model loads
     if compile:  # the first new token waits on the compiler: say why nothing appears for a while
         print("[compiling the decode step: up to a few minutes the first time, cached for later runs]", file=sys.stderr)
 

@@ -117,7 +117,7 @@ def generate_tokens(
     stays on the model after the call, for the next one (`model.clear_kv_cache()` frees it; a forward
     without `input_pos` ignores it).
     """
-    compile_mode = _compile_mode(compile)
+    compile_mode = check_compile(compile)
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]
     prompt_len = max(lengths)
@@ -174,7 +174,8 @@ def compile_decode_step(model: GPT, mode: str = "default") -> Callable[..., torc
     return torch.compile(model, dynamic=False, options=options)
 
 
-def _compile_mode(compile: bool | str) -> str | None:
+def check_compile(compile: bool | str) -> str | None:
+    """The compile mode `compile` asks for (None: eager), or a ValueError naming the ones there are."""
     if compile is True or compile is False:
         return "default" if compile else None
     if compile not in COMPILE_MODES:

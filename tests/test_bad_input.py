@@ -137,6 +137,12 @@ def test_prompt_longer_than_context(tiny_hf_dir: Path) -> None:
     assert ok.returncode == 0, ok.stderr
 
 
+def test_unknown_compile_mode_fails_before_loading(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"  # the mode is checked first: the path's error never comes
+    result = run_cli("generate", "--checkpoint_dir", str(missing), "--compile", "max-autotune")
+    assert_clean_cli_error(result, "compile must be True, False or one of default, reduce-overhead")
+
+
 def test_missing_path_and_missing_checkpoint_dir(tmp_path: Path) -> None:
     assert_clean_cli_error(run_cli("generate", "--checkpoint_dir", str(tmp_path / "nope")), "no such file or directory")
     assert_clean_cli_error(run_cli("generate"), "--checkpoint_dir")
