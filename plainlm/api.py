@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from plainlm.checkpoint import detect_format, load_checkpoint
+from plainlm.errors import InvalidInput
 from plainlm.generate import generate_tokens
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, quantize_model
@@ -84,7 +85,7 @@ class LLM:
         if quantize is not None and saved is None:
             quantize_model(model, quantize)
         elif quantize is not None and saved["mode"] != quantize:
-            raise ValueError(
+            raise InvalidInput(
                 f"{path} is saved quantized as {saved['mode']}; load it without quantize={quantize!r}, "
                 "or quantize the float checkpoint it came from"
             )
@@ -188,5 +189,5 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         "fp16": torch.float16,
     }
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]

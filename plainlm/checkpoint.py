@@ -22,16 +22,13 @@ from safetensors.torch import save_file
 
 from plainlm import quantize
 from plainlm.config import Config
+from plainlm.errors import CheckpointError
 from plainlm.model import GPT
 from plainlm.tokenizer import copy_tokenizer_files
 
 CONFIG_FILE = "config.yaml"
 QUANTIZATION_FILE = "quantization.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read: the message names the file and what to do."""
 
 
 # --- reading ---

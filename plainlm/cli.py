@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from plainlm.checkpoint import CheckpointError
+from plainlm.errors import InvalidInput, PlainlmError
 
 
 def download(
@@ -199,7 +199,9 @@ def _check_compile(compile: bool | str) -> None:
 
 def _required(checkpoint_dir: Path | None) -> Path:
     if checkpoint_dir is None:
-        raise ValueError("pass --checkpoint_dir: a plainlm checkpoint, a Hugging Face model directory or a .gguf file")
+        raise InvalidInput(
+            "pass --checkpoint_dir: a plainlm checkpoint, a Hugging Face model directory or a .gguf file"
+        )
     return checkpoint_dir
 
 
@@ -261,10 +263,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from jsonargparse import CLI
 
-    from plainlm.distributed import WorkerFailed
     from plainlm.recipe import run_recipe_command
-    from plainlm.train import TrainingDiverged
-    from plainlm.train_state import ResumeError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             run_recipe_command(getattr(importlib.import_module(module), name), f"plainlm {argv[0]}", argv[1:])
         else:
             CLI(COMMANDS, args=argv, as_positional=True)
-    except (CheckpointError, ValueError, FileNotFoundError, ResumeError, TrainingDiverged, WorkerFailed) as e:
+    except PlainlmError as e:
         # Bad input ends in one clear line, not a traceback from deep inside a library.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from plainlm.errors import InvalidInput
+
 
 @dataclass
 class Config:
@@ -92,11 +94,11 @@ class Config:
         if self.head_dim is None:
             self.head_dim = self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ValueError(
+            raise InvalidInput(
                 f"Config {self.name!r}: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"
             )
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
-            raise ValueError(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
+            raise InvalidInput(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
 
     # --- derived values ---
     @property
@@ -118,7 +120,7 @@ class Config:
 
         if name not in NAMED_CONFIGS:
             known = ", ".join(sorted(NAMED_CONFIGS))
-            raise ValueError(f"Unknown model name {name!r}. Known names: {known}")
+            raise InvalidInput(f"Unknown model name {name!r}. Known names: {known}")
         # A deep copy: callers may change hf_extra or rope_scaling without touching the table.
         return dataclasses.replace(copy.deepcopy(NAMED_CONFIGS[name]), **overrides)
 
@@ -133,11 +135,11 @@ class Config:
     def from_file(cls, path: str | Path) -> Config:
         data = yaml.safe_load(Path(path).read_text())
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, found {type(data).__name__}")
+            raise InvalidInput(f"{path}: expected a mapping of config fields, found {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown config fields {unknown}; valid fields are {sorted(known)}")
+            raise InvalidInput(f"{path}: unknown config fields {unknown}; valid fields are {sorted(known)}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,16 +32,14 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from plainlm.errors import InvalidInput, PlainlmError, WorkerFailed
+
 Strategy = Literal["auto", "ddp", "fsdp"]  # what a user asks for
 Wrapping = Literal["none", "ddp", "fsdp"]  # what a run does: auto resolved (none on one process, else ddp)
 # A collective that waits longer than this ends the run with an error instead of hanging forever (a rank that
 # died without its launcher noticing). Generous, because rank 0 alone tokenizes a pretraining corpus while
 # the others wait at a barrier.
 TIMEOUT = timedelta(minutes=30)
-
-
-class WorkerFailed(RuntimeError):
-    """A training process failed; the message is that rank's error."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def launch(command: Callable[..., Any], kwargs: dict[str, Any], devices: int, nu
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if num_nodes > 1 and endpoint is None:
-        raise ValueError(
+        raise InvalidInput(
             f"num_nodes {num_nodes} needs rdzv_endpoint: HOST:PORT of one node that every node can reach, "
             "the same on every node (e.g. --rdzv_endpoint node0:29400)"
         )
@@ -198,13 +196,10 @@ def launch(command: Callable[..., Any], kwargs: dict[str, Any], devices: int, nu
 
 def _run_worker(command: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     """One worker process (started by `launch`): the launcher records its error for the parent to report."""
-    from plainlm.checkpoint import CheckpointError
-    from plainlm.train import TrainingDiverged
-    from plainlm.train_state import ResumeError
 
     try:
         return command(**kwargs)
-    except (CheckpointError, ValueError, FileNotFoundError, ResumeError, TrainingDiverged):
+    except PlainlmError:
         raise  # bad input, said in one line by the parent
     except Exception:
         traceback.print_exc()  # a bug: show where, as a single process would
@@ -215,13 +210,13 @@ def check_endpoint_free(endpoint: str) -> None:
     """A clear error when the rendezvous port is taken on this machine (else the launcher would wait on it)."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"rdzv_endpoint {endpoint!r} is not HOST:PORT (e.g. localhost:29400)")
+        raise InvalidInput(f"rdzv_endpoint {endpoint!r} is not HOST:PORT (e.g. localhost:29400)")
     try:
         with socket.create_server((host.strip("[]"), int(port))):
             pass
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise ValueError(
+            raise InvalidInput(
                 f"rdzv_endpoint {endpoint}: port {port} is already in use on this machine; "
                 "pick a free port, or leave rdzv_endpoint out on a single node"
             ) from None

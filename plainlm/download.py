@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plainlm.checkpoint import CheckpointError
+from plainlm.errors import CheckpointError, InvalidInput
 
 # safetensors first; `.bin` weights are fetched only for repositories that have nothing else.
 MODEL_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"]
@@ -44,7 +44,7 @@ def download(
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     if repo_id.count("/") != 1:
-        raise ValueError(f"expected a repository id like ORG/NAME, got {repo_id!r}")
+        raise InvalidInput(f"expected a repository id like ORG/NAME, got {repo_id!r}")
     kwargs = dict(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir)
     try:
         snapshot = Path(snapshot_download(allow_patterns=MODEL_PATTERNS + TOKENIZER_PATTERNS, **kwargs))

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from plainlm.config import Config
 from plainlm.distributed import Wrapping, resolve_strategy
+from plainlm.errors import MissingInput, RecipeError
 from plainlm.lora import LoRAConfig, inject_lora
 from plainlm.metrics import flops_per_token
 from plainlm.train import micro_batches_per_rank, resolve_precision
@@ -183,7 +184,7 @@ def read_model_config(checkpoint_dir: str | Path) -> tuple[Config, str | None]:
         return Config.from_hf_config(json.loads((path / "config.json").read_text())), None
     if path.name in NAMED_CONFIGS:
         return Config.from_name(path.name), f"{path} does not exist; using the named config {path.name!r}"
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{path}: no config.yaml, config.json or .gguf file, and {path.name!r} is no named config; "
         f"download the model first (plainlm download ORG/NAME) or point checkpoint_dir to it"
     )
@@ -508,7 +509,7 @@ def estimate_command_result(argv: list[str]) -> MemoryEstimate:
 
 def parse_recipe(argv: list[str]) -> tuple[Any, str]:
     """The recipe read with the training command's own parser (same keys, checks and overrides), not instantiated."""
-    from plainlm.recipe import RecipeError, _config_paths, check_recipe_keys, parser_for
+    from plainlm.recipe import _config_paths, check_recipe_keys, parser_for
 
     kind = recipe_kind(argv)
     if kind == "finetune":
@@ -528,7 +529,7 @@ def recipe_kind(argv: list[str]) -> str:
     """finetune or pretrain, by the recipe's keys: checkpoint_dir or tokenizer_dir."""
     import yaml
 
-    from plainlm.recipe import RecipeError, _config_paths
+    from plainlm.recipe import _config_paths
 
     keys = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     for path in _config_paths(argv):

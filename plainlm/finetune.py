@@ -25,6 +25,7 @@ from plainlm.api import LLM
 from plainlm.checkpoint import save_checkpoint
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
 from plainlm.distributed import Strategy
+from plainlm.errors import InvalidInput
 from plainlm.estimate import training_plan
 from plainlm.lora import LoRAConfig, inject_lora, merge_lora, save_peft_adapter
 from plainlm.train import TrainArgs, fit, micro_batches_per_rank, resolve_precision, sample_text, warmup_cosine
@@ -184,7 +185,7 @@ def export_final(
             inject_lora(model, lora)
         unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
         if unexpected:
-            raise ValueError(f"the trained weights {unexpected[:3]} are not in the model from {checkpoint_dir}")
+            raise InvalidInput(f"the trained weights {unexpected[:3]} are not in the model from {checkpoint_dir}")
     model.eval()
     if lora is not None:
         save_peft_adapter(model, lora, final / "adapter")

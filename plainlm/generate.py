@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from plainlm.errors import InvalidInput
 from plainlm.model import GPT
 
 # Compiled decoding rounds the KV cache length up to a multiple of this, so that prompts of other
@@ -59,7 +60,7 @@ def sample(
     Pass a seeded `torch.Generator` for reproducible draws.
     """
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InvalidInput(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         # max's indices are argmax's (the first maximum), at a third of its time on the CPU here (61 -> 22 us
         # over SmolLM2's 49k logits, about 1% of an int4 decode step).
@@ -68,11 +69,11 @@ def sample(
     candidates = None  # token ids of the columns of `logits` once it holds only the best ones, best first
     if top_k is not None and top_k < logits.shape[-1]:
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+            raise InvalidInput(f"top_k must be >= 1 or None, got {top_k}")
         logits, candidates = logits.topk(top_k, dim=-1)  # sorts only k values, not the vocabulary
     if top_p is not None and top_p < 1.0:
         if top_p <= 0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+            raise InvalidInput(f"top_p must be in (0, 1] or None, got {top_p}")
         if candidates is None:
             logits, candidates = logits.sort(dim=-1, descending=True)
         probs = logits.softmax(dim=-1)
@@ -179,7 +180,7 @@ def check_compile(compile: bool | str) -> str | None:
     if compile is True or compile is False:
         return "default" if compile else None
     if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
+        raise InvalidInput(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
     return compile
 
 
@@ -214,16 +215,16 @@ def generate(
 def _fit_prompts(prompts: Sequence[Sequence[int]], block_size: int, truncate: bool) -> list[Sequence[int]]:
     """Check that every prompt is non-empty and leaves room for one new token, or cut it to do so."""
     if not prompts:
-        raise ValueError("no prompts given: pass a list of token id lists, e.g. [[1, 2, 3]]")
+        raise InvalidInput("no prompts given: pass a list of token id lists, e.g. [[1, 2, 3]]")
     if isinstance(prompts[0], int):
-        raise ValueError("prompts must be a list of token id lists; wrap a single prompt as [prompt]")
+        raise InvalidInput("prompts must be a list of token id lists; wrap a single prompt as [prompt]")
     fitted = []
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+            raise InvalidInput(f"prompt {i} is empty: generation needs at least one prompt token")
         if len(prompt) + 1 > block_size:
             if not truncate:
-                raise ValueError(
+                raise InvalidInput(
                     f"prompt {i} has {len(prompt)} tokens, but the model's context is {block_size} tokens: "
                     f"prompt + 1 new token = {len(prompt) + 1} > {block_size}. Shorten the prompt, or pass "
                     f"truncate_prompt=True to keep its last {block_size - 1} tokens."

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from plainlm.checkpoint import CheckpointError
 from plainlm.config import Config
 from plainlm.convert.hf_weights import weight_rules
+from plainlm.errors import CheckpointError, InvalidInput
 
 # Short target names -> the suffix of the module paths they select in `GPT`.
 TARGETS = {
@@ -55,9 +55,9 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown:
-            raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+            raise InvalidInput(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
         if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+            raise InvalidInput(f"LoRA rank r must be >= 1, got {self.r}")
 
     @property
     def scaling(self) -> float:
@@ -149,7 +149,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         p.requires_grad_(False)
     names = lora_module_names(model, config.targets)
     if not names:
-        raise ValueError(f"no layer of this model matches the LoRA targets {config.targets}")
+        raise InvalidInput(f"no layer of this model matches the LoRA targets {config.targets}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -194,7 +194,7 @@ def save_peft_adapter(model: nn.Module, lora: LoRAConfig, directory: str | Path,
         if not isinstance(module, LoRALinear):
             continue
         if name not in hf_names:
-            raise ValueError(
+            raise InvalidInput(
                 f"{name}: Hugging Face stores this layer fused with others in {config.hf_model_type}, "
                 "which the PEFT layout cannot express; merge the adapter instead (plainlm merge-lora)"
             )

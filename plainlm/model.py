@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from plainlm.config import Config
+from plainlm.errors import InvalidInput
 from plainlm.kernels import decode_attention_fits
 
 
@@ -62,7 +63,9 @@ class GPT(nn.Module):
         """
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
-            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
+            raise InvalidInput(
+                f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}"
+            )
         # A quantized embedding (quantize.py) holds integers and says which float dtype it returns.
         dtype = dtype or getattr(self.embed, "dtype", self.embed.weight.dtype)
         device = self.embed.weight.device
@@ -104,7 +107,9 @@ class GPT(nn.Module):
             position_ids = positions.unsqueeze(0).expand(B, T)
         # (An empty batch, 0 rows, still runs: a rank out of validation data keeps step with the others.)
         if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= c.block_size:
-            raise ValueError(f"position {int(position_ids.max())} is past the model's context of {c.block_size} tokens")
+            raise InvalidInput(
+                f"position {int(position_ids.max())} is past the model's context of {c.block_size} tokens"
+            )
 
         x = self.embed(idx)
         if c.scale_embeddings:  # Gemma: the normaliser is rounded to the activation dtype first
@@ -285,7 +290,7 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k.shape[0] != self.k.shape[0]:
-            raise ValueError(f"batch of {k.shape[0]} does not match the KV cache's batch of {self.k.shape[0]}")
+            raise InvalidInput(f"batch of {k.shape[0]} does not match the KV cache's batch of {self.k.shape[0]}")
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
@@ -376,7 +381,7 @@ def activate(x: torch.Tensor, name: str) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if name == "relu":
         return F.relu(x)
-    raise ValueError(f"unknown activation {name!r}")
+    raise InvalidInput(f"unknown activation {name!r}")
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -427,7 +432,7 @@ def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_positions: in
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
         return yarn_inv_freq(dim, base, scaling, max_positions)
-    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, yarn")
+    raise InvalidInput(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, yarn")
 
 
 def yarn_inv_freq(dim: int, base: float, scaling: dict, max_positions: int) -> tuple[torch.Tensor, float]:

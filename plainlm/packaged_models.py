@@ -11,11 +11,9 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from plainlm.errors import PackagedModelMissing
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class PackagedModelMissing(RuntimeError):
-    pass
 
 
 def smollm2_gguf() -> Path:

@@ -23,6 +23,7 @@ from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.config import Config
 from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
 from plainlm.distributed import Strategy
+from plainlm.errors import InvalidInput, MissingInput
 from plainlm.estimate import training_plan
 from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
 from plainlm.model import GPT
@@ -64,7 +65,7 @@ def train_bpe_tokenizer(source: str | Path, out_dir: str | Path, vocab_size: int
 
     files = sorted(str(p) for p in Path(source).rglob("*.txt"))
     if not files:
-        raise FileNotFoundError(f"{source}: no .txt files to learn a tokenizer from")
+        raise MissingInput(f"{source}: no .txt files to learn a tokenizer from")
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -98,7 +99,7 @@ def build_model(model_name: str | None, model_config: dict[str, Any], tokenizer:
     overrides.setdefault("vocab_size", math.ceil(tokenizer.vocab_size / 64) * 64)  # a multiple of 64 runs faster
     config = Config.from_name(model_name, **overrides) if model_name else Config(**overrides)
     if config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        raise InvalidInput(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     model = GPT(config)
     init_weights(model)
     return model
@@ -157,7 +158,7 @@ def pretrain(
         if train.activation_checkpointing:
             model.activation_checkpointing = True
         if data.seq_length > model.config.block_size:
-            raise ValueError(
+            raise InvalidInput(
                 f"data.seq_length {data.seq_length} exceeds the model's context of {model.config.block_size}"
             )
 

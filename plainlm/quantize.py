@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from plainlm.errors import InvalidInput
 from plainlm.kernels import int4_kernel_fits, int8_kernel_fits
 from plainlm.model import GPT
 
@@ -205,7 +206,7 @@ class Int8Linear(TiledWeight):
         """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and lay `weight` out for it."""
         fits = int8_kernel_fits(self.out_features, self.in_features)
         if kernel == "plainlm" and not fits:
-            raise ValueError(f"plainlm's int8 kernel cannot run this layer or this CPU: {self!r}")
+            raise InvalidInput(f"plainlm's int8 kernel cannot run this layer or this CPU: {self!r}")
         self.kernel = kernel or ("plainlm" if fits else "aten")
         set_tiled(self.weight, self.kernel == "plainlm")
 
@@ -245,7 +246,7 @@ class Int4Linear(TiledWeight):
     ) -> None:
         super().__init__()
         if in_features % group_size:
-            raise ValueError(
+            raise InvalidInput(
                 f"int4 groups of {group_size} do not divide this layer's {in_features} inputs; "
                 f"pass a group_size that does (32 and 64 divide most models)"
             )
@@ -269,7 +270,7 @@ class Int4Linear(TiledWeight):
         self.packed = self.packed_scales_and_zeros = None
         fits = int4_kernel_fits(self.out_features, self.in_features, self.group_size)
         if kernel == "plainlm" and not fits:
-            raise ValueError(f"plainlm's int4 kernel cannot run this layer or this CPU: {self!r}")
+            raise InvalidInput(f"plainlm's int4 kernel cannot run this layer or this CPU: {self!r}")
         self.kernel = kernel or ("plainlm" if fits else "aten")
         set_tiled(self.weight, self.kernel == "plainlm")
         if self.kernel == "plainlm":
@@ -428,7 +429,7 @@ def quantize_model(model: GPT, mode: str, group_size: int | None = None) -> GPT:
 def check_mode(mode: str, group_size: int | None, device: torch.device) -> int | None:
     """The group size to use, or an error for an unknown mode or a device without kernels."""
     if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+        raise InvalidInput(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if mode in ("int8", "int4") and device.type not in ("cpu", "meta"):
         raise NotImplementedError(
             f"{mode} runs PyTorch's CPU kernels; on {device.type} their packing differs and is not implemented: "

@@ -16,13 +16,11 @@ from typing import Any
 
 import yaml
 
+from plainlm.errors import RecipeError
+
 # Sections whose keys are free-form: the arguments of the optimizer or scheduler class named there, and
 # model_config (any Config field, checked when the Config is built).
 FREE_FORM = ("optimizer", "scheduler", "model_config")
-
-
-class RecipeError(ValueError):
-    pass
 
 
 def parser_for(command: Callable[..., Any], prog: str) -> Any:

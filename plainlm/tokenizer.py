@@ -26,6 +26,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from plainlm.chat_templates import CHAT_TEMPLATES, template_name_for_family
+from plainlm.errors import InvalidInput, MissingInput
 
 # Copied unchanged by checkpoint conversion; whichever of them exist.
 TOKENIZER_FILES = (
@@ -78,7 +79,7 @@ class Tokenizer:
         elif (self.checkpoint_dir / "tokenizer.model").is_file():
             self._load_sentencepiece(config)
         else:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"No tokenizer in {self.checkpoint_dir}: looked for tokenizer.json (Hugging Face tokenizers) and "
                 "tokenizer.model (SentencePiece). Copy them from the original model repository next to the weights."
             )
@@ -173,7 +174,7 @@ class Tokenizer:
         """`encode` for many texts; the `tokenizers` backend spreads them over threads."""
         for wanted, token_id, name in ((bos, self.bos_id, "BOS"), (eos, self.eos_id, "EOS")):
             if wanted and token_id is None:
-                raise ValueError(f"The tokenizer in {self.checkpoint_dir} has no {name} token to add")
+                raise InvalidInput(f"The tokenizer in {self.checkpoint_dir} has no {name} token to add")
         if self._sp is None:
             batch = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=bos is None)]
         else:
@@ -233,7 +234,7 @@ class Tokenizer:
             if "{{" in requested or "{%" in requested:
                 return requested, "the chat_template argument"
             if requested not in CHAT_TEMPLATES:
-                raise ValueError(f"Unknown chat template {requested!r}; named templates: {', '.join(CHAT_TEMPLATES)}")
+                raise InvalidInput(f"Unknown chat template {requested!r}; named templates: {', '.join(CHAT_TEMPLATES)}")
             return CHAT_TEMPLATES[requested], f"fallback template {requested!r} (plainlm/chat_templates.py)"
         # transformers 5 saves the template as its own file, which wins over tokenizer_config.json.
         if (self.checkpoint_dir / "chat_template.jinja").is_file():
@@ -252,7 +253,7 @@ class Tokenizer:
         try:
             return _chat_template_env().from_string(self.chat_template)
         except jinja2.TemplateError as e:
-            raise ValueError(f"Chat template from {self.chat_template_source} does not compile: {e}") from e
+            raise InvalidInput(f"Chat template from {self.chat_template_source} does not compile: {e}") from e
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_vars: Any
@@ -273,7 +274,7 @@ class Tokenizer:
                 **context,
             )
         except jinja2.TemplateError as e:
-            raise ValueError(f"Chat template from {self.chat_template_source} failed: {e}") from e
+            raise InvalidInput(f"Chat template from {self.chat_template_source} failed: {e}") from e
 
     # --- saving ---
     def save(self, dst_dir: str | Path) -> list[Path]:

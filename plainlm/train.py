@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from plainlm.data import IGNORE_INDEX
 from plainlm.distributed import World, clip_grad_norm_, gradient_sync, unwrap
+from plainlm.errors import InvalidInput, TrainingDiverged
 from plainlm.metrics import MetricsLogger, flops_per_token, measure_peak_flops, plot_loss
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
 
@@ -86,7 +87,7 @@ class TrainArgs:
     def __post_init__(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
             low = self.global_batch_size // self.micro_batch_size * self.micro_batch_size
-            raise ValueError(
+            raise InvalidInput(
                 f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                 f"{self.micro_batch_size}; use {low or self.micro_batch_size} or {low + self.micro_batch_size}"
             )
@@ -103,16 +104,12 @@ def micro_batches_per_rank(args: TrainArgs, world_size: int) -> int:
     if args.global_batch_size % per_pass:
         low = args.global_batch_size // per_pass * per_pass
         nearest = f"{low} or {low + per_pass}" if low else str(per_pass)
-        raise ValueError(
+        raise InvalidInput(
             f"global_batch_size {args.global_batch_size} is not a multiple of micro_batch_size x processes = "
             f"{args.micro_batch_size} x {world_size} = {per_pass}; use global_batch_size {nearest}, "
             "or another micro_batch_size or number of processes"
         )
     return args.global_batch_size // per_pass
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
@@ -178,7 +175,7 @@ def evaluate(
     world.sum(total)
     world.sum(count)
     if count == 0:
-        raise ValueError(
+        raise InvalidInput(
             "the validation split has no target tokens: give it examples, or set eval_interval past max_steps"
         )
     return float(total) / int(count)
@@ -262,7 +259,7 @@ def fit(
         ]
         step_tokens, step_inputs = world.sum(torch.tensor(counts, device=device)).tolist()  # over every rank
         if step_tokens == 0:
-            raise ValueError(f"step {step + 1} has no target tokens: every example's response was masked or cut")
+            raise InvalidInput(f"step {step + 1} has no target tokens: every example's response was masked or cut")
         loss = torch.zeros((), device=device)
         for i, batch in enumerate(micro_batches):
             with gradient_sync(model, enabled=i == len(micro_batches) - 1):

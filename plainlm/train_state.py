@@ -36,16 +36,13 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from plainlm.checkpoint import CheckpointError, save_tensors
+from plainlm.checkpoint import save_tensors
 from plainlm.distributed import World, unwrap
+from plainlm.errors import CheckpointError, ResumeError
 
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe of the run, copied next to every checkpoint
 DCP_METADATA = ".metadata"  # present when several processes wrote the weights (DCP)
-
-
-class ResumeError(RuntimeError):
-    pass
 
 
 def step_dir_name(step: int) -> str:

@@ -14,8 +14,9 @@ import yaml
 from conftest import run_cli
 
 from plainlm import LLM
-from plainlm.checkpoint import CheckpointError, load_checkpoint
+from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, load_hf_model
+from plainlm.errors import CheckpointError
 
 
 @pytest.fixture

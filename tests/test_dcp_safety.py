@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from plainlm.checkpoint import CheckpointError
+from plainlm.errors import CheckpointError
 from plainlm.train_state import SafeLoadPlanner, SafeReader
 
 

@@ -22,8 +22,8 @@ from gguf import GGMLQuantizationType, GGUFReader
 from helpers_gguf import VOCAB, make_tiny_model, write_gguf
 
 from plainlm import LLM
-from plainlm.checkpoint import CheckpointError
 from plainlm.convert.gguf import load_gguf_model
+from plainlm.errors import CheckpointError
 
 PEAK_BYTES = 64 * 1024**2
 

@@ -29,13 +29,14 @@ from gguf import GGMLQuantizationType
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, round_trip
 
 import plainlm.convert.gguf
-from plainlm.checkpoint import CheckpointError, TensorSource, load_checkpoint, save_checkpoint
+from plainlm.checkpoint import TensorSource, load_checkpoint, save_checkpoint
 from plainlm.config import Config
 from plainlm.convert.gguf import convert_from_gguf, load_gguf_model, read_gguf
 from plainlm.convert.gguf_export import convert_to_gguf
 from plainlm.convert.hf import convert_from_hf
+from plainlm.errors import CheckpointError, PackagedModelMissing
 from plainlm.model import GPT
-from plainlm.packaged_models import PackagedModelMissing, gemma3_gguf, smollm2_gguf
+from plainlm.packaged_models import gemma3_gguf, smollm2_gguf
 from plainlm.tokenizer import Tokenizer
 
 ATOL = RTOL = 1e-5  # float32 arithmetic: our model against transformers on the same weights

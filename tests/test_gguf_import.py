@@ -31,9 +31,10 @@ from plainlm.convert.gguf import dequantize, load_gguf_model, read_gguf
 from plainlm.convert.gguf_names import read_config, tensor_rules
 from plainlm.convert.hf import convert_to_hf
 from plainlm.convert.hf_weights import weight_rules
+from plainlm.errors import PackagedModelMissing
 from plainlm.generate import generate
 from plainlm.model import GPT
-from plainlm.packaged_models import PackagedModelMissing, gemma3_gguf, smollm2_gguf
+from plainlm.packaged_models import gemma3_gguf, smollm2_gguf
 from plainlm.quantize import quantize_model
 
 # float32 logits (up to ~37 in size). Measured: both real models bit-identical to transformers (same

@@ -24,9 +24,9 @@ from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from plainlm.chat_templates import CHAT_TEMPLATES
-from plainlm.checkpoint import CheckpointError
 from plainlm.convert.gguf_tokenizer import SPLIT_REGEXES, add_tokenizer_to_gguf, write_tokenizer_files
-from plainlm.packaged_models import PackagedModelMissing, gemma3_gguf, smollm2_gguf
+from plainlm.errors import CheckpointError, PackagedModelMissing
+from plainlm.packaged_models import gemma3_gguf, smollm2_gguf
 from plainlm.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

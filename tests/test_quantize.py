@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from plainlm import quantize
 from plainlm.api import LLM
-from plainlm.checkpoint import QUANTIZATION_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from plainlm.checkpoint import QUANTIZATION_FILE, load_checkpoint, save_checkpoint
 from plainlm.config import Config
+from plainlm.errors import CheckpointError
 from plainlm.generate import generate
 from plainlm.kernels import kernels_loaded
 from plainlm.model import GPT

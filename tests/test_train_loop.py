@@ -11,11 +11,11 @@ import torch
 
 import plainlm.train as train_module
 import plainlm.train_state as train_state
-from plainlm.checkpoint import CheckpointError
 from plainlm.config import Config
 from plainlm.data import IGNORE_INDEX
+from plainlm.errors import CheckpointError, TrainingDiverged
 from plainlm.model import GPT
-from plainlm.train import TrainArgs, TrainingDiverged, fit, warmup_cosine
+from plainlm.train import TrainArgs, fit, warmup_cosine
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint
 
 

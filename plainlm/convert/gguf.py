@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 
-from plainlm.checkpoint import CONFIG_FILE, CheckpointError, load_state, save_tensors
+from plainlm.checkpoint import CONFIG_FILE, load_state, save_tensors
 from plainlm.config import Config
 from plainlm.convert.gguf_names import IGNORED_TENSORS, read_config, tensor_rules
+from plainlm.errors import CheckpointError
 from plainlm.model import GPT
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from plainlm.checkpoint import CONFIG_FILE, CheckpointError, TensorSource, read_quantization
+from plainlm.checkpoint import CONFIG_FILE, TensorSource, read_quantization
 from plainlm.config import Config
 from plainlm.convert.gguf import read_gguf
 from plainlm.convert.gguf_names import (
@@ -36,6 +36,7 @@ from plainlm.convert.gguf_names import (
     write_config,
     write_token_ids,
 )
+from plainlm.errors import CheckpointError, InvalidInput
 
 # --dtype: the type of the 2-D weights, and the general.file_type that announces it.
 DTYPES = {
@@ -61,9 +62,9 @@ def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -
     f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen3, phi3, gemma2, gemma3."""
     src, file = Path(src_dir), Path(file)
     if dtype not in DTYPES:
-        raise ValueError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        raise InvalidInput(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if file.is_dir():
-        raise ValueError(f"{file}: is a directory; pass the path of the .gguf file to write")
+        raise InvalidInput(f"{file}: is a directory; pass the path of the .gguf file to write")
     weight_type, file_type = DTYPES[dtype]
     config = _checkpoint_config(src)
     source = TensorSource(src)

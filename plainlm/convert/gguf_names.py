@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor, RopeScalingType
 
-from plainlm.checkpoint import CheckpointError
 from plainlm.config import Config
+from plainlm.errors import CheckpointError
 from plainlm.model import rope_inv_freq
 
 # RoPE tables are precomputed for the whole context, so a corrupt context_length would allocate without

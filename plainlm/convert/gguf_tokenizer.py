@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from plainlm.checkpoint import CheckpointError
+from plainlm.errors import CheckpointError
 from plainlm.tokenizer import Tokenizer, _content, _read_json
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (int(t) for t in gguf.TokenType)

@@ -17,7 +17,6 @@ import torch
 from plainlm.checkpoint import (
     CONFIG_FILE,
     DEFAULT_SHARD_BYTES,
-    CheckpointError,
     TensorSource,
     atomic_write_text,
     load_state,
@@ -26,6 +25,7 @@ from plainlm.checkpoint import (
 from plainlm.config import Config
 from plainlm.convert.hf_config import config_to_hf
 from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
+from plainlm.errors import CheckpointError
 from plainlm.model import GPT
 from plainlm.tokenizer import copy_tokenizer_files
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from plainlm.config import Config
+from plainlm.errors import UnsupportedModelError
 
 # Keys copied through unchanged so that to-hf writes back what from-hf read.
 PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "initializer_range")
@@ -47,10 +48,6 @@ ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "relu": "relu",
 }
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from plainlm.checkpoint import atomic_write_text
+from plainlm.errors import InvalidInput, MissingInput
 from plainlm.tokenizer import TOKENIZER_FILES, Tokenizer
 
 INDEX_FILE = "index.json"
@@ -58,7 +59,7 @@ def prepare_token_shards(
         return out_dir
     tokenizer = Tokenizer(tokenizer_dir)
     if tokenizer.eos_id is None:
-        raise ValueError(f"The tokenizer in {tokenizer_dir} has no EOS token to separate documents with")
+        raise InvalidInput(f"The tokenizer in {tokenizer_dir} has no EOS token to separate documents with")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
 
@@ -79,7 +80,7 @@ def prepare_token_shards(
             progress.update(path.stat().st_size)
         if documents == 0:
             reason = f"{skipped} malformed lines, the first: {problems[0]}" if skipped else "only empty documents"
-            raise ValueError(f"No text in {source}: its {len(files)} .txt / .jsonl files hold {reason}")
+            raise InvalidInput(f"No text in {source}: its {len(files)} .txt / .jsonl files hold {reason}")
         shards = writer.finish()
     finally:
         results.close()  # stops the worker processes, should an error leave them running
@@ -119,7 +120,7 @@ def load_token_index(shards_dir: str | Path) -> dict[str, Any]:
     """The `index.json` that `prepare_token_shards` wrote in `shards_dir`."""
     path = Path(shards_dir) / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"No {INDEX_FILE} in {shards_dir}: tokenize a text folder into it first with "
             f"prepare_token_shards(source, tokenizer_dir, {str(shards_dir)!r})"
         )
@@ -128,10 +129,10 @@ def load_token_index(shards_dir: str | Path) -> dict[str, Any]:
 
 def _source_files(source: Path) -> list[Path]:
     if not source.is_dir():
-        raise FileNotFoundError(f"{source} is not a folder: pass a folder of .txt and .jsonl files")
+        raise MissingInput(f"{source} is not a folder: pass a folder of .txt and .jsonl files")
     files = [p for p in source.rglob("*") if p.suffix in DOCUMENT_SUFFIXES and p.is_file()]
     if not files:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"No .txt or .jsonl files in {source}: put one document in each .txt file, or one JSON object "
             'with a "text" key on each line of a .jsonl file'
         )
@@ -215,7 +216,7 @@ def _documents(path: Path, strict: bool, result: _Tokenized) -> Iterator[str]:
 
     def malformed(where: str, reason: str) -> None:
         if strict:
-            raise ValueError(f"{where}: {reason}")
+            raise InvalidInput(f"{where}: {reason}")
         result.skipped += 1
         if len(result.problems) < REPORTED_PROBLEMS:
             result.problems.append(f"{where}: {reason}")
@@ -304,9 +305,9 @@ class PretrainLoader:
         val_fraction: float = 0.0,
     ):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+            raise InvalidInput(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
         if not 0.0 <= val_fraction <= 0.5:
-            raise ValueError(f"val_fraction must be in [0, 0.5], got {val_fraction}")
+            raise InvalidInput(f"val_fraction must be in [0, 0.5], got {val_fraction}")
         self.shards_dir, self.batch_size, self.block_size = Path(shards_dir), batch_size, block_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.info = load_token_index(shards_dir)
@@ -321,13 +322,13 @@ class PretrainLoader:
         self.train_blocks, self.val_blocks = blocks[~is_val], blocks[is_val]
         need = batch_size * world_size
         if len(self.train_blocks) < need:
-            raise ValueError(
+            raise InvalidInput(
                 f"Too little data in {shards_dir}: {tokens} tokens. A block of block_size {block_size} needs "
                 f"{block_size + 1} tokens, and a step needs batch_size x world_size = {need} blocks "
                 f"({len(self.train_blocks)} for training here). Add text, or lower block_size or batch_size."
             )
         if val_fraction and len(self.val_blocks) == 0:
-            raise ValueError(
+            raise InvalidInput(
                 f"val_fraction {val_fraction} holds out every {self.val_every}th block, but {shards_dir} "
                 f"has only {len(blocks)} blocks of {block_size + 1} tokens: raise val_fraction or add text"
             )
@@ -357,7 +358,7 @@ class PretrainLoader:
         under FSDP needs every rank.
         """
         if len(self.val_blocks) == 0:
-            raise ValueError("No validation data: create the PretrainLoader with val_fraction > 0")
+            raise InvalidInput("No validation data: create the PretrainLoader with val_fraction > 0")
         step = self.batch_size * self.world_size
         for start in range(0, len(self.val_blocks), step):
             first = start + self.rank * self.batch_size
@@ -389,7 +390,7 @@ class PretrainLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, value in self.state_dict().items():
             if key not in ("epoch", "index", "seed") and state.get(key, value) != value:
-                raise ValueError(
+                raise InvalidInput(
                     f"The data position was saved with {key} {state[key]}, this loader has {value}: "
                     "resuming would not continue the same stream"
                 )

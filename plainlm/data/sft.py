@@ -23,6 +23,7 @@ import torch
 
 from plainlm.data import IGNORE_INDEX
 from plainlm.data.sources import resolve_data_path
+from plainlm.errors import InvalidInput, MissingInput
 from plainlm.tokenizer import Tokenizer
 
 PromptStyle = Literal["chat_template", "alpaca"]
@@ -77,12 +78,12 @@ def data_files(path: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
         if not files:
-            raise FileNotFoundError(f"{path}: no .json or .jsonl files in this folder")
+            raise MissingInput(f"{path}: no .json or .jsonl files in this folder")
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise MissingInput(f"{path}: no such file or folder")
     if path.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"{path}: expected a .json file (one list of records) or a .jsonl file (a record a line)")
+        raise InvalidInput(f"{path}: expected a .json file (one list of records) or a .jsonl file (a record a line)")
     return [path]
 
 
@@ -92,9 +93,9 @@ def _json_items(file: Path) -> Iterator[tuple[str, Any, str | None]]:
         try:
             items = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise InvalidInput(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(items, list):
-            raise ValueError(f"{file}: expected a list of records, got {type(items).__name__} (one a line: .jsonl)")
+            raise InvalidInput(f"{file}: expected a list of records, got {type(items).__name__} (one a line: .jsonl)")
         for i, item in enumerate(items):
             yield f"{file}: record {i}", item, None
         return
@@ -142,7 +143,7 @@ def read_records(path: str | Path, strict: bool = False) -> list[Record]:
             if problem is None:
                 records.append(Record(data, source))
             elif strict:
-                raise ValueError(f"{source}: {problem}")
+                raise InvalidInput(f"{source}: {problem}")
             else:
                 problems.append(f"{source}: {problem}")
     for line in problems[:MAX_REPORTED]:
@@ -152,7 +153,7 @@ def read_records(path: str | Path, strict: bool = False) -> list[Record]:
         total = len(problems) + len(records)
         print(f"skipped {len(problems)} of {total} records in {path}{shown}; strict=True raises", file=sys.stderr)
     if not records:
-        raise ValueError(f"no usable records in {', '.join(map(str, files))}")
+        raise InvalidInput(f"no usable records in {', '.join(map(str, files))}")
     return records
 
 
@@ -203,7 +204,7 @@ def tokenize_messages(
     including the template's end-of-turn (stop) token; what the template writes after that is prompt again.
     """
     if prompt_style == "alpaca" and tokenizer.eos_token is None:
-        raise ValueError(f"the tokenizer in {tokenizer.checkpoint_dir} has no EOS token to end Alpaca responses")
+        raise InvalidInput(f"the tokenizer in {tokenizer.checkpoint_dir} has no EOS token to end Alpaca responses")
     # render(messages, add_generation_prompt) -> text. A chat template writes its own BOS; with the Alpaca prompt
     # the tokenizer adds its usual one, if any.
     if prompt_style == "alpaca":
@@ -217,7 +218,7 @@ def tokenize_messages(
             continue
         before, after = render(messages[:i], True), render(messages[: i + 1], False)
         if not (after.startswith(before) and full.startswith(after)):
-            raise ValueError(
+            raise InvalidInput(
                 f"the chat template ({tokenizer.chat_template_source}) renders a shorter conversation as something "
                 f"other than the start of the whole one, so assistant message {i} cannot be located; "
                 "use mask_prompt=False or prompt_style='alpaca'"
@@ -243,7 +244,7 @@ def tokenize_record(
     try:
         ids, is_target = tokenize_messages(to_messages(record.data, prompt_style), tokenizer, prompt_style, mask_prompt)
     except ValueError as e:
-        raise ValueError(f"{record.source}: {e}") from None
+        raise InvalidInput(f"{record.source}: {e}") from None
     truncated = len(ids) > max_seq_length + 1
     ids, is_target = ids[: max_seq_length + 1], is_target[: max_seq_length + 1]
     targets = [token if learn else IGNORE_INDEX for token, learn in zip(ids[1:], is_target[1:], strict=True)]
@@ -280,7 +281,7 @@ def load_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> tuple[list[Exa
     elif config.val_fraction > 0:
         n_val = max(1, round(len(records) * config.val_fraction))
         if n_val >= len(records):
-            raise ValueError(
+            raise InvalidInput(
                 f"{path}: {len(records)} records are too few to hold out val_fraction={config.val_fraction}; "
                 "add records, pass val_path, or set val_fraction=0"
             )
@@ -296,7 +297,9 @@ def load_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> tuple[list[Exa
             split_records, tokenizer, config.prompt_style, config.mask_prompt, config.max_seq_length
         )
         if split_records and not examples:
-            raise ValueError(f"no {split} examples left in {where or path}: every one lost its response to truncation")
+            raise InvalidInput(
+                f"no {split} examples left in {where or path}: every one lost its response to truncation"
+            )
         splits.append(examples)
     return splits[0], splits[1]
 
@@ -354,12 +357,14 @@ class SFTLoader:
         val_examples: list[Example] | None = None,
     ):
         if not examples:
-            raise ValueError("SFTLoader needs at least one training example")
+            raise InvalidInput("SFTLoader needs at least one training example")
         longest = max(len(e) for e in examples + (val_examples or []))
         if packing and (max_seq_length or 0) < longest:
-            raise ValueError(f"packing needs max_seq_length (a packed row's length) >= the longest example, {longest}")
+            raise InvalidInput(
+                f"packing needs max_seq_length (a packed row's length) >= the longest example, {longest}"
+            )
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise InvalidInput(f"rank {rank} is outside world_size {world_size}")
         self.examples, self.val_examples = examples, val_examples or []
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self.packing, self.max_seq_length = packing, max_seq_length
@@ -404,7 +409,7 @@ class SFTLoader:
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Every validation example once, in file order, batched like training; all ranks get as many batches."""
         if not self.val_examples:
-            raise ValueError("no validation examples: pass val_examples (load_sft_data holds out val_fraction)")
+            raise InvalidInput("no validation examples: pass val_examples (load_sft_data holds out val_fraction)")
 
         def example_at(position: int) -> Example | None:
             return self.val_examples[position] if position < len(self.val_examples) else None
@@ -420,7 +425,7 @@ class SFTLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if (state["num_examples"], state["seed"]) != (len(self.examples), self.seed):
-            raise ValueError(
+            raise InvalidInput(
                 f"the data position was saved for {state['num_examples']} examples shuffled with seed {state['seed']}, "
                 f"but this loader has {len(self.examples)} with seed {self.seed}: resume with the same data and seed"
             )

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from plainlm.errors import InvalidInput, MissingInput
+
 
 @dataclass(frozen=True)
 class Source:
@@ -102,10 +104,10 @@ def download_source_file(name: str, split: str = "train", token: str | None = No
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
     if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; named datasets: {', '.join(SOURCES)}")
+        raise InvalidInput(f"unknown dataset {name!r}; named datasets: {', '.join(SOURCES)}")
     source = SOURCES[name]
     if split not in source.files:
-        raise ValueError(f"{name} has no split {split!r}; it has {', '.join(source.files)}")
+        raise InvalidInput(f"{name} has no split {split!r}; it has {', '.join(source.files)}")
     filename = source.files[split]
     where = f"{filename} of https://huggingface.co/datasets/{source.repo_id}"
     instead = f"Or download {where} yourself (or write your own records) and pass the file's path instead of {name!r}."
@@ -142,4 +144,4 @@ def resolve_data_path(path: str | Path, split: str = "train") -> Path:
         return Path(path)
     if str(path) in SOURCES:
         return prepare_source(str(path), split)
-    raise FileNotFoundError(f"{path}: no such file or folder, and not a named dataset ({', '.join(SOURCES)})")
+    raise MissingInput(f"{path}: no such file or folder, and not a named dataset ({', '.join(SOURCES)})")
