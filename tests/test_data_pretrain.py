@@ -113,16 +113,18 @@ def test_unchanged_input_reuses_shards_and_changed_input_rebuilds(
 
 
 def test_malformed_jsonl_lines_are_reported_and_skipped_or_raise_when_strict(
-    tokenizer_dir: Path, tmp_path: Path
+    tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     source = tmp_path / "text"
     source.mkdir()
     lines = ['{"text": "first"}', "{not json", '{"title": "no text"}', "", '["a list"]', '{"text": "last"}']
     (source / "bad.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.warns(UserWarning, match="Skipped 3 malformed") as caught:
-        out = prepare_token_shards(source, tokenizer_dir, tmp_path / "shards", workers=1)
-    message = str(caught[0].message)
-    assert all(f"bad.jsonl:{n}: " in message for n in (2, 3, 5)) and "bad.jsonl:4" not in message
+    out = prepare_token_shards(source, tokenizer_dir, tmp_path / "shards", workers=1)
+    reported = capsys.readouterr().err.splitlines()
+    # One line per problem, file:line first, then one summary line: no Python warning with a source path.
+    problems = [line for line in reported if "bad.jsonl:" in line]
+    assert [line.split(": ")[0].rsplit(":", 1)[1] for line in problems] == ["2", "3", "5"]
+    assert any(line.startswith("skipped 3 malformed lines") and "--data.strict true" in line for line in reported)
     tokenizer = Tokenizer(tokenizer_dir)
     assert read_shards(out).tolist() == expected_tokens(tokenizer, {"x.jsonl": ["first", "last"]})
     assert load_token_index(out)["skipped_lines"] == 3

@@ -14,7 +14,7 @@ import itertools
 import json
 import multiprocessing
 import os
-import warnings
+import sys
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ INDEX_FILE = "index.json"
 INDEX_FORMAT = "plainlm-token-shards/1"
 DOCUMENT_SUFFIXES = (".txt", ".jsonl")
 ENCODE_BATCH = 256  # documents per encode_batch call: enough to keep the tokenizers library's threads busy
-REPORTED_PROBLEMS = 20  # malformed lines quoted in the warning; the rest are only counted
+REPORTED_PROBLEMS = 20  # malformed lines quoted on stderr; the rest are only counted
 
 
 # --- preparation ---
@@ -88,12 +88,12 @@ def prepare_token_shards(
         writer.close()
         for leftover in out_dir.glob(".*.partial"):
             leftover.unlink()
+    for problem in problems:  # each one line, file:line first, as SFT data reports them
+        print(problem, file=sys.stderr)
     if skipped:
-        warnings.warn(
-            f"Skipped {skipped} malformed line(s) in {source} (pass strict=True to stop at the first):\n"
-            + "\n".join(problems),
-            stacklevel=2,
-        )
+        shown = f" (the first {len(problems)} above)" if skipped > len(problems) else " (above)"
+        advice = "--data.strict true stops at the first"
+        print(f"skipped {skipped} malformed lines in {source}{shown}; {advice}", file=sys.stderr)
     index = {
         "format": INDEX_FORMAT,
         "dtype": dtype.name,

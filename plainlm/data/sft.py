@@ -151,7 +151,8 @@ def read_records(path: str | Path, strict: bool = False) -> list[Record]:
     if problems:
         shown = f" (the first {MAX_REPORTED} above)" if len(problems) > MAX_REPORTED else " (above)"
         total = len(problems) + len(records)
-        print(f"skipped {len(problems)} of {total} records in {path}{shown}; strict=True raises", file=sys.stderr)
+        advice = "--data.strict true stops at the first"
+        print(f"skipped {len(problems)} of {total} records in {path}{shown}; {advice}", file=sys.stderr)
     if not records:
         raise InvalidInput(f"no usable records in {', '.join(map(str, files))}")
     return records
