@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,7 +166,8 @@ def _byte_level_tokenizer(
         )
         return spelled, tokenizer
     if pre not in DIGIT_SPLIT_PRE + GPT2_PRE:
-        warnings.warn(f"{source}: unknown tokenizer.ggml.pre {pre!r}; splitting text with GPT-2's regex", stacklevel=3)
+        fallback = "splitting text with GPT-2's regex"
+        print(f"warning: {source}: unknown tokenizer.ggml.pre {pre!r}; {fallback}", file=sys.stderr)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     digits = [pre_tokenizers.Digits(individual_digits=True)] if pre in DIGIT_SPLIT_PRE else []
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level]) if digits else byte_level
