@@ -40,7 +40,7 @@ from plainlm.convert.hf import load_hf_model
 from plainlm.convert.hf_config import config_to_hf
 from plainlm.data import IGNORE_INDEX
 from plainlm.lora import LoRAConfig, inject_lora
-from plainlm.metrics import measure_peak_flops
+from plainlm.metrics import matmul_dtype, measure_peak_flops
 from plainlm.train import TrainArgs, fit, warmup_cosine
 
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -208,7 +208,7 @@ def report(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace,
         f"micro-batch {args.micro_batch} x {args.seq_len} tokens, "
         f"{args.global_batch // args.micro_batch} micro-batches per step; median of {args.steps} timed steps after "
         f"{args.warmup} warm-up steps per run; best (median) of {args.rounds} alternating rounds; "
-        f"measured matmul peak {peak_flops / 1e9:.0f} GFLOP/s\n"
+        f"measured {matmul_dtype(args.precision)} matmul peak {peak_flops / 1e9:.0f} GFLOP/s\n"
     )
     print("| measurement | plainlm | transformers | ratio |")
     print("|---|---|---|---|")
@@ -253,7 +253,8 @@ def main() -> None:
         return child(args.child, args)
 
     torch.set_num_threads(args.threads)
-    peak_flops = max(measure_peak_flops(torch.device("cpu")) for _ in range(3))
+    # MFU against the peak of the dtype the matmuls run in: bf16-mixed measured against fp32's peak overstates it 5-12x.
+    peak_flops = max(measure_peak_flops(torch.device("cpu"), matmul_dtype(args.precision)) for _ in range(3))
     sides = ["ours", "theirs", "compiled"] if args.compile else ["ours", "theirs"]
     results: dict[tuple[str, str], list[dict]] = {(s, m): [] for s in sides for m in ("full", "lora")}
     with tempfile.TemporaryDirectory() as model_dir:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from plainlm.data import IGNORE_INDEX
 from plainlm.distributed import World, clip_grad_norm_, gradient_sync, unwrap
 from plainlm.errors import InvalidInput, TrainingDiverged
-from plainlm.metrics import MetricsLogger, flops_per_token, measure_peak_flops, plot_loss
+from plainlm.metrics import MetricsLogger, flops_per_token, matmul_dtype, measure_peak_flops, plot_loss
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "bf16-true"]
@@ -238,8 +238,7 @@ def fit(
         logger = MetricsLogger(out_dir, resume=checkpoint is not None, tensorboard=args.tensorboard)
         if checkpoint is not None:
             logger.truncate_after(step)
-        dtype = torch.bfloat16 if "bf16" in precision else torch.float32
-        peak = (args.peak_flops or measure_peak_flops(device, dtype)) * world.size
+        peak = (args.peak_flops or measure_peak_flops(device, matmul_dtype(precision))) * world.size
 
     n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter counts whole
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -14,10 +14,12 @@ from safetensors import safe_open
 
 import plainlm.finetune as finetune_module
 import plainlm.pretrain as pretrain_module
+import plainlm.train as train_module
 from plainlm import LLM
 from plainlm.config import Config
 from plainlm.data.sft import SFTDataConfig
 from plainlm.lora import LoRAConfig, inject_lora
+from plainlm.metrics import flops_per_token
 from plainlm.model import GPT
 from plainlm.pretrain import PretrainDataConfig
 from plainlm.train import TrainArgs, fit, resolve_precision, warmup_cosine
@@ -198,3 +200,26 @@ def test_bf16_true_pretrain_trains_bf16_weights_and_saves_them(tmp_path: Path) -
     assert safetensors_dtypes(out / "step-000008" / "model.safetensors") == {"BF16"}
     assert safetensors_dtypes(final / "model.safetensors") == {"BF16"}
     assert LLM.load(final).generate("Once", max_new_tokens=3, temperature=0.0) is not None
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_mfu_is_against_the_peak_of_the_dtype_the_matmuls_run_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, dtype: torch.dtype
+) -> None:
+    # A bf16 run measured against the fp32 peak would claim 5-12x its real utilisation on an AMX CPU.
+    measured: list[torch.dtype] = []
+
+    def peak(device: torch.device, dtype: torch.dtype) -> float:
+        measured.append(dtype)
+        return 2e11
+
+    monkeypatch.setattr(train_module, "measure_peak_flops", peak)
+    model = tiny_model(lora=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = fast_args(2, precision, peak_flops=None)
+    fit(model, CountingLoader(), CountingLoader(), opt, warmup_cosine(opt, args), args, tmp_path, {"model": "tiny"})
+    assert measured == [dtype]
+    with (tmp_path / "metrics.csv").open() as f:
+        row = next(csv.DictReader(f))
+    flops = flops_per_token(model.config, sum(p.numel() for p in model.parameters()), SEQ)
+    assert float(row["mfu"]) == pytest.approx(float(row["tokens_per_second"]) * flops / 2e11, rel=1e-6)
