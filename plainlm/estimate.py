@@ -25,10 +25,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from plainlm.config import Config
+from plainlm.convert.hf_config import config_from_hf
 from plainlm.distributed import Wrapping, resolve_strategy
 from plainlm.errors import MissingInput, RecipeError
 from plainlm.lora import LoRAConfig, inject_lora
 from plainlm.metrics import flops_per_token
+from plainlm.named_configs import NAMED_CONFIGS, config_for_name
 from plainlm.train import micro_batches_per_rank, resolve_precision
 
 MiB, GiB = 1024**2, 1024**3
@@ -170,8 +172,6 @@ def fit_line(peak: int, processes: int, available: int) -> str:
 def read_model_config(checkpoint_dir: str | Path) -> tuple[Config, str | None]:
     """The Config of a plainlm checkpoint, Hugging Face directory or GGUF file, and a note when a
     missing checkpoint was replaced by the named config its folder is called after."""
-    from plainlm.named_configs import NAMED_CONFIGS
-
     path = Path(checkpoint_dir)
     if path.is_file() and path.suffix == ".gguf":
         from plainlm.convert.gguf import read_gguf
@@ -181,9 +181,9 @@ def read_model_config(checkpoint_dir: str | Path) -> tuple[Config, str | None]:
     if (path / "config.yaml").exists():
         return Config.from_file(path / "config.yaml"), None
     if (path / "config.json").exists():
-        return Config.from_hf_config(json.loads((path / "config.json").read_text())), None
+        return config_from_hf(json.loads((path / "config.json").read_text())), None
     if path.name in NAMED_CONFIGS:
-        return Config.from_name(path.name), f"{path} does not exist; using the named config {path.name!r}"
+        return config_for_name(path.name), f"{path} does not exist; using the named config {path.name!r}"
     raise MissingInput(
         f"{path}: no config.yaml, config.json or .gguf file, and {path.name!r} is no named config; "
         f"download the model first (plainlm download ORG/NAME) or point checkpoint_dir to it"
@@ -597,4 +597,4 @@ def pretrain_config(cfg: Any) -> Config:
         from plainlm.tokenizer import Tokenizer
 
         overrides["vocab_size"] = -(-Tokenizer(cfg.tokenizer_dir).vocab_size // 64) * 64  # as build_model rounds
-    return Config.from_name(cfg.model_name, **overrides) if cfg.model_name else Config(**overrides)
+    return config_for_name(cfg.model_name, **overrides) if cfg.model_name else Config(**overrides)

@@ -27,6 +27,7 @@ from plainlm.errors import InvalidInput, MissingInput
 from plainlm.estimate import training_plan
 from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
 from plainlm.model import GPT
+from plainlm.named_configs import config_for_name
 from plainlm.tokenizer import Tokenizer, copy_tokenizer_files
 from plainlm.train import TrainArgs, fit, micro_batches_per_rank, resolve_precision, sample_text, warmup_cosine
 from plainlm.train_state import RECIPE_FILE
@@ -97,7 +98,7 @@ def init_weights(model: GPT) -> None:
 def build_model(model_name: str | None, model_config: dict[str, Any], tokenizer: Tokenizer) -> GPT:
     overrides = dict(model_config)
     overrides.setdefault("vocab_size", math.ceil(tokenizer.vocab_size / 64) * 64)  # a multiple of 64 runs faster
-    config = Config.from_name(model_name, **overrides) if model_name else Config(**overrides)
+    config = config_for_name(model_name, **overrides) if model_name else Config(**overrides)
     if config.vocab_size < tokenizer.vocab_size:
         raise InvalidInput(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     model = GPT(config)

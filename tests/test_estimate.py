@@ -13,6 +13,7 @@ from conftest import REPO, run_cli
 from plainlm.config import Config
 from plainlm.estimate import GiB, build_fake_model, estimate_memory, forward_bytes, trace_activations
 from plainlm.lora import LoRAConfig
+from plainlm.named_configs import config_for_name
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import memory as bench  # noqa: E402  (benchmarks/memory.py: the cases, the checkpoint, the measurement)
@@ -67,7 +68,7 @@ def test_breakdown_of_methods_and_strategies() -> None:
 
 
 def test_qlora_base_is_about_a_third_of_the_float_model() -> None:
-    smollm2 = Config.from_name("SmolLM2-135M-Instruct")
+    smollm2 = config_for_name("SmolLM2-135M-Instruct")
     lora = estimate_memory(smollm2, "lora", lora=LORA, micro_batch_size=1, seq_length=128)
     nf4 = estimate_memory(smollm2, "qlora", lora=LORA, quantize="nf4", micro_batch_size=1, seq_length=128)
     int4 = estimate_memory(smollm2, "qlora", lora=LORA, quantize="int4", micro_batch_size=1, seq_length=128)
