@@ -26,8 +26,8 @@ from plainlm.checkpoint import save_checkpoint
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
 from plainlm.distributed import Strategy
 from plainlm.errors import InvalidInput
-from plainlm.estimate import training_plan
-from plainlm.lora import LoRAConfig, inject_lora, merge_lora, save_peft_adapter
+from plainlm.lora import LoRAConfig, inject_lora, lora_for_method, merge_lora, save_peft_adapter
+from plainlm.memory import training_plan
 from plainlm.train import TrainArgs, fit, micro_batches_per_rank, resolve_precision, sample_text, warmup_cosine
 from plainlm.train_state import RECIPE_FILE
 
@@ -57,9 +57,9 @@ def prepare_model(llm: LLM, method: Method, lora: LoRAConfig, quantize: str) -> 
         from plainlm.quantize import quantize_model
 
         quantize_model(model, quantize)
-    lora = dataclasses.replace(lora, dora=lora.dora or method == "dora")
-    inject_lora(model, lora)
-    return lora
+    adapters = lora_for_method(lora, method)
+    inject_lora(model, adapters)
+    return adapters
 
 
 def finetune(

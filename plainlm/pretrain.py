@@ -24,8 +24,8 @@ from plainlm.config import Config
 from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
 from plainlm.distributed import Strategy
 from plainlm.errors import InvalidInput, MissingInput
-from plainlm.estimate import training_plan
 from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
+from plainlm.memory import training_plan
 from plainlm.model import GPT
 from plainlm.named_configs import config_for_name
 from plainlm.tokenizer import Tokenizer, copy_tokenizer_files
@@ -95,13 +95,18 @@ def init_weights(model: GPT) -> None:
             nn.init.normal_(module.weight, 0.0, 0.02)
 
 
-def build_model(model_name: str | None, model_config: dict[str, Any], tokenizer: Tokenizer) -> GPT:
+def model_config_for(model_name: str | None, model_config: dict[str, Any], tokenizer_vocab: int) -> Config:
+    """The architecture a pretrain recipe asks for: model_name with model_config overrides, or model_config alone."""
     overrides = dict(model_config)
-    overrides.setdefault("vocab_size", math.ceil(tokenizer.vocab_size / 64) * 64)  # a multiple of 64 runs faster
+    overrides.setdefault("vocab_size", math.ceil(tokenizer_vocab / 64) * 64)  # a multiple of 64 runs faster
     config = config_for_name(model_name, **overrides) if model_name else Config(**overrides)
-    if config.vocab_size < tokenizer.vocab_size:
-        raise InvalidInput(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    model = GPT(config)
+    if config.vocab_size < tokenizer_vocab:
+        raise InvalidInput(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    return config
+
+
+def build_model(model_name: str | None, model_config: dict[str, Any], tokenizer: Tokenizer) -> GPT:
+    model = GPT(model_config_for(model_name, model_config, tokenizer.vocab_size))
     init_weights(model)
     return model
 
