@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from plainlm.device import resolve_device
 from plainlm.errors import InvalidInput, PlainlmError, WorkerFailed
 
 Strategy = Literal["auto", "ddp", "fsdp"]  # what a user asks for
@@ -103,7 +104,7 @@ def joined(strategy: Strategy, device: str | None) -> Iterator[World]:
     size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     chosen = resolve_strategy(strategy, size)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device)
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", local_rank)  # one GPU per process on a node
     if target.type == "cuda":
