@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +126,18 @@ def cpu_has_native_bf16() -> bool:
     """AMX tiles (recent Xeons), enabled by the OS: bf16 matmuls measured ~12x faster than fp32 on such a CPU."""
     is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, but the check torch's own kernels use
     return bool(is_amx and is_amx())
+
+
+# An optimizer or scheduler is given as `class_path` + `init_args` in a recipe; jsonargparse turns that into
+# a function of the parameters (or the optimizer) that builds it, e.g.
+#     optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.0002, betas: [0.9, 0.95]}}
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def default_optimizer(params: Iterable) -> torch.optim.Optimizer:
+    # fused: one kernel updates every parameter (measured 1.13x faster full finetuning on the CPU than foreach)
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, betas=(0.9, 0.95), fused=True)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.optim.lr_scheduler.LambdaLR:
