@@ -56,7 +56,8 @@ def finetune(
     optimizer: OptimizerFactory | None = None,
     scheduler: SchedulerFactory | None = None,
     quantize: Literal["nf4", "int4"] = "nf4",
-    resume: bool | Literal["auto"] = False,
+    resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
     device: str | None = None,
     strategy: Strategy = "auto",
     devices: int = 1,
@@ -76,7 +77,9 @@ def finetune(
         optimizer: class_path + init_args of a torch optimizer (default AdamW, lr 2e-4).
         scheduler: class_path + init_args of a torch lr scheduler (default: warm-up then cosine).
         quantize: How qlora stores the frozen base: nf4 (bitsandbytes) or int4.
-        resume: Continue from the newest complete checkpoint in out_dir ("auto" or true).
+        resume: Continue a run in out_dir: true (its newest checkpoint, which must exist), auto (the newest
+            checkpoint if there is one, else start fresh) or the path of a step-NNNNNN checkpoint.
+        overwrite: Replace the run out_dir already holds (without it, or --resume, such a run is refused).
         device: cpu, cuda, ... (default: cuda when available; with several processes, one GPU each).
         strategy: auto (one process: as it is; several: ddp), ddp (a replica per process) or fsdp (sharded).
         devices: Processes on this node (one per GPU); under torchrun its environment decides.
@@ -147,6 +150,7 @@ def finetune(
         optimizer=optimizer,
         scheduler=scheduler,
         resume=resume,
+        overwrite=overwrite,
         device=device,
         strategy=strategy,
         devices=devices,

@@ -217,14 +217,15 @@ def fit(
     args: TrainArgs,
     out_dir: Path,
     identity: dict[str, Any],
-    resume: bool = False,
+    resume: bool | Path = False,
     sample: Any = None,
     world: World | None = None,
 ) -> dict[str, float]:
     """Train `model` for args.max_steps; returns the final metrics (rank 0 logs them; other ranks get {}).
 
     train_loader / val_loader follow plainlm/data's contract; `identity` names the run (model,
-    method, adapter) so that --resume refuses another run's checkpoint; `sample(model) -> str`
+    method, adapter) so that --resume refuses another run's checkpoint; `resume` is True (the newest
+    checkpoint in out_dir, if any) or the checkpoint to continue from; `sample(model) -> str`
     is called at each validation when given. On several processes every rank calls this with its
     `world` and its model as `distributed.wrap` returned it.
     """
@@ -239,7 +240,10 @@ def fit(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
     out_dir.mkdir(parents=True, exist_ok=True)
     step, tokens_seen = 0, 0
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if isinstance(resume, Path):  # a checkpoint named by --resume PATH
+        checkpoint = resume
+    else:
+        checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         state = load_training_checkpoint(checkpoint, model, optimizer, scheduler, identity, world)
         step, tokens_seen = state["step"], state["tokens"]

@@ -10,6 +10,7 @@ the loader, what the run is (for --resume), what to print, and how to write fina
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from plainlm.train import (
     resolve_precision,
     warmup_cosine,
 )
-from plainlm.train_state import RECIPE_FILE
+from plainlm.train_state import RECIPE_FILE, checkpoint_to_resume, clear_run, holds_run
 
 
 @dataclass
@@ -71,7 +72,8 @@ def run_training(
     train: TrainArgs,
     optimizer: OptimizerFactory | None,
     scheduler: SchedulerFactory | None,
-    resume: Any,
+    resume: bool | str | Path,
+    overwrite: bool,
     device: str | None,
     strategy: Strategy,
     devices: int,
@@ -80,10 +82,41 @@ def run_training(
     recipe: str | None,
 ) -> Path:
     """Run `command` (called with `arguments`) to its out_dir/final: in worker processes when devices or
-    nodes ask for several, else here with the model and data `prepare` gives. Returns out_dir/final."""
-    if distributed.must_launch(devices, num_nodes):
-        micro_batches_per_rank(train, devices * num_nodes)  # a bad batch size fails here, before any process starts
-        return distributed.launch(command, arguments, devices, num_nodes, rdzv_endpoint)
+    nodes ask for several, else here with the model and data `prepare` gives. Returns out_dir/final.
+
+    Before anything starts, out_dir is checked (train_state.checkpoint_to_resume): a run never lands
+    in a folder that holds another unless --resume or --overwrite says so. A start that fails leaves
+    no folder behind that it created.
+    """
+    created = not out_dir.exists()
+    try:
+        checkpoint = checkpoint_to_resume(out_dir, resume, overwrite)
+        if overwrite and int(os.environ.get("RANK", 0)) == 0:  # one process deletes, before any process starts
+            clear_run(out_dir)
+        if distributed.must_launch(devices, num_nodes):
+            micro_batches_per_rank(train, devices * num_nodes)  # a bad batch size fails here, before any process
+            # The workers start from what was decided here: out_dir is already cleared, the checkpoint chosen.
+            resolved = dict(arguments, resume=checkpoint or False, overwrite=False)
+            return distributed.launch(command, resolved, devices, num_nodes, rdzv_endpoint)
+        return _train_here(prepare, out_dir, train, optimizer, scheduler, checkpoint, device, strategy, recipe)
+    except BaseException:
+        if created and not holds_run(out_dir) and int(os.environ.get("RANK", 0)) == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _train_here(
+    prepare: Callable[[World], Prepared],
+    out_dir: Path,
+    train: TrainArgs,
+    optimizer: OptimizerFactory | None,
+    scheduler: SchedulerFactory | None,
+    checkpoint: Path | None,
+    device: str | None,
+    strategy: Strategy,
+    recipe: str | None,
+) -> Path:
+    """This process's part of the run (all of it, or one rank's)."""
     with distributed.joined(strategy, device) as world:
         torch.manual_seed(train.seed)  # every rank starts from the same weights
         run = prepare(world)
@@ -101,6 +134,7 @@ def run_training(
                 run.model.config, run.method, train, run.seq_length, world, opt, run.lora, run.quantize, run.packed
             )
             print(plan)
+        resume = checkpoint if checkpoint is not None else False
         fit(wrapped, run.loader, run.loader, opt, sched, train, out_dir, run.identity, resume, run.sample, world)
         trained = distributed.full_state_dict(wrapped) if world.strategy == "fsdp" else None  # every rank gathers
         final = out_dir / "final"
