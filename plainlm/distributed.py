@@ -93,6 +93,13 @@ def resolve_strategy(strategy: Strategy, world_size: int) -> Wrapping:
     return strategy
 
 
+def check_process_counts(devices: int, num_nodes: int) -> None:
+    """--devices and --num_nodes count processes and machines: at least one of each."""
+    for flag, value in (("--devices", devices), ("--num_nodes", num_nodes)):
+        if value < 1:
+            raise InvalidInput(f"{flag} {value}: must be 1 or more (--devices: processes per machine, one per GPU)")
+
+
 def must_launch(devices: int, num_nodes: int) -> bool:
     return (devices > 1 or num_nodes > 1) and not inside_launcher()
 

@@ -19,7 +19,7 @@ from plainlm.checkpoint import CONFIG_FILE, detect_format
 from plainlm.config import Config
 from plainlm.convert.hf import read_hf_config
 from plainlm.device import resolve_device
-from plainlm.distributed import resolve_strategy
+from plainlm.distributed import check_process_counts, resolve_strategy
 from plainlm.errors import MissingInput, RecipeError
 from plainlm.finetune import finetune
 from plainlm.lora import LoRAConfig
@@ -114,6 +114,7 @@ def recipe_kind(argv: list[str]) -> str:
 
 def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEstimate, str]:
     """The estimate for a parsed (not instantiated) recipe; `change` overrides estimate_memory's arguments."""
+    check_process_counts(cfg.devices, cfg.num_nodes)
     device = resolve_device(cfg.device)
     train, note = cfg.train, None
     if kind == "finetune":

@@ -88,6 +88,7 @@ def run_training(
     in a folder that holds another unless --resume or --overwrite says so. A start that fails leaves
     no folder behind that it created.
     """
+    distributed.check_process_counts(devices, num_nodes)
     created = not out_dir.exists()
     try:
         checkpoint = checkpoint_to_resume(out_dir, resume, overwrite)

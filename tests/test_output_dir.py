@@ -1,5 +1,5 @@
 """A training run's out_dir: never two runs mixed in one folder, --resume true/auto/PATH, --overwrite,
-and no folder left behind by a start that fails."""
+no folder left behind by a start that fails, and process counts that cannot run refused up front."""
 
 from __future__ import annotations
 
@@ -119,3 +119,20 @@ def test_a_failed_start_leaves_no_folder(tmp_path: Path) -> None:
     assert not out.exists()
     nothing = run_cli(*TINY_PRETRAIN, "--out_dir", str(out), "--resume", "true")
     assert nothing.returncode == 2 and "holds no checkpoint" in nothing.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("devices", ["0", "-1"])
+def test_devices_below_one_is_one_error_line(tmp_path: Path, devices: str) -> None:
+    finetune_recipe = REPO / "recipes" / "finetune" / "smollm2-135m-instruct" / "lora.yaml"
+    commands = {
+        "finetune": ["finetune", "--config", str(finetune_recipe), "--out_dir", str(tmp_path / "f")],
+        "pretrain": [*TINY_PRETRAIN, "--out_dir", str(tmp_path / "p")],
+        "estimate": ["estimate", "--config", str(finetune_recipe)],
+    }
+    for name, args in commands.items():
+        result = run_cli(*args, "--devices", devices)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert result.stderr == f"error: --devices {devices}: must be 1 or more " + (
+            "(--devices: processes per machine, one per GPU)\n"
+        ), name
+    assert not (tmp_path / "f").exists() and not (tmp_path / "p").exists()
