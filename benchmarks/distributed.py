@@ -85,8 +85,8 @@ def memory_child(args: argparse.Namespace) -> None:
     """One process's share after one optimizer step: printed as JSON on the last line."""
     from plainlm import distributed
     from plainlm.config import Config
-    from plainlm.finetune import default_optimizer
     from plainlm.model import GPT
+    from plainlm.train import default_optimizer
 
     torch.manual_seed(0)
     with distributed.joined("fsdp" if args.world > 1 else "auto", "cpu") as world:

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from plainlm.config import Config
 from plainlm.convert.hf import load_hf_model
 from plainlm.convert.hf_config import config_to_hf
 from plainlm.generate import generate
+from plainlm.named_configs import config_for_name
 
 
 def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 10) -> float:
@@ -48,7 +48,7 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def make_models(name: str, directory: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
-    config = Config.from_name(name)
+    config = config_for_name(name)
     hf_config = transformers.AutoConfig.for_model(**config_to_hf(config))
     torch.manual_seed(0)
     theirs = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)

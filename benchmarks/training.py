@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plainlm.config import Config
 from plainlm.convert.hf import load_hf_model
 from plainlm.convert.hf_config import config_to_hf
 from plainlm.data import IGNORE_INDEX
 from plainlm.lora import LoRAConfig, inject_lora
 from plainlm.metrics import matmul_dtype, measure_peak_flops
+from plainlm.named_configs import config_for_name
 from plainlm.train import TrainArgs, fit, warmup_cosine
 
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -163,7 +163,7 @@ def child(run: str, args: argparse.Namespace) -> None:
         tensorboard=False,
         peak_flops=args.peak_flops,
     )
-    config = Config.from_name(args.model)
+    config = config_for_name(args.model)
     data = RandomBatches(config.vocab_size, train.max_steps * train.accumulation_steps, args.micro_batch, args.seq_len)
     result = (train_theirs if side == "theirs" else train_ours)(method, data, train, args)
     result["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
@@ -182,7 +182,7 @@ def run_child(side: str, method: str, args: argparse.Namespace, model_dir: str, 
 def save_random_model(name: str, directory: str) -> None:
     import transformers
 
-    hf_config = transformers.AutoConfig.for_model(**config_to_hf(Config.from_name(name)))
+    hf_config = transformers.AutoConfig.for_model(**config_to_hf(config_for_name(name)))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model.save_pretrained(directory)

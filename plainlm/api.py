@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from plainlm.checkpoint import detect_format, load_checkpoint
+from plainlm.device import resolve_device, resolve_dtype
 from plainlm.errors import InvalidInput
 from plainlm.generate import generate_tokens
 from plainlm.model import GPT
@@ -61,7 +62,7 @@ class LLM:
         quantize: "int8", "int4" or "nf4" quantizes the weights as they load (see quantize.py);
         a checkpoint saved quantized loads as it was saved, without this.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         if quantize is not None:
             check_mode(quantize, None, device)  # fail before the weights load, not after
@@ -171,23 +172,3 @@ class LLM:
             stats.new_tokens += sum(t is not None for t in step)
             stats.seconds = time.perf_counter() - start
             yield step
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise InvalidInput(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-    return names[dtype]

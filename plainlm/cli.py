@@ -46,8 +46,8 @@ def convert_from_hf(src_dir: Path, dst_dir: Path, dtype: str | None = None) -> N
         dst_dir: The plainlm checkpoint directory to write.
         dtype: Store the weights in this dtype (float32, bfloat16, float16); default as they are.
     """
-    from plainlm.api import resolve_dtype
     from plainlm.convert.hf import convert_from_hf as run
+    from plainlm.device import resolve_dtype
 
     print(run(src_dir, dst_dir, dtype=None if dtype is None else resolve_dtype(dtype, None)))
 
@@ -60,8 +60,8 @@ def convert_from_gguf(file: Path, dst_dir: Path, dtype: str | None = None) -> No
         dst_dir: The plainlm checkpoint directory to write (weights, config.yaml, tokenizer files).
         dtype: Store the weights in this dtype (float32, bfloat16, float16); default float32.
     """
-    from plainlm.api import resolve_dtype
     from plainlm.convert.gguf import convert_from_gguf as run
+    from plainlm.device import resolve_dtype
 
     print(run(file, dst_dir, dtype=None if dtype is None else resolve_dtype(dtype, None)))
 

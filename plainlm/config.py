@@ -1,14 +1,14 @@
 """The `Config` dataclass: every architectural switch of every model family, in one place.
 
 `model.py` reads these fields and nothing else, so a family is a set of values here,
-never a subclass. Named configs (real sizes, real Hugging Face repo ids) live in
-`named_configs.py`; `Config.from_hf_config` derives a config from any `config.json` of
-a supported architecture, so a fine-tune of a known family loads without a named entry.
+never a subclass. This file imports nothing else of plainlm but its errors: the named configs
+(real sizes, real Hugging Face repo ids; `config_for_name`) live in `named_configs.py`, and the
+translation from any `config.json` of a supported architecture (`config_from_hf`) in
+`convert/hf_config.py`; both build on `Config`, never the other way round.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,23 +114,6 @@ class Config:
         return (layer + 1) % self.sliding_window_pattern != 0
 
     # --- construction ---
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> Config:
-        from plainlm.named_configs import NAMED_CONFIGS
-
-        if name not in NAMED_CONFIGS:
-            known = ", ".join(sorted(NAMED_CONFIGS))
-            raise InvalidInput(f"Unknown model name {name!r}. Known names: {known}")
-        # A deep copy: callers may change hf_extra or rope_scaling without touching the table.
-        return dataclasses.replace(copy.deepcopy(NAMED_CONFIGS[name]), **overrides)
-
-    @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], name: str | None = None) -> Config:
-        """Our config from a Hugging Face `config.json` dict, for any supported `model_type`."""
-        from plainlm.convert.hf_config import config_from_hf
-
-        return config_from_hf(hf_config, name=name)
-
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
         data = yaml.safe_load(Path(path).read_text())

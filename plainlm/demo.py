@@ -58,6 +58,8 @@ def main(argv: list[str]) -> None:
     show("SmolLM2-135M-Instruct before finetuning", questions, before)
     del base
 
+    # Each demo is a fresh run: it replaces the previous demo's output folder instead of being refused.
+    argv = ["--overwrite", "true", *argv]
     print(f"\n$ plainlm finetune --config {RECIPE} {' '.join(argv)}")
     final = run_recipe_command(finetune, "plainlm finetune", ["--config", str(RECIPE), *argv])
     tuned = LLM.load(final)

@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from plainlm.device import resolve_device
 from plainlm.errors import InvalidInput, PlainlmError, WorkerFailed
 
 Strategy = Literal["auto", "ddp", "fsdp"]  # what a user asks for
@@ -92,6 +93,13 @@ def resolve_strategy(strategy: Strategy, world_size: int) -> Wrapping:
     return strategy
 
 
+def check_process_counts(devices: int, num_nodes: int) -> None:
+    """--devices and --num_nodes count processes and machines: at least one of each."""
+    for flag, value in (("--devices", devices), ("--num_nodes", num_nodes)):
+        if value < 1:
+            raise InvalidInput(f"{flag} {value}: must be 1 or more (--devices: processes per machine, one per GPU)")
+
+
 def must_launch(devices: int, num_nodes: int) -> bool:
     return (devices > 1 or num_nodes > 1) and not inside_launcher()
 
@@ -103,7 +111,7 @@ def joined(strategy: Strategy, device: str | None) -> Iterator[World]:
     size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     chosen = resolve_strategy(strategy, size)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device)
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", local_rank)  # one GPU per process on a node
     if target.type == "cuda":

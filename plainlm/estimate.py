@@ -1,477 +1,57 @@
-"""The memory planner: how much memory a training run needs per device, from its config alone.
+"""`plainlm estimate`: the memory a finetune or pretrain recipe needs per device, read the way the run reads it.
 
     plainlm estimate --config recipes/finetune/smollm2-135m-instruct/lora.yaml --train.micro_batch_size 4
 
-No weight is read: the model is a `Config` (config.yaml, config.json or a GGUF file's metadata), its
-parameters are counted on the meta device, and the activations are what autograd saves for the
-backward pass, traced on fake tensors (shapes without data) through the real `GPT` and loss. The
-terms, and why each is what it is, are in docs/memory.md; `estimate_memory` is the pure function the
-training commands print at their start, `estimate_command` the CLI's `plainlm estimate`.
+The recipe is parsed by the training command's own parser (same keys, checks and overrides) and not
+run; the model is only its Config (config.yaml, config.json or a GGUF file's metadata, or the named
+config a missing checkpoint's folder is called after). The memory model itself is memory.py; this
+file turns a recipe into its arguments, prints the table and, when the run does not fit, what to change.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-from unittest import mock
+from typing import Any
 
-import torch
-import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+import yaml
 
+from plainlm.checkpoint import CONFIG_FILE, detect_format
 from plainlm.config import Config
-from plainlm.distributed import Wrapping, resolve_strategy
+from plainlm.convert.hf import read_hf_config
+from plainlm.device import resolve_device
+from plainlm.distributed import check_process_counts, resolve_strategy
 from plainlm.errors import MissingInput, RecipeError
-from plainlm.lora import LoRAConfig, inject_lora
-from plainlm.metrics import flops_per_token
+from plainlm.finetune import finetune
+from plainlm.lora import LoRAConfig
+from plainlm.memory import MemoryEstimate, available_bytes, estimate_memory, format_bytes
+from plainlm.named_configs import NAMED_CONFIGS, config_for_name
+from plainlm.pretrain import model_config_for, pretrain
+from plainlm.recipe import config_paths, parse_recipe
+from plainlm.tokenizer import Tokenizer
 from plainlm.train import micro_batches_per_rank, resolve_precision
 
-MiB, GiB = 1024**2, 1024**3
-Method = Literal["full", "lora", "dora", "qlora", "pretrain"]
 
-# What a training process holds before its model: Python, torch, plainlm and what they import
-# (jsonargparse, tokenizers, the optimizer's and TensorBoard's modules, matplotlib for loss.png),
-# the tokenizer and the data. Measured on torch 2.13 (CPU build) as the peak RSS of the real
-# commands with a model of 0.1M parameters (benchmarks/memory.py); the tokenizer adds its own.
-CPU_RUNTIME_BYTES = 365 * MiB
-TOKENIZER_BYTES_PER_TOKEN = 600  # the Rust tokenizer's vocabulary and merges: 27 MiB for SmolLM2's 49k tokens
-# A CUDA context with lazily loaded kernels (CUDA 12), plus cuBLAS's workspace: outside torch's allocator.
-CUDA_CONTEXT_BYTES = 600 * MiB
-# glibc malloc (CPU) keeps freed memory in the process. Once the first frees raise its mmap
-# threshold (up to 32 MiB), a step's tensors come from the heap, and the heap only shrinks from its
-# top: the holes that gradients, optimizer state and temporaries leave between each other stay
-# resident. Measured, the heap keeps about this fraction of what the blocks' forward allocates
-# (every new tensor, temporaries included) on top of the live peak; with checkpointing the
-# recomputation allocates one block at a time, into the backward's holes (docs/memory.md).
-GLIBC_RETAINED = {False: 0.22, True: 0.12}
-# The CUDA caching allocator rounds blocks up and keeps freed ones cached for reuse: reserved memory
-# runs a few percent above the bytes of live tensors at the peak.
-CUDA_FRAGMENTATION = 0.05
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, fp32 per 256 absmax
-# Nibbles and a bf16 (scale, zero) per group of 64, read as stored by plainlm's int4 kernel (PyTorch's
-# kernel, used where plainlm's cannot run, adds a packed copy: 0.5 more).
-INT4_BYTES_PER_PARAM = 0.5 + 4 / 64
-OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "RMSprop": 1, "Adagrad": 1, "Adafactor": 1, "Lion": 1, "SGD": 0}
-
-
-@dataclass
-class MemoryEstimate:
-    """Bytes per device of one training run, term by term; `peak` is what the device must hold."""
-
-    model: str
-    method: str
-    precision: str
-    device: str  # "cpu" or "cuda"
-    micro_batch_size: int
-    seq_length: int
-    strategy: str
-    world_size: int
-    activation_checkpointing: bool
-    n_params: int
-    n_trainable: int
-    flops_per_token: float
-    weights: int
-    gradients: int
-    optimizer: int
-    activations_full: int  # saved for backward + the loss's transient, without checkpointing
-    activations_checkpointed: int  # block inputs + one block recomputed + the loss's transient
-    beside_activations: int  # gradients already held when the activations peak: the head's, or all when accumulating
-    buckets: int  # DDP's gradient buckets: a flat second copy of every gradient
-    optimizer_step: int  # the optimizer step's temporaries (foreach AdamW on CUDA: one state-sized list)
-    allocator: int  # glibc's retained heap (CPU) or the caching allocator's slack (CUDA)
-    runtime: int  # the process itself (CPU) or the CUDA context
-    export: int  # the final export's merged copies and serialization, beside weights and optimizer state
-    kv_cache: int  # for generation, batch 1 at kv_length; not part of training
-    kv_length: int
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def activations(self) -> int:
-        return self.activations_checkpointed if self.activation_checkpointing else self.activations_full
-
-    @property
-    def step_peak(self) -> int:
-        """The training step: weights and optimizer state throughout, then activations or gradients."""
-        live = max(self.activations + self.beside_activations, self.gradients + self.optimizer_step)
-        return self.runtime + self.weights + self.optimizer + self.buckets + live + self.allocator
-
-    @property
-    def export_peak(self) -> int:
-        return self.runtime + self.weights + self.optimizer + self.export
-
-    @property
-    def peak(self) -> int:
-        return max(self.step_peak, self.export_peak)
-
-    def format(self, available: int | None = None) -> str:
-        """A table of the terms, the peak and, given the available bytes, whether it fits."""
-        ac = "with activation checkpointing" if self.activation_checkpointing else "without activation checkpointing"
-        other = self.activations_full if self.activation_checkpointing else self.activations_checkpointed
-        lines = [
-            f"{self.model}: {self.n_params:,} parameters, {self.n_trainable:,} trainable ({self.method})",
-            f"training FLOPs per token: {self.flops_per_token / 1e9:.3g} GFLOP at {self.seq_length} tokens",
-            f"memory per device ({self.device}, {self.precision}, micro batch {self.micro_batch_size} x "
-            f"{self.seq_length} tokens, {self.strategy}, {self.world_size} process(es)):",
-            _row("weights", self.weights),
-            _row("gradients", self.gradients, "replace the activations freed in the backward"),
-            _row("optimizer state", self.optimizer),
-            _row("activations", self.activations, f"{ac} (the run's setting); the other way: {_size(other)}"),
-        ]
-        if self.beside_activations:
-            lines.append(_row("gradients at that peak", self.beside_activations, "head / accumulated gradients"))
-        if self.buckets:
-            lines.append(_row("DDP buckets", self.buckets))
-        if self.optimizer_step:
-            lines.append(_row("optimizer step", self.optimizer_step, "foreach temporaries"))
-        allocator = "glibc heap kept after frees" if self.device == "cpu" else "CUDA caching allocator slack"
-        runtime = "python + torch + plainlm, tokenizer, data" if self.device == "cpu" else "CUDA context"
-        lines += [
-            _row("allocator", self.allocator, allocator),
-            _row("runtime", self.runtime, runtime),
-            _row("peak, training step", self.step_peak),
-        ]
-        if self.export:
-            lines.append(_row("peak, final export", self.export_peak, "merged weights + serialization"))
-        lines.append(_row("peak", self.peak))
-        lines.append(f"KV cache for generation: {_size(self.kv_cache)} at {self.kv_length} tokens, batch 1")
-        lines += [f"note: {n}" for n in self.notes]
-        if available is not None:
-            lines.append(fit_line(self.peak, self.processes_per_memory, available))
-        return "\n".join(lines)
-
-    @property
-    def processes_per_memory(self) -> int:
-        """CPU processes of one node share its RAM; every GPU has its own memory."""
-        return self.world_size if self.device == "cpu" else 1
-
-
-def _size(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
-def _row(name: str, n: int, why: str = "") -> str:
-    return f"  {name:22s}{_size(n):>12s}" + (f"   {why}" if why else "")
-
-
-def fit_line(peak: int, processes: int, available: int) -> str:
-    needed = peak * processes
-    what = f"{_size(needed)} ({processes} processes x {_size(peak)})" if processes > 1 else _size(needed)
-    if needed <= available:
-        return f"fits: {what} of {_size(available)} available"
-    return f"does not fit: needs {what}, {_size(available)} available"
-
-
-# --- the model, without its weights ---
 def read_model_config(checkpoint_dir: str | Path) -> tuple[Config, str | None]:
     """The Config of a plainlm checkpoint, Hugging Face directory or GGUF file, and a note when a
     missing checkpoint was replaced by the named config its folder is called after."""
-    from plainlm.named_configs import NAMED_CONFIGS
-
     path = Path(checkpoint_dir)
-    if path.is_file() and path.suffix == ".gguf":
-        from plainlm.convert.gguf import read_gguf
-        from plainlm.convert.gguf_names import read_config
+    if not path.exists():
+        if path.name in NAMED_CONFIGS:
+            return config_for_name(path.name), f"{path} does not exist; using the named config {path.name!r}"
+        raise MissingInput(
+            f"{path}: no config.yaml, config.json or .gguf file, and {path.name!r} is no named config; "
+            f"download the model first (plainlm download ORG/NAME) or point --checkpoint_dir to it"
+        )
+    kind = detect_format(path)
+    if kind == "plainlm":
+        return Config.from_file(path / CONFIG_FILE), None
+    if kind == "hf":
+        return read_hf_config(path), None
+    # The gguf package is only needed for GGUF files.
+    from plainlm.convert.gguf import read_gguf
+    from plainlm.convert.gguf_names import read_config
 
-        return read_config(read_gguf(path), path), None
-    if (path / "config.yaml").exists():
-        return Config.from_file(path / "config.yaml"), None
-    if (path / "config.json").exists():
-        return Config.from_hf_config(json.loads((path / "config.json").read_text())), None
-    if path.name in NAMED_CONFIGS:
-        return Config.from_name(path.name), f"{path} does not exist; using the named config {path.name!r}"
-    raise MissingInput(
-        f"{path}: no config.yaml, config.json or .gguf file, and {path.name!r} is no named config; "
-        f"download the model first (plainlm download ORG/NAME) or point checkpoint_dir to it"
-    )
-
-
-def build_meta_model(config: Config, method: str, lora: LoRAConfig) -> nn.Module:
-    """The model as the run prepares it, on the meta device: every parameter's shape and requires_grad."""
-    from plainlm.model import GPT
-
-    with torch.device("meta"):
-        model = GPT(config)
-        if method in ("lora", "dora", "qlora"):
-            inject_lora(model, dataclasses.replace(lora, dora=lora.dora or method == "dora"))
-    return model
-
-
-def weight_bytes(model: nn.Module, method: str, quantize: str, param_bytes: int) -> int:
-    """Bytes of every parameter (tied ones once): adapters in fp32, qlora's base layers at their packed size."""
-    quantized: set[str] = set()
-    if method == "qlora":
-        from plainlm.quantize import quantized_linear_names
-
-        quantized = {f"{name}.weight" for name in quantized_linear_names(model, quantize)}
-        if quantize == "int4":  # int4 packs the embedding too (a tied head shares it)
-            quantized.add("embed.weight")
-    per_param = NF4_BYTES_PER_PARAM if quantize == "nf4" else INT4_BYTES_PER_PARAM
-    adapters = method in ("lora", "dora", "qlora")
-    total = 0.0
-    for name, p in model.named_parameters():  # a tied head is listed once
-        if name in quantized:
-            total += p.numel() * per_param
-        else:
-            total += p.numel() * (4 if adapters and p.requires_grad else param_bytes)
-    return int(total)
-
-
-# --- activations, traced ---
-@dataclass
-class Trace:
-    """Bytes of one micro-batch's forward: saved for the backward, and allocated in all (temporaries too)."""
-
-    saved_per_block: int
-    saved_outside: int  # embedding, final norm, head and loss
-    allocated_per_block: int
-    loss_transient: int  # the cross-entropy's backward: (tokens, vocab) fp32 gradients beside everything saved
-
-
-def trace_activations(
-    config: Config, method: str, lora: LoRAConfig, precision: str, batch: int, seq: int, packed: bool = False
-) -> Trace:
-    """Run the real GPT and loss on fake tensors (shapes, no data) with 1 and 2 blocks; the difference is one block.
-
-    Saved bytes are what autograd keeps for the backward, each storage once, parameters excluded.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    runs = []
-    for n_layer in (1, 2):
-        small = dataclasses.replace(config, n_layer=n_layer, block_size=max(config.block_size, seq))
-        # The model's position check reads a value; fake tensors have none (it holds for any real batch).
-        with FakeTensorMode(), mock.patch("torch.compiler.is_compiling", return_value=True):
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)  # bf16-true: the model is bf16, as finetune/pretrain cast it
-            try:
-                model = build_fake_model(small, method, lora)
-            finally:
-                torch.set_default_dtype(previous)
-            ids = torch.zeros(batch, seq, dtype=torch.long)
-            data = {"input_ids": ids, "targets": ids}
-            if packed:
-                data["position_ids"] = ids
-                data["attention_mask"] = torch.ones(batch, 1, seq, seq, dtype=torch.bool)
-            runs.append(forward_bytes(model, data, precision))
-    (saved_1, allocated_1), (saved_2, allocated_2) = runs
-    logits_bytes = 2 if precision != "32-true" else 4
-    loss_transient = batch * seq * config.vocab_size * (2 * 4 + (logits_bytes if logits_bytes != 4 else 0))
-    block = saved_2 - saved_1
-    return Trace(block, saved_1 - block, allocated_2 - allocated_1, loss_transient)
-
-
-def build_fake_model(config: Config, method: str, lora: LoRAConfig) -> nn.Module:
-    from plainlm.model import GPT
-
-    model = GPT(config)
-    if method in ("lora", "dora", "qlora"):  # qlora's 4-bit base saves for backward what a frozen Linear does
-        inject_lora(model, dataclasses.replace(lora, dora=lora.dora or method == "dora"))
-    return model.train()
-
-
-class _AllocatedBytes(TorchDispatchMode):
-    """Sums the bytes of every new tensor an op returns (views share their base's memory)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t._is_view():
-                self.total += t.untyped_storage().nbytes()
-        return out
-
-
-def forward_bytes(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> tuple[int, int]:
-    """(saved for backward, allocated) bytes of token_loss_sum(model, batch)."""
-    from plainlm.train import token_loss_sum
-
-    params = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in params:
-            saved[storage._cdata] = storage.nbytes()
-        return t
-
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, _AllocatedBytes() as allocated:
-        token_loss_sum(model, batch)
-    return sum(saved.values()), allocated.total
-
-
-# --- the whole estimate ---
-def estimate_memory(
-    config: Config,
-    method: Method = "full",
-    lora: LoRAConfig | None = None,
-    quantize: str = "nf4",
-    precision: str = "32-true",
-    micro_batch_size: int = 1,
-    seq_length: int = 1024,
-    strategy: Wrapping = "none",
-    world_size: int = 1,
-    activation_checkpointing: bool = False,
-    accumulation_steps: int = 1,
-    optimizer: str = "AdamW",
-    device: str = "cpu",
-    packed: bool = False,
-    tokenizer_vocab: int | None = None,
-    kv_length: int | None = None,
-) -> MemoryEstimate:
-    """Per-device memory of a training run, from the model's config alone.
-
-    method: full / lora / dora / qlora (finetune) or pretrain (every weight trains, like full).
-    precision: 32-true, bf16-mixed (fp32 weights, bf16 compute) or bf16-true. strategy: none,
-    ddp (everything replicated, plus gradient buckets) or fsdp (weights, gradients and optimizer
-    state sharded over world_size, plus one all-gathered block). optimizer: the class name (its
-    states per trainable parameter). device: "cpu" (glibc heap, process baseline) or "cuda".
-    """
-    lora = lora or LoRAConfig()
-    if precision == "auto":
-        precision = "bf16-mixed" if device == "cuda" else "32-true"
-    param_bytes = 2 if precision == "bf16-true" else 4
-    model = build_meta_model(config, method, lora)
-    params = {id(p): p for p in model.parameters()}.values()
-    n_params = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    weights = weight_bytes(model, method, quantize, param_bytes)
-    # Gradients and optimizer state take the trainable parameters' dtype: fp32 adapters, or the model's.
-    train_bytes = 4 if method in ("lora", "dora", "qlora") else param_bytes
-    grad_bytes = trainable * train_bytes
-    states = OPTIMIZER_STATES.get(optimizer, 2)
-    optimizer_bytes = trainable * states * train_bytes
-
-    trace = trace_activations(config, method, lora, precision, micro_batch_size, seq_length, packed)
-    block, outside = trace.saved_per_block, trace.saved_outside
-    full = config.n_layer * block + outside + trace.loss_transient
-    residual = micro_batch_size * seq_length * config.n_embd * param_bytes  # each block's input, kept
-    checkpointed = config.n_layer * residual + block + outside + trace.loss_transient
-
-    # The backward starts at the head: its gradient is allocated while every activation is still saved.
-    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n.startswith(("lm_head", "embed")))
-    beside = grad_bytes if accumulation_steps > 1 else head * train_bytes
-    buckets, optimizer_step, notes = 0, 0, []
-    if strategy == "fsdp" and world_size > 1:
-        largest_block = sum(p.numel() for p in model.blocks[0].parameters()) * param_bytes
-        weights = weights // world_size + 2 * largest_block  # the shard, plus the gathered unit and the next one
-        grad_bytes, optimizer_bytes = grad_bytes // world_size, optimizer_bytes // world_size
-        beside = beside // world_size
-        notes.append("fsdp: two blocks are gathered at a time (the one computing and the one prefetched)")
-    elif strategy == "ddp" and world_size > 1:
-        buckets = grad_bytes
-    if device == "cuda" and states:
-        optimizer_step = optimizer_bytes // states
-
-    activations = checkpointed if activation_checkpointing else full
-    live = weights + optimizer_bytes + buckets + max(activations + beside, grad_bytes + optimizer_step)
-    if device == "cpu":
-        runtime = CPU_RUNTIME_BYTES + (tokenizer_vocab or config.vocab_size) * TOKENIZER_BYTES_PER_TOKEN
-        retained = GLIBC_RETAINED[activation_checkpointing]
-        allocator = int(retained * config.n_layer * trace.allocated_per_block)
-    else:
-        runtime = CUDA_CONTEXT_BYTES
-        allocator = int(CUDA_FRAGMENTATION * live)
-    export = export_bytes(model, method, param_bytes, activations + allocator, device)
-    kv_length = kv_length or config.block_size
-    kv_cache = 2 * config.n_layer * config.n_kv_head * kv_length * config.head_dim * param_bytes
-    return MemoryEstimate(
-        model=config.name,
-        method=method,
-        precision=precision,
-        device=device,
-        micro_batch_size=micro_batch_size,
-        seq_length=seq_length,
-        strategy=strategy if world_size > 1 else "none",
-        world_size=world_size,
-        activation_checkpointing=activation_checkpointing,
-        n_params=n_params,
-        n_trainable=trainable,
-        flops_per_token=flops_per_token(config, n_params, seq_length, trainable / n_params),
-        weights=weights,
-        gradients=grad_bytes,
-        optimizer=optimizer_bytes,
-        activations_full=full,
-        activations_checkpointed=checkpointed,
-        beside_activations=beside,
-        buckets=buckets,
-        optimizer_step=optimizer_step,
-        allocator=allocator,
-        runtime=runtime,
-        export=export,
-        kv_cache=kv_cache,
-        kv_length=kv_length,
-        notes=notes,
-    )
-
-
-def export_bytes(model: nn.Module, method: str, param_bytes: int, freed: int, device: str) -> int:
-    """What writing out_dir/final/ needs beside weights and optimizer state.
-
-    Adapters are merged into new float weights, one layer at a time (qlora first loads the float
-    base again). safetensors writes tensors from their own memory, without a copy. On the CPU
-    these allocations first take the heap memory the training step freed (`freed`).
-    """
-    if method not in ("lora", "dora", "qlora"):
-        return 0
-    merged = sum(m.base.weight.numel() for m in model.modules() if hasattr(m, "lora_A")) * param_bytes
-    if method == "qlora":
-        merged += sum(p.numel() for p in model.parameters() if not p.requires_grad) * param_bytes
-    return merged if device != "cpu" else max(0, merged - freed)
-
-
-def training_plan(
-    config: Config,
-    method: Method,
-    train: Any,
-    seq_length: int,
-    world: Any,
-    optimizer: torch.optim.Optimizer,
-    lora: LoRAConfig | None = None,
-    quantize: str = "nf4",
-    packed: bool = False,
-) -> str:
-    """What a training run prints at its start: the estimate for its TrainArgs and World, and whether it fits."""
-    plan = estimate_memory(
-        config,
-        method,
-        lora,
-        quantize,
-        precision=resolve_precision(train.precision, world.device),
-        micro_batch_size=train.micro_batch_size,
-        seq_length=seq_length,
-        strategy=world.strategy,
-        world_size=world.size,
-        activation_checkpointing=train.activation_checkpointing,
-        accumulation_steps=micro_batches_per_rank(train, world.size),
-        optimizer=type(optimizer).__name__,
-        device=world.device.type,
-        packed=packed,
-    )
-    return plan.format(available_bytes(world.device.type))
-
-
-# --- what the device has ---
-def available_bytes(device: str) -> int:
-    """Free memory of the device the run will use: CUDA's free memory, or the RAM Linux can hand out."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return read_config(read_gguf(path), path), None
 
 
 def suggestions(estimate: MemoryEstimate, rerun: Any) -> list[str]:
@@ -485,14 +65,14 @@ def suggestions(estimate: MemoryEstimate, rerun: Any) -> list[str]:
         tries.append(("use strategy fsdp", {"strategy": "fsdp"}))
     if estimate.method in ("full", "lora", "dora"):
         tries.append(("use method qlora", {"method": "qlora"}))
-    return [f"{what}: peak {_size(rerun(**change).peak)}" for what, change in tries]
+    return [f"{what}: peak {format_bytes(rerun(**change).peak)}" for what, change in tries]
 
 
 # --- plainlm estimate ---
 def estimate_command(argv: list[str]) -> str:
     """`plainlm estimate --config RECIPE.yaml [overrides]`: the estimate for a finetune or pretrain recipe,
     whether it fits the device the run will use, and what to change when it does not."""
-    cfg, kind = parse_recipe(argv)
+    cfg, kind = parse_training_recipe(argv)
     estimate, device = estimate_from_recipe(cfg, kind)
     available = available_bytes(device)
     text = estimate.format(available)
@@ -504,35 +84,20 @@ def estimate_command(argv: list[str]) -> str:
 
 def estimate_command_result(argv: list[str]) -> MemoryEstimate:
     """The estimate `plainlm estimate ARGV` prints, as a MemoryEstimate."""
-    return estimate_from_recipe(*parse_recipe(argv))[0]
+    return estimate_from_recipe(*parse_training_recipe(argv))[0]
 
 
-def parse_recipe(argv: list[str]) -> tuple[Any, str]:
+def parse_training_recipe(argv: list[str]) -> tuple[Any, str]:
     """The recipe read with the training command's own parser (same keys, checks and overrides), not instantiated."""
-    from plainlm.recipe import _config_paths, check_recipe_keys, parser_for
-
     kind = recipe_kind(argv)
-    if kind == "finetune":
-        from plainlm.finetune import finetune as command
-    else:
-        from plainlm.pretrain import pretrain as command
-    parser = parser_for(command, f"plainlm estimate ({kind} recipe)")
-    for path in _config_paths(argv):
-        check_recipe_keys(path, parser)
-    try:
-        return parser.parse_args(argv), kind
-    except Exception as e:  # jsonargparse reports bad values through its own exception types
-        raise RecipeError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)) from None
+    command = finetune if kind == "finetune" else pretrain
+    return parse_recipe(command, f"plainlm estimate ({kind} recipe)", argv)[1], kind
 
 
 def recipe_kind(argv: list[str]) -> str:
     """finetune or pretrain, by the recipe's keys: checkpoint_dir or tokenizer_dir."""
-    import yaml
-
-    from plainlm.recipe import _config_paths
-
     keys = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    for path in _config_paths(argv):
+    for path in config_paths(argv):
         if not path.exists():
             raise RecipeError(f"{path}: no such recipe file")
         data = yaml.safe_load(path.read_text()) or {}
@@ -549,7 +114,8 @@ def recipe_kind(argv: list[str]) -> str:
 
 def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEstimate, str]:
     """The estimate for a parsed (not instantiated) recipe; `change` overrides estimate_memory's arguments."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_process_counts(cfg.devices, cfg.num_nodes)
+    device = resolve_device(cfg.device)
     train, note = cfg.train, None
     if kind == "finetune":
         config, note = read_model_config(cfg.checkpoint_dir)
@@ -568,7 +134,7 @@ def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEsti
         method=method,
         lora=lora,
         quantize=getattr(cfg, "quantize", "nf4"),
-        precision=resolve_precision(train.precision, torch.device(device)),
+        precision=resolve_precision(train.precision, device),
         micro_batch_size=train.micro_batch_size,
         seq_length=seq,
         strategy=strategy,
@@ -576,7 +142,7 @@ def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEsti
         activation_checkpointing=train.activation_checkpointing,
         accumulation_steps=micro_batches_per_rank(train, world_size),
         optimizer=(optimizer or "torch.optim.AdamW").rsplit(".", 1)[-1],
-        device="cuda" if device.startswith("cuda") else "cpu",
+        device=device.type,
         packed=packed,
         tokenizer_vocab=tokenizer_vocab,
     )
@@ -585,16 +151,11 @@ def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEsti
         estimate.notes.append(note)
     if kind == "finetune" and not packed:
         estimate.notes.append("finetune rows are padded to their batch's longest example: max_seq_length is the most")
-    return estimate, device
+    return estimate, str(device)
 
 
 def pretrain_config(cfg: Any) -> Config:
-    """The pretrain recipe's model: model_name with model_config overrides, or model_config alone."""
-    overrides = dict(cfg.model_config or {})
+    """The pretrain recipe's model, as pretrain builds it: from initial_checkpoint, or model_name and model_config."""
     if cfg.initial_checkpoint is not None:
         return read_model_config(cfg.initial_checkpoint)[0]
-    if "vocab_size" not in overrides:
-        from plainlm.tokenizer import Tokenizer
-
-        overrides["vocab_size"] = -(-Tokenizer(cfg.tokenizer_dir).vocab_size // 64) * 64  # as build_model rounds
-    return Config.from_name(cfg.model_name, **overrides) if cfg.model_name else Config(**overrides)
+    return model_config_for(cfg.model_name, cfg.model_config or {}, Tokenizer(cfg.tokenizer_dir).vocab_size)

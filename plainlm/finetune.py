@@ -13,37 +13,21 @@ The method decides only how the model is prepared:
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from plainlm import distributed
 from plainlm.api import LLM
 from plainlm.checkpoint import save_checkpoint
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
-from plainlm.distributed import Strategy
+from plainlm.distributed import Strategy, World
 from plainlm.errors import InvalidInput
-from plainlm.estimate import training_plan
-from plainlm.lora import LoRAConfig, inject_lora, merge_lora, save_peft_adapter
-from plainlm.train import TrainArgs, fit, micro_batches_per_rank, resolve_precision, sample_text, warmup_cosine
-from plainlm.train_state import RECIPE_FILE
+from plainlm.lora import LoRAConfig, inject_lora, lora_for_method, merge_lora, save_peft_adapter
+from plainlm.train import OptimizerFactory, SchedulerFactory, TrainArgs, sample_text
+from plainlm.training_run import Prepared, run_training
 
 Method = Literal["full", "lora", "dora", "qlora"]
-
-
-# An optimizer or scheduler is given as `class_path` + `init_args` in a recipe; jsonargparse turns that into
-# a function of the parameters (or the optimizer) that builds it, e.g.
-#     optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.0002, betas: [0.9, 0.95]}}
-OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-
-
-def default_optimizer(params: Iterable) -> torch.optim.Optimizer:
-    # fused: one kernel updates every parameter (measured 1.13x faster full finetuning on the CPU than foreach)
-    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, betas=(0.9, 0.95), fused=True)
 
 
 def prepare_model(llm: LLM, method: Method, lora: LoRAConfig, quantize: str) -> LoRAConfig | None:
@@ -57,9 +41,9 @@ def prepare_model(llm: LLM, method: Method, lora: LoRAConfig, quantize: str) -> 
         from plainlm.quantize import quantize_model
 
         quantize_model(model, quantize)
-    lora = dataclasses.replace(lora, dora=lora.dora or method == "dora")
-    inject_lora(model, lora)
-    return lora
+    adapters = lora_for_method(lora, method)
+    inject_lora(model, adapters)
+    return adapters
 
 
 def finetune(
@@ -72,7 +56,8 @@ def finetune(
     optimizer: OptimizerFactory | None = None,
     scheduler: SchedulerFactory | None = None,
     quantize: Literal["nf4", "int4"] = "nf4",
-    resume: bool | Literal["auto"] = False,
+    resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
     device: str | None = None,
     strategy: Strategy = "auto",
     devices: int = 1,
@@ -92,7 +77,9 @@ def finetune(
         optimizer: class_path + init_args of a torch optimizer (default AdamW, lr 2e-4).
         scheduler: class_path + init_args of a torch lr scheduler (default: warm-up then cosine).
         quantize: How qlora stores the frozen base: nf4 (bitsandbytes) or int4.
-        resume: Continue from the newest complete checkpoint in out_dir ("auto" or true).
+        resume: Continue a run in out_dir: true (its newest checkpoint, which must exist), auto (the newest
+            checkpoint if there is one, else start fresh) or the path of a step-NNNNNN checkpoint.
+        overwrite: Replace the run out_dir already holds (without it, or --resume, such a run is refused).
         device: cpu, cuda, ... (default: cuda when available; with several processes, one GPU each).
         strategy: auto (one process: as it is; several: ddp), ddp (a replica per process) or fsdp (sharded).
         devices: Processes on this node (one per GPU); under torchrun its environment decides.
@@ -100,11 +87,9 @@ def finetune(
         rdzv_endpoint: HOST:PORT where the processes meet (needed for num_nodes > 1; default: a free local port).
         recipe: The resolved recipe text, written to out_dir/recipe.yaml (the CLI passes it).
     """
-    if distributed.must_launch(devices, num_nodes):
-        micro_batches_per_rank(train, devices * num_nodes)  # a bad batch size fails here, before any process starts
-        return distributed.launch(finetune, dict(locals()), devices, num_nodes, rdzv_endpoint)
-    with distributed.joined(strategy, device) as world:
-        torch.manual_seed(train.seed)
+    arguments = dict(locals())
+
+    def prepare(world: World) -> Prepared:
         dtype = "bfloat16" if train.precision == "bf16-true" else None
         llm = LLM.load(checkpoint_dir, device=world.device, dtype=dtype)
         model, tokenizer = llm.model, llm.tokenizer
@@ -124,28 +109,14 @@ def finetune(
             world_size=world.size,
             val_examples=val_examples,
         )
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         identity = {
             "model": model.config.name,
-            "n_params": sum(p.numel() for p in model.parameters()),
+            "n_params": n_params,
             "method": method,
             "lora": dataclasses.asdict(lora_used) if lora_used else None,
         }
-        wrapped = distributed.wrap(model, world, resolve_precision(train.precision, world.device))
-        params = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP's shards
-        opt = (optimizer or default_optimizer)(params)
-        sched = scheduler(opt) if scheduler is not None else warmup_cosine(opt, train)
-        if world.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if recipe is not None:
-                (out_dir / RECIPE_FILE).write_text(recipe)
-            n_trainable = sum(p.numel() for p in params)
-            processes = f" on {world.size} processes ({world.strategy})" if world.size > 1 else ""
-            print(
-                f"{method}: training {n_trainable:,} of {identity['n_params']:,} parameters "
-                f"on {len(train_examples)} examples{processes}"
-            )
-            seq_length, packed = data.max_seq_length, data.packing
-            print(training_plan(model.config, method, train, seq_length, world, opt, lora_used, quantize, packed))
 
         def sample(m: torch.nn.Module) -> str | None:
             if not train.sample_prompt:
@@ -153,13 +124,40 @@ def finetune(
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": train.sample_prompt}])
             return sample_text(m, tokenizer, tokenizer.encode(prompt, bos=False), train.sample_tokens)
 
-        fit(wrapped, loader, loader, opt, sched, train, out_dir, identity, resume=resume, sample=sample, world=world)
-        trained = distributed.full_state_dict(wrapped) if world.strategy == "fsdp" else None  # every rank gathers
-        final = out_dir / "final"
-        if world.is_main:
+        def export(final: Path, trained: dict[str, torch.Tensor] | None) -> None:
             export_final(llm, checkpoint_dir, method, lora_used, final, trained, dtype)
-        world.barrier()  # final/ is complete when any rank returns
-        return final
+
+        return Prepared(
+            model=model,
+            loader=loader,
+            identity=identity,
+            headline=f"{method}: training {n_trainable:,} of {n_params:,} parameters on {len(train_examples)} examples",
+            method=method,
+            seq_length=data.max_seq_length,
+            export=export,
+            sample=sample,
+            lora=lora_used,
+            quantize=quantize,
+            packed=data.packing,
+        )
+
+    return run_training(
+        finetune,
+        arguments,
+        prepare,
+        out_dir=out_dir,
+        train=train,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        strategy=strategy,
+        devices=devices,
+        num_nodes=num_nodes,
+        rdzv_endpoint=rdzv_endpoint,
+        recipe=recipe,
+    )
 
 
 def export_final(
@@ -192,6 +190,4 @@ def export_final(
         merge_lora(model)
     save_checkpoint(model, final)
     llm.tokenizer.save(final)
-    if (final.parent / RECIPE_FILE).exists():
-        shutil.copyfile(final.parent / RECIPE_FILE, final / RECIPE_FILE)
     return final

@@ -14,6 +14,7 @@ in the backward pass as in the DoRA paper and in PEFT.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -62,6 +63,14 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+def lora_for_method(lora: LoRAConfig, method: str) -> LoRAConfig | None:
+    """The adapters a training method puts on the model: none for full training or pretraining, and
+    for dora the config with its learned magnitude switched on."""
+    if method not in ("lora", "dora", "qlora"):
+        return None
+    return dataclasses.replace(lora, dora=lora.dora or method == "dora")
 
 
 class LoRALinear(nn.Module):

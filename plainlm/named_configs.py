@@ -1,17 +1,20 @@
 """Named configs: real architectures with their real sizes and Hugging Face repo ids.
 
 Each entry is the architectural part of that model's `config.json` on the Hugging Face hub,
-keyed by repo id and read by `Config.from_hf_config`, so every value can be checked line by
-line against the hub. `Config.from_name("Llama-3.2-1B")` looks up `NAMED_CONFIGS`, whose
+keyed by repo id and read by `convert.hf_config.config_from_hf`, so every value can be checked
+line by line against the hub. `config_for_name("Llama-3.2-1B")` looks up `NAMED_CONFIGS`, whose
 keys are the model part of the repo ids. Nothing here builds a model or downloads anything.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
 from plainlm.config import Config
+from plainlm.convert.hf_config import config_from_hf
+from plainlm.errors import InvalidInput
 
 # --- Meta Llama 2, Code Llama, TinyLlama: the 32k SentencePiece vocabulary ---
 _LLAMA_2 = dict(
@@ -711,8 +714,17 @@ HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
 
 
 def _named(repo: str) -> Config:
-    config = Config.from_hf_config(HF_CONFIG_JSON[repo], name=repo.split("/")[1])
+    config = config_from_hf(HF_CONFIG_JSON[repo], name=repo.split("/")[1])
     return dataclasses.replace(config, hf_repo=repo)
 
 
 NAMED_CONFIGS: dict[str, Config] = {repo.split("/")[1]: _named(repo) for repo in HF_CONFIG_JSON}
+
+
+def config_for_name(name: str, **overrides: Any) -> Config:
+    """The named config `name` (a key of NAMED_CONFIGS), with `overrides` replacing fields."""
+    if name not in NAMED_CONFIGS:
+        known = ", ".join(sorted(NAMED_CONFIGS))
+        raise InvalidInput(f"Unknown model name {name!r}. Known names: {known}")
+    # A deep copy: callers may change hf_extra or rope_scaling without touching the table.
+    return dataclasses.replace(copy.deepcopy(NAMED_CONFIGS[name]), **overrides)

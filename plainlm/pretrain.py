@@ -9,8 +9,6 @@ The model is a named config (`model_name`, e.g. "SmolLM2-135M") with `model_conf
 from __future__ import annotations
 
 import math
-import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,18 +16,16 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from plainlm import distributed
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.config import Config
 from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
-from plainlm.distributed import Strategy
+from plainlm.distributed import Strategy, World
 from plainlm.errors import InvalidInput, MissingInput
-from plainlm.estimate import training_plan
-from plainlm.finetune import OptimizerFactory, SchedulerFactory, default_optimizer
 from plainlm.model import GPT
+from plainlm.named_configs import config_for_name
 from plainlm.tokenizer import Tokenizer, copy_tokenizer_files
-from plainlm.train import TrainArgs, fit, micro_batches_per_rank, resolve_precision, sample_text, warmup_cosine
-from plainlm.train_state import RECIPE_FILE
+from plainlm.train import OptimizerFactory, SchedulerFactory, TrainArgs, sample_text
+from plainlm.training_run import Prepared, run_training
 
 
 @dataclass
@@ -94,13 +90,18 @@ def init_weights(model: GPT) -> None:
             nn.init.normal_(module.weight, 0.0, 0.02)
 
 
-def build_model(model_name: str | None, model_config: dict[str, Any], tokenizer: Tokenizer) -> GPT:
+def model_config_for(model_name: str | None, model_config: dict[str, Any], tokenizer_vocab: int) -> Config:
+    """The architecture a pretrain recipe asks for: model_name with model_config overrides, or model_config alone."""
     overrides = dict(model_config)
-    overrides.setdefault("vocab_size", math.ceil(tokenizer.vocab_size / 64) * 64)  # a multiple of 64 runs faster
-    config = Config.from_name(model_name, **overrides) if model_name else Config(**overrides)
-    if config.vocab_size < tokenizer.vocab_size:
-        raise InvalidInput(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    model = GPT(config)
+    overrides.setdefault("vocab_size", math.ceil(tokenizer_vocab / 64) * 64)  # a multiple of 64 runs faster
+    config = config_for_name(model_name, **overrides) if model_name else Config(**overrides)
+    if config.vocab_size < tokenizer_vocab:
+        raise InvalidInput(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    return config
+
+
+def build_model(model_name: str | None, model_config: dict[str, Any], tokenizer: Tokenizer) -> GPT:
+    model = GPT(model_config_for(model_name, model_config, tokenizer.vocab_size))
     init_weights(model)
     return model
 
@@ -115,7 +116,8 @@ def pretrain(
     train: TrainArgs = TrainArgs(),
     optimizer: OptimizerFactory | None = None,
     scheduler: SchedulerFactory | None = None,
-    resume: bool | Literal["auto"] = False,
+    resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
     device: str | None = None,
     strategy: Strategy = "auto",
     devices: int = 1,
@@ -135,7 +137,9 @@ def pretrain(
         train: Steps, batch sizes, schedule, precision, intervals.
         optimizer: class_path + init_args of a torch optimizer (default AdamW, lr 2e-4).
         scheduler: class_path + init_args of a torch lr scheduler (default: warm-up then cosine).
-        resume: Continue from the newest complete checkpoint in out_dir.
+        resume: Continue a run in out_dir: true (its newest checkpoint, which must exist), auto (the newest
+            checkpoint if there is one, else start fresh) or the path of a step-NNNNNN checkpoint.
+        overwrite: Replace the run out_dir already holds (without it, or --resume, such a run is refused).
         device: cpu, cuda, ... (default: cuda when available; with several processes, one GPU each).
         strategy: auto (one process: as it is; several: ddp), ddp (a replica per process) or fsdp (sharded).
         devices: Processes on this node (one per GPU); under torchrun its environment decides.
@@ -143,11 +147,9 @@ def pretrain(
         rdzv_endpoint: HOST:PORT where the processes meet (needed for num_nodes > 1; default: a free local port).
         recipe: The resolved recipe text, written to out_dir/recipe.yaml (the CLI passes it).
     """
-    if distributed.must_launch(devices, num_nodes):
-        micro_batches_per_rank(train, devices * num_nodes)  # a bad batch size fails here, before any process starts
-        return distributed.launch(pretrain, dict(locals()), devices, num_nodes, rdzv_endpoint)
-    with distributed.joined(strategy, device) as world:
-        torch.manual_seed(train.seed)  # every rank starts from the same weights
+    arguments = dict(locals())
+
+    def prepare(world: World) -> Prepared:
         tokenizer = Tokenizer(tokenizer_dir)
         if initial_checkpoint is not None:
             model = load_checkpoint(initial_checkpoint, device=world.device)
@@ -177,34 +179,44 @@ def pretrain(
             val_fraction=data.val_fraction,
         )
         n_params = sum(p.numel() for p in model.parameters())
-        identity = {"model": model.config.name, "n_params": n_params, "method": "pretrain", "lora": None}
-        wrapped = distributed.wrap(model, world, resolve_precision(train.precision, world.device))
-        params: Iterable = [p for p in wrapped.parameters() if p.requires_grad]  # after wrapping: FSDP's shards
-        opt = (optimizer or default_optimizer)(params)
-        sched = scheduler(opt) if scheduler is not None else warmup_cosine(opt, train)
-        if world.is_main:
-            if recipe is not None:
-                (out_dir / RECIPE_FILE).write_text(recipe)
-            processes = f" on {world.size} processes ({world.strategy})" if world.size > 1 else ""
-            print(f"pretraining {n_params:,} parameters on {loader.info['tokens']:,} tokens{processes}")
-            print(training_plan(model.config, "pretrain", train, data.seq_length, world, opt))
 
         def sample(m: torch.nn.Module) -> str | None:
             if not train.sample_prompt:
                 return None
             return sample_text(m, tokenizer, tokenizer.encode(train.sample_prompt), train.sample_tokens)
 
-        resume = bool(resume)
-        fit(wrapped, loader, loader, opt, sched, train, out_dir, identity, resume=resume, sample=sample, world=world)
-        trained = distributed.full_state_dict(wrapped) if world.strategy == "fsdp" else None  # every rank gathers
-        final = out_dir / "final"
-        if world.is_main:
+        def export(final: Path, trained: dict[str, torch.Tensor] | None) -> None:
             save_checkpoint(whole_model(model, trained).eval(), final)
             copy_tokenizer_files(tokenizer_dir, final)
-            if recipe is not None:
-                shutil.copyfile(out_dir / RECIPE_FILE, final / RECIPE_FILE)
-        world.barrier()  # final/ is complete when any rank returns
-        return final
+
+        return Prepared(
+            model=model,
+            loader=loader,
+            identity={"model": model.config.name, "n_params": n_params, "method": "pretrain", "lora": None},
+            headline=f"pretraining {n_params:,} parameters on {loader.info['tokens']:,} tokens",
+            method="pretrain",
+            seq_length=data.seq_length,
+            export=export,
+            sample=sample,
+        )
+
+    return run_training(
+        pretrain,
+        arguments,
+        prepare,
+        out_dir=out_dir,
+        train=train,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        strategy=strategy,
+        devices=devices,
+        num_nodes=num_nodes,
+        rdzv_endpoint=rdzv_endpoint,
+        recipe=recipe,
+    )
 
 
 def whole_model(model: GPT, trained: dict[str, torch.Tensor] | None) -> GPT:

@@ -32,22 +32,28 @@ def parser_for(command: Callable[..., Any], prog: str) -> Any:
     return parser
 
 
-def run_recipe_command(command: Callable[..., Any], prog: str, argv: list[str]) -> Any:
-    """Parse `argv` (recipe + overrides) for `command`, check the recipe's keys, run it with the resolved recipe."""
+def parse_recipe(command: Callable[..., Any], prog: str, argv: list[str]) -> tuple[Any, Any]:
+    """(parser, parsed recipe) for `command` from `argv` (recipe files + overrides), keys checked, not instantiated."""
     parser = parser_for(command, prog)
-    for path in _config_paths(argv):
+    for path in config_paths(argv):
         check_recipe_keys(path, parser)
     try:
-        cfg = parser.parse_args(argv)
+        return parser, parser.parse_args(argv)
     except Exception as e:  # jsonargparse reports bad values through its own exception types
         raise RecipeError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)) from None
+
+
+def run_recipe_command(command: Callable[..., Any], prog: str, argv: list[str]) -> Any:
+    """Parse `argv` (recipe + overrides) for `command`, check the recipe's keys, run it with the resolved recipe."""
+    parser, cfg = parse_recipe(command, prog, argv)
     recipe = parser.dump(cfg, skip_none=False)
     cfg.pop("config", None)
     init = parser.instantiate_classes(cfg)
     return command(**{k: init[k] for k in init.keys() if "." not in k}, recipe=recipe)
 
 
-def _config_paths(argv: list[str]) -> list[Path]:
+def config_paths(argv: list[str]) -> list[Path]:
+    """The recipe files named by --config in `argv`, in order."""
     paths = []
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from plainlm.checkpoint import save_tensors
 from plainlm.distributed import World, unwrap
-from plainlm.errors import CheckpointError, ResumeError
+from plainlm.errors import CheckpointError, InvalidInput, ResumeError
 
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe of the run, copied next to every checkpoint
@@ -138,6 +138,68 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+# What a run writes into out_dir (token shards, a cache reused while the source is unchanged, are not a run).
+RUN_FILES = ("metrics.csv", "final", "loss.png", "tensorboard", RECIPE_FILE)
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """What a run left in out_dir: step checkpoints (partial ones too), final/, metrics, plots, the recipe."""
+    if not out_dir.is_dir():
+        return []
+    steps = sorted(out_dir.glob("step-*")) + sorted(out_dir.glob(".step-*"))
+    return steps + [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether out_dir shows a run that trained: a checkpoint, final/ or metrics (a recipe alone is a failed start)."""
+    return latest_checkpoint(out_dir) is not None or any((out_dir / n).exists() for n in ("final", "metrics.csv"))
+
+
+def checkpoint_to_resume(out_dir: Path, resume: bool | str | Path, overwrite: bool) -> Path | None:
+    """The checkpoint a run into out_dir continues from, or None for a fresh start; refuses to mix two runs.
+
+    resume false: a fresh start, refused when out_dir already holds a run (unless overwrite).
+    resume true: the newest checkpoint in out_dir, which must exist. resume auto: the newest checkpoint
+    if there is one, else a fresh start. resume PATH: that step checkpoint. `overwrite` does not delete
+    anything here: `clear_run` does, on one process.
+    """
+    if overwrite and resume is not False:
+        raise InvalidInput("--overwrite true starts afresh and --resume continues: pass one of them")
+    if isinstance(resume, str) and resume not in ("auto", "true", "false"):
+        resume = Path(resume)
+    if isinstance(resume, Path):
+        if not (resume / STATE_FILE).exists():
+            raise ResumeError(
+                f"--resume {resume}: not a step checkpoint (no {STATE_FILE}); "
+                f"name a step-NNNNNN folder, or use --resume auto"
+            )
+        return resume
+    if resume in (True, "true", "auto"):
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None and resume != "auto":
+            raise ResumeError(
+                f"--resume true: {out_dir} holds no checkpoint to resume; "
+                "use --resume auto to start fresh when there is none"
+            )
+        return checkpoint
+    if holds_run(out_dir) and not overwrite:
+        found = ", ".join(p.name for p in run_files(out_dir)[:3])
+        raise InvalidInput(
+            f"--out_dir {out_dir} already holds a run ({found}); continue it with --resume true "
+            "(or --resume auto), replace it with --overwrite true, or choose another --out_dir"
+        )
+    return None
+
+
+def clear_run(out_dir: Path) -> None:
+    """Delete what an earlier run wrote into out_dir (--overwrite true); anything else there stays."""
+    for path in run_files(out_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def prune_checkpoints(out_dir: Path, keep: int) -> None:
     steps = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and (p / STATE_FILE).exists())
     for old in steps[:-keep] if keep > 0 else []:
@@ -162,7 +224,9 @@ def load_training_checkpoint(
     different = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
     if different:
         details = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in different.items())
-        raise ResumeError(f"{path} belongs to a different run ({details}). Use another out_dir, or resume false")
+        raise ResumeError(
+            f"{path} belongs to a different run ({details}); use another --out_dir, or replace it with --overwrite true"
+        )
     sharded = (path / DCP_METADATA).exists()
     mismatch = sorted(saved_weight_names(path, sharded) ^ trainable_names(model))
     if mismatch:

@@ -147,3 +147,14 @@ def test_unknown_compile_mode_fails_before_loading(tmp_path: Path) -> None:
 def test_missing_path_and_missing_checkpoint_dir(tmp_path: Path) -> None:
     assert_clean_cli_error(run_cli("generate", "--checkpoint_dir", str(tmp_path / "nope")), "no such file or directory")
     assert_clean_cli_error(run_cli("generate"), "--checkpoint_dir")
+
+
+def test_a_named_dataset_that_cannot_be_fetched_offline(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # and an empty cache
+    out = tmp_path / "run"
+    args = ["finetune", "--checkpoint_dir", str(tiny_hf_dir), "--out_dir", str(out), "--data.path", "alpaca"]
+    result = run_cli(*args, "--train.max_steps", "1", env=offline)
+    assert_clean_cli_error(
+        result, "--data.path alpaca: cannot fetch", "put a copy of that file at data/alpaca/alpaca_data_cleaned.json"
+    )
+    assert not out.exists()  # the failed start left no folder behind

@@ -29,7 +29,8 @@ from plainlm.data.sft import (
     tokenize_record,
     tokenize_records,
 )
-from plainlm.data.sources import SOURCES, convert_records, read_raw, resolve_data_path
+from plainlm.data.sources import SOURCES, convert_records, prepare_source, read_raw, resolve_data_path
+from plainlm.errors import MissingInput
 from plainlm.model import GPT
 from plainlm.tokenizer import Tokenizer
 
@@ -296,3 +297,28 @@ def test_source_conversions(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "converted.jsonl", [alpaca[0], converted])
     assert len(read_records(path, strict=True)) == 2
     assert set(SOURCES) >= {"alpaca", "dolly", "lima", "tinystories"}
+
+
+def test_a_named_dataset_offline_is_one_line_saying_where_a_local_copy_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    # Offline with an empty cache, as on a machine without a network (this one has none either).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MissingInput) as caught:
+        prepare_source("dolly", out_dir=tmp_path / "data", flag="--data.val_path")
+    message = str(caught.value)
+    local_copy = tmp_path / "data" / "dolly" / "databricks-dolly-15k.jsonl"
+    assert message.startswith("--data.val_path dolly: cannot fetch databricks-dolly-15k.jsonl of https://")
+    assert f"put a copy of that file at {local_copy}" in message and "\n" not in message
+    # The copy the message asks for is what the next run converts, without the hub.
+    local_copy.parent.mkdir(parents=True)
+    local_copy.write_text(json.dumps({"instruction": "Who?", "context": "Ann met Bo.", "response": "Ann."}) + "\n")
+    converted = prepare_source("dolly", out_dir=tmp_path / "data")
+    assert read_records(converted, strict=True)[0].data == {
+        "instruction": "Who?",
+        "input": "Ann met Bo.",
+        "output": "Ann.",
+    }

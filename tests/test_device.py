@@ -30,3 +30,16 @@ def test_a_device_that_is_not_here_is_one_error_naming_the_flag(device: str, mes
 def test_an_unknown_dtype_names_the_ones_there_are() -> None:
     with pytest.raises(InvalidInput, match="--dtype float8: unknown; use one of float32, fp32, bfloat16"):
         resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_loading_and_joining_resolve_the_device_the_same_way(tmp_path) -> None:
+    from plainlm import distributed
+    from plainlm.api import LLM
+
+    # The device is checked before anything is read: the path need not hold a checkpoint.
+    with pytest.raises(InvalidInput, match="^--device xyz: not a device"):
+        LLM.load(tmp_path, device="xyz")
+    with pytest.raises(InvalidInput, match="^--device meta: plainlm runs on cpu or cuda"):
+        distributed.joined("auto", "meta").__enter__()
+    with distributed.joined("auto", "cpu") as world:
+        assert world.device == torch.device("cpu")

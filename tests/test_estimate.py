@@ -11,8 +11,9 @@ import torch
 from conftest import REPO, run_cli
 
 from plainlm.config import Config
-from plainlm.estimate import GiB, build_fake_model, estimate_memory, forward_bytes, trace_activations
 from plainlm.lora import LoRAConfig
+from plainlm.memory import GiB, build_prepared_model, estimate_memory, forward_bytes, trace_activations
+from plainlm.named_configs import config_for_name
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import memory as bench  # noqa: E402  (benchmarks/memory.py: the cases, the checkpoint, the measurement)
@@ -38,7 +39,7 @@ def test_traced_activations_equal_what_autograd_saves_on_real_tensors(method: st
     batch, seq = 2, 32
     trace = trace_activations(config, method, LORA, precision, batch, seq)
     torch.manual_seed(0)
-    model = build_fake_model(config, method, LORA)  # here on real tensors
+    model = build_prepared_model(config, method, LORA)  # here on real tensors
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -67,7 +68,7 @@ def test_breakdown_of_methods_and_strategies() -> None:
 
 
 def test_qlora_base_is_about_a_third_of_the_float_model() -> None:
-    smollm2 = Config.from_name("SmolLM2-135M-Instruct")
+    smollm2 = config_for_name("SmolLM2-135M-Instruct")
     lora = estimate_memory(smollm2, "lora", lora=LORA, micro_batch_size=1, seq_length=128)
     nf4 = estimate_memory(smollm2, "qlora", lora=LORA, quantize="nf4", micro_batch_size=1, seq_length=128)
     int4 = estimate_memory(smollm2, "qlora", lora=LORA, quantize="int4", micro_batch_size=1, seq_length=128)

@@ -17,9 +17,9 @@ import torch.nn as nn
 import transformers
 
 from plainlm.config import Config
-from plainlm.convert.hf_config import SUPPORTED_MODEL_TYPES, config_to_hf
+from plainlm.convert.hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf
 from plainlm.model import GPT, activate
-from plainlm.named_configs import HF_CONFIG_JSON, NAMED_CONFIGS
+from plainlm.named_configs import HF_CONFIG_JSON, NAMED_CONFIGS, config_for_name
 
 NAMES = list(NAMED_CONFIGS)
 
@@ -157,7 +157,7 @@ def test_transformers_reads_our_export_as_the_hub_config(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_export_reads_back_to_the_same_config(name: str) -> None:
     config = NAMED_CONFIGS[name]
-    back = Config.from_hf_config(config_to_hf(config))
+    back = config_from_hf(config_to_hf(config))
     assert architecture(back) == architecture(config)
     assert back.hf_extra == config.hf_extra
 
@@ -169,19 +169,19 @@ def test_saved_named_config_loads_back(name: str, tmp_path: Path) -> None:
     assert Config.from_file(tmp_path / "config.yaml") == config
 
 
-def test_from_name_returns_the_entry_with_overrides() -> None:
-    config = Config.from_name("Llama-3.2-1B", n_layer=2)
+def test_config_for_name_returns_the_entry_with_overrides() -> None:
+    config = config_for_name("Llama-3.2-1B", n_layer=2)
     assert config.n_layer == 2 and config.hf_repo == "meta-llama/Llama-3.2-1B"
     assert NAMED_CONFIGS["Llama-3.2-1B"].n_layer == 16
 
 
 def test_unknown_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="Unknown model name 'nope'") as error:
-        Config.from_name("nope")
+        config_for_name("nope")
     assert "Llama-3.2-1B" in str(error.value) and "gpt2-xl" in str(error.value)
 
 
 def test_unsupported_model_type_names_the_supported_ones() -> None:
     with pytest.raises(ValueError, match="unsupported model_type 'bert'") as error:
-        Config.from_hf_config({"model_type": "bert", "hidden_size": 768})
+        config_from_hf({"model_type": "bert", "hidden_size": 768})
     assert all(model_type in str(error.value) for model_type in SUPPORTED_MODEL_TYPES)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 import plainlm.finetune as finetune_module
 import plainlm.pretrain as pretrain_module
 import plainlm.train as train_module
+import plainlm.training_run as training_run_module
 from plainlm import LLM
 from plainlm.config import Config
 from plainlm.data.sft import SFTDataConfig
@@ -139,7 +140,7 @@ def test_bf16_true_finetune_trains_bf16_weights_and_saves_them(
     tiny_hf_dir: Path, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: dict[str, object] = {}
-    real_fit = finetune_module.fit
+    real_fit = training_run_module.fit  # the loop that finetune runs through the shared skeleton
 
     def recording_fit(model, *args, **kwargs):
         seen["trainable"] = {p.dtype for p in model.parameters() if p.requires_grad}
@@ -149,7 +150,7 @@ def test_bf16_true_finetune_trains_bf16_weights_and_saves_them(
             seen["logits"] = model.eval()(torch.arange(12)[None])
         return result
 
-    monkeypatch.setattr(finetune_module, "fit", recording_fit)
+    monkeypatch.setattr(training_run_module, "fit", recording_fit)
     records = tiny_records(tmp_path)
     out = tmp_path / "run"
     final = finetune_module.finetune(

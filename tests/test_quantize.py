@@ -22,6 +22,7 @@ from plainlm.errors import CheckpointError
 from plainlm.generate import generate
 from plainlm.kernels import kernels_loaded
 from plainlm.model import GPT
+from plainlm.named_configs import config_for_name
 from plainlm.quantize import (
     Int4Embedding,
     Int4Linear,
@@ -207,7 +208,7 @@ def test_the_integer_kernels_do_the_work(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_int8_weights_take_a_quarter_of_fp32_for_smollm2_135m() -> None:
     with torch.device("meta"):  # shapes and dtypes only: no memory, no time
-        model = GPT(Config.from_name("SmolLM2-135M"))
+        model = GPT(config_for_name("SmolLM2-135M"))
     fp32 = weight_bytes(model)
     assert fp32 == pytest.approx(4 * 134.5e6, rel=0.01)  # the tied head counts once
     quantize_model(model, "int8")

@@ -23,7 +23,7 @@ from plainlm.checkpoint import (
     save_tensors,
 )
 from plainlm.config import Config
-from plainlm.convert.hf_config import config_to_hf
+from plainlm.convert.hf_config import config_from_hf, config_to_hf
 from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
@@ -39,7 +39,7 @@ def read_hf_config(directory: str | Path) -> Config:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     try:
-        return Config.from_hf_config(hf, name=Path(directory).name)
+        return config_from_hf(hf, name=Path(directory).name)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except KeyError as e:

@@ -278,7 +278,7 @@ def load_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> tuple[list[Exa
     path = resolve_data_path(config.path)
     records = read_records(path, config.strict)
     if config.val_path is not None:
-        val_records = read_records(resolve_data_path(config.val_path), config.strict)
+        val_records = read_records(resolve_data_path(config.val_path, flag="--data.val_path"), config.strict)
     elif config.val_fraction > 0:
         n_val = max(1, round(len(records) * config.val_fraction))
         if n_val >= len(records):

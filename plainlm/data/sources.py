@@ -4,7 +4,8 @@
 from a filled cache), converts each record and writes `data/<name>/<split>.jsonl`, which `sft.py` reads
 (instruction and chat records) like any local file; pretraining sources become `{"text": ...}` records.
 A conversion is one small function from a source's record to ours; None skips the record.
-Without a network, download the file by hand (or write your own records) and pass its path instead of the name.
+Without a network, a local copy of the hub's file at `data/<name>/<file name on the hub>` is converted
+instead (or pass the path of your own records instead of the name).
 """
 
 from __future__ import annotations
@@ -98,35 +99,53 @@ def convert_records(name: str, raw_records: Iterator[dict[str, Any]]) -> Iterato
     return (record for raw in raw_records if (record := convert(raw)) is not None)
 
 
-def download_source_file(name: str, split: str = "train", token: str | None = None) -> Path:
-    """The source's raw data file, from the hub (or its cache); errors say how to use a local file instead."""
+def download_source_file(
+    name: str, split: str = "train", token: str | None = None, local_copy: Path | None = None, flag: str = "--data.path"
+) -> Path:
+    """The source's raw data file, from the hub (or its cache); errors are one line that says where a local
+    copy goes (`local_copy`) and name the option the dataset was given with (`flag`)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
-    if name not in SOURCES:
-        raise InvalidInput(f"unknown dataset {name!r}; named datasets: {', '.join(SOURCES)}")
+    check_source(name, split)
     source = SOURCES[name]
-    if split not in source.files:
-        raise InvalidInput(f"{name} has no split {split!r}; it has {', '.join(source.files)}")
     filename = source.files[split]
     where = f"{filename} of https://huggingface.co/datasets/{source.repo_id}"
-    instead = f"Or download {where} yourself (or write your own records) and pass the file's path instead of {name!r}."
+    local = f"put a copy of that file at {local_copy}" if local_copy else "download that file yourself"
+    instead = f"{local} (converted on first use), or pass your own records' path as {flag}"
     try:
         return Path(hf_hub_download(source.repo_id, filename, repo_type="dataset", token=token))
     except GatedRepoError:
-        raise RuntimeError(f"{name} is gated: accept its terms on the hub page, then set HF_TOKEN. {instead}") from None
+        raise MissingInput(
+            f"{flag} {name}: {name} is gated: accept its terms on the hub page and set HF_TOKEN; or {instead}"
+        ) from None
     except LocalEntryNotFoundError:
-        raise RuntimeError(f"cannot fetch {where}: offline and not in the cache. {instead}") from None
+        raise MissingInput(
+            f"{flag} {name}: cannot fetch {where} (offline, and not in the Hugging Face cache); {instead}"
+        ) from None
     except HfHubHTTPError as e:
-        raise RuntimeError(f"cannot fetch {where} ({e}). {instead}") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingInput(f"{flag} {name}: cannot fetch {where} ({first_line}); {instead}") from None
 
 
-def prepare_source(name: str, split: str = "train", out_dir: str | Path = "data", token: str | None = None) -> Path:
-    """`out_dir/<name>/<split>.jsonl` in our record format, downloaded and converted unless it is already there."""
+def check_source(name: str, split: str) -> None:
+    if name not in SOURCES:
+        raise InvalidInput(f"unknown dataset {name!r}; named datasets: {', '.join(SOURCES)}")
+    if split not in SOURCES[name].files:
+        raise InvalidInput(f"{name} has no split {split!r}; it has {', '.join(SOURCES[name].files)}")
+
+
+def prepare_source(
+    name: str, split: str = "train", out_dir: str | Path = "data", token: str | None = None, flag: str = "--data.path"
+) -> Path:
+    """`out_dir/<name>/<split>.jsonl` in our record format, converted unless it is already there: from a local
+    copy of the hub's file at `out_dir/<name>/<its name>` when there is one, else downloaded."""
     out = Path(out_dir) / name / f"{split}.jsonl"
     if out.is_file():
         return out
-    raw_path = download_source_file(name, split, token)
+    check_source(name, split)
+    local_copy = Path(out_dir) / name / SOURCES[name].files[split]
+    raw_path = local_copy if local_copy.is_file() else download_source_file(name, split, token, local_copy, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, count = out.with_suffix(".tmp"), 0
     with tmp.open("w", encoding="utf-8") as f:
@@ -138,10 +157,11 @@ def prepare_source(name: str, split: str = "train", out_dir: str | Path = "data"
     return out
 
 
-def resolve_data_path(path: str | Path, split: str = "train") -> Path:
-    """A local file or folder as it is; a dataset name (`alpaca`, ...) downloaded and converted."""
+def resolve_data_path(path: str | Path, split: str = "train", flag: str = "--data.path") -> Path:
+    """A local file or folder as it is; a dataset name (`alpaca`, ...) downloaded and converted.
+    `flag` is the option that gave `path`, for messages."""
     if Path(path).exists():
         return Path(path)
     if str(path) in SOURCES:
-        return prepare_source(str(path), split)
-    raise MissingInput(f"{path}: no such file or folder, and not a named dataset ({', '.join(SOURCES)})")
+        return prepare_source(str(path), split, flag=flag)
+    raise MissingInput(f"{flag} {path}: no such file or folder, and not a named dataset ({', '.join(SOURCES)})")
