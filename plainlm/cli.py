@@ -1,4 +1,6 @@
-"""`plainlm <command>`: one small function per command; their docstrings are the help text.
+"""`plainlm <command>`: the table of commands (`COMMANDS`), one dispatch (`main`), and the small functions
+of the commands that are not a module of their own; a function's parameters are its options, its docstring's
+Args their help (read by plainlm/options.py).
 
 plainlm download ORG/NAME
 plainlm convert from-hf SRC_DIR DST_DIR
@@ -7,11 +9,17 @@ plainlm convert to-hf SRC_DIR DST_DIR
 plainlm convert to-gguf SRC_DIR FILE [--dtype f16|q8_0|f32|bf16]
 plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4]
 plainlm chat --checkpoint_dir D
+plainlm finetune | pretrain --config RECIPE.yaml   (plainlm/finetune.py, plainlm/pretrain.py)
+plainlm estimate --config RECIPE.yaml              (plainlm/estimate.py)
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from plainlm.errors import InvalidInput, PlainlmError
@@ -225,63 +233,115 @@ def merge_lora(checkpoint_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     print(out_dir)
 
 
-def finetune(**kwargs) -> None:  # the real signature and help: plainlm/finetune.py, through recipe.py
-    """Finetune a model (full, lora, dora, qlora) from a recipe: plainlm finetune --config RECIPE.yaml"""
+# --- the commands: one table, one dispatch ---
+@dataclass(frozen=True)
+class Command:
+    """A `plainlm` command: its line in `plainlm --help`, and the function that runs it, named as
+    module:function so that only the command that runs is imported (`plainlm --help` imports no torch).
+    The function's parameters are the options, its docstring's Args their help."""
 
+    summary: str
+    function: str
 
-def pretrain(**kwargs) -> None:  # the real signature and help: plainlm/pretrain.py, through recipe.py
-    """Pretrain a model on a folder of text from a recipe: plainlm pretrain --config RECIPE.yaml"""
-
-
-def estimate(**kwargs) -> None:  # reads finetune/pretrain recipes: plainlm/estimate.py
-    """Memory per device of a finetune or pretrain recipe, without loading weights:
-    plainlm estimate --config RECIPE.yaml [any recipe key override]"""
-
-
-# Training commands read YAML recipes: parsed by recipe.py against the function's own signature.
-TRAINING_COMMANDS = {"finetune": ("plainlm.finetune", "finetune"), "pretrain": ("plainlm.pretrain", "pretrain")}
 
 COMMANDS = {
-    "download": download,
-    "convert": {
-        "from-hf": convert_from_hf,
-        "from-gguf": convert_from_gguf,
-        "to-hf": convert_to_hf,
-        "to-gguf": convert_to_gguf,
-    },
-    "generate": generate,
-    "chat": chat,
-    "pretrain": pretrain,
-    "finetune": finetune,
-    "merge-lora": merge_lora,
-    "estimate": estimate,
+    "download": Command("Download a model from the Hugging Face hub and convert it", "plainlm.cli:download"),
+    "convert from-hf": Command("Hugging Face model directory -> plainlm checkpoint", "plainlm.cli:convert_from_hf"),
+    "convert from-gguf": Command("GGUF file (llama.cpp) -> plainlm checkpoint", "plainlm.cli:convert_from_gguf"),
+    "convert to-hf": Command("plainlm checkpoint -> Hugging Face model directory", "plainlm.cli:convert_to_hf"),
+    "convert to-gguf": Command("plainlm checkpoint -> GGUF file (f16, q8_0, f32, bf16)", "plainlm.cli:convert_to_gguf"),
+    "generate": Command("Continue a prompt, streaming the text", "plainlm.cli:generate"),
+    "chat": Command("Talk with a model in its chat template", "plainlm.cli:chat"),
+    "finetune": Command("Finetune a model (full, lora, dora, qlora) from a recipe", "plainlm.finetune:finetune"),
+    "pretrain": Command("Pretrain a model on a folder of text from a recipe", "plainlm.pretrain:pretrain"),
+    "merge-lora": Command("Fold a LoRA or DoRA adapter into its base model", "plainlm.cli:merge_lora"),
+    "estimate": Command(
+        "Memory per device of a finetune or pretrain recipe, without loading weights",
+        "plainlm.estimate:estimate_command",
+    ),
 }
+HELP = ("-h", "--help")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import importlib
-
-    from jsonargparse import CLI
-
-    from plainlm.recipe import run_recipe_command
-
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "estimate":
-            from plainlm.estimate import estimate_command
-
-            print(estimate_command(argv[1:]))
-        elif argv and argv[0] in TRAINING_COMMANDS:
-            module, name = TRAINING_COMMANDS[argv[0]]
-            run_recipe_command(getattr(importlib.import_module(module), name), f"plainlm {argv[0]}", argv[1:])
-        else:
-            CLI(COMMANDS, args=argv, as_positional=True)
+        name, args = _find_command(argv)
+        if name is None:
+            print(_overview(argv[0] if argv and argv[0] not in HELP else None))
+            return
+        result = _run(name, args)
+        if isinstance(result, str):
+            print(result)
     except PlainlmError as e:
         # Bad input ends in one clear line, not a traceback from deep inside a library.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _find_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The command named by argv's first words and the arguments after it; None for `plainlm [--help]`
+    and for a group asked for its help (`plainlm convert`)."""
+    if not argv or argv[0] in HELP:
+        return None, []
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if name in COMMANDS:
+            return name, argv[words:]
+    group = [n for n in COMMANDS if n.startswith(argv[0] + " ")]
+    if group and (len(argv) == 1 or argv[1] in HELP):
+        return None, []
+    given = " ".join(argv[:2]) if group else argv[0]
+    names = {n.split()[0] for n in COMMANDS} | set(COMMANDS)  # `plainlm conver` -> convert, not one subcommand
+    close = difflib.get_close_matches(given, sorted(names), n=1, cutoff=0.6)
+    hint = f"did you mean 'plainlm {close[0]}'?" if close else "see plainlm --help for the commands"
+    raise InvalidInput(f"'plainlm {given}' is not a command; {hint}")
+
+
+def _overview(group: str | None) -> str:
+    names = [n for n in COMMANDS if group is None or n.startswith(group + " ")]
+    width = max(len(n) for n in names) + 2
+    lines = [f"  {n:<{width}}{COMMANDS[n].summary}" for n in names]
+    usage = f"plainlm {group} <command>" if group else "plainlm <command> [options]"
+    return "\n".join([f"usage: {usage}", "", "commands:", *lines, "", "plainlm <command> --help: its options"])
+
+
+def _run(name: str, argv: list[str]) -> object:
+    """Parse `argv` for command `name` and run it. Training commands (a `recipe` parameter) also read
+    options from a YAML recipe given as --config; `estimate` reads a recipe of either training command."""
+    module, function_name = COMMANDS[name].function.split(":")
+    function = getattr(importlib.import_module(module), function_name)
+    prog = f"plainlm {name}"
+    if name == "estimate":
+        if any(a in HELP for a in argv) and not any(a.split("=")[0] == "--config" for a in argv):
+            return _estimate_help()
+        return function(argv)
+    from plainlm.options import arguments, parser_for
+    from plainlm.recipe import run_recipe_command
+
+    if "recipe" in inspect.signature(function).parameters:
+        return run_recipe_command(function, prog, argv, description=COMMANDS[name].summary)
+    parser = parser_for(function, prog, COMMANDS[name].summary, positional=True)
+    return function(**arguments(parser, parser.parse_args(argv)))
+
+
+def _estimate_help() -> str:
+    return "\n".join(
+        [
+            "usage: plainlm estimate --config RECIPE.yaml [--KEY VALUE ...]",
+            "",
+            COMMANDS["estimate"].summary + ":",
+            "the peak per device, what makes it up, whether it fits the device the run will use,",
+            "and what to change when it does not.",
+            "",
+            "options:",
+            "  --config RECIPE.yaml  a finetune recipe (with checkpoint_dir) or a pretrain recipe (with tokenizer_dir)",
+            "  --KEY VALUE           any option of that recipe's command overrides the recipe, as it would the run:",
+            "                        plainlm finetune --help, plainlm pretrain --help (or --config RECIPE.yaml --help)",
+        ]
+    )
 
 
 if __name__ == "__main__":
