@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -10,7 +11,12 @@ if TYPE_CHECKING:
     from plainlm.config import Config
     from plainlm.model import GPT
 
-__all__ = ["LLM", "Config", "GPT"]
+__all__ = ["LLM", "Config", "GPT", "__version__"]
+
+try:  # the one source is pyproject.toml's `version`, as installed (pip install -e . included)
+    __version__ = importlib.metadata.version("plainlm")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 # Imported on first use: `import plainlm` (and so `plainlm --help`) must not wait seconds for torch.
 _LAZY = {"LLM": "plainlm.api", "Config": "plainlm.config", "GPT": "plainlm.model"}

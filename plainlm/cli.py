@@ -266,6 +266,11 @@ HELP = ("-h", "--help")
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["--version"]:
+            from plainlm import __version__
+
+            print(f"plainlm {__version__}")
+            return
         name, args = _find_command(argv)
         if name is None:
             print(_overview(argv[0] if argv and argv[0] not in HELP else None))
@@ -305,7 +310,8 @@ def _overview(group: str | None) -> str:
     width = max(len(n) for n in names) + 2
     lines = [f"  {n:<{width}}{COMMANDS[n].summary}" for n in names]
     usage = f"plainlm {group} <command>" if group else "plainlm <command> [options]"
-    return "\n".join([f"usage: {usage}", "", "commands:", *lines, "", "plainlm <command> --help: its options"])
+    footer = ["", "plainlm <command> --help: its options", "plainlm --version: the installed version"]
+    return "\n".join([f"usage: {usage}", "", "commands:", *lines, *footer])
 
 
 def _run(name: str, argv: list[str]) -> object:

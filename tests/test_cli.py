@@ -65,3 +65,14 @@ def test_an_unknown_command_is_one_error_line(
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_version_is_the_package_metadata_version() -> None:
+    import plainlm
+
+    version = importlib.metadata.version("plainlm")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'\nversion = "{version}"\n' in pyproject  # one source: pyproject.toml, as installed
+    assert plainlm.__version__ == version
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout == f"plainlm {version}\n", result.stderr
