@@ -15,14 +15,19 @@ plainlm estimate --config RECIPE.yaml              (plainlm/estimate.py)
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plainlm.errors import InvalidInput, PlainlmError
+
+if TYPE_CHECKING:
+    from plainlm.config import Config
 
 
 def download(
@@ -233,6 +238,58 @@ def merge_lora(checkpoint_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     print(out_dir)
 
 
+def models(filter: str | None = None) -> None:
+    """List the named configs: name, family, size (parameters, counted on the meta device) and hub id.
+
+    Args:
+        filter: Only models whose name, family or hub id contains this text, in any case (plainlm models qwen).
+    """
+    from plainlm.named_configs import NAMED_CONFIGS
+
+    wanted = (filter or "").lower()
+    rows = [
+        (name, c.hf_model_type, _short_count(_parameter_count(c)), c.hf_repo or "")
+        for name, c in NAMED_CONFIGS.items()
+        if wanted in f"{name} {c.hf_model_type} {c.hf_repo or ''}".lower()
+    ]
+    if not rows:
+        raise InvalidInput(f"no named config matches {filter!r}; plainlm models lists them all")
+    rows.insert(0, ("name", "family", "size", "hub id"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for name, family, size, hub in rows:
+        print(f"{name:<{widths[0]}}  {family:<{widths[1]}}  {size:>{widths[2]}}  {hub}")
+
+
+def _parameter_count(config: Config) -> int:
+    """The parameters of `config`'s model, counted on the meta device (no memory, no weights).
+
+    Every block has the same parameters (a Block's shapes do not depend on its index; tests/test_cli.py
+    checks this against whole models), so models of one and two blocks give the count quickly.
+    """
+    one, two = (_meta_count(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
+    return one + (config.n_layer - 1) * (two - one)
+
+
+def _meta_count(config: Config) -> int:
+    import torch
+
+    from plainlm.model import GPT
+
+    # The count does not depend on the context length where positions are RoPE (no learned table), and
+    # the cos/sin tables of 128k positions would take most of the time: build with a short one.
+    if config.position_embedding == "rope":
+        config = dataclasses.replace(config, block_size=256)
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())  # parameters() yields a tied weight once
+
+
+def _short_count(n: int) -> str:
+    """135M, 1.2B, 70B: as model names write sizes."""
+    if n < 999_500_000:
+        return f"{n / 10**6:.0f}M"
+    return f"{n / 10**9:.1f}B" if n < 9_950_000_000 else f"{n / 10**9:.0f}B"
+
+
 # --- the commands: one table, one dispatch ---
 @dataclass(frozen=True)
 class Command:
@@ -242,6 +299,7 @@ class Command:
 
     summary: str
     function: str
+    positional: str | None = None  # an optional parameter also given without its --name: plainlm models [FILTER]
 
 
 COMMANDS = {
@@ -255,6 +313,7 @@ COMMANDS = {
     "finetune": Command("Finetune a model (full, lora, dora, qlora) from a recipe", "plainlm.finetune:finetune"),
     "pretrain": Command("Pretrain a model on a folder of text from a recipe", "plainlm.pretrain:pretrain"),
     "merge-lora": Command("Fold a LoRA or DoRA adapter into its base model", "plainlm.cli:merge_lora"),
+    "models": Command("List the named configs: name, family, size, hub id", "plainlm.cli:models", "filter"),
     "estimate": Command(
         "Memory per device of a finetune or pretrain recipe, without loading weights",
         "plainlm.estimate:estimate_command",
@@ -324,6 +383,8 @@ def _run(name: str, argv: list[str]) -> object:
         if any(a in HELP for a in argv) and not any(a.split("=")[0] == "--config" for a in argv):
             return _estimate_help()
         return function(argv)
+    if COMMANDS[name].positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{COMMANDS[name].positional}", *argv]
     from plainlm.options import arguments, parser_for
     from plainlm.recipe import run_recipe_command
 

@@ -76,3 +76,48 @@ def test_version_is_the_package_metadata_version() -> None:
     assert plainlm.__version__ == version
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout == f"plainlm {version}\n", result.stderr
+
+
+def test_models_lists_name_family_size_and_hub_id() -> None:
+    result = run_cli("models", "smollm2-135")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "family", "size", "hub", "id"]
+    assert lines[1].split() == ["SmolLM2-135M", "llama", "135M", "HuggingFaceTB/SmolLM2-135M"]
+    assert lines[2].split() == ["SmolLM2-135M-Instruct", "llama", "135M", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert len(lines) == 3
+    assert "Qwen/Qwen3-0.6B" in run_cli("models", "--filter", "QWEN3").stdout  # any case, as option too
+    missing = run_cli("models", "no-such-model")
+    assert (
+        missing.returncode == 2
+        and missing.stderr == "error: no named config matches 'no-such-model'; plainlm models lists them all\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "name, hf_count",  # model.num_parameters() of the transformers model (tied embeddings counted once)
+    [("SmolLM2-135M", 134_515_008), ("gpt2", 124_439_808), ("Qwen3-0.6B", 596_049_920)],
+)
+def test_model_sizes_equal_the_reference_parameter_counts(name: str, hf_count: int) -> None:
+    from plainlm.cli import _parameter_count
+    from plainlm.named_configs import NAMED_CONFIGS
+
+    assert _parameter_count(NAMED_CONFIGS[name]) == hf_count
+
+
+def test_counting_two_blocks_equals_counting_the_whole_model() -> None:
+    from plainlm.cli import _meta_count, _parameter_count, _short_count
+    from plainlm.named_configs import NAMED_CONFIGS
+
+    smallest = {}  # one model per family, the smallest, so whole models stay quick to build
+    for config in sorted(NAMED_CONFIGS.values(), key=lambda c: c.n_layer * c.n_embd):
+        smallest.setdefault(config.hf_model_type, config)
+    assert len(smallest) >= 10
+    for config in smallest.values():
+        assert _parameter_count(config) == _meta_count(config), config.name
+    assert [_short_count(n) for n in (70_426_624, 999_885_952, 1_235_814_400, 70_553_706_496)] == [
+        "70M",
+        "1.0B",
+        "1.2B",
+        "71B",
+    ]
