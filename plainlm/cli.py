@@ -22,7 +22,7 @@ import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from plainlm.errors import InvalidInput, PlainlmError
 
@@ -376,22 +376,36 @@ def _overview(group: str | None) -> str:
 def _run(name: str, argv: list[str]) -> object:
     """Parse `argv` for command `name` and run it. Training commands (a `recipe` parameter) also read
     options from a YAML recipe given as --config; `estimate` reads a recipe of either training command."""
-    module, function_name = COMMANDS[name].function.split(":")
-    function = getattr(importlib.import_module(module), function_name)
-    prog = f"plainlm {name}"
+    from plainlm.options import arguments
+    from plainlm.recipe import run_recipe_command
+
+    command, function = COMMANDS[name], _function(name)
     if name == "estimate":
         if any(a in HELP for a in argv) and not any(a.split("=")[0] == "--config" for a in argv):
             return _estimate_help()
         return function(argv)
-    if COMMANDS[name].positional and argv and not argv[0].startswith("-"):
-        argv = [f"--{COMMANDS[name].positional}", *argv]
-    from plainlm.options import arguments, parser_for
-    from plainlm.recipe import run_recipe_command
-
+    if command.positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{command.positional}", *argv]
     if "recipe" in inspect.signature(function).parameters:
-        return run_recipe_command(function, prog, argv, description=COMMANDS[name].summary)
-    parser = parser_for(function, prog, COMMANDS[name].summary, positional=True)
+        return run_recipe_command(function, f"plainlm {name}", argv, description=command.summary)
+    parser = command_parser(name)
     return function(**arguments(parser, parser.parse_args(argv)))
+
+
+def command_parser(name: str) -> Any:
+    """The options of command `name` (its --help): the function's parameters, a recipe file for training commands."""
+    from plainlm.options import parser_for
+    from plainlm.recipe import parser_for as recipe_parser_for
+
+    function, prog, summary = _function(name), f"plainlm {name}", COMMANDS[name].summary
+    if "recipe" in inspect.signature(function).parameters:
+        return recipe_parser_for(function, prog, summary)
+    return parser_for(function, prog, summary, positional=True)
+
+
+def _function(name: str) -> Any:
+    module, function = COMMANDS[name].function.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _estimate_help() -> str:

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, run_cli
 
-from plainlm.cli import COMMANDS, main
+from plainlm.cli import COMMANDS, command_parser, main
 
 
 def test_help_lists_every_command_with_its_summary() -> None:
@@ -121,3 +121,67 @@ def test_counting_two_blocks_equals_counting_the_whole_model() -> None:
         "1.2B",
         "71B",
     ]
+
+
+@pytest.mark.parametrize("name", [n for n in COMMANDS if n != "estimate"])
+def test_every_option_has_help_and_a_type_as_users_type_it(name: str) -> None:
+    parser = command_parser(name)
+    text = parser.format_help()
+    for action in parser._actions:
+        assert action.help, f"plainlm {name}: {action.dest} has no help"
+    assert "typing." not in text and "<class" not in text and "NoneType" not in text, text
+    assert "default: True" not in text and "default: False" not in text  # written as typed: true, false
+
+
+def test_help_of_nested_sections_and_user_types() -> None:
+    text = " ".join(command_parser("finetune").format_help().split())  # unwrapped
+    assert "--lora.r R The rank of each adapter" in text
+    assert "--data.packing {true,false} Put several examples in one row" in text
+    assert "--checkpoint_dir CHECKPOINT_DIR The model to start from" in text and "(required, type: PATH)" in text
+    assert "type: true|false|auto" in text  # --resume
+    assert "type: full|lora|dora|qlora, default: lora" in text
+    text = " ".join(command_parser("generate").format_help().split())
+    assert "--max_new_tokens MAX_NEW_TOKENS Generate at most this many tokens. (type: int, default: 100)" in text
+
+
+def test_estimate_help() -> None:
+    result = run_cli("estimate", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: plainlm estimate --config RECIPE.yaml")
+    assert "plainlm finetune --help" in result.stdout, result.stdout
+    recipe = "recipes/finetune/smollm2-135m-instruct/lora.yaml"
+    result = run_cli("estimate", "--config", recipe, "--help")  # the recipe's own options
+    assert result.returncode == 0 and "--train.micro_batch_size" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--top_pp", "0.5"], "plainlm generate: unknown option --top_pp; did you mean --top_p?"),
+        (["generate", "--max_new", "5"], "unknown option --max_new; did you mean --max_new_tokens?"),  # no prefixes
+        (["finetune", "--checkpoint_dir", "x", "--lora.rr", "4"], "unknown option --lora.rr; did you mean --lora.r?"),
+        (
+            ["finetune", "--checkpoint_dir", "x", "--train.max_steps", "ten"],
+            "--train.max_steps ten: not a valid value; expected int",
+        ),
+        (["finetune", "--checkpoint_dir", "x", "--method", "lorra"], "expected full|lora|dora|qlora"),
+        (["generate", "--chat", "maybe"], "--chat maybe: not a valid value; expected true|false"),
+        (["convert", "from-hf", "only-one"], "the following arguments are required: dst_dir"),
+        (["convert", "to-hf", "a", "b", "c"], "unexpected argument 'c'"),
+        (["models", "--filter"], "plainlm models: "),
+        (
+            [
+                "estimate",
+                "--config",
+                "recipes/finetune/smollm2-135m-instruct/lora.yaml",
+                "--train.micro_batch_sise",
+                "2",
+            ],
+            "did you mean --train.micro_batch_size?",
+        ),
+    ],
+)
+def test_a_parse_failure_is_one_error_line(argv: list[str], message: str) -> None:
+    result = run_cli(*argv)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr, result.stderr
