@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from plainlm.cli import COMMANDS, command_parser, main
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from safetensors.torch import load_file
 
 # Losses of 2 processes against 1: the same sums in another order (all-reduce, sharded gradient norms), so

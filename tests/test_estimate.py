@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from plainlm.config import Config
 from plainlm.estimate import GiB, build_fake_model, estimate_memory, forward_bytes, trace_activations

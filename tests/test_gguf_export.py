@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import run_cli
 from gguf import GGMLQuantizationType
+from helpers import run_cli
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, round_trip
 
 import plainlm.convert.gguf

@@ -22,8 +22,8 @@ import gguf
 import pytest
 import torch
 import transformers
-from conftest import run_cli
 from gguf import GGMLQuantizationType
+from helpers import run_cli
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, quantized_reference, write_gguf
 
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
