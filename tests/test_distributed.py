@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 # equal to float32 rounding; measured differences are below 1e-6 relative.
 RTOL = 1e-5
 RUN_TIMEOUT = 150  # seconds for one command; a hang fails the test instead of the suite
+pytestmark = pytest.mark.slow  # every test trains in several processes
+
 ENV = {"PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
 
 

@@ -124,6 +124,7 @@ MEASURED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MEASURED)
 def test_predicted_peak_is_within_15_percent_of_the_measured_one(name: str, tmp_path_factory) -> None:
     case = next(c for c in bench.CASES if c.name == name)

@@ -70,6 +70,7 @@ def losses(out: Path) -> dict[int, str]:
         return {int(r["step"]): r["loss"] for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path: Path, method: str) -> None:
     steps = 8
@@ -97,6 +98,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path:
     assert losses(out) == expected  # bit for bit, as text
 
 
+@pytest.mark.slow
 def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_path: Path) -> None:
     result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 3, "--train.save_interval", "3"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -120,6 +122,7 @@ def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_p
         torch.testing.assert_close(LLM.load(tmp_path / "merged").model(ids), merged.model(ids), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_method(tiny_hf_dir: Path, tmp_path: Path) -> None:
     assert run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 2, "--train.save_interval", "2")).returncode == 0
     result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "full", 4, "--resume", "true"))
@@ -149,6 +152,7 @@ def test_every_shipped_recipe_parses() -> None:
         assert cfg.train.max_steps > 0, recipe
 
 
+@pytest.mark.slow
 def test_real_model_lora_run(tmp_path: Path) -> None:
     """A short LoRA run on the real SmolLM2-135M-Instruct (from its packaged GGUF), as `make demo` does: the
     loss falls, and the pirate voice of the shipped data ("Arr, matey!") starts to show in the answers to the
@@ -196,6 +200,7 @@ def test_real_model_lora_run(tmp_path: Path) -> None:
     assert before == 0 and after >= len(prompts) // 2, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "quantize"), [("dora", "nf4"), ("qlora", "nf4"), ("qlora", "int4")])
 def test_dora_and_qlora_train_and_export(tiny_hf_dir: Path, tmp_path: Path, method: str, quantize: str) -> None:
     extra = ("--train.save_interval", "2", "--quantize", quantize)

@@ -220,6 +220,7 @@ def test_truncate_prompt_keeps_the_last_tokens() -> None:
     assert len(out[0]) == 1  # the last 31 tokens fill the 32-token context but one
 
 
+@pytest.mark.slow
 def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length() -> None:
     """compile=True gives eager's tokens, and a prompt of another length reuses the compiled step."""
     from torch._dynamo.utils import counters

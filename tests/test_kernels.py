@@ -26,7 +26,11 @@ from plainlm.quantize import (
     tile_rows,
 )
 
-pytestmark = pytest.mark.skipif(not kernels_loaded(), reason="plainlm's kernels need AVX512-VNNI and a C++ compiler")
+# slow: the first test builds the kernels (a C++ compile), and several compile decode steps
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not kernels_loaded(), reason="plainlm's kernels need AVX512-VNNI and a C++ compiler"),
+]
 
 # head_dim 16: the smallest the attention kernel takes.
 TINY = dict(vocab_size=160, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128)

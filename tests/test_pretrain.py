@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from helpers import REPO, reference_greedy, run_cli
@@ -53,6 +54,7 @@ def losses(out: Path) -> dict[int, str]:
         return {int(r["step"]): r["loss"] for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_pretrain_resumes_exactly_after_sigkill(tmp_path: Path) -> None:
     shards = ["--data.shards_dir", str(tmp_path / "tokens")]
     reference = run_cli("pretrain", *SMALL, *shards, "--out_dir", str(tmp_path / "a"), "--train.max_steps", "10")

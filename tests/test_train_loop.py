@@ -98,6 +98,7 @@ def test_bad_batch_sizes_suggest_valid_ones() -> None:
         TrainArgs(global_batch_size=10, micro_batch_size=4)
 
 
+@pytest.mark.slow
 def test_compiled_training_gives_the_eager_losses_and_weights(tmp_path: Path) -> None:
     eager, eager_metrics = run(tmp_path / "eager", steps=3)
     compiled, compiled_metrics = run(tmp_path / "compiled", steps=3, compile=True)
