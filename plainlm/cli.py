@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader stopped reading (plainlm models | head): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        raise SystemExit(0) from None
 
 
 def _find_command(argv: list[str]) -> tuple[str | None, list[str]]:

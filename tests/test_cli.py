@@ -94,6 +94,13 @@ def test_models_lists_name_family_size_and_hub_id() -> None:
     )
 
 
+def test_output_cut_short_by_the_reader_is_not_an_error() -> None:
+    # `true` exits at once, so plainlm writes into a pipe nobody reads (as `plainlm models | head` does)
+    code = f"set -o pipefail; {sys.executable} -m plainlm models | true"
+    result = subprocess.run(["bash", "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 @pytest.mark.parametrize(
     "name, hf_count",  # model.num_parameters() of the transformers model (tied embeddings counted once)
     [("SmolLM2-135M", 134_515_008), ("gpt2", 124_439_808), ("Qwen3-0.6B", 596_049_920)],
