@@ -90,6 +90,23 @@ class Parser(ArgumentParser):
         text = "; ".join(lines) or "the options do not parse"
         if text.lower().startswith("unrecognized arguments:"):
             return self._unknown_option(text.split(":", 1)[1].split())
+        required = re.match(r"the following arguments are required: (.*)", text)
+        if required:  # name options as they are typed: --checkpoint_dir, not checkpoint_dir
+            names = [self._option_name(n.strip()) for n in required[1].split(",")]
+            return f"{self.prog}: missing {', '.join(names)}; see {self.prog} --help"
+        keys = re.findall(r'Parser key "([^"]+)"', text)
+        not_accepted = re.search(r"Option '(\w+)' is not accepted.*?class_path='([\w.]+)'", text)
+        if keys and not_accepted:  # an init_args key the class_path's class does not take (or no class named)
+            option, cls = not_accepted[1], not_accepted[2]
+            key = keys[0]
+            hint = f"name the class with --{key} CLASS; its arguments: {self.prog} --{key}.help CLASS"
+            return f"{self.prog}: --{key}: {cls} takes no argument {option!r} ({hint})"
+        if len(keys) > 1:  # a value inside a class_path section (optimizer, scheduler): name the inner key
+            inner = text[text.index(f'Parser key "{keys[-1]}"') :]
+            given = re.findall(r"Given value: (.*?)(?:\. Got value|;|$)", inner)
+            expected = re.findall(r"Expected a <class '(\w+)'>", inner)
+            hint = f"; expected {expected[0]}" if expected else ""
+            return f"{self.prog}: --{keys[0]}.init_args.{keys[-1]} {given[0] if given else ''}: not a valid value{hint}"
         bad_value = re.match(r'Parser key "([^"]+)":', text)
         if bad_value:  # jsonargparse lists every union member it tried: say what was given and what fits
             key, given = bad_value[1], re.findall(r"(?:Got|Given) value: (.*?)(?:;|$)", text)
@@ -97,6 +114,10 @@ class Parser(ArgumentParser):
             expected = f"; expected {type_name(hint)}" if hint is not None else ""
             return f"{self.prog}: --{key} {given[-1] if given else ''}: not a valid value{expected}"
         return f"{self.prog}: {text}"
+
+    def _option_name(self, dest: str) -> str:
+        action = next((a for a in self._actions if a.dest == dest), None)
+        return action.option_strings[0] if action is not None and action.option_strings else dest
 
     def _unknown_option(self, given: list[str]) -> str:
         options = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})

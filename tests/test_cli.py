@@ -172,7 +172,16 @@ def test_estimate_help() -> None:
         ),
         (["finetune", "--checkpoint_dir", "x", "--method", "lorra"], "expected full|lora|dora|qlora"),
         (["generate", "--chat", "maybe"], "--chat maybe: not a valid value; expected true|false"),
-        (["convert", "from-hf", "only-one"], "the following arguments are required: dst_dir"),
+        (["convert", "from-hf", "only-one"], "plainlm convert from-hf: missing dst_dir; see plainlm convert"),
+        (["finetune", "--train.max_steps", "1"], "plainlm finetune: missing --checkpoint_dir"),
+        (
+            ["finetune", "--checkpoint_dir", "x", "--optimizer", "AdamW", "--optimizer.init_args.lr", "fast"],
+            "--optimizer.init_args.lr fast: not a valid value; expected float",
+        ),
+        (
+            ["finetune", "--checkpoint_dir", "x", "--optimizer", "SGD", "--optimizer.init_args.betas", "[0.9,0.9]"],
+            "--optimizer: torch.optim.SGD takes no argument 'betas'",
+        ),
         (["convert", "to-hf", "a", "b", "c"], "unexpected argument 'c'"),
         (["models", "--filter"], "plainlm models: "),
         (
