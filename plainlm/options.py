@@ -52,9 +52,6 @@ def type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
-_BUILTINS = {"int": int, "float": float, "str": str, "bool": bool, "Path": Path}
-
-
 class HelpFormatter(DefaultHelpFormatter):
     """jsonargparse's help (type and default after each option's text), with types as users type them."""
 
@@ -86,48 +83,63 @@ class Parser(ArgumentParser):
             raise InvalidInput(self._one_line(str(e))) from None
 
     def _one_line(self, message: str) -> str:
-        lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-        text = "; ".join(lines) or "the options do not parse"
-        if text.lower().startswith("unrecognized arguments:"):
-            return self._unknown_option(text.split(":", 1)[1].split())
+        """jsonargparse's message (several lines, Python type names) as one line in the user's terms."""
+        text = "; ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+        for explain in (self._unknown_option, self._missing, self._class_argument, self._bad_value):
+            line = explain(text)
+            if line:
+                return f"{self.prog}: {line}"
+        return f"{self.prog}: {text or 'the options do not parse'}"
+
+    def _unknown_option(self, text: str) -> str | None:
+        if not text.lower().startswith("unrecognized arguments:"):
+            return None
+        given = text.split(":", 1)[1].split()
+        unknown = next((g.split("=", 1)[0] for g in given if g.startswith("-")), given[0] if given else "")
+        options = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+        close = difflib.get_close_matches(unknown, options, n=1, cutoff=0.6)
+        if close:
+            return f"unknown option {unknown}; did you mean {close[0]}?"
+        if not unknown.startswith("-"):
+            return f"unexpected argument {unknown!r}; see {self.prog} --help"
+        return f"unknown option {unknown}; see {self.prog} --help for the options"
+
+    def _missing(self, text: str) -> str | None:
         required = re.match(r"the following arguments are required: (.*)", text)
-        if required:  # name options as they are typed: --checkpoint_dir, not checkpoint_dir
-            names = [self._option_name(n.strip()) for n in required[1].split(",")]
-            return f"{self.prog}: missing {', '.join(names)}; see {self.prog} --help"
+        if not required:
+            return None
+        names = [self._option_name(n.strip()) for n in required[1].split(",")]  # --checkpoint_dir, as typed
+        return f"missing {', '.join(names)}; see {self.prog} --help"
+
+    def _class_argument(self, text: str) -> str | None:
+        """A bad value under a class_path section (--optimizer, --scheduler): name the inner key."""
         keys = re.findall(r'Parser key "([^"]+)"', text)
         not_accepted = re.search(r"Option '(\w+)' is not accepted.*?class_path='([\w.]+)'", text)
-        if keys and not_accepted:  # an init_args key the class_path's class does not take (or no class named)
-            option, cls = not_accepted[1], not_accepted[2]
-            key = keys[0]
+        if keys and not_accepted:  # an argument the class does not take (or no class named yet)
+            option, cls, key = not_accepted[1], not_accepted[2], keys[0]
             hint = f"name the class with --{key} CLASS; its arguments: {self.prog} --{key}.help CLASS"
-            return f"{self.prog}: --{key}: {cls} takes no argument {option!r} ({hint})"
-        if len(keys) > 1:  # a value inside a class_path section (optimizer, scheduler): name the inner key
-            inner = text[text.index(f'Parser key "{keys[-1]}"') :]
-            given = re.findall(r"Given value: (.*?)(?:\. Got value|;|$)", inner)
-            expected = re.findall(r"Expected a <class '(\w+)'>", inner)
-            hint = f"; expected {expected[0]}" if expected else ""
-            return f"{self.prog}: --{keys[0]}.init_args.{keys[-1]} {given[0] if given else ''}: not a valid value{hint}"
+            return f"--{key}: {cls} takes no argument {option!r} ({hint})"
+        if len(keys) < 2:
+            return None
+        inner = text[text.index(f'Parser key "{keys[-1]}"') :]
+        given = re.findall(r"Given value: (.*?)(?:\. Got value|;|$)", inner)
+        expected = re.findall(r"Expected a <class '(\w+)'>", inner)
+        hint = f"; expected {expected[0]}" if expected else ""
+        return f"--{keys[0]}.init_args.{keys[-1]} {given[0] if given else ''}: not a valid value{hint}"
+
+    def _bad_value(self, text: str) -> str | None:
+        """jsonargparse lists every union member it tried: say what was given and what fits."""
         bad_value = re.match(r'Parser key "([^"]+)":', text)
-        if bad_value:  # jsonargparse lists every union member it tried: say what was given and what fits
-            key, given = bad_value[1], re.findall(r"(?:Got|Given) value: (.*?)(?:;|$)", text)
-            hint = next((getattr(a, "_typehint", None) or a.type for a in self._actions if a.dest == key), None)
-            expected = f"; expected {type_name(hint)}" if hint is not None else ""
-            return f"{self.prog}: --{key} {given[-1] if given else ''}: not a valid value{expected}"
-        return f"{self.prog}: {text}"
+        if not bad_value:
+            return None
+        key, given = bad_value[1], re.findall(r"(?:Got|Given) value: (.*?)(?:;|$)", text)
+        hint = next((getattr(a, "_typehint", None) or a.type for a in self._actions if a.dest == key), None)
+        expected = f"; expected {type_name(hint)}" if hint is not None else ""
+        return f"--{key} {given[-1] if given else ''}: not a valid value{expected}"
 
     def _option_name(self, dest: str) -> str:
         action = next((a for a in self._actions if a.dest == dest), None)
         return action.option_strings[0] if action is not None and action.option_strings else dest
-
-    def _unknown_option(self, given: list[str]) -> str:
-        options = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
-        unknown = next((g.split("=", 1)[0] for g in given if g.startswith("-")), given[0] if given else "")
-        hint = difflib.get_close_matches(unknown, options, n=1, cutoff=0.6)
-        if hint:
-            return f"{self.prog}: unknown option {unknown}; did you mean {hint[0]}?"
-        if not unknown.startswith("-"):
-            return f"{self.prog}: unexpected argument {unknown!r}; see {self.prog} --help"
-        return f"{self.prog}: unknown option {unknown}; see {self.prog} --help for the options"
 
 
 def parser_for(
