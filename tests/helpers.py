@@ -64,8 +64,20 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt) :]
 
 
+def tiny_hf_model(
+    config: transformers.PretrainedConfig, seed: int = 0, std: float = 0.3
+) -> transformers.PreTrainedModel:
+    """A seeded transformers model of `config` with every parameter, norms included, drawn from N(0, std)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
 def make_tiny_hf_model(directory: Path, vocab_size: int, seed: int = 0) -> transformers.PreTrainedModel:
-    """A two-layer transformers Llama with random (N(0, 0.3)) weights, saved to `directory`."""
+    """A two-layer transformers Llama with random weights, saved to `directory`."""
     config = transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -76,11 +88,7 @@ def make_tiny_hf_model(directory: Path, vocab_size: int, seed: int = 0) -> trans
         max_position_embeddings=512,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = tiny_hf_model(config, seed)
     model.save_pretrained(directory)
     return model
 
