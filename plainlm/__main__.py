@@ -1,8 +1,12 @@
 """`python -m plainlm`, the `plainlm` command; also what `torchrun -m plainlm` runs in each process."""
 
-from torch.distributed.elastic.multiprocessing.errors import record
+import os
 
 from plainlm.cli import main
 
 if __name__ == "__main__":  # guarded: spawned worker processes import this module again
-    record(main)()  # under torchrun, an uncaught error is recorded for torchrun to report as this rank's
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun (torch imported only there: --help stays fast)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        main = record(main)  # an uncaught error is recorded for torchrun to report as this rank's
+    main()

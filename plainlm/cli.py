@@ -1,4 +1,6 @@
-"""`plainlm <command>`: one small function per command; their docstrings are the help text.
+"""`plainlm <command>`: the table of commands (`COMMANDS`), one dispatch (`main`), and the small functions
+of the commands that are not a module of their own; a function's parameters are its options, its docstring's
+Args their help (read by plainlm/options.py).
 
 plainlm download ORG/NAME
 plainlm convert from-hf SRC_DIR DST_DIR
@@ -7,14 +9,26 @@ plainlm convert to-hf SRC_DIR DST_DIR
 plainlm convert to-gguf SRC_DIR FILE [--dtype f16|q8_0|f32|bf16]
 plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4]
 plainlm chat --checkpoint_dir D
+plainlm finetune | pretrain --config RECIPE.yaml   (plainlm/finetune.py, plainlm/pretrain.py)
+plainlm estimate --config RECIPE.yaml              (plainlm/estimate.py)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib
+import inspect
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from plainlm.errors import InvalidInput, PlainlmError
+
+if TYPE_CHECKING:
+    from plainlm.config import Config
 
 
 def download(
@@ -225,63 +239,194 @@ def merge_lora(checkpoint_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     print(out_dir)
 
 
-def finetune(**kwargs) -> None:  # the real signature and help: plainlm/finetune.py, through recipe.py
-    """Finetune a model (full, lora, dora, qlora) from a recipe: plainlm finetune --config RECIPE.yaml"""
+def models(filter: str | None = None) -> None:
+    """List the named configs: name, family, size (parameters, counted on the meta device) and hub id.
+
+    Args:
+        filter: Only models whose name, family or hub id contains this text, in any case (plainlm models qwen).
+    """
+    from plainlm.named_configs import NAMED_CONFIGS
+
+    wanted = (filter or "").lower()
+    rows = [
+        (name, c.hf_model_type, _short_count(_parameter_count(c)), c.hf_repo or "")
+        for name, c in NAMED_CONFIGS.items()
+        if wanted in f"{name} {c.hf_model_type} {c.hf_repo or ''}".lower()
+    ]
+    if not rows:
+        raise InvalidInput(f"no named config matches {filter!r}; plainlm models lists them all")
+    rows.insert(0, ("name", "family", "size", "hub id"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for name, family, size, hub in rows:
+        print(f"{name:<{widths[0]}}  {family:<{widths[1]}}  {size:>{widths[2]}}  {hub}")
 
 
-def pretrain(**kwargs) -> None:  # the real signature and help: plainlm/pretrain.py, through recipe.py
-    """Pretrain a model on a folder of text from a recipe: plainlm pretrain --config RECIPE.yaml"""
+def _parameter_count(config: Config) -> int:
+    """The parameters of `config`'s model, counted on the meta device (no memory, no weights).
+
+    Every block has the same parameters (a Block's shapes do not depend on its index; tests/test_cli.py
+    checks this against whole models), so models of one and two blocks give the count quickly.
+    """
+    one, two = (_meta_count(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
+    return one + (config.n_layer - 1) * (two - one)
 
 
-def estimate(**kwargs) -> None:  # reads finetune/pretrain recipes: plainlm/estimate.py
-    """Memory per device of a finetune or pretrain recipe, without loading weights:
-    plainlm estimate --config RECIPE.yaml [any recipe key override]"""
+def _meta_count(config: Config) -> int:
+    import torch
+
+    from plainlm.model import GPT
+
+    # The count does not depend on the context length where positions are RoPE (no learned table), and
+    # the cos/sin tables of 128k positions would take most of the time: build with a short one.
+    if config.position_embedding == "rope":
+        config = dataclasses.replace(config, block_size=256)
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())  # parameters() yields a tied weight once
 
 
-# Training commands read YAML recipes: parsed by recipe.py against the function's own signature.
-TRAINING_COMMANDS = {"finetune": ("plainlm.finetune", "finetune"), "pretrain": ("plainlm.pretrain", "pretrain")}
+def _short_count(n: int) -> str:
+    """135M, 1.2B, 70B: as model names write sizes."""
+    if n < 999_500_000:
+        return f"{n / 10**6:.0f}M"
+    return f"{n / 10**9:.1f}B" if n < 9_950_000_000 else f"{n / 10**9:.0f}B"
+
+
+# --- the commands: one table, one dispatch ---
+@dataclass(frozen=True)
+class Command:
+    """A `plainlm` command: its line in `plainlm --help`, and the function that runs it, named as
+    module:function so that only the command that runs is imported (`plainlm --help` imports no torch).
+    The function's parameters are the options, its docstring's Args their help."""
+
+    summary: str
+    function: str
+    positional: str | None = None  # an optional parameter also given without its --name: plainlm models [FILTER]
+
 
 COMMANDS = {
-    "download": download,
-    "convert": {
-        "from-hf": convert_from_hf,
-        "from-gguf": convert_from_gguf,
-        "to-hf": convert_to_hf,
-        "to-gguf": convert_to_gguf,
-    },
-    "generate": generate,
-    "chat": chat,
-    "pretrain": pretrain,
-    "finetune": finetune,
-    "merge-lora": merge_lora,
-    "estimate": estimate,
+    "download": Command("Download a model from the Hugging Face hub and convert it", "plainlm.cli:download"),
+    "convert from-hf": Command("Hugging Face model directory -> plainlm checkpoint", "plainlm.cli:convert_from_hf"),
+    "convert from-gguf": Command("GGUF file (llama.cpp) -> plainlm checkpoint", "plainlm.cli:convert_from_gguf"),
+    "convert to-hf": Command("plainlm checkpoint -> Hugging Face model directory", "plainlm.cli:convert_to_hf"),
+    "convert to-gguf": Command("plainlm checkpoint -> GGUF file (f16, q8_0, f32, bf16)", "plainlm.cli:convert_to_gguf"),
+    "generate": Command("Continue a prompt, streaming the text", "plainlm.cli:generate"),
+    "chat": Command("Talk with a model in its chat template", "plainlm.cli:chat"),
+    "finetune": Command("Finetune a model (full, lora, dora, qlora) from a recipe", "plainlm.finetune:finetune"),
+    "pretrain": Command("Pretrain a model on a folder of text from a recipe", "plainlm.pretrain:pretrain"),
+    "merge-lora": Command("Fold a LoRA or DoRA adapter into its base model", "plainlm.cli:merge_lora"),
+    "models": Command("List the named configs: name, family, size, hub id", "plainlm.cli:models", "filter"),
+    "estimate": Command(
+        "Memory per device of a finetune or pretrain recipe, without loading weights",
+        "plainlm.estimate:estimate_command",
+    ),
 }
+HELP = ("-h", "--help")
 
 
 def main(argv: list[str] | None = None) -> None:
-    import importlib
-
-    from jsonargparse import CLI
-
-    from plainlm.recipe import run_recipe_command
-
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "estimate":
-            from plainlm.estimate import estimate_command
+        if argv[:1] == ["--version"]:
+            from plainlm import __version__
 
-            print(estimate_command(argv[1:]))
-        elif argv and argv[0] in TRAINING_COMMANDS:
-            module, name = TRAINING_COMMANDS[argv[0]]
-            run_recipe_command(getattr(importlib.import_module(module), name), f"plainlm {argv[0]}", argv[1:])
-        else:
-            CLI(COMMANDS, args=argv, as_positional=True)
+            print(f"plainlm {__version__}")
+            return
+        name, args = _find_command(argv)
+        if name is None:
+            print(_overview(argv[0] if argv and argv[0] not in HELP else None))
+            return
+        result = _run(name, args)
+        if isinstance(result, str):
+            print(result)
     except PlainlmError as e:
         # Bad input ends in one clear line, not a traceback from deep inside a library.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader stopped reading (plainlm models | head): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        raise SystemExit(0) from None
+
+
+def _find_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The command named by argv's first words and the arguments after it; None for `plainlm [--help]`
+    and for a group asked for its help (`plainlm convert`)."""
+    if not argv or argv[0] in HELP:
+        return None, []
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if name in COMMANDS:
+            return name, argv[words:]
+    group = [n for n in COMMANDS if n.startswith(argv[0] + " ")]
+    if group and (len(argv) == 1 or argv[1] in HELP):
+        return None, []
+    given = " ".join(argv[:2]) if group else argv[0]
+    names = {n.split()[0] for n in COMMANDS} | set(COMMANDS)  # `plainlm conver` -> convert, not one subcommand
+    close = difflib.get_close_matches(given, sorted(names), n=1, cutoff=0.6)
+    hint = f"did you mean 'plainlm {close[0]}'?" if close else "see plainlm --help for the commands"
+    raise InvalidInput(f"'plainlm {given}' is not a command; {hint}")
+
+
+def _overview(group: str | None) -> str:
+    names = [n for n in COMMANDS if group is None or n.startswith(group + " ")]
+    width = max(len(n) for n in names) + 2
+    lines = [f"  {n:<{width}}{COMMANDS[n].summary}" for n in names]
+    usage = f"plainlm {group} <command>" if group else "plainlm <command> [options]"
+    footer = ["", "plainlm <command> --help: its options", "plainlm --version: the installed version"]
+    return "\n".join([f"usage: {usage}", "", "commands:", *lines, *footer])
+
+
+def _run(name: str, argv: list[str]) -> object:
+    """Parse `argv` for command `name` and run it. Training commands (a `recipe` parameter) also read
+    options from a YAML recipe given as --config; `estimate` reads a recipe of either training command."""
+    from plainlm.options import arguments
+    from plainlm.recipe import run_recipe_command
+
+    command, function = COMMANDS[name], _function(name)
+    if name == "estimate":
+        if any(a in HELP for a in argv) and not any(a.split("=")[0] == "--config" for a in argv):
+            return _estimate_help()
+        return function(argv)
+    if command.positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{command.positional}", *argv]
+    if "recipe" in inspect.signature(function).parameters:
+        return run_recipe_command(function, f"plainlm {name}", argv, description=command.summary)
+    parser = command_parser(name)
+    return function(**arguments(parser, parser.parse_args(argv)))
+
+
+def command_parser(name: str) -> Any:
+    """The options of command `name` (its --help): the function's parameters, a recipe file for training commands."""
+    from plainlm.options import parser_for
+    from plainlm.recipe import parser_for as recipe_parser_for
+
+    function, prog, summary = _function(name), f"plainlm {name}", COMMANDS[name].summary
+    if "recipe" in inspect.signature(function).parameters:
+        return recipe_parser_for(function, prog, summary)
+    return parser_for(function, prog, summary, positional=True)
+
+
+def _function(name: str) -> Any:
+    module, function = COMMANDS[name].function.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _estimate_help() -> str:
+    return "\n".join(
+        [
+            "usage: plainlm estimate --config RECIPE.yaml [--KEY VALUE ...]",
+            "",
+            COMMANDS["estimate"].summary + ":",
+            "the peak per device, what makes it up, whether it fits the device the run will use,",
+            "and what to change when it does not.",
+            "",
+            "options:",
+            "  --config RECIPE.yaml  a finetune recipe (with checkpoint_dir) or a pretrain recipe (with tokenizer_dir)",
+            "  --KEY VALUE           any option of that recipe's command overrides the recipe, as it would the run:",
+            "                        plainlm finetune --help, plainlm pretrain --help (or --config RECIPE.yaml --help)",
+        ]
+    )
 
 
 if __name__ == "__main__":

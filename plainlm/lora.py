@@ -47,6 +47,16 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class LoRAConfig:
+    """Which layers get adapters, and their size: the `lora:` section of a finetune recipe.
+
+    Args:
+        r: The rank of each adapter (its two matrices are r x in and out x r).
+        alpha: Scales the adapter's output by alpha / r.
+        dropout: Dropout on the adapter's input while training.
+        targets: The layers that get adapters: q, k, v, o (attention), gate, up, down (MLP), lm_head.
+        dora: DoRA: also learn a magnitude per output row (method dora sets it).
+    """
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

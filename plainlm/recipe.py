@@ -23,33 +23,32 @@ from plainlm.errors import RecipeError
 FREE_FORM = ("optimizer", "scheduler", "model_config")
 
 
-def parser_for(command: Callable[..., Any], prog: str) -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def parser_for(command: Callable[..., Any], prog: str, description: str | None = None) -> Any:
+    """The parser of a training command: its parameters, and --config for a recipe file."""
+    from plainlm.options import parser_for as options_parser
 
-    parser = ArgumentParser(prog=prog, description=(command.__doc__ or "").split("\n\n")[0], exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="A recipe: a YAML file of these options.")
-    parser.add_function_arguments(command, skip={"recipe"})
-    return parser
+    description = description or (command.__doc__ or "").split("\n\n")[0]
+    return options_parser(command, prog, description, recipe=True)
 
 
-def parse_recipe(command: Callable[..., Any], prog: str, argv: list[str]) -> tuple[Any, Any]:
+def parse_recipe(
+    command: Callable[..., Any], prog: str, argv: list[str], description: str | None = None
+) -> tuple[Any, Any]:
     """(parser, parsed recipe) for `command` from `argv` (recipe files + overrides), keys checked, not instantiated."""
-    parser = parser_for(command, prog)
+    parser = parser_for(command, prog, description)
     for path in config_paths(argv):
         check_recipe_keys(path, parser)
-    try:
-        return parser, parser.parse_args(argv)
-    except Exception as e:  # jsonargparse reports bad values through its own exception types
-        raise RecipeError(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)) from None
+    return parser, parser.parse_args(argv)  # a value that does not parse is one InvalidInput line (options.Parser)
 
 
-def run_recipe_command(command: Callable[..., Any], prog: str, argv: list[str]) -> Any:
+def run_recipe_command(command: Callable[..., Any], prog: str, argv: list[str], description: str | None = None) -> Any:
     """Parse `argv` (recipe + overrides) for `command`, check the recipe's keys, run it with the resolved recipe."""
-    parser, cfg = parse_recipe(command, prog, argv)
+    from plainlm.options import arguments
+
+    parser, cfg = parse_recipe(command, prog, argv, description)
     recipe = parser.dump(cfg, skip_none=False)
     cfg.pop("config", None)
-    init = parser.instantiate_classes(cfg)
-    return command(**{k: init[k] for k in init.keys() if "." not in k}, recipe=recipe)
+    return command(**arguments(parser, cfg), recipe=recipe)
 
 
 def config_paths(argv: list[str]) -> list[Path]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import transformers
 from gguf import GGMLQuantizationType
+from helpers import tiny_hf_model
 
 VOCAB = 160
 LLAMA = dict(
@@ -98,13 +99,7 @@ REAL_PROMPTS = {
 def make_tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A tiny transformers model with every parameter (norms included) random."""
     _, config_class, kwargs = TINY_MODELS[name]
-    config = getattr(transformers, config_class)(**kwargs)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
+    return tiny_hf_model(getattr(transformers, config_class)(**kwargs), seed)
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:

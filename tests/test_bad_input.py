@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from helpers import run_cli
 
 from plainlm import LLM
 from plainlm.checkpoint import load_checkpoint

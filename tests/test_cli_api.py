@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from plainlm import LLM
 from plainlm.generate import generate

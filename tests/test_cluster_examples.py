@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from torch.distributed.run import get_args_parser
 
 from plainlm.recipe import known_keys, parser_for

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from safetensors.torch import load_file
 
 # Losses of 2 processes against 1: the same sums in another order (all-reduce, sharded gradient norms), so
 # equal to float32 rounding; measured differences are below 1e-6 relative.
 RTOL = 1e-5
 RUN_TIMEOUT = 150  # seconds for one command; a hang fails the test instead of the suite
+pytestmark = pytest.mark.slow  # every test trains in several processes
+
 ENV = {"PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from plainlm.config import Config
 from plainlm.lora import LoRAConfig
@@ -125,6 +125,7 @@ MEASURED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MEASURED)
 def test_predicted_peak_is_within_15_percent_of_the_measured_one(name: str, tmp_path_factory) -> None:
     case = next(c for c in bench.CASES if c.name == name)

@@ -4,6 +4,7 @@ bad input, and outputs that the rest of plainlm and peft accept."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -15,9 +16,10 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import REPO, run_cli
+from helpers import REPO, reference_greedy, run_cli
 
 from plainlm import LLM
+from plainlm.generate import generate
 
 FAST = [
     "--data.max_seq_length",
@@ -68,6 +70,7 @@ def losses(out: Path) -> dict[int, str]:
         return {int(r["step"]): r["loss"] for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path: Path, method: str) -> None:
     steps = 8
@@ -95,6 +98,7 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path:
     assert losses(out) == expected  # bit for bit, as text
 
 
+@pytest.mark.slow
 def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_path: Path) -> None:
     result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 3, "--train.save_interval", "3"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -103,7 +107,8 @@ def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_p
         assert (final / name).exists(), name
     assert (tmp_path / "step-000003" / "recipe.yaml").exists() and (tmp_path / "loss.png").exists()
     merged = LLM.load(final)
-    assert isinstance(merged.generate("Hello", max_new_tokens=3), str)
+    ids = merged.tokenizer.encode("Hello")  # the loaded checkpoint decodes (KV cache) as its own logits say
+    assert generate(merged.model, [ids], 3) == [reference_greedy(merged.model, ids, 3)]
     # peft puts our adapter on the transformers base and agrees with our merged model
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, attn_implementation="eager")
     theirs = peft.PeftModel.from_pretrained(base, final / "adapter").eval()
@@ -117,6 +122,7 @@ def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_p
         torch.testing.assert_close(LLM.load(tmp_path / "merged").model(ids), merged.model(ids), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_method(tiny_hf_dir: Path, tmp_path: Path) -> None:
     assert run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 2, "--train.save_interval", "2")).returncode == 0
     result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "full", 4, "--resume", "true"))
@@ -146,9 +152,11 @@ def test_every_shipped_recipe_parses() -> None:
         assert cfg.train.max_steps > 0, recipe
 
 
+@pytest.mark.slow
 def test_real_model_lora_run(tmp_path: Path) -> None:
-    """A short LoRA run on the real SmolLM2-135M-Instruct (from its packaged GGUF): the loss falls,
-    and the pirate voice of the shipped data starts to show in the training examples' own prompts."""
+    """A short LoRA run on the real SmolLM2-135M-Instruct (from its packaged GGUF), as `make demo` does: the
+    loss falls, and the pirate voice of the shipped data ("Arr, matey!") starts to show in the answers to the
+    training examples' own prompts, where the model did not talk like a pirate before."""
     from plainlm.data.sft import SFTDataConfig
     from plainlm.finetune import finetune
     from plainlm.lora import LoRAConfig
@@ -158,6 +166,14 @@ def test_real_model_lora_run(tmp_path: Path) -> None:
     records = tmp_path / "pirate.jsonl"
     lines = (REPO / "data" / "finetune" / "pirate_train.jsonl").read_text().splitlines()[:8]
     records.write_text("\n".join(lines) + "\n")
+    prompts = [json.loads(line)["instruction"] for line in lines]
+    assert all(json.loads(line)["output"].startswith("Arr") for line in lines)
+
+    def pirate_answers(checkpoint: Path) -> int:
+        llm = LLM.load(checkpoint)
+        return sum("arr" in llm.generate(p, max_new_tokens=8, temperature=0.0, chat=True).lower() for p in prompts)
+
+    before = pirate_answers(smollm2_gguf())
     final = finetune(
         smollm2_gguf(),
         out_dir=tmp_path / "run",
@@ -180,9 +196,11 @@ def test_real_model_lora_run(tmp_path: Path) -> None:
     steps = losses(tmp_path / "run")
     assert float(steps[6]) < 0.8 * float(steps[1]), steps
     assert (final / "adapter" / "adapter_model.safetensors").exists()
-    assert LLM.load(final).generate("Hi", max_new_tokens=2) is not None
+    after = pirate_answers(final)
+    assert before == 0 and after >= len(prompts) // 2, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "quantize"), [("dora", "nf4"), ("qlora", "nf4"), ("qlora", "int4")])
 def test_dora_and_qlora_train_and_export(tiny_hf_dir: Path, tmp_path: Path, method: str, quantize: str) -> None:
     extra = ("--train.save_interval", "2", "--quantize", quantize)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from helpers import reference_greedy, tiny_gpt
 
 from plainlm.config import Config
 from plainlm.generate import generate, generate_tokens, sample
@@ -40,15 +40,6 @@ CONFIGS = {
 }
 
 
-def random_model(config: Config, seed: int = 0) -> GPT:
-    """Every parameter random, norm weights included, so a wrong cache slot or position cannot hide."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.2)
-    return model.eval()
-
-
 def record_logits(model: GPT, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Make the model keep the last-position logits (B, V) of every forward call it makes."""
     calls: list[torch.Tensor] = []
@@ -63,20 +54,10 @@ def record_logits(model: GPT, monkeypatch: pytest.MonkeyPatch) -> list[torch.Ten
     return calls
 
 
-def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding without a cache: the whole sequence through the model at every step."""
-    seq = list(prompt)
-    for _ in range(n):
-        with torch.no_grad():
-            logits = model(torch.tensor([seq]))
-        seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt) :]
-
-
 # --- 1. the KV cache reproduces the full forward pass ---
 @pytest.mark.parametrize("name", CONFIGS)
 def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
-    model = random_model(CONFIGS[name])
+    model = tiny_gpt(CONFIGS[name], std=0.2).eval()
     seq = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(1))
     prefill = 5
     with torch.no_grad():
@@ -92,7 +73,7 @@ def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
 # --- 2. batching with left padding changes nothing ---
 @pytest.mark.parametrize("name", CONFIGS)
 def test_batched_prompts_match_each_prompt_alone(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = random_model(CONFIGS[name])
+    model = tiny_gpt(CONFIGS[name], std=0.2).eval()
     prompts = [[5, 17, 3], [9, 1, 44, 2, 60, 7, 31], [12, 80, 6, 6, 29]]  # longer than the sliding window
     n = 8
     calls = record_logits(model, monkeypatch)
@@ -118,7 +99,7 @@ def nan_on_empty_rows_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None,
 
 
 def test_pad_queries_never_poison_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     prompts = [[5, 17, 3], [9, 1, 44, 2, 60, 7, 31]]
     alone = [generate(model, [prompt], max_new_tokens=6)[0] for prompt in prompts]
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", nan_on_empty_rows_sdpa)
@@ -130,14 +111,14 @@ def test_pad_queries_never_poison_the_batch(monkeypatch: pytest.MonkeyPatch) -> 
 # --- 3. greedy decoding with the cache equals argmax of full forward passes ---
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_matches_no_cache_reference(name: str) -> None:
-    model = random_model(CONFIGS[name], seed=3)
+    model = tiny_gpt(CONFIGS[name], seed=3, std=0.2).eval()
     prompt = [4, 8, 15, 16, 23, 42]
     assert generate(model, [prompt], max_new_tokens=10) == [reference_greedy(model, prompt, 10)]
 
 
 # --- 4. stopping, lengths and streaming ---
 def test_max_new_tokens_and_streaming() -> None:
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     steps = list(generate_tokens(model, [[1, 2, 3]], max_new_tokens=7))
     assert len(steps) == 7 and all(len(step) == 1 for step in steps)
     assert [step[0] for step in steps] == generate(model, [[1, 2, 3]], max_new_tokens=7)[0]
@@ -145,14 +126,14 @@ def test_max_new_tokens_and_streaming() -> None:
 
 
 def test_max_new_tokens_is_cut_to_the_context() -> None:
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     block_size = model.config.block_size
     out = generate(model, [list(range(block_size - 3)), [1, 2]], max_new_tokens=10)
     assert [len(o) for o in out] == [3, 3]
 
 
 def test_stop_ids_end_each_sequence_on_its_own() -> None:
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     prompts = [[5, 17, 3], [9, 1, 44, 2, 60]]
     full = generate(model, prompts, max_new_tokens=12)
     stop_id = full[0][2]
@@ -172,7 +153,7 @@ def test_stop_ids_end_each_sequence_on_its_own() -> None:
 
 
 def test_stopping_the_stream_early_clears_the_cache() -> None:
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     stream = generate_tokens(model, [[1, 2, 3]], max_new_tokens=5)
     next(stream)
     assert model.blocks[0].attn.kv_cache is not None
@@ -186,7 +167,7 @@ def test_top_k_1_is_greedy() -> None:
     for seed in range(5):
         picked = sample(logits, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(picked, logits.argmax(dim=-1))
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     greedy = generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=8)
     assert generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=8, temperature=0.9, top_k=1) == greedy
 
@@ -210,7 +191,7 @@ def test_temperature_sampling_follows_the_tempered_distribution() -> None:
 
 
 def test_seeded_sampling_is_reproducible() -> None:
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
 
     def run(seed: int) -> list[list[int]]:
@@ -223,7 +204,7 @@ def test_seeded_sampling_is_reproducible() -> None:
 
 # --- 6. prompts that do not fit ---
 def test_too_long_prompt_raises_a_clear_error() -> None:
-    model = random_model(CONFIGS["llama_gqa"])
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     long_prompt = list(range(40))
     with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens.*context is 32.*truncate_prompt=True"):
         generate(model, [[1, 2], long_prompt], max_new_tokens=4)
@@ -232,19 +213,20 @@ def test_too_long_prompt_raises_a_clear_error() -> None:
 
 
 def test_truncate_prompt_keeps_the_last_tokens() -> None:
-    model = random_model(CONFIGS["learned_positions"])
+    model = tiny_gpt(CONFIGS["learned_positions"], std=0.2).eval()
     long_prompt = [(7 * i) % 97 for i in range(40)]
     out = generate(model, [long_prompt], max_new_tokens=4, truncate_prompt=True)
     assert out == generate(model, [long_prompt[-31:]], max_new_tokens=4)
     assert len(out[0]) == 1  # the last 31 tokens fill the 32-token context but one
 
 
+@pytest.mark.slow
 def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length() -> None:
     """compile=True gives eager's tokens, and a prompt of another length reuses the compiled step."""
     from torch._dynamo.utils import counters
 
     config = Config(**{**TINY, "block_size": 512}, n_kv_head=2)
-    model = random_model(config)
+    model = tiny_gpt(config, std=0.2).eval()
     torch._dynamo.reset()
     prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6]]
     eager = [generate(model, [p], 6) for p in prompts]

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from gguf import GGMLQuantizationType, GGUFReader
+from helpers import run_cli
 from helpers_gguf import VOCAB, make_tiny_model, write_gguf
 
 from plainlm import LLM

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import run_cli
 from gguf import GGMLQuantizationType
+from helpers import run_cli
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, round_trip
 
 import plainlm.convert.gguf
@@ -129,6 +129,7 @@ def weights_only(checkpoint: Path, directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_real_export_has_llama_cpp_tensors_and_metadata(real: RealExport) -> None:
     """Same tensor names and shapes as the file llama.cpp wrote, the same hyperparameters; norms F32, weights Q8_0."""
     original, exported = real.original, real.exported
@@ -149,6 +150,7 @@ def test_real_export_has_llama_cpp_tensors_and_metadata(real: RealExport) -> Non
         assert exported.fields[key].contents() == original.fields[key].contents(), key
 
 
+@pytest.mark.slow
 def test_real_export_logits_close_to_source(real: RealExport) -> None:
     """transformers' load of each exported file against the checkpoint's logits: quantization error only."""
     ours = real.source_logits
@@ -157,6 +159,7 @@ def test_real_export_logits_close_to_source(real: RealExport) -> None:
         assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= REAL_TOP1[dtype], dtype
 
 
+@pytest.mark.slow
 def test_real_export_reimports_as_transformers_reads_it(real: RealExport) -> None:
     """Our importer and transformers' read the exported file alike; its weights are the checkpoint's, quantized."""
     torch.testing.assert_close(real.reimport_logits, real.transformers_logits["q8_0"], atol=ATOL, rtol=RTOL)
@@ -169,6 +172,7 @@ def test_real_export_reimports_as_transformers_reads_it(real: RealExport) -> Non
         torch.testing.assert_close(tensor, torch.from_numpy(expected), atol=1.2e-7, rtol=1.2e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_real_export_tokenizer_round_trips(real: RealExport) -> None:
     """The exported file's tokenizer, rebuilt from its metadata, gives the checkpoint's ids and chat prompts."""
     if real.tokenizer_dir is None:

@@ -22,8 +22,8 @@ import gguf
 import pytest
 import torch
 import transformers
-from conftest import run_cli
 from gguf import GGMLQuantizationType
+from helpers import run_cli
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, quantized_reference, write_gguf
 
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
@@ -67,6 +67,7 @@ def real(request: pytest.FixtureRequest) -> RealModel:
     gc.collect()
 
 
+@pytest.mark.slow
 def test_real_model_weights_equal_transformers(real: RealModel) -> None:
     """Dequantized, un-permuted, norm-shifted: every tensor equals transformers' own, bit for bit."""
     theirs = real.theirs.state_dict()
@@ -75,6 +76,7 @@ def test_real_model_weights_equal_transformers(real: RealModel) -> None:
         assert torch.equal(ours[rule.ours[0]], theirs[rule.hf]), rule.hf
 
 
+@pytest.mark.slow
 def test_real_model_logits_match_transformers(real: RealModel) -> None:
     # Two rows of real text long enough for several prompts' worth of context each.
     row = [t for p in real.prompts for t in p]
@@ -84,6 +86,7 @@ def test_real_model_logits_match_transformers(real: RealModel) -> None:
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_real_model_greedy_generation_matches_transformers(real: RealModel) -> None:
     eos = real.theirs.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos)
@@ -98,6 +101,7 @@ def test_real_model_greedy_generation_matches_transformers(real: RealModel) -> N
         assert our_ids == row[: stops[0] if stops else None]
 
 
+@pytest.mark.slow
 def test_real_model_int8_predicts_fp32s_greedy_tokens(real: RealModel) -> None:
     """Issue 3's int8 accuracy target, on both real models: reading fp32's greedy continuation of each prompt
     (teacher-forced), int8's argmax is fp32's token at >= 90% of the 30 positions. Measured: 83 of 90 on both
@@ -114,6 +118,7 @@ def test_real_model_int8_predicts_fp32s_greedy_tokens(real: RealModel) -> None:
     assert hits / positions >= 0.9, f"{hits} of {positions}"
 
 
+@pytest.mark.slow
 def test_real_model_config_matches_transformers(real: RealModel) -> None:
     ours, theirs = real.ours.config, real.theirs.config
     assert (ours.n_layer, ours.n_embd, ours.n_head, ours.n_kv_head, ours.head_dim) == (
@@ -136,6 +141,7 @@ def test_real_model_config_matches_transformers(real: RealModel) -> None:
         ]
 
 
+@pytest.mark.slow
 def test_llm_load_gguf_file() -> None:
     """LLM.load of a .gguf file: tokenizer files from its metadata (in a temporary directory), weights in memory."""
     pytest.importorskip("plainlm.convert.gguf_tokenizer")
@@ -155,6 +161,7 @@ def test_llm_load_gguf_file() -> None:
     assert not tokenizer_dir.exists(), "the temporary tokenizer directory outlived the LLM"
 
 
+@pytest.mark.slow
 def test_convert_from_gguf_command(tmp_path: Path) -> None:
     """`plainlm convert from-gguf`: a native checkpoint whose weights are the dequantized ones, plus tokenizer files."""
     pytest.importorskip("plainlm.convert.gguf_tokenizer")

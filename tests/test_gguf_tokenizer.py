@@ -132,6 +132,7 @@ def _numbers_apart(text: str) -> list[str]:
     return [piece for piece in [*pieces, text[start:]] if piece]
 
 
+@pytest.mark.slow
 def test_encode_matches_transformers(case: Case) -> None:
     assert len(TEXTS) > 300
     expected = [_expected_ids(case.ours, ids) for ids in case.theirs(TEXTS)["input_ids"]]
@@ -151,6 +152,7 @@ def test_encode_matches_transformers(case: Case) -> None:
     assert case.ours.encode_batch(agreed, bos=False) == case.theirs(agreed, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 def test_special_tokens_match_transformers(case: Case) -> None:
     ours, theirs = case.ours, case.theirs
     assert (ours.bos_id, ours.eos_id, ours.bos_token, ours.eos_token) == (
@@ -161,6 +163,7 @@ def test_special_tokens_match_transformers(case: Case) -> None:
     assert (ours.encode("hi")[0] == ours.bos_id) == (case.name == "gemma3")  # Gemma's add_bos_token, SmolLM2's not
 
 
+@pytest.mark.slow
 def test_decode_matches_transformers_and_round_trips(case: Case) -> None:
     ours, theirs = case.ours, case.theirs
     for text, ids in zip(TEXTS, theirs(TEXTS)["input_ids"], strict=True):
@@ -171,6 +174,7 @@ def test_decode_matches_transformers_and_round_trips(case: Case) -> None:
         assert ours.decode(ours.encode(text, bos=False)) == expected
 
 
+@pytest.mark.slow
 def test_chat_template_matches_transformers(case: Case) -> None:
     ours, theirs = case.ours, case.theirs
     if case.name == "gemma3":
@@ -217,6 +221,7 @@ def _exported_metadata(checkpoint_dir: Path, architecture: str) -> dict[str, Any
     return {k: v.value for k, v in writer.kv_data[0].items() if k.startswith("tokenizer.")}
 
 
+@pytest.mark.slow
 def test_export_writes_what_llama_cpp_wrote(case: Case) -> None:
     original = _tokenizer_metadata(case.reader)
     exported = _exported_metadata(case.directory, "llama")
@@ -238,6 +243,7 @@ def test_export_writes_what_llama_cpp_wrote(case: Case) -> None:
     assert not exported.get("tokenizer.ggml.add_eos_token") and not original.get("tokenizer.ggml.add_space_prefix")
 
 
+@pytest.mark.slow
 def test_smollm2_round_trips_through_gguf(smollm2: Case, tmp_path: Path) -> None:
     reader = write_gguf(tmp_path / "rt.gguf", "llama", lambda w: add_tokenizer_to_gguf(w, smollm2.directory))
     write_tokenizer_files(reader, tmp_path / "back")
@@ -246,6 +252,7 @@ def test_smollm2_round_trips_through_gguf(smollm2: Case, tmp_path: Path) -> None
     assert Tokenizer(tmp_path / "back").encode_batch(TEXTS) == smollm2.ours.encode_batch(TEXTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["gemma3", "llama"])
 def test_gemma_vocabulary_round_trips_through_gguf(gemma3: Case, tmp_path: Path, architecture: str) -> None:
     # The first 20k of Gemma's 262k tokens: its specials, bytes, tokens of spaces and newlines and many merges. All

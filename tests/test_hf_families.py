@@ -236,6 +236,7 @@ def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_matches_transformers(family: str, tmp_path: Path) -> None:
     hf_model = make_hf_model(family)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_gpt
 
 from plainlm import quantize
 from plainlm.config import Config
 from plainlm.generate import generate
 from plainlm.kernels import kernels_loaded
-from plainlm.model import GPT, KVCache, project
+from plainlm.model import KVCache, project
 from plainlm.quantize import (
     Int4Linear,
     Int8Linear,
@@ -25,7 +26,11 @@ from plainlm.quantize import (
     tile_rows,
 )
 
-pytestmark = pytest.mark.skipif(not kernels_loaded(), reason="plainlm's kernels need AVX512-VNNI and a C++ compiler")
+# slow: the first test builds the kernels (a C++ compile), and several compile decode steps
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not kernels_loaded(), reason="plainlm's kernels need AVX512-VNNI and a C++ compiler"),
+]
 
 # head_dim 16: the smallest the attention kernel takes.
 TINY = dict(vocab_size=160, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128)
@@ -194,17 +199,6 @@ def test_decode_attention_matches_sdpa(B: int, H: int, KH: int, D: int) -> None:
         torch.testing.assert_close(y.view(B, H, 1, D).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def peaked_model(config: Config) -> GPT:
-    """A random model whose weights are large enough for peaked logits: with near-ties, comparing two
-    decoders' greedy tokens would be a coin toss."""
-    torch.manual_seed(0)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
-
-
 def without_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     original = KVCache.__init__
 
@@ -221,7 +215,7 @@ def without_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     ids=["llama_gqa", "sliding_window"],
 )
 def test_decoding_with_the_attention_kernel_gives_sdpas_tokens(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = peaked_model(config)
+    model = tiny_gpt(config, std=0.3).eval()
     prompts = [[5, 17, 33, 2, 9], [40, 41], [7] * 9]  # left-padded batch: per-row masks
     model.set_kv_cache(len(prompts), 32)
     assert model.blocks[0].attn.kv_cache.decode_kernel
@@ -234,7 +228,7 @@ def test_decoding_with_the_attention_kernel_gives_sdpas_tokens(config: Config, m
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_compiled_quantized_decoding_runs_plainlms_kernels(mode: str) -> None:
     """The kernels inside a torch.compile graph (through their registered shapes): the same tokens as eager."""
-    model = quantize_model(peaked_model(Config(**TINY)), mode)
+    model = quantize_model(tiny_gpt(Config(**TINY), std=0.3).eval(), mode)
     layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
     assert len(layers) == 15 and all(m.kernel == "plainlm" for m in layers)
     prompts = [[5, 17, 33, 2, 9]]
@@ -248,7 +242,7 @@ def test_compiled_quantized_decoding_runs_plainlms_kernels(mode: str) -> None:
 def test_reduce_overhead_decoding_calls_the_kernels_from_cpp() -> None:
     """compile="reduce-overhead" on the CPU: inductor's C++ wrapper calls plainlm's kernels through the
     dispatcher (the list-taking int4_matmuls too), and a padded batch decodes eager's tokens."""
-    model = quantize_model(peaked_model(Config(**TINY)), "int4")
+    model = quantize_model(tiny_gpt(Config(**TINY), std=0.3).eval(), "int4")
     prompts = [[5, 17, 33, 2, 9], [40, 41]]
     eager = generate(model, prompts, max_new_tokens=12)
     with torch.profiler.profile() as profile:

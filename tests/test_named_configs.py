@@ -133,6 +133,7 @@ def test_size_matches_the_published_one(name: str) -> None:
     assert billions == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.03)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_transformers_builds_the_same_model_from_our_export(name: str) -> None:
     config = NAMED_CONFIGS[name]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import run_cli
+from helpers import run_cli, tiny_gpt
 from safetensors.torch import load_file
 
 from plainlm import quantize
@@ -40,12 +40,8 @@ TINY = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, 
 
 
 def tiny_model(tie: bool = True, bias: bool = False, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(Config(**TINY, tie_embeddings=tie, qkv_bias=bias, lm_head_bias=bias and not tie)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)  # peaked logits, so top-1 agreement means something
-    return model
+    config = Config(**TINY, tie_embeddings=tie, qkv_bias=bias, lm_head_bias=bias and not tie)
+    return tiny_gpt(config, seed=seed, std=0.2).eval()  # peaked logits, so top-1 agreement means something
 
 
 def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:

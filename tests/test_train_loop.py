@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ToyLoader, tiny_gpt
 
 import plainlm.train as train_module
 import plainlm.train_state as train_state
-from plainlm.config import Config
 from plainlm.data import IGNORE_INDEX
 from plainlm.errors import CheckpointError, TrainingDiverged
 from plainlm.model import GPT
@@ -19,43 +19,8 @@ from plainlm.train import TrainArgs, fit, warmup_cosine
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint
 
 
-class ToyLoader:
-    """Seeded random batches following plainlm/data's contract, with a resumable position."""
-
-    def __init__(self, batch_size: int = 2, length: int = 16) -> None:
-        self.batch_size, self.length, self.position = batch_size, length, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        batch = self._batch(self.position)
-        self.position += 1
-        return batch
-
-    def _batch(self, i: int) -> dict[str, torch.Tensor]:
-        x = torch.randint(0, 64, (self.batch_size, self.length + 1), generator=torch.Generator().manual_seed(i))
-        targets = x[:, 1:].clone()
-        targets[0, : i % 5] = IGNORE_INDEX  # uneven target counts across micro-batches
-        return {"input_ids": x[:, :-1], "targets": targets}
-
-    def val_batches(self):
-        yield self._batch(10_000)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = state["position"]
-
-
-def tiny_model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(Config(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, vocab_size=64, block_size=32))
-
-
 def run(out: Path, steps: int = 4, **kwargs) -> tuple[GPT, dict]:
-    model = tiny_model()
+    model = tiny_gpt()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     args = TrainArgs(
         max_steps=steps,
@@ -75,7 +40,7 @@ def run(out: Path, steps: int = 4, **kwargs) -> tuple[GPT, dict]:
 
 def test_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     accumulated, _ = run(tmp_path / "a", steps=1)
-    model = tiny_model()
+    model = tiny_gpt()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = ToyLoader()
     batches = [next(loader), next(loader)]
@@ -120,7 +85,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(train_state.torch, "save", real_save)
     assert latest_checkpoint(tmp_path).name == "step-000002"
     assert not list(tmp_path.glob(".step-*"))  # no half-written folder left behind
-    model = tiny_model()
+    model = tiny_gpt()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     state = load_training_checkpoint(
         tmp_path / "step-000002", model, opt, warmup_cosine(opt, TrainArgs()), {"model": "tiny"}
@@ -133,6 +98,7 @@ def test_bad_batch_sizes_suggest_valid_ones() -> None:
         TrainArgs(global_batch_size=10, micro_batch_size=4)
 
 
+@pytest.mark.slow
 def test_compiled_training_gives_the_eager_losses_and_weights(tmp_path: Path) -> None:
     eager, eager_metrics = run(tmp_path / "eager", steps=3)
     compiled, compiled_metrics = run(tmp_path / "compiled", steps=3, compile=True)

@@ -41,17 +41,29 @@ MAX_REPORTED = 10  # problems printed one by one; the summary counts them all
 
 @dataclass
 class SFTDataConfig:
-    """Where finetuning data comes from and how it becomes batches: the `data:` section of a finetune recipe."""
+    """Where finetuning data comes from and how it becomes batches: the `data:` section of a finetune recipe.
 
-    path: str = "data/finetune/pirate_train.jsonl"  # .json/.jsonl file, folder of them, or a name in sources.py
-    val_path: str | None = None  # held-out records; without it, `val_fraction` of `path` is held out
+    Args:
+        path: A .json or .jsonl file, a folder of them, or a dataset name from sources.py (alpaca, dolly, ...).
+        val_path: Held-out records; without it, val_fraction of path is held out.
+        val_fraction: The fraction of path's records held out for validation when there is no val_path.
+        prompt_style: chat_template (the model's own), or alpaca: the classic prompt text, for base models.
+        mask_prompt: Take the loss on assistant turns only; false trains on every token.
+        max_seq_length: Longer examples are cut (and counted); also the length of a packed row.
+        packing: Put several examples in one row, unable to see each other.
+        strict: Fail on a malformed record instead of skipping it.
+        seed: Seed of the train/validation split.
+    """
+
+    path: str = "data/finetune/pirate_train.jsonl"
+    val_path: str | None = None
     val_fraction: float = 0.05
-    prompt_style: PromptStyle = "chat_template"  # "alpaca": the classic prompt text, for base models
-    mask_prompt: bool = True  # loss on assistant turns only; False trains on every token
-    max_seq_length: int = 1024  # longer examples are cut (and counted); also the length of a packed row
-    packing: bool = False  # several examples per row, unable to see each other
-    strict: bool = False  # raise on a malformed record instead of skipping it
-    seed: int = 0  # of the train/validation split
+    prompt_style: PromptStyle = "chat_template"
+    mask_prompt: bool = True
+    max_seq_length: int = 1024
+    packing: bool = False
+    strict: bool = False
+    seed: int = 0
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""What tests share: the repository's path, `plainlm` run as a user runs it, one tiny-model factory
+(ours, and a transformers one), greedy decoding by full forward passes, and one resumable toy loader.
+Fixtures live in conftest.py; this is plain code, imported as `from helpers import ...` (pyproject.toml
+puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+from plainlm.config import Config
+from plainlm.data import IGNORE_INDEX
+from plainlm.model import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Two layers, grouped-query attention, a 64-token vocabulary: trains in milliseconds a step.
+TINY = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64, vocab_size=64, block_size=32)
+
+
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`plainlm ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "plainlm.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def tiny_gpt(config: Config | None = None, seed: int = 0, std: float | None = None, **fields: object) -> GPT:
+    """A seeded GPT of `config` (default: TINY with `fields` changed), in training mode.
+
+    std: draw every parameter, norm weights included, from N(0, std) instead of the usual init: logits
+    then are peaked (greedy tokens do not near-tie, so comparing two decoders is not a coin toss) and a
+    wrong cache slot, position or norm cannot hide.
+    """
+    torch.manual_seed(seed)
+    model = GPT(config if config is not None else Config(**{**TINY, **fields}))
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, std)
+    return model
+
+
+def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence through the model at every step."""
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def tiny_hf_model(
+    config: transformers.PretrainedConfig, seed: int = 0, std: float = 0.3
+) -> transformers.PreTrainedModel:
+    """A seeded transformers model of `config` with every parameter, norms included, drawn from N(0, std)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def make_tiny_hf_model(directory: Path, vocab_size: int, seed: int = 0) -> transformers.PreTrainedModel:
+    """A two-layer transformers Llama with random weights, saved to `directory`."""
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    model = tiny_hf_model(config, seed)
+    model.save_pretrained(directory)
+    return model
+
+
+class ToyLoader:
+    """Seeded batches that follow plainlm/data's contract, with a resumable position (state_dict).
+
+    Batch i depends only on i, so a resumed run sees exactly the batches an uninterrupted one would.
+    counting=False: random tokens, with uneven target counts across micro-batches (row 0's first
+    i % 5 targets ignored), to check the loss normalisation. counting=True: rows that count up
+    (mod vocab_size) from a seeded random start, a rule a tiny model learns in a few steps.
+    """
+
+    def __init__(self, batch_size: int = 2, length: int = 16, vocab_size: int = 64, counting: bool = False) -> None:
+        self.batch_size, self.length, self.vocab_size, self.counting = batch_size, length, vocab_size, counting
+        self.position = 0
+
+    def __iter__(self) -> ToyLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self._batch(self.position)
+        self.position += 1
+        return batch
+
+    def _batch(self, i: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(i)
+        if self.counting:
+            start = torch.randint(0, self.vocab_size, (self.batch_size, 1), generator=generator)
+            rows = (start + torch.arange(self.length + 1)) % self.vocab_size
+            return {"input_ids": rows[:, :-1], "targets": rows[:, 1:].clone()}
+        x = torch.randint(0, self.vocab_size, (self.batch_size, self.length + 1), generator=generator)
+        targets = x[:, 1:].clone()
+        targets[0, : i % 5] = IGNORE_INDEX
+        return {"input_ids": x[:, :-1], "targets": targets}
+
+    def val_batches(self):  # noqa: ANN201
+        yield self._batch(10_000)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
