@@ -22,6 +22,7 @@ import torch
 from plainlm.checkpoint import detect_format, load_checkpoint
 from plainlm.errors import InvalidInput
 from plainlm.generate import generate_tokens
+from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, quantize_model
 from plainlm.tokenizer import Tokenizer
@@ -90,7 +91,7 @@ class LLM:
                 "or quantize the float checkpoint it came from"
             )
         tokenizer = Tokenizer(tokenizer_dir, chat_template=chat_template, model_family=model.config.hf_model_type)
-        llm = cls(model.eval(), tokenizer)
+        llm = cls(use_cpu_kernels(model).eval(), tokenizer)
         llm._tokenizer_files = temporary
         return llm
 

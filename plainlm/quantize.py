@@ -21,18 +21,18 @@ passes the input's gradient through the dequantized weight.
 
 The token embedding is quantized too for int8/int4 and reads only the rows it gathers; a tied
 lm_head shares the embedding's quantized matrix. Loading and saving checkpoints live in
-`checkpoint.py`; this file only builds modules.
+`checkpoint.py`; this file only builds modules. A quantized model also gets kernel_layers.py's
+attention and MLP (`use_cpu_kernels`), which run q, k and v (gate and up) in one kernel call.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from plainlm.errors import InvalidInput
-from plainlm.kernels import int4_kernel_fits, int8_kernel_fits
+from plainlm.kernel_layers import use_cpu_kernels
+from plainlm.kernels import int4_kernel_fits, int8_kernel_fits, kernel_input
 from plainlm.model import GPT
 
 MODES = ("int8", "int4", "nf4")
@@ -160,34 +160,6 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return layer.matmul(x)
 
 
-def kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x as plainlm's matmul kernels take it: a contiguous (M, K) matrix of fp32 or bf16."""
-    x2 = x.reshape(-1, in_features)
-    return x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-
-
-def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
-    """x through int8 or int4 layers that all read it (model.project), in one call of plainlm's kernel when
-    they all run it and no gradient flows; otherwise one call each. The outputs are the same either way."""
-    first = layers[0]
-    group_size = getattr(first, "group_size", None)
-    shared = all(
-        type(layer) is type(first) and layer.kernel == "plainlm" and getattr(layer, "group_size", None) == group_size
-        for layer in layers
-    )
-    if not shared or (torch.is_grad_enabled() and x.requires_grad):
-        return [layer(x) for layer in layers]
-    x2 = kernel_input(x, first.in_features)
-    tiles = [layer.weight for layer in layers]
-    if isinstance(first, Int4Linear):
-        y = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
-    else:
-        y = torch.ops.plainlm.int8_matmuls(x2, tiles, [layer.scales for layer in layers])
-    y = y.to(x.dtype).view(*x.shape[:-1], -1)  # the layers' outputs side by side
-    outputs = y.split([layer.out_features for layer in layers], dim=-1)
-    return [out if layer.bias is None else out + layer.bias for out, layer in zip(outputs, layers, strict=True)]
-
-
 class Int8Linear(TiledWeight):
     """y = x @ (q * scales)^T + bias, with int8 weights read by an integer CPU kernel: plainlm's own
     (kernels/int8_matmul.cpp, on `weight` tiled by pack()) where it fits (AVX512-VNNI, rows a multiple
@@ -200,7 +172,6 @@ class Int8Linear(TiledWeight):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
-        self.project_together = project_together  # see Int4Linear
 
     def pack(self, kernel: str | None = None) -> None:
         """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and lay `weight` out for it."""
@@ -260,9 +231,6 @@ class Int4Linear(TiledWeight):
         self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("packed_scales_and_zeros", None, persistent=False)
-        # For model.project. An instance attribute, not a method: compiled decoding's guards skip a
-        # module whose __dict__ is unchanged, unless some attribute read went through its class.
-        self.project_together = project_together
 
     def pack(self, kernel: str | None = None) -> None:
         """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and, for PyTorch's,
@@ -423,7 +391,7 @@ def quantize_model(model: GPT, mode: str, group_size: int | None = None) -> GPT:
         if mode != "nf4":
             model.embed = _quantize_embedding(model, mode, group_size)
     model.quantization = {"mode": mode, "group_size": group_size}
-    return model
+    return use_cpu_kernels(model)  # q/k/v and gate/up in one kernel call each
 
 
 def check_mode(mode: str, group_size: int | None, device: torch.device) -> int | None:
@@ -496,11 +464,12 @@ def empty_quantized_model(model: GPT, mode: str, group_size: int | None, dtype: 
 
 
 def finish_loading(model: GPT) -> GPT:
-    """After the saved tensors are in: choose each int8/int4 layer's kernel and pack for it."""
+    """After the saved tensors are in: choose each int8/int4 layer's kernel and pack for it, and swap in
+    the modules that call several layers' kernels at once, as quantize_model does."""
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
             module.pack()
-    return model
+    return use_cpu_kernels(model)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -5,8 +5,10 @@
         qkv = torch.ops.plainlm.int4_matmuls(x, [q_tiles, k_tiles, v_tiles], [q_sz, k_sz, v_sz], group_size)
     if int8_kernel_fits(out_features, in_features):
         y = torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales)
-    if decode_attention_fits(head_dim, dtype, device):
+    if decode_attention_fits(head_dim) and decode_attention_takes(k_cache):
         y = torch.ops.plainlm.decode_attention(q, k_cache, v_cache, mask, scale)
+
+The modules that call them: quantize.py's int8/int4 layers, and kernel_layers.py's attention and MLP.
 
 int4_matmul.cpp       x @ W^T for int4 and int8 weights in 16-row tiles (quantize.tile_nibbles,
 int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activations rounded
@@ -60,9 +62,21 @@ def int8_kernel_fits(out_features: int, in_features: int) -> bool:
     return shape_fits and kernels_loaded()
 
 
-def decode_attention_fits(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """True when torch.ops.plainlm.decode_attention can run a KV cache of this kind on this CPU (fp32)."""
-    return device.type == "cpu" and dtype == torch.float32 and head_dim % HEAD_DIM_MULTIPLE == 0 and kernels_loaded()
+def decode_attention_fits(head_dim: int) -> bool:
+    """True when torch.ops.plainlm.decode_attention can run heads of this size on this CPU."""
+    return head_dim % HEAD_DIM_MULTIPLE == 0 and kernels_loaded()
+
+
+def decode_attention_takes(cache: torch.Tensor) -> bool:
+    """True for a KV cache the decode-attention kernel reads: fp32, in CPU memory. (Cheap and free of
+    calls into the build, so a compiled decode step checks it inline.)"""
+    return cache.dtype == torch.float32 and cache.device.type == "cpu"
+
+
+def kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as plainlm's matmul kernels take it: a contiguous (M, K) matrix of fp32 or bf16."""
+    x2 = x.reshape(-1, in_features)
+    return x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
 
 
 @functools.cache
