@@ -82,7 +82,7 @@ class LLM:
             temporary = tempfile.TemporaryDirectory(prefix="plainlm-gguf-tokenizer-")
             tokenizer_dir = Path(temporary.name)
             model = load_gguf_model(path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        saved = getattr(model, "quantization", None)
+        saved = model.quantization
         if quantize is not None and saved is None:
             quantize_model(model, quantize)
         elif quantize is not None and saved["mode"] != quantize:

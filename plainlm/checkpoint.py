@@ -222,9 +222,8 @@ def save_checkpoint(model: GPT, directory: str | Path, tokenizer_dir: str | Path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(model_tensors(model), directory)
-    quantization = getattr(model, "quantization", None)
-    if quantization is not None:
-        atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(quantization))
+    if model.quantization is not None:
+        atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(model.quantization))
     elif (directory / QUANTIZATION_FILE).exists():  # a float model written over a quantized one
         (directory / QUANTIZATION_FILE).unlink()
     model.config.save(directory / CONFIG_FILE)

@@ -35,6 +35,9 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False  # training sets it: recompute each block in the backward pass
+        # quantize.py sets it when it swaps in quantized layers ({"mode": "int8", "group_size": None});
+        # None means float weights. save_checkpoint writes it as quantization.json, loading reads it back.
+        self.quantization: dict | None = None
         self.init_rope_cache()
 
     def init_rope_cache(self, device: torch.device | None = None) -> None:
