@@ -3,6 +3,9 @@ SDPA, and in use: eager and compiled decoding give the tokens that PyTorch's ker
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +14,7 @@ from plainlm import quantize
 from plainlm.config import Config
 from plainlm.generate import generate
 from plainlm.kernel_layers import KernelAttention, project_together, use_cpu_kernels
-from plainlm.kernels import kernels_loaded
+from plainlm.kernels import HEADERS, NAME, SOURCES, kernels_loaded, needs_build
 from plainlm.model import GPT
 from plainlm.quantize import (
     Int4Linear,
@@ -254,3 +257,14 @@ def test_reduce_overhead_decoding_calls_the_kernels_from_cpp() -> None:
     assert called.get("plainlm::int4_matmuls", 0) > 0 and called.get("plainlm::decode_attention", 0) > 0, called
     with pytest.raises(ValueError, match="compile must be True, False or one of default, reduce-overhead"):
         generate(model, prompts, max_new_tokens=2, compile="max-autotune")
+
+
+def test_the_kernels_are_built_when_missing_or_older_than_a_source(tmp_path: Path) -> None:
+    """needs_build decides whether kernels_loaded announces a build ("compiling plainlm's CPU kernels")."""
+    assert needs_build(tmp_path)  # nothing built yet
+    library = tmp_path / f"{NAME}.so"
+    library.touch()
+    assert not needs_build(tmp_path)  # built after every source: loaded from the cache, silently
+    newest = max(path.stat().st_mtime for path in SOURCES + HEADERS)
+    os.utime(library, (newest - 1, newest - 1))
+    assert needs_build(tmp_path)  # a source changed since: ninja rebuilds

@@ -23,9 +23,10 @@ torch's threads by blocks of 16 rows (a share is at least 64 KB of weights), so 
 gives the same bits.
 
 The first use compiles the three files with the system's C++ compiler through torch.utils.cpp_extension
-(a few seconds; cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR, and rebuilt when
-a source changes). Where the CPU lacks AVX512-VNNI or the build fails, the `*_fits` checks answer
-False, with one warning saying why, and the callers use PyTorch's own kernels instead.
+(about 30 s on two cores, announced by one stderr line; cached under ~/.cache/torch_extensions, or
+TORCH_EXTENSIONS_DIR, and rebuilt when a source changes). Where the CPU lacks AVX512-VNNI or the
+build fails, the `*_fits` checks answer False, with one warning saying why, and the callers use
+PyTorch's own kernels instead.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 import sysconfig
 import warnings
 from pathlib import Path
 
 import torch
 
+NAME = "plainlm_kernels"
 SOURCES = [Path(__file__).parent / name for name in ("int4_matmul.cpp", "int8_matmul.cpp", "decode_attention.cpp")]
+HEADERS = [Path(__file__).parent / "vnni_common.h"]
+BUILD_NOTICE = "compiling plainlm's CPU kernels, once, ~30 s"
 # -fopenmp: at::parallel_for (ATen/ParallelOpenMP.h) runs its loop on one thread without it.
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp"]
 ROWS_PER_BLOCK = 16  # the matmul kernels compute 16 output rows per register
@@ -88,8 +93,11 @@ def kernels_loaded() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        if needs_build(Path(cpp_extension._get_build_directory(NAME, verbose=False))):
+            # A first decode would otherwise sit silent for half a minute.
+            print(BUILD_NOTICE, file=sys.stderr, flush=True)
         cpp_extension.load(
-            name="plainlm_kernels",
+            name=NAME,
             sources=[str(path) for path in SOURCES],
             extra_cflags=COMPILER_FLAGS,
             is_python_module=False,  # the library registers torch.ops.plainlm.* as it loads
@@ -107,6 +115,16 @@ def kernels_loaded() -> bool:
     torch.library.register_fake("plainlm::int8_matmuls")(_int8_matmuls_shape)
     torch.library.register_fake("plainlm::decode_attention")(_decode_attention_shape)
     return True
+
+
+def needs_build(build_dir: Path) -> bool:
+    """Whether loading the kernels compiles them: no library in `build_dir` yet, or a source newer than it
+    (as ninja decides there)."""
+    library = build_dir / f"{NAME}.so"
+    if not library.exists():
+        return True
+    built = library.stat().st_mtime
+    return any(path.stat().st_mtime > built for path in SOURCES + HEADERS)
 
 
 # The outputs' shapes and dtypes, for torch.compile's tracing (fake tensors).
