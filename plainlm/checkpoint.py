@@ -60,6 +60,10 @@ class TensorSource:
             return tuple(handle[key].shape)
         return tuple(handle.get_slice(key).get_shape())
 
+    def meta(self, key: str) -> torch.Tensor:
+        """A tensor of `key`'s shape on the meta device: what shape checks need, without reading the data."""
+        return torch.empty(self.shape(key), device="meta")
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise CheckpointError(f"{self.directory}: the weights have no tensor named {key!r}")
@@ -233,10 +237,14 @@ def save_checkpoint(model: GPT, directory: str | Path, tokenizer_dir: str | Path
 
 
 # --- loading into a model ---
-def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: str | Path) -> GPT:
-    """Assign tensors into a model built on the meta device, checking every name and shape."""
+def checked_tensors(
+    model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: str | Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensors` as they come, each checked against `model` (built on the meta device: its names and shapes
+    are the config's): a name it has, the shape it needs; at the end, none missing. Loading and from-hf
+    both check through this."""
     expected = {k: v for k, v in model.state_dict().items() if not _is_tied_head(model, k)}
-    state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for name, tensor in tensors:
         if name not in expected:
             raise CheckpointError(f"{origin}: unexpected tensor {name!r}; the weights do not belong to this config")
@@ -245,10 +253,16 @@ def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: 
                 f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)} but the config needs "
                 f"{tuple(expected[name].shape)}; the config and the weights are of different models"
             )
-        state[name] = tensor
-    missing = sorted(set(expected) - set(state))
+        seen.add(name)
+        yield name, tensor
+    missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{origin}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: str | Path) -> GPT:
+    """Assign tensors into a model built on the meta device, checking every name and shape."""
+    state = dict(checked_tensors(model, tensors, origin))
     model.load_state_dict(state, strict=False, assign=True)
     for name in [k for k in model.state_dict() if _is_tied_head(model, k)]:
         attribute = name.removeprefix("lm_head.")  # weight, and a quantized matrix's scales

@@ -147,3 +147,20 @@ def test_unknown_compile_mode_fails_before_loading(tmp_path: Path) -> None:
 def test_missing_path_and_missing_checkpoint_dir(tmp_path: Path) -> None:
     assert_clean_cli_error(run_cli("generate", "--checkpoint_dir", str(tmp_path / "nope")), "no such file or directory")
     assert_clean_cli_error(run_cli("generate"), "--checkpoint_dir")
+
+
+def test_from_hf_checks_every_shape_before_writing(hf_copy: Path, tmp_path: Path) -> None:
+    """A config.json that does not match its weights fails as loading does (key and both shapes), and
+    leaves nothing behind: never a checkpoint that only fails when loaded."""
+    config = json.loads((hf_copy / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (hf_copy / "config.json").write_text(json.dumps(config))
+    mismatch = r"'blocks\.0\.mlp\.gate_proj\.weight' has shape \(128, 64\) but the config needs \(100, 64\)"
+    with pytest.raises(CheckpointError, match=mismatch):
+        load_hf_model(hf_copy)
+    with pytest.raises(CheckpointError, match=mismatch):
+        convert_from_hf(hf_copy, tmp_path / "native")
+    assert not (tmp_path / "native").exists()
+    result = run_cli("convert", "from-hf", str(hf_copy), str(tmp_path / "cli"))
+    assert_clean_cli_error(result, "blocks.0.mlp.gate_proj.weight", "(128, 64)", "(100, 64)")
+    assert not (tmp_path / "cli").exists()
