@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from plainlm import quantize
 from plainlm.config import Config
-from plainlm.errors import CheckpointError
+from plainlm.errors import CheckpointError, InvalidInput
 from plainlm.model import GPT
 from plainlm.tokenizer import copy_tokenizer_files
 
@@ -146,6 +146,19 @@ def _unsafe_or_corrupt(file: Path, error: Exception) -> CheckpointError:
 
 
 # --- writing ---
+def check_output_path(path: str | Path, name: str, file: bool = False) -> Path:
+    """`path`, a folder to write into (with file=True, a file to write), as a Path; an InvalidInput naming
+    `name`, the argument as the CLI spells it ("--out_dir", "dst_dir"), when it or a folder it needs is an
+    existing file. Creates nothing: a command checks before it loads, downloads or trains."""
+    path = Path(path)
+    for folder in path.parents if file else (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            what = "is an existing file" if folder == path else f"cannot be created: {folder} is a file"
+            where = "write it into a folder" if file else "pass a folder to write into (it is created if missing)"
+            raise InvalidInput(f"{name} {path} {what}; {where}")
+    return path
+
+
 def save_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]],
     directory: str | Path,

@@ -22,7 +22,7 @@ import torch
 
 from plainlm import distributed
 from plainlm.api import LLM
-from plainlm.checkpoint import save_checkpoint
+from plainlm.checkpoint import check_output_path, save_checkpoint
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
 from plainlm.distributed import Strategy
 from plainlm.errors import InvalidInput
@@ -100,6 +100,7 @@ def finetune(
         rdzv_endpoint: HOST:PORT where the processes meet (needed for num_nodes > 1; default: a free local port).
         recipe: The resolved recipe text, written to out_dir/recipe.yaml (the CLI passes it).
     """
+    check_output_path(out_dir, "--out_dir")
     if distributed.must_launch(devices, num_nodes):
         micro_batches_per_rank(train, devices * num_nodes)  # a bad batch size fails here, before any process starts
         return distributed.launch(finetune, dict(locals()), devices, num_nodes, rdzv_endpoint)

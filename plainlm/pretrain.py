@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from plainlm import distributed
-from plainlm.checkpoint import load_checkpoint, save_checkpoint
+from plainlm.checkpoint import check_output_path, load_checkpoint, save_checkpoint
 from plainlm.config import Config
 from plainlm.data.pretrain import PretrainLoader, prepare_token_shards
 from plainlm.distributed import Strategy
@@ -143,6 +143,7 @@ def pretrain(
         rdzv_endpoint: HOST:PORT where the processes meet (needed for num_nodes > 1; default: a free local port).
         recipe: The resolved recipe text, written to out_dir/recipe.yaml (the CLI passes it).
     """
+    check_output_path(out_dir, "--out_dir")
     if distributed.must_launch(devices, num_nodes):
         micro_batches_per_rank(train, devices * num_nodes)  # a bad batch size fails here, before any process starts
         return distributed.launch(pretrain, dict(locals()), devices, num_nodes, rdzv_endpoint)

@@ -164,3 +164,31 @@ def test_from_hf_checks_every_shape_before_writing(hf_copy: Path, tmp_path: Path
     result = run_cli("convert", "from-hf", str(hf_copy), str(tmp_path / "cli"))
     assert_clean_cli_error(result, "blocks.0.mlp.gate_proj.weight", "(128, 64)", "(100, 64)")
     assert not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("from-hf", "dst_dir"),
+        ("to-gguf", "file"),
+        ("merge-lora", "out_dir"),
+        ("finetune", "--out_dir"),
+        ("download", "--checkpoint_dir"),
+    ],
+)
+def test_a_destination_that_is_a_file_is_one_error_line(command: str, flag: str, hf_copy: Path, tmp_path: Path) -> None:
+    """Each command that writes a folder names its argument when the folder (or one above it) is a file,
+    before it loads, downloads or trains anything."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file where a folder should go")
+    args = {
+        "from-hf": ["convert", "from-hf", str(hf_copy), str(taken)],
+        "to-gguf": ["convert", "to-gguf", str(hf_copy), str(taken / "model.gguf")],
+        "merge-lora": ["merge-lora", str(hf_copy), str(hf_copy), str(taken)],
+        "finetune": ["finetune", "--checkpoint_dir", str(hf_copy), "--out_dir", str(taken / "run")],
+        "download": ["download", "org/name", "--checkpoint_dir", str(taken)],
+    }[command]
+    itself = command in ("from-hf", "merge-lora")  # the others write into a folder below it
+    why = f"{taken} is an existing file" if itself else f"cannot be created: {taken} is a file"
+    assert_clean_cli_error(run_cli(*args), f"{flag} {taken}", why)
+    assert taken.read_text() == "a file where a folder should go"

@@ -19,6 +19,7 @@ from plainlm.checkpoint import (
     DEFAULT_SHARD_BYTES,
     TensorSource,
     atomic_write_text,
+    check_output_path,
     checked_tensors,
     load_state,
     save_tensors,
@@ -111,7 +112,7 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dty
 
 def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Hugging Face directory -> native checkpoint (weights, config.yaml, tokenizer files)."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), check_output_path(dst, "dst_dir")
     config = read_hf_config(src)
     source = TensorSource(src)
     with torch.device("meta"):
@@ -132,7 +133,7 @@ def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None 
 
 def convert_to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Native checkpoint -> a directory that transformers' from_pretrained loads as it is."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), check_output_path(dst, "dst_dir")
     if not (src / CONFIG_FILE).exists():
         raise CheckpointError(f"{src}: no {CONFIG_FILE}; is this a plainlm checkpoint?")
     config = Config.from_file(src / CONFIG_FILE)
