@@ -176,14 +176,20 @@ def save_tensors(
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, total = 0, 0
     written: list[tuple[Path, list[str]]] = []  # temporary shard files and their keys
-    for name, tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            written.append((_write_shard(shard, directory, f".{stem}-{len(written)}.shard", metadata), list(shard)))
-            shard, shard_bytes = {}, 0
-        shard[name] = tensor.contiguous()
-        shard_bytes += size
-        total += size
+    try:
+        for name, tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                shard_file = _write_shard(shard, directory, f".{stem}-{len(written)}.shard", metadata)
+                written.append((shard_file, list(shard)))
+                shard, shard_bytes = {}, 0
+            shard[name] = tensor.contiguous()
+            shard_bytes += size
+            total += size
+    except BaseException:  # a tensor that fails to read or convert: leave no hidden shards behind
+        for path, _ in written:
+            path.unlink(missing_ok=True)
+        raise
     if not written:
         return [_write_shard(shard, directory, f"{stem}.safetensors", metadata)]
     written.append((_write_shard(shard, directory, f".{stem}-{len(written)}.shard", metadata), list(shard)))

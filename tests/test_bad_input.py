@@ -14,7 +14,7 @@ import yaml
 from conftest import run_cli
 
 from plainlm import LLM
-from plainlm.checkpoint import load_checkpoint
+from plainlm.checkpoint import load_checkpoint, save_tensors
 from plainlm.convert.hf import convert_from_hf, load_hf_model
 from plainlm.errors import CheckpointError
 
@@ -192,3 +192,16 @@ def test_a_destination_that_is_a_file_is_one_error_line(command: str, flag: str,
     why = f"{taken} is an existing file" if itself else f"cannot be created: {taken} is a file"
     assert_clean_cli_error(run_cli(*args), f"{flag} {taken}", why)
     assert taken.read_text() == "a file where a folder should go"
+
+
+def test_a_conversion_that_fails_midway_leaves_no_shards(tmp_path: Path) -> None:
+    """save_tensors writes shards under hidden names first; when a tensor fails to come, they go again."""
+
+    def tensors_then_a_failure():  # noqa: ANN202
+        for i in range(3):
+            yield f"t{i}", torch.zeros(256)
+        raise CheckpointError("model.safetensors: tensor 't3' cannot be read")
+
+    with pytest.raises(CheckpointError, match="'t3' cannot be read"):
+        save_tensors(tensors_then_a_failure(), tmp_path / "out", max_shard_bytes=1024)
+    assert list((tmp_path / "out").iterdir()) == []
