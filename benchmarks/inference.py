@@ -24,6 +24,7 @@ import transformers
 from plainlm.convert.hf import load_hf_model
 from plainlm.convert.hf_config import config_to_hf
 from plainlm.generate import generate
+from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.named_configs import config_for_name
 
 
@@ -53,7 +54,7 @@ def make_models(name: str, directory: Path) -> tuple[torch.nn.Module, torch.nn.M
     torch.manual_seed(0)
     theirs = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
     theirs.save_pretrained(directory)
-    ours = load_hf_model(directory).eval()
+    ours = use_cpu_kernels(load_hf_model(directory).eval())  # as LLM.load does
     return ours, theirs.eval()
 
 

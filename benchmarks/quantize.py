@@ -37,6 +37,7 @@ from inference import memory_bandwidth_gbs  # benchmarks/inference.py, beside th
 
 from plainlm.convert.gguf import load_gguf_model, read_gguf
 from plainlm.generate import generate, generate_tokens
+from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.packaged_models import smollm2_gguf
 from plainlm.quantize import Int4Linear, quantize_model, weight_bytes
 from plainlm.tokenizer import Tokenizer
@@ -183,14 +184,14 @@ def main() -> None:
 
     bandwidth = memory_bandwidth_gbs()
     with tempfile.TemporaryDirectory() as tmp:
-        base = load_gguf_model(gguf, tokenizer_dir=tmp).eval()
+        base = use_cpu_kernels(load_gguf_model(gguf, tokenizer_dir=tmp).eval())  # as LLM.load does
         tokenizer = Tokenizer(tmp)
         chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in AGREE_PROMPTS]
         prompts = [tokenizer.encode(chat, bos=False) for chat in chats]
     state = {k: v.clone() for k, v in base.state_dict().items()}  # quantize_model works in place
 
     def fresh() -> torch.nn.Module:
-        model = load_gguf_model(gguf).eval()
+        model = use_cpu_kernels(load_gguf_model(gguf).eval())
         model.load_state_dict(state)
         return model
 

@@ -23,6 +23,7 @@ from plainlm.checkpoint import detect_format, load_checkpoint
 from plainlm.device import resolve_device, resolve_dtype
 from plainlm.errors import InvalidInput
 from plainlm.generate import generate_tokens
+from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, quantize_model
 from plainlm.tokenizer import Tokenizer
@@ -82,7 +83,7 @@ class LLM:
             temporary = tempfile.TemporaryDirectory(prefix="plainlm-gguf-tokenizer-")
             tokenizer_dir = Path(temporary.name)
             model = load_gguf_model(path, device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        saved = getattr(model, "quantization", None)
+        saved = model.quantization
         if quantize is not None and saved is None:
             quantize_model(model, quantize)
         elif quantize is not None and saved["mode"] != quantize:
@@ -91,7 +92,7 @@ class LLM:
                 "or quantize the float checkpoint it came from"
             )
         tokenizer = Tokenizer(tokenizer_dir, chat_template=chat_template, model_family=model.config.hf_model_type)
-        llm = cls(model.eval(), tokenizer)
+        llm = cls(use_cpu_kernels(model).eval(), tokenizer)
         llm._tokenizer_files = temporary
         return llm
 

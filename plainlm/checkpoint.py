@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from plainlm import quantize
 from plainlm.config import Config
-from plainlm.errors import CheckpointError
+from plainlm.errors import CheckpointError, InvalidInput
 from plainlm.model import GPT
 from plainlm.tokenizer import copy_tokenizer_files
 
@@ -59,6 +59,10 @@ class TensorSource:
         if isinstance(handle, dict):
             return tuple(handle[key].shape)
         return tuple(handle.get_slice(key).get_shape())
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A tensor of `key`'s shape on the meta device: what shape checks need, without reading the data."""
+        return torch.empty(self.shape(key), device="meta")
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
@@ -142,6 +146,19 @@ def _unsafe_or_corrupt(file: Path, error: Exception) -> CheckpointError:
 
 
 # --- writing ---
+def check_output_path(path: str | Path, name: str, file: bool = False) -> Path:
+    """`path`, a folder to write into (with file=True, a file to write), as a Path; an InvalidInput naming
+    `name`, the argument as the CLI spells it ("--out_dir", "dst_dir"), when it or a folder it needs is an
+    existing file. Creates nothing: a command checks before it loads, downloads or trains."""
+    path = Path(path)
+    for folder in path.parents if file else (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            what = "is an existing file" if folder == path else f"cannot be created: {folder} is a file"
+            where = "write it into a folder" if file else "pass a folder to write into (it is created if missing)"
+            raise InvalidInput(f"{name} {path} {what}; {where}")
+    return path
+
+
 def save_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]],
     directory: str | Path,
@@ -159,14 +176,20 @@ def save_tensors(
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, total = 0, 0
     written: list[tuple[Path, list[str]]] = []  # temporary shard files and their keys
-    for name, tensor in tensors:
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            written.append((_write_shard(shard, directory, f".{stem}-{len(written)}.shard", metadata), list(shard)))
-            shard, shard_bytes = {}, 0
-        shard[name] = tensor.contiguous()
-        shard_bytes += size
-        total += size
+    try:
+        for name, tensor in tensors:
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                shard_file = _write_shard(shard, directory, f".{stem}-{len(written)}.shard", metadata)
+                written.append((shard_file, list(shard)))
+                shard, shard_bytes = {}, 0
+            shard[name] = tensor.contiguous()
+            shard_bytes += size
+            total += size
+    except BaseException:  # a tensor that fails to read or convert: leave no hidden shards behind
+        for path, _ in written:
+            path.unlink(missing_ok=True)
+        raise
     if not written:
         return [_write_shard(shard, directory, f"{stem}.safetensors", metadata)]
     written.append((_write_shard(shard, directory, f".{stem}-{len(written)}.shard", metadata), list(shard)))
@@ -222,9 +245,8 @@ def save_checkpoint(model: GPT, directory: str | Path, tokenizer_dir: str | Path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(model_tensors(model), directory)
-    quantization = getattr(model, "quantization", None)
-    if quantization is not None:
-        atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(quantization))
+    if model.quantization is not None:
+        atomic_write_text(directory / QUANTIZATION_FILE, json.dumps(model.quantization))
     elif (directory / QUANTIZATION_FILE).exists():  # a float model written over a quantized one
         (directory / QUANTIZATION_FILE).unlink()
     model.config.save(directory / CONFIG_FILE)
@@ -234,10 +256,14 @@ def save_checkpoint(model: GPT, directory: str | Path, tokenizer_dir: str | Path
 
 
 # --- loading into a model ---
-def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: str | Path) -> GPT:
-    """Assign tensors into a model built on the meta device, checking every name and shape."""
+def checked_tensors(
+    model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: str | Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensors` as they come, each checked against `model` (built on the meta device: its names and shapes
+    are the config's): a name it has, the shape it needs; at the end, none missing. Loading and from-hf
+    both check through this."""
     expected = {k: v for k, v in model.state_dict().items() if not _is_tied_head(model, k)}
-    state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for name, tensor in tensors:
         if name not in expected:
             raise CheckpointError(f"{origin}: unexpected tensor {name!r}; the weights do not belong to this config")
@@ -246,10 +272,16 @@ def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: 
                 f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)} but the config needs "
                 f"{tuple(expected[name].shape)}; the config and the weights are of different models"
             )
-        state[name] = tensor
-    missing = sorted(set(expected) - set(state))
+        seen.add(name)
+        yield name, tensor
+    missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{origin}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def load_state(model: GPT, tensors: Iterable[tuple[str, torch.Tensor]], origin: str | Path) -> GPT:
+    """Assign tensors into a model built on the meta device, checking every name and shape."""
+    state = dict(checked_tensors(model, tensors, origin))
     model.load_state_dict(state, strict=False, assign=True)
     for name in [k for k in model.state_dict() if _is_tied_head(model, k)]:
         attribute = name.removeprefix("lm_head.")  # weight, and a quantized matrix's scales

@@ -228,10 +228,11 @@ def merge_lora(checkpoint_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
         out_dir: The merged checkpoint to write.
     """
     from plainlm.api import LLM
-    from plainlm.checkpoint import save_checkpoint
+    from plainlm.checkpoint import check_output_path, save_checkpoint
     from plainlm.lora import load_peft_adapter
     from plainlm.lora import merge_lora as merge
 
+    check_output_path(out_dir, "out_dir")  # before the model loads
     llm = LLM.load(checkpoint_dir)
     load_peft_adapter(llm.model, adapter_dir)
     save_checkpoint(merge(llm.model), out_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from plainlm.checkpoint import check_output_path
 from plainlm.errors import CheckpointError, InvalidInput
 
 # safetensors first; `.bin` weights are fetched only for repositories that have nothing else.
@@ -45,6 +46,8 @@ def download(
 
     if repo_id.count("/") != 1:
         raise InvalidInput(f"expected a repository id like ORG/NAME, got {repo_id!r}")
+    if convert:  # before downloading: the checkpoint must have somewhere to go
+        check_output_path(Path(checkpoint_dir) / repo_id, "--checkpoint_dir")
     kwargs = dict(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir)
     try:
         snapshot = Path(snapshot_download(allow_patterns=MODEL_PATTERNS + TOKENIZER_PATTERNS, **kwargs))

@@ -2,7 +2,9 @@
 
 Every architectural difference between families is a field of `Config`, read in the one
 place it matters. Lines that exist for one family say which, and why, in a comment.
-Nothing here knows about files, tokenizers or Hugging Face names: see `convert/`.
+Nothing here knows about files, tokenizers or Hugging Face names (see `convert/`), nor about
+plainlm's CPU kernels: `kernel_layers.py` swaps in subclasses of Attention and MLP that call them,
+as `quantize.py` swaps in quantized Linear layers. What runs here is plain PyTorch.
 
 Shapes: B batch, T new tokens, S key/value length, H heads, K key/value heads, D head_dim.
 """
@@ -18,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 
 from plainlm.config import Config
 from plainlm.errors import InvalidInput
-from plainlm.kernels import decode_attention_fits
 
 
 class GPT(nn.Module):
@@ -37,6 +38,9 @@ class GPT(nn.Module):
         # Positions past block_size fail with a clear error; the memory model's trace on fake tensors
         # (memory.py), whose positions have no values to read, turns the check off.
         self.check_positions = True
+        # quantize.py sets it when it swaps in quantized layers ({"mode": "int8", "group_size": None});
+        # None means float weights. save_checkpoint writes it as quantization.json, loading reads it back.
+        self.quantization: dict | None = None
         self.init_rope_cache()
 
     def init_rope_cache(self, device: torch.device | None = None) -> None:
@@ -228,7 +232,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.project_qkv(x)
         if c.clip_qkv is not None:  # OLMo-1
             q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
         if c.qk_norm == "full":
@@ -246,18 +250,16 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, mask, cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # A method of its own (as is attend) so that kernel_layers.KernelAttention can run the three in one call.
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
     ) -> torch.Tensor:
+        """softmax(q k^T * scale) v over the visible keys. `cache`, the KV cache k and v were read from (if
+        any), is for kernel_layers.KernelAttention, which then may take its decode kernel."""
         c = self.config
-        one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
-        if one_new_token and cache.decode_kernel and c.attention_logit_softcap is None:
-            # One new token on the CPU: plainlm's kernel visits only the cache slots the mask allows
-            # (SDPA computes all of them). See kernels/decode_attention.cpp.
-            B, H, _, D = q.shape
-            mask = mask.reshape(-1, mask.shape[-1]).contiguous()  # (B or 1, S)
-            y = torch.ops.plainlm.decode_attention(q.reshape(B, H, D).contiguous(), k, v, mask, self.scale)
-            return y.view(B, H, 1, D)
         if c.attention_logit_softcap is None:
             is_causal = mask is None and q.shape[2] > 1
             return F.scaled_dot_product_attention(
@@ -290,7 +292,6 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, max_seq_length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.decode_kernel = decode_attention_fits(head_dim, dtype, device)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k.shape[0] != self.k.shape[0]:
@@ -313,9 +314,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # SwiGLU (silu) / GeGLU (gelu)
-            gate, up = project(x, self.gate_proj, self.up_proj)
+            gate, up = self.project_gate_up(x)
             return self.down_proj(activate(gate, self.activation) * up)
         return self.down_proj(activate(self.up_proj(x), self.activation))
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # A method of its own so that kernel_layers.KernelMLP can run the two in one call.
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class MoE(nn.Module):
@@ -366,14 +371,6 @@ def make_norm(config: Config, size: int) -> nn.Module:
         return RMSNorm(size, config.norm_eps, config.norm_unit_offset)
     affine = config.norm_affine
     return nn.LayerNorm(size, eps=config.norm_eps, elementwise_affine=affine, bias=affine and config.norm_bias)
-
-
-def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
-    """`x` through layers that all read it: q, k and v, or gate and up. plainlm's int8/int4 layers
-    (quantize.py) take them in one kernel call, since a small quantized model's decode step spends
-    much of its time in per-call overhead; other layers go one by one."""
-    together = getattr(layers[0], "project_together", None)
-    return together(x, layers) if together is not None else [layer(x) for layer in layers]
 
 
 def activate(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -21,18 +21,18 @@ passes the input's gradient through the dequantized weight.
 
 The token embedding is quantized too for int8/int4 and reads only the rows it gathers; a tied
 lm_head shares the embedding's quantized matrix. Loading and saving checkpoints live in
-`checkpoint.py`; this file only builds modules.
+`checkpoint.py`; this file only builds modules. A quantized model also gets kernel_layers.py's
+attention and MLP (`use_cpu_kernels`), which run q, k and v (gate and up) in one kernel call.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from plainlm.errors import InvalidInput
-from plainlm.kernels import int4_kernel_fits, int8_kernel_fits
+from plainlm.kernel_layers import use_cpu_kernels
+from plainlm.kernels import int4_kernel_fits, int8_kernel_fits, kernel_input
 from plainlm.model import GPT
 
 MODES = ("int8", "int4", "nf4")
@@ -160,53 +160,27 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return layer.matmul(x)
 
 
-def kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x as plainlm's matmul kernels take it: a contiguous (M, K) matrix of fp32 or bf16."""
-    x2 = x.reshape(-1, in_features)
-    return x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+class QuantizedLinear(TiledWeight):
+    """What Int8Linear and Int4Linear share: y = x @ W^T + bias through one of two CPU kernels, plainlm's own
+    ("plainlm", on `weight` tiled by pack()) where it fits, PyTorch's ("aten") elsewhere.
 
+    Each subclass holds its quantized tensors and defines what differs: `kernel_fits()` (whether plainlm's
+    kernel takes this layer), `matmul_plainlm(x2)` and `matmul_aten(x2)` (one kernel call on a (M, K)
+    input, returning (M, out_features)) and `dequantized_weight()`."""
 
-def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
-    """x through int8 or int4 layers that all read it (model.project), in one call of plainlm's kernel when
-    they all run it and no gradient flows; otherwise one call each. The outputs are the same either way."""
-    first = layers[0]
-    group_size = getattr(first, "group_size", None)
-    shared = all(
-        type(layer) is type(first) and layer.kernel == "plainlm" and getattr(layer, "group_size", None) == group_size
-        for layer in layers
-    )
-    if not shared or (torch.is_grad_enabled() and x.requires_grad):
-        return [layer(x) for layer in layers]
-    x2 = kernel_input(x, first.in_features)
-    tiles = [layer.weight for layer in layers]
-    if isinstance(first, Int4Linear):
-        y = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
-    else:
-        y = torch.ops.plainlm.int8_matmuls(x2, tiles, [layer.scales for layer in layers])
-    y = y.to(x.dtype).view(*x.shape[:-1], -1)  # the layers' outputs side by side
-    outputs = y.split([layer.out_features for layer in layers], dim=-1)
-    return [out if layer.bias is None else out + layer.bias for out, layer in zip(outputs, layers, strict=True)]
+    mode: str  # "int8" or "int4", for messages
 
-
-class Int8Linear(TiledWeight):
-    """y = x @ (q * scales)^T + bias, with int8 weights read by an integer CPU kernel: plainlm's own
-    (kernels/int8_matmul.cpp, on `weight` tiled by pack()) where it fits (AVX512-VNNI, rows a multiple
-    of 16, inputs of 64), PyTorch's `aten._weight_int8pack_mm` (on rows) elsewhere."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
-        self.project_together = project_together  # see Int4Linear
 
     def pack(self, kernel: str | None = None) -> None:
         """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and lay `weight` out for it."""
-        fits = int8_kernel_fits(self.out_features, self.in_features)
+        fits = self.kernel_fits()
         if kernel == "plainlm" and not fits:
-            raise InvalidInput(f"plainlm's int8 kernel cannot run this layer or this CPU: {self!r}")
+            raise InvalidInput(f"plainlm's {self.mode} kernel cannot run this layer or this CPU: {self!r}")
         self.kernel = kernel or ("plainlm" if fits else "aten")
         set_tiled(self.weight, self.kernel == "plainlm")
 
@@ -215,24 +189,46 @@ class Int8Linear(TiledWeight):
         return y if self.bias is None else y + self.bias
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T, without the bias and without a backward (see QuantizedMatmul)."""
         if self.kernel is None:
             self.pack()
         if self.kernel == "plainlm":
-            y = torch.ops.plainlm.int8_matmul(kernel_input(x, self.in_features), self.weight, self.scales)
-        else:  # PyTorch's kernel reads bf16 activations (fp32 ones take a path ~8x slower)
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_int8(row_order(self.weight), self.scales)
+            y = self.matmul_plainlm(kernel_input(x, self.in_features))
+        else:  # PyTorch's kernels read bf16 activations (int8's fp32 path is ~8x slower)
+            y = self.matmul_aten(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class Int4Linear(TiledWeight):
-    """y = x @ W^T + bias, W in 4-bit groups, through one of two CPU kernels.
+class Int8Linear(QuantizedLinear):
+    """int8 weights, one bf16 scale per output row: w = q * scale. plainlm's kernel
+    (kernels/int8_matmul.cpp) needs AVX512-VNNI, rows a multiple of 16 and inputs of 64;
+    PyTorch's `aten._weight_int8pack_mm` reads the rows as saved."""
+
+    mode = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+
+    def kernel_fits(self) -> bool:
+        return int8_kernel_fits(self.out_features, self.in_features)
+
+    def matmul_plainlm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.plainlm.int8_matmul(x2, self.weight, self.scales)
+
+    def matmul_aten(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int8(row_order(self.weight), self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weights in groups of `group_size` inputs.
 
     `weight` (nibble rows) and `scales_and_zeros` are what is saved. plainlm's own kernel
     (plainlm/kernels/int4_matmul.cpp) reads `weight` tiled in place by `pack()`; it needs AVX512-VNNI,
@@ -241,38 +237,30 @@ class Int4Linear(TiledWeight):
     output rows too, so other layers are padded with zero rows in the packed copy only.
     """
 
+    mode = "int4"
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool, group_size: int, device: torch.device | None = None
     ) -> None:
-        super().__init__()
         if in_features % group_size:
             raise InvalidInput(
                 f"int4 groups of {group_size} do not divide this layer's {in_features} inputs; "
                 f"pass a group_size that does (32 and 64 divide most models)"
             )
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        super().__init__(in_features, out_features, bias, device)
+        self.group_size = group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         groups = in_features // group_size
         self.register_buffer(
             "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device)
         )
-        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
-        self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("packed_scales_and_zeros", None, persistent=False)
-        # For model.project. An instance attribute, not a method: compiled decoding's guards skip a
-        # module whose __dict__ is unchanged, unless some attribute read went through its class.
-        self.project_together = project_together
 
     def pack(self, kernel: str | None = None) -> None:
-        """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and, for PyTorch's,
-        lay the weights out for it."""
+        """As QuantizedLinear.pack; for PyTorch's kernel, also make its packed copy."""
         self.packed = self.packed_scales_and_zeros = None
-        fits = int4_kernel_fits(self.out_features, self.in_features, self.group_size)
-        if kernel == "plainlm" and not fits:
-            raise InvalidInput(f"plainlm's int4 kernel cannot run this layer or this CPU: {self!r}")
-        self.kernel = kernel or ("plainlm" if fits else "aten")
-        set_tiled(self.weight, self.kernel == "plainlm")
+        super().pack(kernel)
         if self.kernel == "plainlm":
             return
         pad = -self.out_features % 16
@@ -280,27 +268,22 @@ class Int4Linear(TiledWeight):
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nn.functional.pad(q, (0, 0, 0, pad)), 8)
         self.packed_scales_and_zeros = nn.functional.pad(self.scales_and_zeros, (0, 0, 0, pad)) if pad else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quantized_matmul(x, self)
-        return y if self.bias is None else y + self.bias
+    def kernel_fits(self) -> bool:
+        return int4_kernel_fits(self.out_features, self.in_features, self.group_size)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is None:
-            self.pack()
-        x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "plainlm":
-            x2 = kernel_input(x, self.in_features)
-            y = torch.ops.plainlm.int4_matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+    def matmul_plainlm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.plainlm.int4_matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
+
+    def matmul_aten(self, x2: torch.Tensor) -> torch.Tensor:
         sz = self.scales_and_zeros if self.packed_scales_and_zeros is None else self.packed_scales_and_zeros
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size, sz)
-        return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
+        return y[:, : self.out_features]  # without the padding rows
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int4(row_order(self.weight), self.scales_and_zeros, self.group_size)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 class Int8Embedding(TiledWeight):
@@ -423,7 +406,7 @@ def quantize_model(model: GPT, mode: str, group_size: int | None = None) -> GPT:
         if mode != "nf4":
             model.embed = _quantize_embedding(model, mode, group_size)
     model.quantization = {"mode": mode, "group_size": group_size}
-    return model
+    return use_cpu_kernels(model)  # q/k/v and gate/up in one kernel call each
 
 
 def check_mode(mode: str, group_size: int | None, device: torch.device) -> int | None:
@@ -496,11 +479,12 @@ def empty_quantized_model(model: GPT, mode: str, group_size: int | None, dtype: 
 
 
 def finish_loading(model: GPT) -> GPT:
-    """After the saved tensors are in: choose each int8/int4 layer's kernel and pack for it."""
+    """After the saved tensors are in: choose each int8/int4 layer's kernel and pack for it, and swap in
+    the modules that call several layers' kernels at once, as quantize_model does."""
     for module in model.modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):
+        if isinstance(module, QuantizedLinear):
             module.pack()
-    return model
+    return use_cpu_kernels(model)
 
 
 def weight_bytes(model: nn.Module) -> int:

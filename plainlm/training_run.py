@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from plainlm import distributed
+from plainlm.checkpoint import check_output_path
 from plainlm.distributed import Strategy, World
 from plainlm.lora import LoRAConfig
 from plainlm.memory import training_plan
@@ -88,6 +89,7 @@ def run_training(
     in a folder that holds another unless --resume or --overwrite says so. A start that fails leaves
     no folder behind that it created.
     """
+    check_output_path(out_dir, "--out_dir")
     distributed.check_process_counts(devices, num_nodes)
     created = not out_dir.exists()
     try:

@@ -14,7 +14,7 @@ import yaml
 from helpers import run_cli
 
 from plainlm import LLM
-from plainlm.checkpoint import load_checkpoint
+from plainlm.checkpoint import load_checkpoint, save_tensors
 from plainlm.convert.hf import convert_from_hf, load_hf_model
 from plainlm.errors import CheckpointError
 
@@ -158,3 +158,61 @@ def test_a_named_dataset_that_cannot_be_fetched_offline(tiny_hf_dir: Path, tmp_p
         result, "--data.path alpaca: cannot fetch", "put a copy of that file at data/alpaca/alpaca_data_cleaned.json"
     )
     assert not out.exists()  # the failed start left no folder behind
+
+
+def test_from_hf_checks_every_shape_before_writing(hf_copy: Path, tmp_path: Path) -> None:
+    """A config.json that does not match its weights fails as loading does (key and both shapes), and
+    leaves nothing behind: never a checkpoint that only fails when loaded."""
+    config = json.loads((hf_copy / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (hf_copy / "config.json").write_text(json.dumps(config))
+    mismatch = r"'blocks\.0\.mlp\.gate_proj\.weight' has shape \(128, 64\) but the config needs \(100, 64\)"
+    with pytest.raises(CheckpointError, match=mismatch):
+        load_hf_model(hf_copy)
+    with pytest.raises(CheckpointError, match=mismatch):
+        convert_from_hf(hf_copy, tmp_path / "native")
+    assert not (tmp_path / "native").exists()
+    result = run_cli("convert", "from-hf", str(hf_copy), str(tmp_path / "cli"))
+    assert_clean_cli_error(result, "blocks.0.mlp.gate_proj.weight", "(128, 64)", "(100, 64)")
+    assert not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("from-hf", "dst_dir"),
+        ("to-gguf", "file"),
+        ("merge-lora", "out_dir"),
+        ("finetune", "--out_dir"),
+        ("download", "--checkpoint_dir"),
+    ],
+)
+def test_a_destination_that_is_a_file_is_one_error_line(command: str, flag: str, hf_copy: Path, tmp_path: Path) -> None:
+    """Each command that writes a folder names its argument when the folder (or one above it) is a file,
+    before it loads, downloads or trains anything."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file where a folder should go")
+    args = {
+        "from-hf": ["convert", "from-hf", str(hf_copy), str(taken)],
+        "to-gguf": ["convert", "to-gguf", str(hf_copy), str(taken / "model.gguf")],
+        "merge-lora": ["merge-lora", str(hf_copy), str(hf_copy), str(taken)],
+        "finetune": ["finetune", "--checkpoint_dir", str(hf_copy), "--out_dir", str(taken / "run")],
+        "download": ["download", "org/name", "--checkpoint_dir", str(taken)],
+    }[command]
+    itself = command in ("from-hf", "merge-lora")  # the others write into a folder below it
+    why = f"{taken} is an existing file" if itself else f"cannot be created: {taken} is a file"
+    assert_clean_cli_error(run_cli(*args), f"{flag} {taken}", why)
+    assert taken.read_text() == "a file where a folder should go"
+
+
+def test_a_conversion_that_fails_midway_leaves_no_shards(tmp_path: Path) -> None:
+    """save_tensors writes shards under hidden names first; when a tensor fails to come, they go again."""
+
+    def tensors_then_a_failure():  # noqa: ANN202
+        for i in range(3):
+            yield f"t{i}", torch.zeros(256)
+        raise CheckpointError("model.safetensors: tensor 't3' cannot be read")
+
+    with pytest.raises(CheckpointError, match="'t3' cannot be read"):
+        save_tensors(tensors_then_a_failure(), tmp_path / "out", max_shard_bytes=1024)
+    assert list((tmp_path / "out").iterdir()) == []

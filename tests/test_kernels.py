@@ -3,6 +3,9 @@ SDPA, and in use: eager and compiled decoding give the tokens that PyTorch's ker
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +14,9 @@ from helpers import tiny_gpt
 from plainlm import quantize
 from plainlm.config import Config
 from plainlm.generate import generate
-from plainlm.kernels import kernels_loaded
-from plainlm.model import KVCache, project
+from plainlm.kernel_layers import KernelAttention, project_together, use_cpu_kernels
+from plainlm.kernels import HEADERS, NAME, SOURCES, kernels_loaded, needs_build
+from plainlm.model import GPT
 from plainlm.quantize import (
     Int4Linear,
     Int8Linear,
@@ -159,8 +163,9 @@ def test_the_matmul_kernels_refuse_what_they_cannot_run() -> None:
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_layers_that_read_one_input_share_one_kernel_call(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """model.project (q, k, v; gate, up): one call of int8_matmuls / int4_matmuls, the same outputs, biases
-    included, as one call per layer; with a gradient to pass back, one call each (through their backward)."""
+    """kernel_layers.project_together (q, k, v; gate, up): one call of int8_matmuls / int4_matmuls, the same
+    outputs, biases included, as one call per layer; with a gradient to pass back, one call each (through
+    their backward)."""
     torch.manual_seed(0)
     layers = [
         quantize._quantize_linear(torch.nn.Linear(64, n, bias=bias), mode, 32 if mode == "int4" else None)
@@ -172,12 +177,12 @@ def test_layers_that_read_one_input_share_one_kernel_call(mode: str, monkeypatch
     monkeypatch.setattr(torch.ops.plainlm, f"{mode}_matmuls", lambda *args: calls.append(1) or shared(*args))
     for dtype in (torch.float32, torch.bfloat16):
         with torch.no_grad():
-            together, alone = project(x.to(dtype), *layers), [layer(x.to(dtype)) for layer in layers]
+            together, alone = project_together(x.to(dtype), layers), [layer(x.to(dtype)) for layer in layers]
         for a, b in zip(together, alone, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b)
     assert len(calls) == 2
     x.requires_grad_(True)
-    sum(y.sum() for y in project(x, *layers)).backward()
+    sum(y.sum() for y in project_together(x, layers)).backward()
     assert len(calls) == 2 and x.grad is not None
 
 
@@ -199,14 +204,9 @@ def test_decode_attention_matches_sdpa(B: int, H: int, KH: int, D: int) -> None:
         torch.testing.assert_close(y.view(B, H, 1, D).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def without_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = KVCache.__init__
-
-    def init(self: KVCache, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)
-        self.decode_kernel = False
-
-    monkeypatch.setattr(KVCache, "__init__", init)
+def without_decode_kernel(model: GPT) -> None:
+    for block in model.blocks:
+        block.attn.decode_kernel = False
 
 
 @pytest.mark.parametrize(
@@ -214,14 +214,14 @@ def without_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     [Config(**TINY), Config(**TINY, sliding_window=6, sliding_window_pattern=2)],
     ids=["llama_gqa", "sliding_window"],
 )
-def test_decoding_with_the_attention_kernel_gives_sdpas_tokens(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_gpt(config, std=0.3).eval()
+def test_decoding_with_the_attention_kernel_gives_sdpas_tokens(config: Config) -> None:
+    model = use_cpu_kernels(tiny_gpt(config, std=0.3).eval())
     prompts = [[5, 17, 33, 2, 9], [40, 41], [7] * 9]  # left-padded batch: per-row masks
-    model.set_kv_cache(len(prompts), 32)
-    assert model.blocks[0].attn.kv_cache.decode_kernel
-    model.clear_kv_cache()
-    ours = generate(model, prompts, max_new_tokens=20)
-    without_decode_kernel(monkeypatch)
+    assert isinstance(model.blocks[0].attn, KernelAttention) and model.blocks[0].attn.decode_kernel
+    with torch.profiler.profile() as profile:
+        ours = generate(model, prompts, max_new_tokens=20)
+    assert {event.key for event in profile.key_averages()} >= {"plainlm::decode_attention"}
+    without_decode_kernel(model)
     assert generate(model, prompts, max_new_tokens=20) == ours
 
 
@@ -251,3 +251,14 @@ def test_reduce_overhead_decoding_calls_the_kernels_from_cpp() -> None:
     assert called.get("plainlm::int4_matmuls", 0) > 0 and called.get("plainlm::decode_attention", 0) > 0, called
     with pytest.raises(ValueError, match="compile must be True, False or one of default, reduce-overhead"):
         generate(model, prompts, max_new_tokens=2, compile="max-autotune")
+
+
+def test_the_kernels_are_built_when_missing_or_older_than_a_source(tmp_path: Path) -> None:
+    """needs_build decides whether kernels_loaded announces a build ("compiling plainlm's CPU kernels")."""
+    assert needs_build(tmp_path)  # nothing built yet
+    library = tmp_path / f"{NAME}.so"
+    library.touch()
+    assert not needs_build(tmp_path)  # built after every source: loaded from the cache, silently
+    newest = max(path.stat().st_mtime for path in SOURCES + HEADERS)
+    os.utime(library, (newest - 1, newest - 1))
+    assert needs_build(tmp_path)  # a source changed since: ninja rebuilds

@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from plainlm.errors import InvalidInput, ResumeError
 from plainlm.train_state import STATE_FILE, checkpoint_to_resume, clear_run

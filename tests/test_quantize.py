@@ -185,7 +185,7 @@ def test_the_integer_kernels_do_the_work(monkeypatch: pytest.MonkeyPatch) -> Non
 
         monkeypatch.setattr(namespace, name, counted)
     idx = torch.randint(0, TINY["vocab_size"], (1, 8))
-    # Per block: q, k and v in one call, gate and up in another (model.project), o and down one each.
+    # Per block: q, k and v in one call, gate and up in another (kernel_layers.project_together), o and down one each.
     n = 2 * TINY["n_layer"]
     expected = {
         "int8": {"int8_matmuls": n, "int8_matmul": n, "_weight_int8pack_mm": 1},

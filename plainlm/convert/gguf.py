@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 
-from plainlm.checkpoint import CONFIG_FILE, load_state, save_tensors
+from plainlm.checkpoint import CONFIG_FILE, check_output_path, load_state, save_tensors
 from plainlm.config import Config
 from plainlm.convert.gguf_names import IGNORED_TENSORS, read_config, tensor_rules
 from plainlm.errors import CheckpointError
@@ -246,7 +246,7 @@ def load_gguf_model(
 
 def convert_from_gguf(path: str | Path, dst_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """GGUF file -> native checkpoint: float32 weights (or `dtype`), config.yaml and tokenizer files."""
-    path, dst = Path(path), Path(dst_dir)
+    path, dst = Path(path), check_output_path(dst_dir, "dst_dir")
     reader = read_gguf(path)
     config = read_config(reader, path)
     dst.mkdir(parents=True, exist_ok=True)

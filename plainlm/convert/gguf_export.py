@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from plainlm.checkpoint import CONFIG_FILE, TensorSource, read_quantization
+from plainlm.checkpoint import CONFIG_FILE, TensorSource, check_output_path, read_quantization
 from plainlm.config import Config
 from plainlm.convert.gguf import read_gguf
 from plainlm.convert.gguf_names import (
@@ -60,7 +60,7 @@ class PlannedTensor:
 def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -> Path:
     """Native checkpoint -> a GGUF file for llama.cpp (or transformers' `gguf_file=`); `dtype` is f16, q8_0,
     f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen3, phi3, gemma2, gemma3."""
-    src, file = Path(src_dir), Path(file)
+    src, file = Path(src_dir), check_output_path(file, "file", file=True)
     if dtype not in DTYPES:
         raise InvalidInput(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if file.is_dir():

@@ -9,7 +9,7 @@ loads as it is. The name maps per family are in `hf_weights.py`, the config maps
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -19,6 +19,8 @@ from plainlm.checkpoint import (
     DEFAULT_SHARD_BYTES,
     TensorSource,
     atomic_write_text,
+    check_output_path,
+    checked_tensors,
     load_state,
     save_tensors,
 )
@@ -46,8 +48,12 @@ def read_hf_config(directory: str | Path) -> Config:
         raise CheckpointError(f"{path}: missing field {e} that a {hf.get('model_type')} config needs") from None
 
 
-def hf_to_plainlm_tensors(config: Config, source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our tensors, produced one Hugging Face tensor at a time."""
+def hf_to_plainlm_tensors(
+    config: Config, source: TensorSource, read: Callable[[str], torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our tensors, produced one Hugging Face tensor at a time, read through `read` (default source.get;
+    source.meta gives the shapes alone)."""
+    read = read or source.get
     used: set[str] = set()
     for rule in weight_rules(config):
         key = _find_key(source, rule.hf)
@@ -57,7 +63,14 @@ def hf_to_plainlm_tensors(config: Config, source: TensorSource) -> Iterator[tupl
                 f"model with this config.json needs; the config and the weights do not match"
             )
         used.add(key)
-        parts = rule.split(source.get(key))
+        tensor = read(key)
+        try:
+            parts = rule.split(tensor)
+        except RuntimeError:  # a fused tensor (q/k/v, gate/up) whose size this config cannot split
+            raise CheckpointError(
+                f"{source.directory}: tensor {key!r} has shape {tuple(tensor.shape)}, which does not split into "
+                f"{', '.join(rule.ours)} for this config.json; the config and the weights are of different models"
+            ) from None
         yield from zip(rule.ours, parts, strict=True)
     unused = [k for k in source.keys() if k not in used and not k.endswith(IGNORED_HF_SUFFIXES)]
     if config.tie_embeddings:
@@ -99,9 +112,15 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dty
 
 def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Hugging Face directory -> native checkpoint (weights, config.yaml, tokenizer files)."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), check_output_path(dst, "dst_dir")
     config = read_hf_config(src)
     source = TensorSource(src)
+    with torch.device("meta"):
+        model = GPT(config)
+    # Every name and shape first, as loading checks them (from the files' headers: no data is read), so
+    # weights that do not fit their config fail here and never become a checkpoint that fails later.
+    for _ in checked_tensors(model, hf_to_plainlm_tensors(config, source, source.meta), src):
+        pass
     tensors = hf_to_plainlm_tensors(config, source)
     if dtype is not None:
         tensors = ((k, t.to(dtype) if t.is_floating_point() else t) for k, t in tensors)
@@ -114,7 +133,7 @@ def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None 
 
 def convert_to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Native checkpoint -> a directory that transformers' from_pretrained loads as it is."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), check_output_path(dst, "dst_dir")
     if not (src / CONFIG_FILE).exists():
         raise CheckpointError(f"{src}: no {CONFIG_FILE}; is this a plainlm checkpoint?")
     config = Config.from_file(src / CONFIG_FILE)

@@ -5,8 +5,10 @@
         qkv = torch.ops.plainlm.int4_matmuls(x, [q_tiles, k_tiles, v_tiles], [q_sz, k_sz, v_sz], group_size)
     if int8_kernel_fits(out_features, in_features):
         y = torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales)
-    if decode_attention_fits(head_dim, dtype, device):
+    if decode_attention_fits(head_dim) and decode_attention_takes(k_cache):
         y = torch.ops.plainlm.decode_attention(q, k_cache, v_cache, mask, scale)
+
+The modules that call them: quantize.py's int8/int4 layers, and kernel_layers.py's attention and MLP.
 
 int4_matmul.cpp       x @ W^T for int4 and int8 weights in 16-row tiles (quantize.tile_nibbles,
 int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activations rounded
@@ -21,9 +23,10 @@ torch's threads by blocks of 16 rows (a share is at least 64 KB of weights), so 
 gives the same bits.
 
 The first use compiles the three files with the system's C++ compiler through torch.utils.cpp_extension
-(a few seconds; cached under ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR, and rebuilt when
-a source changes). Where the CPU lacks AVX512-VNNI or the build fails, the `*_fits` checks answer
-False, with one warning saying why, and the callers use PyTorch's own kernels instead.
+(about 30 s on two cores, announced by one stderr line; cached under ~/.cache/torch_extensions, or
+TORCH_EXTENSIONS_DIR, and rebuilt when a source changes). Where the CPU lacks AVX512-VNNI or the
+build fails, the `*_fits` checks answer False, with one warning saying why, and the callers use
+PyTorch's own kernels instead.
 """
 
 from __future__ import annotations
@@ -31,13 +34,17 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 import sysconfig
 import warnings
 from pathlib import Path
 
 import torch
 
+NAME = "plainlm_kernels"
 SOURCES = [Path(__file__).parent / name for name in ("int4_matmul.cpp", "int8_matmul.cpp", "decode_attention.cpp")]
+HEADERS = [Path(__file__).parent / "vnni_common.h"]
+BUILD_NOTICE = "compiling plainlm's CPU kernels, once, ~30 s"
 # -fopenmp: at::parallel_for (ATen/ParallelOpenMP.h) runs its loop on one thread without it.
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp"]
 ROWS_PER_BLOCK = 16  # the matmul kernels compute 16 output rows per register
@@ -60,9 +67,21 @@ def int8_kernel_fits(out_features: int, in_features: int) -> bool:
     return shape_fits and kernels_loaded()
 
 
-def decode_attention_fits(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """True when torch.ops.plainlm.decode_attention can run a KV cache of this kind on this CPU (fp32)."""
-    return device.type == "cpu" and dtype == torch.float32 and head_dim % HEAD_DIM_MULTIPLE == 0 and kernels_loaded()
+def decode_attention_fits(head_dim: int) -> bool:
+    """True when torch.ops.plainlm.decode_attention can run heads of this size on this CPU."""
+    return head_dim % HEAD_DIM_MULTIPLE == 0 and kernels_loaded()
+
+
+def decode_attention_takes(cache: torch.Tensor) -> bool:
+    """True for a KV cache the decode-attention kernel reads: fp32, in CPU memory. (Cheap and free of
+    calls into the build, so a compiled decode step checks it inline.)"""
+    return cache.dtype == torch.float32 and cache.device.type == "cpu"
+
+
+def kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as plainlm's matmul kernels take it: a contiguous (M, K) matrix of fp32 or bf16."""
+    x2 = x.reshape(-1, in_features)
+    return x2.contiguous() if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
 
 
 @functools.cache
@@ -74,8 +93,11 @@ def kernels_loaded() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        if needs_build(Path(cpp_extension._get_build_directory(NAME, verbose=False))):
+            # A first decode would otherwise sit silent for half a minute.
+            print(BUILD_NOTICE, file=sys.stderr, flush=True)
         cpp_extension.load(
-            name="plainlm_kernels",
+            name=NAME,
             sources=[str(path) for path in SOURCES],
             extra_cflags=COMPILER_FLAGS,
             is_python_module=False,  # the library registers torch.ops.plainlm.* as it loads
@@ -93,6 +115,16 @@ def kernels_loaded() -> bool:
     torch.library.register_fake("plainlm::int8_matmuls")(_int8_matmuls_shape)
     torch.library.register_fake("plainlm::decode_attention")(_decode_attention_shape)
     return True
+
+
+def needs_build(build_dir: Path) -> bool:
+    """Whether loading the kernels compiles them: no library in `build_dir` yet, or a source newer than it
+    (as ninja decides there)."""
+    library = build_dir / f"{NAME}.so"
+    if not library.exists():
+        return True
+    built = library.stat().st_mtime
+    return any(path.stat().st_mtime > built for path in SOURCES + HEADERS)
 
 
 # The outputs' shapes and dtypes, for torch.compile's tracing (fake tensors).

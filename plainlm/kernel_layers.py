@@ -1,0 +1,94 @@
+"""Model parts that call plainlm's CPU kernels (kernels/), swapped in for model.py's plain ones.
+
+    use_cpu_kernels(model)   # in place; quantize_model, quantized checkpoints and LLM.load call it
+
+KernelAttention  Attention whose one-token decode step (CPU, fp32, no gradient) runs
+                 kernels/decode_attention.cpp, which visits only the cache slots the mask allows
+                 (SDPA computes all of them); and whose q, k and v projections, when they are
+                 plainlm's int8/int4 layers (quantize.py), run in one kernel call.
+KernelMLP        MLP whose gate and up projections run in one kernel call likewise.
+
+Each overrides one or two of model.py's small methods (`project_qkv`, `attend`, `project_gate_up`)
+and falls back to them wherever a kernel cannot run, so results never depend on the swap; only the
+speed does. model.py itself stays plain PyTorch and knows nothing of this file. The int8/int4 layers'
+own single-layer kernel calls live with them in quantize.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from plainlm.kernels import decode_attention_fits, decode_attention_takes, kernel_input, kernels_loaded
+from plainlm.model import GPT, MLP, Attention, KVCache
+
+
+class KernelAttention(Attention):
+    # Set by use_cpu_kernels: this model's heads fit the decode-attention kernel and no logit softcap
+    # (Gemma 2) asks for the manual path. A plain attribute, read without a call: dynamo compiles it away.
+    decode_kernel: bool = False
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = project_together(x, (self.q_proj, self.k_proj, self.v_proj))
+        return q, k, v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
+        if not (one_new_token and self.decode_kernel and decode_attention_takes(k)):
+            return super().attend(q, k, v, mask, cache)
+        B, H, _, D = q.shape
+        mask = mask.reshape(-1, mask.shape[-1]).contiguous()  # (B or 1, S): a cache always comes with a mask
+        y = torch.ops.plainlm.decode_attention(q.reshape(B, H, D).contiguous(), k, v, mask, self.scale)
+        return y.view(B, H, 1, D)
+
+
+class KernelMLP(MLP):
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = project_together(x, (self.gate_proj, self.up_proj))
+        return gate, up
+
+
+def use_cpu_kernels(model: GPT) -> GPT:
+    """Swap `model`'s attention and MLP modules for the kernel-calling ones above, in place, where plainlm's
+    kernels run (a CPU model on a CPU where they built); elsewhere the model stays as it is. Returns it."""
+    if model.embed.weight.device.type != "cpu" or not kernels_loaded():
+        return model
+    decode_kernel = decode_attention_fits(model.config.head_dim) and model.config.attention_logit_softcap is None
+    for module in model.modules():
+        # The class changes, nothing else: the same parameters, buffers and state-dict keys
+        # (torch.nn.utils.parametrize swaps classes the same way).
+        if type(module) is Attention:
+            module.__class__ = KernelAttention
+            module.decode_kernel = decode_kernel
+        elif type(module) is MLP:
+            module.__class__ = KernelMLP
+    return model
+
+
+def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """x through layers that all read it (q, k, v; gate, up). When they are plainlm's int8 or int4 layers
+    running its kernel, with one group size, and no gradient flows, one call of int8_matmuls /
+    int4_matmuls computes them all: a small quantized model's decode step spends much of its time in
+    per-call overhead. Otherwise one call each. The outputs are the same either way."""
+    first = layers[0]
+    kernel = getattr(first, "kernel", None)  # quantize.Int8Linear / Int4Linear say which kernel they run
+    group_size = getattr(first, "group_size", None)
+    shared = kernel == "plainlm" and all(
+        type(layer) is type(first) and layer.kernel == "plainlm" and getattr(layer, "group_size", None) == group_size
+        for layer in layers[1:]
+    )
+    if not shared or (torch.is_grad_enabled() and x.requires_grad):
+        return [layer(x) for layer in layers]
+    x2 = kernel_input(x, first.in_features)
+    tiles = [layer.weight for layer in layers]
+    if first.weight.dtype == torch.uint8:  # int4: two weights per byte
+        y = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
+    else:
+        y = torch.ops.plainlm.int8_matmuls(x2, tiles, [layer.scales for layer in layers])
+    y = y.to(x.dtype).view(*x.shape[:-1], -1)  # the layers' outputs side by side
+    outputs = y.split([layer.out_features for layer in layers], dim=-1)
+    return [out if layer.bias is None else out + layer.bias for out, layer in zip(outputs, layers, strict=True)]
