@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from plainlm.errors import InvalidInput
 from plainlm.generate import generate_tokens
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, quantize_model
+from plainlm.sampling import SamplingParams, sampling_params
 from plainlm.tokenizer import Tokenizer
 
 
@@ -95,28 +97,30 @@ class LLM:
         return llm
 
     # --- text in, text out ---
-    def generate(self, prompt: str | list[str], max_new_tokens: int = 100, **kwargs: Any) -> str | list[str]:
+    def generate(self, prompt: str | list[str], params: SamplingParams | None = None, **kwargs: Any) -> str | list[str]:
         """Continue `prompt` (or each of a list of prompts, batched). Returns only the new text.
 
-        kwargs: temperature (0 = greedy), top_k, top_p, seed, truncate_prompt, chat (wrap the
-        prompt in the model's chat template as a user turn), compile (torch.compile the decode step:
-        True, or "reduce-overhead" for less per-step overhead after a longer compile).
+        params: how to sample and when to stop (default SamplingParams(): 100 new tokens, greedy); its fields
+        also work as keywords (max_new_tokens=20, temperature=0.7, top_p=0.9, seed=1, ...). Other kwargs:
+        chat (wrap the prompt in the model's chat template as a user turn), truncate_prompt (keep the end of a
+        prompt longer than the context), compile (torch.compile the decode step: True, or "reduce-overhead"
+        for less per-step overhead after a longer compile).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [[] for _ in prompts]
-        for step in self._steps(prompts, max_new_tokens, **kwargs):
+        for step in self._steps(prompts, params, **kwargs):
             for row, token in enumerate(step):
-                if token is not None and token not in self.tokenizer.stop_ids:
+                if token is not None:
                     ids[row].append(token)
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str, max_new_tokens: int = 100, **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Like `generate` for one prompt, yielding text pieces as they are decoded."""
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        for step in self._steps([prompt], max_new_tokens, **kwargs):
+        for step in self._steps([prompt], params, **kwargs):
             token = step[0]
-            if token is None or token in self.tokenizer.stop_ids:
+            if token is None:
                 break
             piece = decoder.push(token)
             if piece:
@@ -125,10 +129,11 @@ class LLM:
         if rest:
             yield rest
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **kwargs: Any) -> str:
-        """The assistant's reply to a conversation (list of {"role", "content"})."""
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kwargs: Any) -> str:
+        """The assistant's reply to a conversation (list of {"role", "content"}); at most 256 new tokens
+        unless `params` or max_new_tokens= says otherwise."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(prompt, max_new_tokens, templated=True, **kwargs)
+        return self.generate(prompt, params or SamplingParams(max_new_tokens=256), templated=True, **kwargs)
 
     def encode_prompt(self, prompt: str, chat: bool = False, templated: bool = False) -> list[int]:
         if chat:
@@ -140,37 +145,25 @@ class LLM:
     def _steps(
         self,
         prompts: list[str],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        truncate_prompt: bool = False,
+        params: SamplingParams | None = None,
         chat: bool = False,
         templated: bool = False,
+        truncate_prompt: bool = False,
         compile: bool | str = False,
+        **options: Any,
     ) -> Iterator[list[int | None]]:
+        """generate_tokens' steps for these prompts, with a row's stop token already None: the row has ended."""
+        params = sampling_params(params, **options)
+        # The model's own end-of-sequence ids stop every request, besides the ones it names.
+        params = dataclasses.replace(params, stop_ids=(*self.tokenizer.stop_ids, *params.stop_ids))
+        stop = set(params.stop_ids)
         ids = [self.encode_prompt(p, chat=chat, templated=templated) for p in prompts]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.model.embed.weight.device).manual_seed(seed)
         self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
         start = time.perf_counter()
-        for step in generate_tokens(
-            self.model,
-            ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_ids=self.tokenizer.stop_ids,
-            generator=generator,
-            truncate_prompt=truncate_prompt,
-            compile=compile,
-        ):
+        for step in generate_tokens(self.model, ids, params, truncate_prompt=truncate_prompt, compile=compile):
             stats.new_tokens += sum(t is not None for t in step)
             stats.seconds = time.perf_counter() - start
-            yield step
+            yield [None if t in stop else t for t in step]
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

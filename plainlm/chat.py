@@ -7,19 +7,24 @@ import sys
 from typing import Any, TextIO
 
 from plainlm.api import LLM
+from plainlm.sampling import SamplingParams
 
 HELP = "Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) leaves."
 
 
 def chat_loop(
     llm: LLM,
+    params: SamplingParams | None = None,
     system: str | None = None,
-    max_new_tokens: int = 256,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     **options: Any,
 ) -> list[dict[str, str]]:
-    """Run the conversation until /exit or end of input; returns the messages exchanged."""
+    """Run the conversation until /exit or end of input; returns the messages exchanged.
+
+    params: how replies are sampled (default: up to 256 tokens, greedy); options: LLM.stream's (compile).
+    """
+    params = params or SamplingParams(max_new_tokens=256)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
@@ -54,7 +59,7 @@ def chat_loop(
             continue
         reply = []
         print("Assistant: ", end="", file=stdout, flush=True)
-        for piece in llm.stream(prompt, max_new_tokens, templated=True, **options):
+        for piece in llm.stream(prompt, params, templated=True, **options):
             reply.append(piece)
             print(piece, end="", file=stdout, flush=True)
         print(file=stdout, flush=True)

@@ -65,7 +65,7 @@ def test_llm_generate_matches_transformers_greedy(native_dir: Path, tiny_hf_dir:
     expected = reference.generate(
         torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
     )[0, len(ids) :].tolist()
-    assert generate(llm.model, [ids], 12) == [expected]
+    assert generate(llm.model, [ids], max_new_tokens=12) == [expected]
     text = llm.generate(prompt, max_new_tokens=12, temperature=0.0)
     assert isinstance(text, str)
     assert text == llm.tokenizer.decode(_until_stop(expected, llm.tokenizer.stop_ids), skip_special_tokens=True)

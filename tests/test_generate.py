@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from plainlm.config import Config
-from plainlm.generate import generate, generate_tokens, sample
+from plainlm.generate import generate, generate_tokens
 from plainlm.model import GPT
+from plainlm.sampling import SamplingParams, sample
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_embd=32, n_head=4, intermediate_size=64)
 CONFIGS = {
@@ -77,7 +78,7 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
     model = random_model(CONFIGS[name])
-    seq = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(1))
+    seq = torch.randint(0, model.config.vocab_size, (2, 14), torch.Generator().manual_seed(1))
     prefill = 5
     with torch.no_grad():
         full = model(seq)
@@ -184,7 +185,7 @@ def test_stopping_the_stream_early_clears_the_cache() -> None:
 def test_top_k_1_is_greedy() -> None:
     logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
     for seed in range(5):
-        picked = sample(logits, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(seed))
+        picked = sample(logits, SamplingParams(temperature=1.5, top_k=1), torch.Generator().manual_seed(seed))
         assert torch.equal(picked, logits.argmax(dim=-1))
     model = random_model(CONFIGS["llama_gqa"])
     greedy = generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=8)
@@ -196,15 +197,15 @@ def test_top_p_samples_only_the_nucleus() -> None:
     logits = probs.log().expand(4000, -1)
     cases = {0.75: {1, 3}, 0.85: {1, 3, 4}, 0.4: {1}, 1e-9: {1}}  # 0.5 < 0.75 <= 0.5 + 0.3, ...
     for top_p, nucleus in cases.items():
-        drawn = sample(logits, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        drawn = sample(logits, SamplingParams(temperature=1.0, top_p=top_p), torch.Generator().manual_seed(0))
         assert set(drawn.tolist()) == nucleus, top_p
-    drawn = sample(logits, temperature=1.0, top_k=3, top_p=0.95, generator=torch.Generator().manual_seed(0))
+    drawn = sample(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.95), torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {1, 3, 4}  # top-k first; within it 0.5/0.9 + 0.3/0.9 < 0.95
 
 
 def test_temperature_sampling_follows_the_tempered_distribution() -> None:
     logits = torch.tensor([1.0, 2.0, 0.5, 1.5])
-    drawn = sample(logits.expand(40000, -1), temperature=2.0, generator=torch.Generator().manual_seed(0))
+    drawn = sample(logits.expand(40000, -1), SamplingParams(temperature=2.0), torch.Generator().manual_seed(0))
     frequencies = torch.bincount(drawn, minlength=4).float() / drawn.numel()
     torch.testing.assert_close(frequencies, (logits / 2.0).softmax(dim=-1), atol=0.01, rtol=0)
 
@@ -247,10 +248,10 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
     model = random_model(config)
     torch._dynamo.reset()
     prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6]]
-    eager = [generate(model, [p], 6) for p in prompts]
-    compiled = [generate(model, [prompts[0]], 6, compile=True)]
+    eager = [generate(model, [p], max_new_tokens=6) for p in prompts]
+    compiled = [generate(model, [prompts[0]], max_new_tokens=6, compile=True)]
     graphs_after_first = counters["stats"]["unique_graphs"]
-    compiled.append(generate(model, [prompts[1]], 6, compile=True))
+    compiled.append(generate(model, [prompts[1]], max_new_tokens=6, compile=True))
     assert compiled == eager
     assert graphs_after_first >= 1
     assert counters["stats"]["unique_graphs"] == graphs_after_first  # the second length compiled nothing new
@@ -258,7 +259,7 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
     # modules, so the compiled step's guards can skip them.
     kept = model.blocks[0].attn.kv_cache
     assert kept is not None
-    assert generate(model, [prompts[0]], 6, compile=True) == eager[0]
+    assert generate(model, [prompts[0]], max_new_tokens=6, compile=True) == eager[0]
     assert model.blocks[0].attn.kv_cache is kept
     # A forward without input_pos is a plain pass that neither reads nor writes the kept cache.
     idx, cached_keys = torch.tensor([prompts[1]]), kept.k.clone()
@@ -267,5 +268,5 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
         model.clear_kv_cache()
         torch.testing.assert_close(with_cache, model(idx), rtol=0, atol=0)
     assert torch.equal(kept.k, cached_keys)
-    generate(model, [prompts[0]], 6)
+    generate(model, [prompts[0]], max_new_tokens=6)
     assert model.blocks[0].attn.kv_cache is None  # eager decoding frees its cache
