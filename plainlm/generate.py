@@ -17,6 +17,7 @@ of the loop to get tokens per second.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -69,9 +70,9 @@ def generate_tokens(
     once the row has stopped. A row stops after it emits one of `params.stop_ids` (that token is
     still yielded, so callers see why it ended); generation ends when every row has stopped
     or after `max_new_tokens` steps. The prompt and the new tokens must fit in the model's
-    context (`config.block_size`): `max_new_tokens` is cut to the room left, and a prompt
-    that leaves no room for even one new token raises a ValueError, or with
-    `truncate_prompt=True` keeps its last `block_size - 1` tokens.
+    context (`config.block_size`): `max_new_tokens` is cut to the room left (said on stderr),
+    and a prompt that leaves no room for even one new token raises InvalidInput, or with
+    `truncate_prompt=True` keeps its last `block_size - 1` tokens (also said on stderr).
 
     Prompts of different lengths are left-padded: every row's last prompt token sits in the
     same cache slot, so one forward pass prefills them all and each step decodes one token
@@ -90,7 +91,7 @@ def generate_tokens(
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]
     prompt_len = max(lengths)
-    max_new_tokens = min(params.max_new_tokens, model.config.block_size - prompt_len)
+    max_new_tokens = _fit_new_tokens(lengths, model.config.block_size, params.max_new_tokens)
     device = model.embed.weight.device
     if generator is None:
         generator = params.generator(device)
@@ -186,18 +187,41 @@ def _fit_prompts(prompts: Sequence[Sequence[int]], block_size: int, truncate: bo
         raise InvalidInput("prompts must be a list of token id lists; wrap a single prompt as [prompt]")
     fitted = []
     for i, prompt in enumerate(prompts):
+        name = _prompt_name(i, len(prompts))
         if len(prompt) == 0:
-            raise InvalidInput(f"prompt {i} is empty: generation needs at least one prompt token")
+            raise InvalidInput(f"{name} is empty: generation needs at least one prompt token")
         if len(prompt) + 1 > block_size:
             if not truncate:
                 raise InvalidInput(
-                    f"prompt {i} has {len(prompt)} tokens, but the model's context is {block_size} tokens: "
+                    f"{name} has {len(prompt)} tokens, but the model's context is {block_size} tokens: "
                     f"prompt + 1 new token = {len(prompt) + 1} > {block_size}. Shorten the prompt, or pass "
-                    f"truncate_prompt=True to keep its last {block_size - 1} tokens."
+                    f"--truncate_prompt true to keep its last {block_size - 1} tokens."
                 )
+            print(
+                f"note: {name} has {len(prompt)} tokens and the model's context is {block_size}: "
+                f"its first {len(prompt) - block_size + 1} tokens are dropped (--truncate_prompt true)",
+                file=sys.stderr,
+            )
             prompt = prompt[len(prompt) - (block_size - 1) :]
         fitted.append(prompt)
     return fitted
+
+
+def _fit_new_tokens(lengths: list[int], block_size: int, asked: int) -> int:
+    """How many new tokens fit after the longest prompt (at least one), saying so on stderr when fewer than asked."""
+    room = block_size - max(lengths)
+    if room < asked:
+        name = _prompt_name(lengths.index(max(lengths)), len(lengths))
+        print(
+            f"note: {name} has {max(lengths)} tokens and the model's context is {block_size}: "
+            f"room for {room} new token{'s' if room != 1 else ''}, not the {asked} asked for (--max_new_tokens)",
+            file=sys.stderr,
+        )
+    return min(asked, room)
+
+
+def _prompt_name(index: int, count: int) -> str:
+    return "the prompt" if count == 1 else f"prompt {index}"
 
 
 def _padding_masks(pad: torch.Tensor, prompt_len: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

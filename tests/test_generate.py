@@ -226,8 +226,10 @@ def test_seeded_sampling_is_reproducible() -> None:
 def test_too_long_prompt_raises_a_clear_error() -> None:
     model = random_model(CONFIGS["llama_gqa"])
     long_prompt = list(range(40))
-    with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens.*context is 32.*truncate_prompt=True"):
+    with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens.*context is 32.*--truncate_prompt true"):
         generate(model, [[1, 2], long_prompt], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"^the prompt has 40 tokens.*--truncate_prompt true to keep its last 31"):
+        generate(model, [long_prompt], max_new_tokens=4)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [[]], max_new_tokens=4)
 
@@ -238,6 +240,27 @@ def test_truncate_prompt_keeps_the_last_tokens() -> None:
     out = generate(model, [long_prompt], max_new_tokens=4, truncate_prompt=True)
     assert out == generate(model, [long_prompt[-31:]], max_new_tokens=4)
     assert len(out[0]) == 1  # the last 31 tokens fill the 32-token context but one
+
+
+def test_a_prompt_that_leaves_fewer_new_tokens_than_asked_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    model = random_model(CONFIGS["llama_gqa"])
+    out = generate(model, [list(range(1, 29))], max_new_tokens=10)
+    assert len(out[0]) == 4
+    assert capsys.readouterr().err == (
+        "note: the prompt has 28 tokens and the model's context is 32: "
+        "room for 4 new tokens, not the 10 asked for (--max_new_tokens)\n"
+    )
+    generate(model, [[1, 2], list(range(1, 32))], max_new_tokens=3)
+    assert capsys.readouterr().err.startswith(
+        "note: prompt 1 has 31 tokens and the model's context is 32: room for 1 new token,"
+    )
+    generate(model, [list(range(1, 29))], max_new_tokens=4)
+    assert capsys.readouterr().err == ""  # exactly what was asked fits: nothing to say
+    generate(model, [list(range(40))], max_new_tokens=1, truncate_prompt=True)
+    assert capsys.readouterr().err == (
+        "note: the prompt has 40 tokens and the model's context is 32: "
+        "its first 9 tokens are dropped (--truncate_prompt true)\n"
+    )
 
 
 def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length() -> None:
