@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,11 +41,23 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
+# Names of checkpoints tuned to follow chat turns: SmolLM2-135M-Instruct, Llama-2-7b-chat-hf, gemma-3-1b-it, ...
+INSTRUCT_NAME = re.compile(r"instruct|chat|[-_]it\b|[-_]sft\b", re.IGNORECASE)
+
+
 class LLM:
-    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.name = name or model.config.name  # what the user calls it (see display_name)
         self.last_stats = GenerationStats()
+
+    @property
+    def is_instruct(self) -> bool:
+        """Whether the model is tuned to follow chat turns, so a raw prompt belongs in its chat template:
+        it ships a chat template of its own, and its name says Instruct, Chat, -it or -sft."""
+        names = f"{self.name} {self.model.config.name}"
+        return self.tokenizer.chat_template_fallback is None and INSTRUCT_NAME.search(names) is not None
 
     @classmethod
     def load(
@@ -92,7 +105,7 @@ class LLM:
                 "or quantize the float checkpoint it came from"
             )
         tokenizer = Tokenizer(tokenizer_dir, chat_template=chat_template, model_family=model.config.hf_model_type)
-        llm = cls(model.eval(), tokenizer)
+        llm = cls(model.eval(), tokenizer, name=display_name(path))
         llm._tokenizer_files = temporary
         return llm
 
@@ -164,6 +177,21 @@ class LLM:
             stats.new_tokens += sum(t is not None for t in step)
             stats.seconds = time.perf_counter() - start
             yield [None if t in stop else t for t in step]
+
+
+def display_name(path: str | Path) -> str:
+    """How a user names the model at `path`: its hub id where the path shows one (`plainlm download` writes
+    checkpoints/ORG/NAME, the hub cache models--ORG--NAME/), else the directory's or the file's name. Not a
+    GGUF file's general.name, which is often a training run's label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+    path = Path(path).absolute()
+    for part in path.parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    if len(path.parts) >= 3 and path.parts[-3] == "checkpoints":
+        return f"{path.parent.name}/{path.name}"
+    if path.name == "final":  # a training run's output: name the run
+        return f"{path.parent.name}/final"
+    return path.name.removesuffix(".gguf")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from plainlm.errors import InvalidInput, PlainlmError
 
@@ -101,7 +102,7 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     seed: int | None = None,
-    chat: bool = False,
+    chat: bool | Literal["auto"] = "auto",
     truncate_prompt: bool = False,
     compile: bool | str = False,
     device: str | None = None,
@@ -119,7 +120,9 @@ def generate(
         top_p: Sample only within the smallest set of tokens whose probability reaches top_p.
         min_p: Sample only among tokens at least min_p times as likely as the most likely one.
         seed: Seed for sampling, for reproducible output.
-        chat: Wrap the prompt in the model's chat template as a user turn.
+        chat: Wrap the prompt in the model's chat template as a user turn. auto: when the model is an instruct
+            model (its name says Instruct, Chat or -it, and it ships a chat template), which answers a raw prompt
+            poorly or not at all; true or false: always or never.
         truncate_prompt: Keep the end of a prompt longer than the model's context instead of failing.
         compile: torch.compile the decode step: slow to start, faster per token. true, or
             reduce-overhead: faster still per token, minutes to compile the first time (cached after).
@@ -136,6 +139,13 @@ def generate(
     )
     _check_compile(compile)
     llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype, quantize=quantize)
+    if chat == "auto":
+        chat = llm.is_instruct
+        if chat:
+            print(
+                f"[{llm.name} is an instruct model: the prompt goes in its chat template; --chat false sends it raw]",
+                file=sys.stderr,
+            )
     for piece in llm.stream(prompt, params, chat=chat, truncate_prompt=truncate_prompt, compile=compile):
         print(piece, end="", flush=True)
     print(flush=True)

