@@ -32,13 +32,29 @@ from plainlm.tokenizer import Tokenizer
 
 @dataclass
 class GenerationStats:
+    """What the last generate / stream / chat call did, for the CLI's stats line.
+
+    seconds: from the prompt going in to the last token coming out, compiling excluded.
+    compile_seconds: compiling the decode step (compile=...), or loading it from inductor's cache: the first
+    decode step's time less the second's (one step's own work), so a user sees what the compiled steps cost.
+    """
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        """`[200 tokens in 6.52 s: 30.7 tokens/s]`, and the compile time beside it when there was one."""
+        tokens = f"{self.new_tokens} token{'' if self.new_tokens == 1 else 's'}"
+        line = f"[{tokens} in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tokens/s"
+        if self.compile_seconds:
+            line += f"; before them {self.compile_seconds:.1f} s compiling the decode step or loading it from the cache"
+        return line + "]"
 
 
 # Names of checkpoints tuned to follow chat turns: SmolLM2-135M-Instruct, Llama-2-7b-chat-hf, gemma-3-1b-it, ...
@@ -172,10 +188,14 @@ class LLM:
         stop = set(params.stop_ids)
         ids = [self.encode_prompt(p, chat=chat, templated=templated) for p in prompts]
         self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
-        start = time.perf_counter()
+        stamps = [time.perf_counter()]  # the start, then the time of each step
         for step in generate_tokens(self.model, ids, params, truncate_prompt=truncate_prompt, compile=compile):
+            stamps.append(time.perf_counter())
+            if compile and len(stamps) in (3, 4):  # the first decode step (stamps 1 -> 2) compiled
+                one_step = stamps[3] - stamps[2] if len(stamps) == 4 else 0.0
+                stats.compile_seconds = max(0.0, stamps[2] - stamps[1] - one_step)
             stats.new_tokens += sum(t is not None for t in step)
-            stats.seconds = time.perf_counter() - start
+            stats.seconds = stamps[-1] - stamps[0] - stats.compile_seconds
             yield [None if t in stop else t for t in step]
 
 

@@ -149,10 +149,7 @@ def generate(
     for piece in llm.stream(prompt, params, chat=chat, truncate_prompt=truncate_prompt, compile=compile):
         print(piece, end="", flush=True)
     print(flush=True)
-    stats = llm.last_stats
-    print(
-        f"[{stats.new_tokens} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s]", file=sys.stderr
-    )
+    print(llm.last_stats.line(), file=sys.stderr)
 
 
 def chat(

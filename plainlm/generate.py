@@ -112,7 +112,7 @@ def generate_tokens(
 
     stop = set(params.stop_ids)
     done = [False] * len(prompts)
-    decode = compile_decode_step(model, compile_mode) if compile_mode else model
+    decode = model  # compiled at the first decode step, so that all compiling happens between tokens 1 and 2
     model.set_kv_cache(len(prompts), cache_length)
     try:
         logits = model(idx, input_pos=slots[:prompt_len], position_ids=prefill_positions, attention_mask=prefill_mask)
@@ -128,6 +128,8 @@ def generate_tokens(
                 position = position + 1
             slot = slots[prompt_len + step : prompt_len + step + 1]
             compiles_here = compile_mode and step == 0  # later steps reuse what the first one found or compiled
+            if compiles_here:  # torch.compile's own imports take seconds: they belong to the compile time too
+                decode = compile_decode_step(model, compile_mode)
             with torch._dynamo.config.patch(DYNAMO_SETTINGS) if compiles_here else contextlib.nullcontext():
                 logits = decode(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
             token = sample(logits[:, -1], params, generator)

