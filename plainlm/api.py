@@ -120,7 +120,9 @@ class LLM:
                 f"{path} is saved quantized as {saved['mode']}; load it without quantize={quantize!r}, "
                 "or quantize the float checkpoint it came from"
             )
-        tokenizer = Tokenizer(tokenizer_dir, chat_template=chat_template, model_family=model.config.hf_model_type)
+        tokenizer = Tokenizer(
+            tokenizer_dir, chat_template, model_family=model.config.hf_model_type, model_name=model.config.name
+        )
         llm = cls(model.eval(), tokenizer, name=display_name(path))
         llm._tokenizer_files = temporary
         return llm
