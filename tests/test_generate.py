@@ -78,7 +78,7 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
     model = random_model(CONFIGS[name])
-    seq = torch.randint(0, model.config.vocab_size, (2, 14), torch.Generator().manual_seed(1))
+    seq = torch.randint(0, model.config.vocab_size, (2, 14), generator=torch.Generator().manual_seed(1))
     prefill = 5
     with torch.no_grad():
         full = model(seq)
