@@ -86,13 +86,13 @@ def main() -> None:
     # Same greedy tokens first: the comparison is only fair if both do the same work.
     with torch.inference_mode():
         expected = theirs.generate(prompt, max_new_tokens=16, do_sample=False)[0, args.prompt_tokens :].tolist()
-    assert generate(ours, [prompt[0].tolist()], 16) == [expected], "greedy outputs differ"
+    assert generate(ours, [prompt[0].tolist()], max_new_tokens=16) == [expected], "greedy outputs differ"
 
     def our_generate() -> None:
-        generate(ours, [prompt[0].tolist()], args.new_tokens)
+        generate(ours, [prompt[0].tolist()], max_new_tokens=args.new_tokens)
 
     def our_compiled_generate() -> None:
-        generate(ours, [prompt[0].tolist()], args.new_tokens, compile=True)
+        generate(ours, [prompt[0].tolist()], max_new_tokens=args.new_tokens, compile=True)
 
     def their_generate() -> None:
         with torch.inference_mode():

@@ -124,7 +124,7 @@ def run_ours(
     model: torch.nn.Module, ids: list[int], n: int, compile: bool | str = False
 ) -> tuple[float, float, list[int]]:
     tokens, start, first = [], time.perf_counter(), 0.0
-    for step in generate_tokens(model, [ids], n, compile=compile):
+    for step in generate_tokens(model, [ids], max_new_tokens=n, compile=compile):
         tokens.append(step[0])
         first = first or time.perf_counter()
     return first - start, time.perf_counter() - first, tokens
@@ -232,7 +232,7 @@ def main() -> None:
         note = "llama.cpp not timed (pass --llama-cpp)"
 
     # Agreement with our fp32 over the first AGREE_TOKENS tokens, free-running and teacher-forced.
-    reference = [generate(base, [ids], AGREE_TOKENS)[0] for ids in prompts]
+    reference = [generate(base, [ids], max_new_tokens=AGREE_TOKENS)[0] for ids in prompts]
     agree, forced = {}, {}
     for name, run in runners.items():
         outputs = [run(ids, AGREE_TOKENS)[2] for ids in prompts]

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,25 +28,54 @@ from plainlm.generate import generate_tokens
 from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, quantize_model
+from plainlm.sampling import SamplingParams, sampling_params
 from plainlm.tokenizer import Tokenizer
 
 
 @dataclass
 class GenerationStats:
+    """What the last generate / stream / chat call did, for the CLI's stats line.
+
+    seconds: from the prompt going in to the last token coming out, compiling excluded.
+    compile_seconds: compiling the decode step (compile=...), or loading it from inductor's cache: the first
+    decode step's time less the second's (one step's own work), so a user sees what the compiled steps cost.
+    """
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
+    def line(self) -> str:
+        """`[200 tokens in 6.52 s: 30.7 tokens/s]`, and the compile time beside it when there was one."""
+        tokens = f"{self.new_tokens} token{'' if self.new_tokens == 1 else 's'}"
+        line = f"[{tokens} in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tokens/s"
+        if self.compile_seconds:
+            line += f"; before them {self.compile_seconds:.1f} s compiling the decode step or loading it from the cache"
+        return line + "]"
+
+
+# Names of checkpoints tuned to follow chat turns: SmolLM2-135M-Instruct, Llama-2-7b-chat-hf, gemma-3-1b-it, ...
+INSTRUCT_NAME = re.compile(r"instruct|chat|[-_]it\b|[-_]sft\b", re.IGNORECASE)
+
 
 class LLM:
-    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.name = name or model.config.name  # what the user calls it (see display_name)
         self.last_stats = GenerationStats()
+
+    @property
+    def is_instruct(self) -> bool:
+        """Whether the model is tuned to follow chat turns, so a raw prompt belongs in its chat template:
+        it ships a chat template of its own, and its name says Instruct, Chat, -it or -sft."""
+        names = f"{self.name} {self.model.config.name}"
+        return self.tokenizer.chat_template_fallback is None and INSTRUCT_NAME.search(names) is not None
 
     @classmethod
     def load(
@@ -91,34 +122,38 @@ class LLM:
                 f"{path} is saved quantized as {saved['mode']}; load it without quantize={quantize!r}, "
                 "or quantize the float checkpoint it came from"
             )
-        tokenizer = Tokenizer(tokenizer_dir, chat_template=chat_template, model_family=model.config.hf_model_type)
-        llm = cls(use_cpu_kernels(model).eval(), tokenizer)
+        tokenizer = Tokenizer(
+            tokenizer_dir, chat_template, model_family=model.config.hf_model_type, model_name=model.config.name
+        )
+        llm = cls(use_cpu_kernels(model).eval(), tokenizer, name=display_name(path))
         llm._tokenizer_files = temporary
         return llm
 
     # --- text in, text out ---
-    def generate(self, prompt: str | list[str], max_new_tokens: int = 100, **kwargs: Any) -> str | list[str]:
+    def generate(self, prompt: str | list[str], params: SamplingParams | None = None, **kwargs: Any) -> str | list[str]:
         """Continue `prompt` (or each of a list of prompts, batched). Returns only the new text.
 
-        kwargs: temperature (0 = greedy), top_k, top_p, seed, truncate_prompt, chat (wrap the
-        prompt in the model's chat template as a user turn), compile (torch.compile the decode step:
-        True, or "reduce-overhead" for less per-step overhead after a longer compile).
+        params: how to sample and when to stop (default SamplingParams(): 100 new tokens, greedy); its fields
+        also work as keywords (max_new_tokens=20, temperature=0.7, top_p=0.9, seed=1, ...). Other kwargs:
+        chat (wrap the prompt in the model's chat template as a user turn), truncate_prompt (keep the end of a
+        prompt longer than the context), compile (torch.compile the decode step: True, or "reduce-overhead"
+        for less per-step overhead after a longer compile).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [[] for _ in prompts]
-        for step in self._steps(prompts, max_new_tokens, **kwargs):
+        for step in self._steps(prompts, params, **kwargs):
             for row, token in enumerate(step):
-                if token is not None and token not in self.tokenizer.stop_ids:
+                if token is not None:
                     ids[row].append(token)
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str, max_new_tokens: int = 100, **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Like `generate` for one prompt, yielding text pieces as they are decoded."""
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        for step in self._steps([prompt], max_new_tokens, **kwargs):
+        for step in self._steps([prompt], params, **kwargs):
             token = step[0]
-            if token is None or token in self.tokenizer.stop_ids:
+            if token is None:
                 break
             piece = decoder.push(token)
             if piece:
@@ -127,10 +162,11 @@ class LLM:
         if rest:
             yield rest
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **kwargs: Any) -> str:
-        """The assistant's reply to a conversation (list of {"role", "content"})."""
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None, **kwargs: Any) -> str:
+        """The assistant's reply to a conversation (list of {"role", "content"}); at most 256 new tokens
+        unless `params` or max_new_tokens= says otherwise."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(prompt, max_new_tokens, templated=True, **kwargs)
+        return self.generate(prompt, params or SamplingParams(max_new_tokens=256), templated=True, **kwargs)
 
     def encode_prompt(self, prompt: str, chat: bool = False, templated: bool = False) -> list[int]:
         if chat:
@@ -142,34 +178,41 @@ class LLM:
     def _steps(
         self,
         prompts: list[str],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        truncate_prompt: bool = False,
+        params: SamplingParams | None = None,
         chat: bool = False,
         templated: bool = False,
+        truncate_prompt: bool = False,
         compile: bool | str = False,
+        **options: Any,
     ) -> Iterator[list[int | None]]:
+        """generate_tokens' steps for these prompts, with a row's stop token already None: the row has ended."""
+        params = sampling_params(params, **options)
+        # The model's own end-of-sequence ids stop every request, besides the ones it names.
+        params = dataclasses.replace(params, stop_ids=(*self.tokenizer.stop_ids, *params.stop_ids))
+        stop = set(params.stop_ids)
         ids = [self.encode_prompt(p, chat=chat, templated=templated) for p in prompts]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.model.embed.weight.device).manual_seed(seed)
         self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
-        start = time.perf_counter()
-        for step in generate_tokens(
-            self.model,
-            ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_ids=self.tokenizer.stop_ids,
-            generator=generator,
-            truncate_prompt=truncate_prompt,
-            compile=compile,
-        ):
+        stamps = [time.perf_counter()]  # the start, then the time of each step
+        for step in generate_tokens(self.model, ids, params, truncate_prompt=truncate_prompt, compile=compile):
+            stamps.append(time.perf_counter())
+            if compile and len(stamps) in (3, 4):  # the first decode step (stamps 1 -> 2) compiled
+                one_step = stamps[3] - stamps[2] if len(stamps) == 4 else 0.0
+                stats.compile_seconds = max(0.0, stamps[2] - stamps[1] - one_step)
             stats.new_tokens += sum(t is not None for t in step)
-            stats.seconds = time.perf_counter() - start
-            yield step
+            stats.seconds = stamps[-1] - stamps[0] - stats.compile_seconds
+            yield [None if t in stop else t for t in step]
+
+
+def display_name(path: str | Path) -> str:
+    """How a user names the model at `path`: its hub id where the path shows one (`plainlm download` writes
+    checkpoints/ORG/NAME, the hub cache models--ORG--NAME/), else the directory's or the file's name. Not a
+    GGUF file's general.name, which is often a training run's label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+    path = Path(path).absolute()
+    for part in path.parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    if len(path.parts) >= 3 and path.parts[-3] == "checkpoints":
+        return f"{path.parent.name}/{path.name}"
+    if path.name == "final":  # a training run's output: name the run
+        return f"{path.parent.name}/final"
+    return path.name.removesuffix(".gguf")

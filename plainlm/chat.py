@@ -1,5 +1,6 @@
 """The interactive chat loop behind `plainlm chat`: read a turn, render the conversation with the
-model's chat template, stream the reply, repeat. Works on a terminal and on piped stdin."""
+model's chat template, stream the reply, repeat. Works on a terminal and on piped stdin.
+Ctrl-C stops the reply being written and keeps the conversation, that partial reply included."""
 
 from __future__ import annotations
 
@@ -7,25 +8,44 @@ import sys
 from typing import Any, TextIO
 
 from plainlm.api import LLM
+from plainlm.sampling import SamplingParams
 
-HELP = "Type a message and press Enter. /reset forgets the conversation, /exit (or Ctrl-D) leaves."
+HELP = "Type a message and press Enter; /help lists the commands."
+COMMANDS = """/help   this list
+/reset  forget the conversation (the system message stays)
+/exit   leave (also /quit, or Ctrl-D)
+Ctrl-C while the model writes stops its reply; the conversation keeps what it wrote."""
+
+
+def template_description(llm: LLM) -> str:
+    """Which chat template renders the conversation, in a few words for the banner."""
+    fallback = llm.tokenizer.chat_template_fallback
+    if llm.tokenizer.chat_template_source == "the chat_template argument":
+        return "the chat template given with --chat_template"
+    if fallback is None:
+        return "the model's own chat template"
+    return f"plainlm's {fallback!r} chat template (plainlm/chat_templates.py; --chat_template picks another)"
 
 
 def chat_loop(
     llm: LLM,
+    params: SamplingParams | None = None,
     system: str | None = None,
-    max_new_tokens: int = 256,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     **options: Any,
 ) -> list[dict[str, str]]:
-    """Run the conversation until /exit or end of input; returns the messages exchanged."""
+    """Run the conversation until /exit or end of input; returns the messages exchanged.
+
+    params: how replies are sampled (default: up to 256 tokens, greedy); options: LLM.stream's (compile).
+    """
+    params = params or SamplingParams(max_new_tokens=256)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     if interactive:
-        print(f"Chatting with {llm.model.config.name}. {HELP}", file=stdout)
+        print(f"Chatting with {llm.name} in {template_description(llm)}. {HELP}", file=stdout)
     while True:
         if interactive:
             print(">> ", end="", file=stdout, flush=True)
@@ -35,6 +55,9 @@ def chat_loop(
         text = line.strip()
         if text in ("/exit", "/quit"):
             break
+        if text == "/help":
+            print(COMMANDS, file=stdout, flush=True)
+            continue
         if text == "/reset":
             messages = list(start)
             print("(conversation reset)", file=stdout, flush=True)
@@ -54,9 +77,12 @@ def chat_loop(
             continue
         reply = []
         print("Assistant: ", end="", file=stdout, flush=True)
-        for piece in llm.stream(prompt, max_new_tokens, templated=True, **options):
-            reply.append(piece)
-            print(piece, end="", file=stdout, flush=True)
+        try:
+            for piece in llm.stream(prompt, params, templated=True, **options):
+                reply.append(piece)
+                print(piece, end="", file=stdout, flush=True)
+        except KeyboardInterrupt:  # stop this reply, not the chat
+            print(" (stopped)", end="", file=stdout, flush=True)
         print(file=stdout, flush=True)
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
     return messages

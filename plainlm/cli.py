@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from plainlm.errors import InvalidInput, PlainlmError
 
@@ -113,8 +113,9 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     seed: int | None = None,
-    chat: bool = False,
+    chat: bool | Literal["auto"] = "auto",
     truncate_prompt: bool = False,
     compile: bool | str = False,
     device: str | None = None,
@@ -130,8 +131,11 @@ def generate(
         temperature: 0 is greedy decoding; higher samples more freely.
         top_k: Sample only among the k most likely tokens.
         top_p: Sample only within the smallest set of tokens whose probability reaches top_p.
+        min_p: Sample only among tokens at least min_p times as likely as the most likely one.
         seed: Seed for sampling, for reproducible output.
-        chat: Wrap the prompt in the model's chat template as a user turn.
+        chat: Wrap the prompt in the model's chat template as a user turn. auto: when the model is an instruct
+            model (its name says Instruct, Chat or -it, and it ships a chat template), which answers a raw prompt
+            poorly or not at all; true or false: always or never.
         truncate_prompt: Keep the end of a prompt longer than the model's context instead of failing.
         compile: torch.compile the decode step: slow to start, faster per token. true, or
             reduce-overhead: faster still per token, minutes to compile the first time (cached after).
@@ -140,25 +144,25 @@ def generate(
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
     """
     from plainlm.api import LLM
+    from plainlm.sampling import SamplingParams
 
+    # Made first, so that a bad option fails before the model loads.
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
+    )
     _check_compile(compile)
     llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype, quantize=quantize)
-    options = dict(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        chat=chat,
-        truncate_prompt=truncate_prompt,
-        compile=compile,
-    )
-    for piece in llm.stream(prompt, max_new_tokens, **options):
+    if chat == "auto":
+        chat = llm.is_instruct
+        if chat:
+            print(
+                f"[{llm.name} is an instruct model: the prompt goes in its chat template; --chat false sends it raw]",
+                file=sys.stderr,
+            )
+    for piece in llm.stream(prompt, params, chat=chat, truncate_prompt=truncate_prompt, compile=compile):
         print(piece, end="", flush=True)
     print(flush=True)
-    stats = llm.last_stats
-    print(
-        f"[{stats.new_tokens} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s]", file=sys.stderr
-    )
+    print(llm.last_stats.line(), file=sys.stderr)
 
 
 def chat(
@@ -168,6 +172,7 @@ def chat(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     seed: int | None = None,
     chat_template: str | None = None,
     compile: bool | str = False,
@@ -185,6 +190,7 @@ def chat(
         temperature: 0 is greedy decoding; higher samples more freely.
         top_k: Sample only among the k most likely tokens.
         top_p: Sample only within the smallest set of tokens whose probability reaches top_p.
+        min_p: Sample only among tokens at least min_p times as likely as the most likely one.
         seed: Seed for sampling, for reproducible output.
         chat_template: A named template (chatml, llama2, llama3, gemma, phi3, plain) for models without one.
         compile: torch.compile the decode step, as for generate (true or reduce-overhead).
@@ -194,13 +200,16 @@ def chat(
     """
     from plainlm.api import LLM
     from plainlm.chat import chat_loop
+    from plainlm.sampling import SamplingParams
 
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
+    )
     _check_compile(compile)
     llm = LLM.load(
         _required(checkpoint_dir), device=device, dtype=dtype, chat_template=chat_template, quantize=quantize
     )
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, compile=compile)
-    chat_loop(llm, system=system, max_new_tokens=max_new_tokens, **options)
+    chat_loop(llm, params, system=system, compile=compile)
 
 
 def _check_compile(compile: bool | str) -> None:

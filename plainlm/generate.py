@@ -1,10 +1,13 @@
-"""Token generation: sampling, KV-cache decoding, batched prompts and streaming.
+"""Token generation: KV-cache decoding, batched prompts and streaming.
 
-Token ids in, token ids out. Tokenizers, chat templates and strings live in `tokenizer.py`
-and `api.py`; the model and its KV cache live in `model.py`.
+Token ids in, token ids out. What a request asks for (max_new_tokens, temperature, top-k/p, stop ids,
+seed) is a `SamplingParams`, and `sample` picks each token: both live in `sampling.py`; SamplingParams'
+fields also work as keywords, `generate(model, prompts, max_new_tokens=50, temperature=0.8)`.
+Tokenizers, chat templates and strings live in `tokenizer.py` and `api.py`; the model and its KV cache
+live in `model.py`.
 
     decoder = tokenizer.stream_decoder()
-    for step in generate_tokens(model, [prompt], max_new_tokens=50, temperature=0.8, top_p=0.95):
+    for step in generate_tokens(model, [prompt], SamplingParams(max_new_tokens=50, temperature=0.8, top_p=0.95)):
         print(decoder.push(step[0]), end="", flush=True)
 
 Timing is left to the caller: count the yielded steps and divide by the wall-clock time
@@ -14,12 +17,15 @@ of the loop to get tokens per second.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from plainlm.errors import InvalidInput
 from plainlm.model import GPT
+from plainlm.sampling import SamplingParams, sample, sampling_params
 
 # Compiled decoding rounds the KV cache length up to a multiple of this, so that prompts of other
 # lengths reuse the compiled step instead of compiling it again (the cache shape is part of the graph).
@@ -45,66 +51,28 @@ DYNAMO_SETTINGS = {"use_recursive_dict_tags_for_guards": True}
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token id per row of `logits` (B, V).
-
-    temperature 0 picks the argmax (greedy). Otherwise the logits are divided by the
-    temperature, cut to the `top_k` best, then to the nucleus: the smallest set of tokens
-    whose probabilities add up to at least `top_p` (never fewer than one token).
-    Pass a seeded `torch.Generator` for reproducible draws.
-    """
-    if temperature < 0:
-        raise InvalidInput(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        # max's indices are argmax's (the first maximum), at a third of its time on the CPU here (61 -> 22 us
-        # over SmolLM2's 49k logits, about 1% of an int4 decode step).
-        return logits.max(dim=-1).indices
-    logits = logits.float() / temperature
-    candidates = None  # token ids of the columns of `logits` once it holds only the best ones, best first
-    if top_k is not None and top_k < logits.shape[-1]:
-        if top_k < 1:
-            raise InvalidInput(f"top_k must be >= 1 or None, got {top_k}")
-        logits, candidates = logits.topk(top_k, dim=-1)  # sorts only k values, not the vocabulary
-    if top_p is not None and top_p < 1.0:
-        if top_p <= 0:
-            raise InvalidInput(f"top_p must be in (0, 1] or None, got {top_p}")
-        if candidates is None:
-            logits, candidates = logits.sort(dim=-1, descending=True)
-        probs = logits.softmax(dim=-1)
-        # Drop a token once the better tokens before it already reach top_p; the best one always stays.
-        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
-    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
-
-
 @torch.inference_mode()
 def generate_tokens(
     model: GPT,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_ids: Sequence[int] = (),
+    params: SamplingParams | None = None,
+    *,
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
     compile: bool | str = False,
+    **options: Any,
 ) -> Iterator[list[int | None]]:
     """Stream new tokens for a batch of prompts, one decoding step at a time.
 
+    `params` says how tokens are picked and when to stop; `options` (SamplingParams' fields as
+    keywords) change it. `generator` draws the samples (default: one seeded with `params.seed`).
     Each step yields a list with one entry per prompt: the token that row produced, or None
-    once the row has stopped. A row stops after it emits one of `stop_ids` (that token is
+    once the row has stopped. A row stops after it emits one of `params.stop_ids` (that token is
     still yielded, so callers see why it ended); generation ends when every row has stopped
     or after `max_new_tokens` steps. The prompt and the new tokens must fit in the model's
-    context (`config.block_size`): `max_new_tokens` is cut to the room left, and a prompt
-    that leaves no room for even one new token raises a ValueError, or with
-    `truncate_prompt=True` keeps its last `block_size - 1` tokens.
+    context (`config.block_size`): `max_new_tokens` is cut to the room left (said on stderr),
+    and a prompt that leaves no room for even one new token raises InvalidInput, or with
+    `truncate_prompt=True` keeps its last `block_size - 1` tokens (also said on stderr).
 
     Prompts of different lengths are left-padded: every row's last prompt token sits in the
     same cache slot, so one forward pass prefills them all and each step decodes one token
@@ -118,14 +86,15 @@ def generate_tokens(
     stays on the model after the call, for the next one (`model.clear_kv_cache()` frees it; a forward
     without `input_pos` ignores it).
     """
+    params = sampling_params(params, **options)
     compile_mode = check_compile(compile)
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]
     prompt_len = max(lengths)
-    max_new_tokens = min(max_new_tokens, model.config.block_size - prompt_len)
-    if max_new_tokens <= 0:
-        return
+    max_new_tokens = _fit_new_tokens(lengths, model.config.block_size, params.max_new_tokens)
     device = model.embed.weight.device
+    if generator is None:
+        generator = params.generator(device)
     idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
     cache_length = prompt_len + max_new_tokens
     if compile_mode:
@@ -141,13 +110,13 @@ def generate_tokens(
     else:  # equal lengths: positions are the cache slots and the model's causal mask is all we need
         prefill_positions = prefill_mask = decode_mask = position = None
 
-    stop = set(stop_ids)
+    stop = set(params.stop_ids)
     done = [False] * len(prompts)
-    decode = compile_decode_step(model, compile_mode) if compile_mode else model
+    decode = model  # compiled at the first decode step, so that all compiling happens between tokens 1 and 2
     model.set_kv_cache(len(prompts), cache_length)
     try:
         logits = model(idx, input_pos=slots[:prompt_len], position_ids=prefill_positions, attention_mask=prefill_mask)
-        token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+        token = sample(logits[:, -1], params, generator)
         for step in range(max_new_tokens):
             new = token.tolist()
             yield [None if d else t for t, d in zip(new, done, strict=True)]
@@ -159,9 +128,11 @@ def generate_tokens(
                 position = position + 1
             slot = slots[prompt_len + step : prompt_len + step + 1]
             compiles_here = compile_mode and step == 0  # later steps reuse what the first one found or compiled
+            if compiles_here:  # torch.compile's own imports take seconds: they belong to the compile time too
+                decode = compile_decode_step(model, compile_mode)
             with torch._dynamo.config.patch(DYNAMO_SETTINGS) if compiles_here else contextlib.nullcontext():
                 logits = decode(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
-            token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            token = sample(logits[:, -1], params, generator)
     finally:
         if not compile_mode:  # a compiled step keeps its cache for the next call (set_kv_cache reuses it)
             model.clear_kv_cache()
@@ -187,25 +158,23 @@ def check_compile(compile: bool | str) -> str | None:
 def generate(
     model: GPT,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_ids: Sequence[int] = (),
+    params: SamplingParams | None = None,
+    *,
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
     compile: bool | str = False,
+    **options: Any,
 ) -> list[list[int]]:
     """The new tokens of every prompt, up to but excluding the stop id that ended it.
 
     Arguments as for `generate_tokens`, which this collects.
     """
-    stop = set(stop_ids)
+    params = sampling_params(params, **options)
+    stop = set(params.stop_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
-    steps = generate_tokens(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, truncate_prompt, compile
-    )
-    for step in steps:
+    for step in generate_tokens(
+        model, prompts, params, generator=generator, truncate_prompt=truncate_prompt, compile=compile
+    ):
         for out, token in zip(outputs, step, strict=True):
             if token is not None and token not in stop:
                 out.append(token)
@@ -220,18 +189,41 @@ def _fit_prompts(prompts: Sequence[Sequence[int]], block_size: int, truncate: bo
         raise InvalidInput("prompts must be a list of token id lists; wrap a single prompt as [prompt]")
     fitted = []
     for i, prompt in enumerate(prompts):
+        name = _prompt_name(i, len(prompts))
         if len(prompt) == 0:
-            raise InvalidInput(f"prompt {i} is empty: generation needs at least one prompt token")
+            raise InvalidInput(f"{name} is empty: generation needs at least one prompt token")
         if len(prompt) + 1 > block_size:
             if not truncate:
                 raise InvalidInput(
-                    f"prompt {i} has {len(prompt)} tokens, but the model's context is {block_size} tokens: "
+                    f"{name} has {len(prompt)} tokens, but the model's context is {block_size} tokens: "
                     f"prompt + 1 new token = {len(prompt) + 1} > {block_size}. Shorten the prompt, or pass "
-                    f"truncate_prompt=True to keep its last {block_size - 1} tokens."
+                    f"--truncate_prompt true to keep its last {block_size - 1} tokens."
                 )
+            print(
+                f"note: {name} has {len(prompt)} tokens and the model's context is {block_size}: "
+                f"its first {len(prompt) - block_size + 1} tokens are dropped (--truncate_prompt true)",
+                file=sys.stderr,
+            )
             prompt = prompt[len(prompt) - (block_size - 1) :]
         fitted.append(prompt)
     return fitted
+
+
+def _fit_new_tokens(lengths: list[int], block_size: int, asked: int) -> int:
+    """How many new tokens fit after the longest prompt (at least one), saying so on stderr when fewer than asked."""
+    room = block_size - max(lengths)
+    if room < asked:
+        name = _prompt_name(lengths.index(max(lengths)), len(lengths))
+        print(
+            f"note: {name} has {max(lengths)} tokens and the model's context is {block_size}: "
+            f"room for {room} new token{'s' if room != 1 else ''}, not the {asked} asked for (--max_new_tokens)",
+            file=sys.stderr,
+        )
+    return min(asked, room)
+
+
+def _prompt_name(index: int, count: int) -> str:
+    return "the prompt" if count == 1 else f"prompt {index}"
 
 
 def _padding_masks(pad: torch.Tensor, prompt_len: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from plainlm.chat_templates import CHAT_TEMPLATES, template_name_for_family
+from plainlm.chat_templates import CHAT_TEMPLATES, fallback_template_name
 from plainlm.errors import InvalidInput, MissingInput
 
 # Copied unchanged by checkpoint conversion; whichever of them exist.
@@ -66,10 +66,17 @@ class Tokenizer:
     """Tokenizer of the checkpoint in `checkpoint_dir`.
 
     `chat_template` picks a named fallback ("chatml", "llama2", ...) or is a jinja template itself; without it the
-    model's own template is used, or the fallback for `model_family` ("plain" if that is unknown too).
+    model's own template is used, or the fallback for `model_name` or else `model_family` ("plain" if neither
+    names one; see chat_templates.fallback_template_name).
     """
 
-    def __init__(self, checkpoint_dir: str | Path, chat_template: str | None = None, model_family: str | None = None):
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        chat_template: str | None = None,
+        model_family: str | None = None,
+        model_name: str | None = None,
+    ):
         self.checkpoint_dir = Path(checkpoint_dir)
         config = _read_json(self.checkpoint_dir / "tokenizer_config.json")
         generation_config = _read_json(self.checkpoint_dir / "generation_config.json")
@@ -94,7 +101,9 @@ class Tokenizer:
         self.eos_token = self.eos_token or self.id_to_token(self.eos_id)
         # What templates see as `unk_token`, `pad_token`, ... besides BOS and EOS (transformers passes them all).
         self._template_tokens = {k: _content(config.get(k)) for k in ("unk_token", "pad_token") if config.get(k)}
-        self.chat_template, self.chat_template_source = self._find_chat_template(config, chat_template, model_family)
+        found = self._find_chat_template(config, chat_template, model_name, model_family)
+        # chat_template_fallback: the name of the fallback in use (chat_templates.py), None for the model's own.
+        self.chat_template, self.chat_template_source, self.chat_template_fallback = found
 
     # --- loading ---
     def _load_tokenizers(self, config: dict[str, Any]) -> None:
@@ -228,25 +237,28 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens)
 
     # --- chat ---
-    def _find_chat_template(self, config: dict, requested: str | None, family: str | None) -> tuple[str, str]:
-        """The template and a description of where it came from, for error messages."""
+    def _find_chat_template(
+        self, config: dict, requested: str | None, name: str | None, family: str | None
+    ) -> tuple[str, str, str | None]:
+        """The template, a description of where it came from (for messages) and the fallback's name if it is one."""
         if requested is not None:
             if "{{" in requested or "{%" in requested:
-                return requested, "the chat_template argument"
+                return requested, "the chat_template argument", None
             if requested not in CHAT_TEMPLATES:
                 raise InvalidInput(f"Unknown chat template {requested!r}; named templates: {', '.join(CHAT_TEMPLATES)}")
-            return CHAT_TEMPLATES[requested], f"fallback template {requested!r} (plainlm/chat_templates.py)"
+            return CHAT_TEMPLATES[requested], f"fallback template {requested!r} (plainlm/chat_templates.py)", requested
         # transformers 5 saves the template as its own file, which wins over tokenizer_config.json.
         if (self.checkpoint_dir / "chat_template.jinja").is_file():
             path = self.checkpoint_dir / "chat_template.jinja"
-            return path.read_text(encoding="utf-8"), str(path)
+            return path.read_text(encoding="utf-8"), str(path), None
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             template = {t["name"]: t["template"] for t in template}.get("default")
         if template:
-            return template, f"chat_template in {self.checkpoint_dir / 'tokenizer_config.json'}"
-        name = template_name_for_family(family)
-        return CHAT_TEMPLATES[name], f"fallback template {name!r} (plainlm/chat_templates.py), as the model has none"
+            return template, f"chat_template in {self.checkpoint_dir / 'tokenizer_config.json'}", None
+        fallback = fallback_template_name(name, family)
+        source = f"fallback template {fallback!r} (plainlm/chat_templates.py), as the model has none"
+        return CHAT_TEMPLATES[fallback], source, fallback
 
     @cached_property
     def _compiled_chat_template(self) -> jinja2.Template:

@@ -199,7 +199,7 @@ def sample_text(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], m
 
     was_training = model.training
     model.eval()
-    ids = generate(model, [prompt_ids], max_new_tokens, stop_ids=tokenizer.stop_ids)[0]
+    ids = generate(model, [prompt_ids], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids)[0]
     model.train(was_training)
     return tokenizer.decode(ids, skip_special_tokens=True)
 

