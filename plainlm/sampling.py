@@ -63,6 +63,12 @@ class SamplingParams:
 def sampling_params(params: SamplingParams | None = None, **options: Any) -> SamplingParams:
     """`params` (default: SamplingParams()) with `options` changed: what the keyword-style calls
     (`llm.generate(prompt, max_new_tokens=20, temperature=0.7)`) turn into."""
+    if params is not None and not isinstance(params, SamplingParams):
+        # generate(model, prompts, 20) was the call before SamplingParams: say what it is now.
+        raise InvalidInput(
+            f"the sampling options are a SamplingParams or keywords, not {params!r}: "
+            f"pass max_new_tokens={params!r} by keyword, or SamplingParams(max_new_tokens=...)"
+        )
     params = params if params is not None else SamplingParams()
     return dataclasses.replace(params, **options) if options else params  # checked again
 

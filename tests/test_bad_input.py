@@ -120,6 +120,7 @@ def test_bin_with_non_tensor_values_is_refused(hf_copy: Path) -> None:
         load_hf_model(hf_copy)
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_prompt_longer_than_context(tiny_hf_dir: Path) -> None:
     long_prompt = "word " * 600
     result = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), "--prompt", long_prompt, "--max_new_tokens", "3")

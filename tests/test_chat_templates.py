@@ -3,6 +3,7 @@ render, on the same conversations; and a checkpoint without a template gets its 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def render(template: str, messages: list[dict[str, str]], add_generation_prompt:
     )
 
 
+@functools.cache  # reading the GGUF's metadata takes seconds
 def smollm2_real_template() -> str:
     return GGUFReader(smollm2_gguf()).fields["tokenizer.chat_template"].contents()
 

@@ -78,6 +78,7 @@ def test_version_is_the_package_metadata_version() -> None:
     assert result.returncode == 0 and result.stdout == f"plainlm {version}\n", result.stderr
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_models_lists_name_family_size_and_hub_id() -> None:
     result = run_cli("models", "smollm2-135")
     assert result.returncode == 0, result.stderr
@@ -151,6 +152,7 @@ def test_help_of_nested_sections_and_user_types() -> None:
     assert "--max_new_tokens MAX_NEW_TOKENS Generate at most this many tokens. (type: int, default: 100)" in text
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_estimate_help() -> None:
     result = run_cli("estimate", "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: plainlm estimate --config RECIPE.yaml")

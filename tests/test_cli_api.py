@@ -92,6 +92,7 @@ def test_generate_command_streams_text(native_dir: Path) -> None:
     assert "tokens/s" in result.stderr
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_generate_puts_an_instruct_models_prompt_in_its_chat_template(native_dir: Path, tmp_path: Path) -> None:
     """--chat auto (the default): a checkpoint named like an instruct model, with a chat template of its own,
     gets the prompt as a user turn and says so on stderr; --chat false sends it raw."""
@@ -141,6 +142,7 @@ def test_compiled_generation_reports_its_compile_time_apart(native_dir: Path) ->
     assert stats.compile_seconds > 0.5 and stats.seconds < stats.compile_seconds / 5, stats
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_chat_with_piped_stdin_is_multi_turn(native_dir: Path) -> None:
     llm = LLM.load(native_dir)
     first = llm.chat([{"role": "user", "content": "hi there"}], max_new_tokens=8)
@@ -170,6 +172,7 @@ def test_chat_with_piped_stdin_is_multi_turn(native_dir: Path) -> None:
     assert replies == [first, second]
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_chat_in_a_real_terminal(native_dir: Path) -> None:
     """Drive `plainlm chat` through a pseudo-terminal as a person would: prompt, reply, /exit."""
     pid, fd = pty.fork()
@@ -215,6 +218,7 @@ def test_convert_to_hf_command(native_dir: Path, tmp_path: Path, tiny_hf_dir: Pa
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("abc")["input_ids"]
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_download_from_a_hub_laid_out_cache(tiny_hf_dir: Path, tmp_path: Path) -> None:
     """The real download code, offline, against a cache laid out exactly as huggingface_hub lays it out."""
     commit = "0123456789abcdef0123456789abcdef01234567"

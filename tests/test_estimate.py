@@ -80,6 +80,7 @@ def test_qlora_base_is_about_a_third_of_the_float_model() -> None:
     assert bf16.weights == bf16.n_params * 2
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_cli_estimate_on_the_shipped_recipe() -> None:
     recipe = REPO / "recipes" / "finetune" / "smollm2-135m-instruct" / "lora.yaml"
     # Whether or not the model was downloaded: the folder's name is a named config.
@@ -104,6 +105,7 @@ def test_cli_estimate_on_the_shipped_recipe() -> None:
     assert typo.returncode == 2 and "micro_batch" in typo.stderr
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_cli_estimate_on_a_pretrain_recipe_with_fsdp() -> None:
     recipe = REPO / "recipes" / "pretrain" / "tiny-stories.yaml"
     one = run_cli("estimate", "--config", str(recipe))

@@ -108,7 +108,7 @@ def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_p
     assert (tmp_path / "step-000003" / "recipe.yaml").exists() and (tmp_path / "loss.png").exists()
     merged = LLM.load(final)
     ids = merged.tokenizer.encode("Hello")  # the loaded checkpoint decodes (KV cache) as its own logits say
-    assert generate(merged.model, [ids], 3) == [reference_greedy(merged.model, ids, 3)]
+    assert generate(merged.model, [ids], max_new_tokens=3) == [reference_greedy(merged.model, ids, 3)]
     # peft puts our adapter on the transformers base and agrees with our merged model
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, attn_implementation="eager")
     theirs = peft.PeftModel.from_pretrained(base, final / "adapter").eval()

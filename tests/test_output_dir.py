@@ -89,6 +89,7 @@ def steps_logged(out_dir: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_rerun_resume_and_overwrite_through_the_command(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [*TINY_PRETRAIN, "--out_dir", str(out), "--data.shards_dir", str(tmp_path / "tokens")]
@@ -109,6 +110,7 @@ def test_rerun_resume_and_overwrite_through_the_command(tmp_path: Path) -> None:
     assert steps_logged(out) == [1, 2] and not (out / "step-000004").exists()
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_a_failed_start_leaves_no_folder(tmp_path: Path) -> None:
     empty = tmp_path / "no-text"
     empty.mkdir()
@@ -121,6 +123,7 @@ def test_a_failed_start_leaves_no_folder(tmp_path: Path) -> None:
     assert nothing.returncode == 2 and "holds no checkpoint" in nothing.stderr and not out.exists()
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("devices", ["0", "-1"])
 def test_devices_below_one_is_one_error_line(tmp_path: Path, devices: str) -> None:
     finetune_recipe = REPO / "recipes" / "finetune" / "smollm2-135m-instruct" / "lora.yaml"

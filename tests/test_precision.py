@@ -175,7 +175,7 @@ def test_bf16_true_pretrain_trains_bf16_weights_and_saves_them(tmp_path: Path) -
     assert safetensors_dtypes(final / "model.safetensors") == {"BF16"}
     llm = LLM.load(final)  # the bf16 checkpoint loads and decodes (KV cache) as its own logits say
     ids = llm.tokenizer.encode("Once")
-    assert generate(llm.model, [ids], 3) == [reference_greedy(llm.model, ids, 3)]
+    assert generate(llm.model, [ids], max_new_tokens=3) == [reference_greedy(llm.model, ids, 3)]
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])

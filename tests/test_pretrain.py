@@ -81,7 +81,7 @@ def test_pretrain_resumes_exactly_after_sigkill(tmp_path: Path) -> None:
     final = out / "final"
     llm = LLM.load(final)
     ids = llm.tokenizer.encode("Once upon a time")  # final/ decodes (KV cache) as its own logits say
-    assert generate(llm.model, [ids], 5) == [reference_greedy(llm.model, ids, 5)]
+    assert generate(llm.model, [ids], max_new_tokens=5) == [reference_greedy(llm.model, ids, 5)]
     assert run_cli("convert", "to-hf", str(final), str(tmp_path / "hf")).returncode == 0
     reference_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.arange(10)[None]

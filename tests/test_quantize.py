@@ -311,6 +311,7 @@ def test_llm_load_quantizes_and_loads_quantized(tiny_hf_dir: Path, tmp_path: Pat
         LLM.load(tmp_path, device="cpu", quantize="int4")
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_cli_generate_with_quantize(tiny_hf_dir: Path) -> None:
     result = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), "--quantize", "int8", "--max_new_tokens", "5")
     assert result.returncode == 0, result.stderr

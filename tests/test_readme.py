@@ -51,6 +51,7 @@ def test_python_snippet_parses_and_imports_what_it_uses(index: int) -> None:
     assert undefined_names(snippet) == set(), snippet
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("line", ESTIMATE_LINES)
 def test_estimate_line_runs(line: str) -> None:
     result = run_cli(*shlex.split(line)[1:])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_gpt
 
 from plainlm import LLM
 from plainlm.errors import InvalidInput
@@ -29,6 +29,13 @@ def test_bad_options_are_one_line_naming_the_flag(flag: str) -> None:
     assert "\n" not in str(raised.value)
     with pytest.raises(InvalidInput, match=f"^{flag} "):  # changing a valid set checks again
         sampling_params(SamplingParams(), **BAD[flag])
+
+
+def test_the_old_positional_max_new_tokens_says_what_to_pass_instead() -> None:
+    model = tiny_gpt(vocab_size=64).eval()
+    with pytest.raises(InvalidInput, match="pass max_new_tokens=3 by keyword"):
+        generate(model, [[1, 2]], 3)
+    assert len(generate(model, [[1, 2]], max_new_tokens=3)[0]) == 3
 
 
 def test_edges_that_are_allowed() -> None:
@@ -73,6 +80,7 @@ def test_extra_stop_ids_end_a_reply(tiny_hf_dir: Path) -> None:
     assert llm.generate("hello world", max_new_tokens=8) == llm.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+@pytest.mark.slow  # a fresh process per run: `make test` runs it, `make test-fast` does not
 def test_cli_refuses_a_bad_option_before_loading(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"  # the options are checked first: the path's error never comes
     for command in ("generate", "chat"):
