@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from plainlm.checkpoint import detect_format, load_checkpoint
+from plainlm.convert.gguf import load_gguf_model
+from plainlm.convert.hf import load_hf_model
 from plainlm.device import resolve_device, resolve_dtype
 from plainlm.errors import InvalidInput
 from plainlm.generate import generate_tokens
@@ -103,12 +105,8 @@ class LLM:
         if kind == "plainlm":
             model = load_checkpoint(path, device=device, dtype=dtype)
         elif kind == "hf":
-            from plainlm.convert.hf import load_hf_model
-
             model = load_hf_model(path, device=device, dtype=dtype)
         else:
-            from plainlm.convert.gguf import load_gguf_model
-
             # The tokenizer files come from the GGUF metadata, written to a temporary directory that lives
             # as long as this LLM (Tokenizer.save copies from it).
             temporary = tempfile.TemporaryDirectory(prefix="plainlm-gguf-tokenizer-")

@@ -1,6 +1,7 @@
 """`plainlm <command>`: the table of commands (`COMMANDS`), one dispatch (`main`), and the small functions
 of the commands that are not a module of their own; a function's parameters are its options, its docstring's
-Args their help (read by plainlm/options.py).
+Args their help (read by plainlm/options.py). Each function imports what it runs inside itself, on use:
+`plainlm --help` and a mistyped option answer at once, without importing torch.
 
 plainlm download ORG/NAME
 plainlm convert from-hf SRC_DIR DST_DIR

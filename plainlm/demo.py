@@ -68,6 +68,7 @@ def main(argv: list[str]) -> None:
 
     print(f"\n$ plainlm convert to-hf {final} {EXPORT}")
     convert_to_hf(final, EXPORT)
+    # on use: transformers is a test extra, only the demo's reference check needs it
     import transformers
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(EXPORT).eval()

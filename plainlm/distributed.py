@@ -156,6 +156,7 @@ def _is_loopback(host: str) -> bool:
 def launch(command: Callable[..., Any], kwargs: dict[str, Any], devices: int, num_nodes: int, endpoint: str | None):
     """Run `command(**kwargs)` in devices x num_nodes processes through torch's elastic launcher; returns rank 0's
     result. A failure on any rank ends every rank and raises WorkerFailed with that rank's message."""
+    # on use: torch.distributed's launcher/FSDP modules load only for several processes
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -285,6 +286,7 @@ def shard(model: nn.Module, precision: str) -> None:
     weights are bitsandbytes Params4bit, sharded as plain bytes: bitsandbytes' Linear4bit restores their
     quant_state from the module when a gathered weight arrives without it.
     """
+    # on use: torch.distributed's launcher/FSDP modules load only for several processes
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -306,6 +308,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Reduce gradients over ranks only in the backward of a step's last micro-batch."""
+    # on use: torch.distributed's launcher/FSDP modules load only for several processes
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(model, FSDPModule):
@@ -331,6 +334,7 @@ def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Te
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable weights, whole and on the CPU, in rank 0 (other ranks get {}). Every rank must call it:
     under FSDP it gathers the shards."""
+    # on use: torch.distributed's launcher/FSDP modules load only for several processes
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from plainlm.checkpoint import check_output_path
+from plainlm.convert.hf import convert_from_hf
 from plainlm.errors import CheckpointError, InvalidInput
 
 # safetensors first; `.bin` weights are fetched only for repositories that have nothing else.
@@ -41,6 +42,7 @@ def download(
     With `convert=False` the path of the downloaded Hugging Face snapshot is returned
     (`LLM.load` reads it as it is).
     """
+    # on use: huggingface_hub only for downloads
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -69,6 +71,4 @@ def download(
         raise CheckpointError(f"{repo_id}: download failed ({e})") from None
     if not convert:
         return snapshot
-    from plainlm.convert.hf import convert_from_hf
-
     return convert_from_hf(snapshot, Path(checkpoint_dir) / repo_id)

@@ -17,6 +17,8 @@ import yaml
 
 from plainlm.checkpoint import CONFIG_FILE, detect_format
 from plainlm.config import Config
+from plainlm.convert.gguf import read_gguf
+from plainlm.convert.gguf_names import read_config
 from plainlm.convert.hf import read_hf_config
 from plainlm.device import resolve_device
 from plainlm.distributed import check_process_counts, resolve_strategy
@@ -47,10 +49,6 @@ def read_model_config(checkpoint_dir: str | Path) -> tuple[Config, str | None]:
         return Config.from_file(path / CONFIG_FILE), None
     if kind == "hf":
         return read_hf_config(path), None
-    # The gguf package is only needed for GGUF files.
-    from plainlm.convert.gguf import read_gguf
-    from plainlm.convert.gguf_names import read_config
-
     return read_config(read_gguf(path), path), None
 
 

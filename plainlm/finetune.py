@@ -24,6 +24,7 @@ from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
 from plainlm.distributed import Strategy, World
 from plainlm.errors import InvalidInput
 from plainlm.lora import LoRAConfig, inject_lora, lora_for_method, merge_lora, save_peft_adapter
+from plainlm.quantize import quantize_model
 from plainlm.train import OptimizerFactory, SchedulerFactory, TrainArgs, sample_text
 from plainlm.training_run import Prepared, run_training
 
@@ -38,8 +39,6 @@ def prepare_model(llm: LLM, method: Method, lora: LoRAConfig, quantize: str) -> 
             p.requires_grad_(True)
         return None
     if method == "qlora":
-        from plainlm.quantize import quantize_model
-
         quantize_model(model, quantize)
     adapters = lora_for_method(lora, method)
     inject_lora(model, adapters)

@@ -147,6 +147,7 @@ def base_weight(module: nn.Module) -> torch.Tensor:
         return module.dequantized_weight()
     quant_state = getattr(module.weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes' NF4 Linear4bit (QLoRA)
+        # on use: bitsandbytes is optional, for qlora only
         import bitsandbytes as bnb
 
         return bnb.functional.dequantize_4bit(module.weight.data, quant_state)

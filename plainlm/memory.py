@@ -26,6 +26,7 @@ from plainlm.distributed import Wrapping
 from plainlm.lora import LoRAConfig, inject_lora, lora_for_method
 from plainlm.metrics import flops_per_token
 from plainlm.model import GPT
+from plainlm.quantize import quantized_linear_names
 from plainlm.train import micro_batches_per_rank, resolve_precision, token_loss_sum
 
 MiB, GiB = 1024**2, 1024**3
@@ -183,8 +184,6 @@ def weight_bytes(model: nn.Module, method: str, quantize: str, param_bytes: int)
     """Bytes of every parameter (tied ones once): adapters in fp32, qlora's base layers at their packed size."""
     quantized: set[str] = set()
     if method == "qlora":
-        from plainlm.quantize import quantized_linear_names
-
         quantized = {f"{name}.weight" for name in quantized_linear_names(model, quantize)}
         if quantize == "int4":  # int4 packs the embedding too (a tied head shares it)
             quantized.add("embed.weight")

@@ -67,6 +67,7 @@ class MetricsLogger:
             self.writer.writeheader()
         self.board = None
         if tensorboard:
+            # on use: slow to import, and only for this output
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(str(out_dir / "tensorboard"))
@@ -99,9 +100,11 @@ class MetricsLogger:
 
 def plot_loss(metrics_csv: Path, out_png: Path) -> Path:
     """Training loss (and validation loss where measured) against step, as a PNG."""
+    # on use: slow to import, and only for this output
     import matplotlib
 
     matplotlib.use("Agg")
+    # on use: slow to import, and only for this output
     import matplotlib.pyplot as plt
 
     with metrics_csv.open(newline="") as f:

@@ -8,6 +8,7 @@ The model is a named config (`model_name`, e.g. "SmolLM2-135M") with `model_conf
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, pre_tokenizers, trainers
+from tokenizers.models import BPE
 
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.config import Config
@@ -54,15 +58,10 @@ def train_bpe_tokenizer(source: str | Path, out_dir: str | Path, vocab_size: int
 
     "<|endoftext|>" ends every document (EOS); the files written are those `Tokenizer` reads.
     """
-    import json
-
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     files = sorted(str(p) for p in Path(source).rglob("*.txt"))
     if not files:
         raise MissingInput(f"{source}: no .txt files to learn a tokenizer from")
-    tokenizer = HFTokenizer(models.BPE())
+    tokenizer = HFTokenizer(BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

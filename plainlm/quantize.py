@@ -371,6 +371,7 @@ def _without_cpu_repacking(layer: nn.Module) -> nn.Module:
 
 def _bitsandbytes():  # noqa: ANN202 (imported on use: an optional dependency)
     try:
+        # on use: bitsandbytes is optional, for nf4 only
         import bitsandbytes
     except ImportError:
         raise ImportError("nf4 needs bitsandbytes: pip install 'plainlm[quantize]'") from None

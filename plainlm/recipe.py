@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from plainlm.errors import RecipeError
+from plainlm.options import arguments
+from plainlm.options import parser_for as options_parser
 
 # Sections whose keys are free-form: the arguments of the optimizer or scheduler class named there, and
 # model_config (any Config field, checked when the Config is built).
@@ -25,8 +27,6 @@ FREE_FORM = ("optimizer", "scheduler", "model_config")
 
 def parser_for(command: Callable[..., Any], prog: str, description: str | None = None) -> Any:
     """The parser of a training command: its parameters, and --config for a recipe file."""
-    from plainlm.options import parser_for as options_parser
-
     description = description or (command.__doc__ or "").split("\n\n")[0]
     return options_parser(command, prog, description, recipe=True)
 
@@ -43,8 +43,6 @@ def parse_recipe(
 
 def run_recipe_command(command: Callable[..., Any], prog: str, argv: list[str], description: str | None = None) -> Any:
     """Parse `argv` (recipe + overrides) for `command`, check the recipe's keys, run it with the resolved recipe."""
-    from plainlm.options import arguments
-
     parser, cfg = parse_recipe(command, prog, argv, description)
     recipe = parser.dump(cfg, skip_none=False)
     cfg.pop("config", None)

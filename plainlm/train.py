@@ -31,6 +31,7 @@ from tqdm import tqdm
 from plainlm.data import IGNORE_INDEX
 from plainlm.distributed import World, clip_grad_norm_, gradient_sync, unwrap
 from plainlm.errors import InvalidInput, TrainingDiverged
+from plainlm.generate import generate
 from plainlm.metrics import MetricsLogger, flops_per_token, matmul_dtype, measure_peak_flops, plot_loss
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
 
@@ -195,8 +196,6 @@ def evaluate(
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
     """A greedy continuation of `prompt_ids`, to watch the model learn at each validation."""
-    from plainlm.generate import generate
-
     was_training = model.training
     model.eval()
     ids = generate(model, [prompt_ids], max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids)[0]

@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from plainlm.checkpoint import CONFIG_FILE, check_output_path, load_state, save_tensors
 from plainlm.config import Config
 from plainlm.convert.gguf_names import IGNORED_TENSORS, read_config, tensor_rules
+from plainlm.convert.gguf_tokenizer import write_tokenizer_files
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
 
@@ -258,7 +259,5 @@ def convert_from_gguf(path: str | Path, dst_dir: str | Path, dtype: torch.dtype 
 
 
 def _write_tokenizer(reader: GGUFReader, dst: Path) -> None:
-    from plainlm.convert.gguf_tokenizer import write_tokenizer_files
-
     dst.mkdir(parents=True, exist_ok=True)
     write_tokenizer_files(reader, dst)

@@ -36,6 +36,7 @@ from plainlm.convert.gguf_names import (
     write_config,
     write_token_ids,
 )
+from plainlm.convert.gguf_tokenizer import add_tokenizer_to_gguf
 from plainlm.errors import CheckpointError, InvalidInput
 
 # --dtype: the type of the 2-D weights, and the general.file_type that announces it.
@@ -80,8 +81,6 @@ def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if any((src / name).is_file() for name in TOKENIZER_FILES):
-        from plainlm.convert.gguf_tokenizer import add_tokenizer_to_gguf
-
         add_tokenizer_to_gguf(writer, src)
         _pad_vocabulary(writer, config.vocab_size, src)
     else:  # no tokenizer files: llama.cpp loads the model with no vocabulary ("none"), to be fed token ids

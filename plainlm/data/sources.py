@@ -104,6 +104,7 @@ def download_source_file(
 ) -> Path:
     """The source's raw data file, from the hub (or its cache); errors are one line that says where a local
     copy goes (`local_copy`) and name the option the dataset was given with (`flag`)."""
+    # on use: huggingface_hub only for named datasets
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 

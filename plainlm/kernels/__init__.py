@@ -91,6 +91,7 @@ def kernels_loaded() -> bool:
     if shutil.which("ninja") is None:  # pip's ninja sits beside this Python, which may not be on PATH
         os.environ["PATH"] = f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
+        # on use: cpp_extension (setuptools, ninja) only to build or load the kernels
         from torch.utils import cpp_extension
 
         if needs_build(Path(cpp_extension._get_build_directory(NAME, verbose=False))):
