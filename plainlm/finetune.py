@@ -140,23 +140,7 @@ def finetune(
             packed=data.packing,
         )
 
-    return run_training(
-        finetune,
-        arguments,
-        prepare,
-        out_dir=out_dir,
-        train=train,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        resume=resume,
-        overwrite=overwrite,
-        device=device,
-        strategy=strategy,
-        devices=devices,
-        num_nodes=num_nodes,
-        rdzv_endpoint=rdzv_endpoint,
-        recipe=recipe,
-    )
+    return run_training(finetune, arguments, prepare)
 
 
 def export_final(

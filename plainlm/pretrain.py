@@ -199,23 +199,7 @@ def pretrain(
             sample=sample,
         )
 
-    return run_training(
-        pretrain,
-        arguments,
-        prepare,
-        out_dir=out_dir,
-        train=train,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        resume=resume,
-        overwrite=overwrite,
-        device=device,
-        strategy=strategy,
-        devices=devices,
-        num_nodes=num_nodes,
-        rdzv_endpoint=rdzv_endpoint,
-        recipe=recipe,
-    )
+    return run_training(pretrain, arguments, prepare)
 
 
 def whole_model(model: GPT, trained: dict[str, torch.Tensor] | None) -> GPT:

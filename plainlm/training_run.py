@@ -64,31 +64,23 @@ class Prepared:
     packed: bool = False
 
 
-def run_training(
-    command: Callable[..., Path],
-    arguments: dict[str, Any],
-    prepare: Callable[[World], Prepared],
-    *,
-    out_dir: Path,
-    train: TrainArgs,
-    optimizer: OptimizerFactory | None,
-    scheduler: SchedulerFactory | None,
-    resume: bool | str | Path,
-    overwrite: bool,
-    device: str | None,
-    strategy: Strategy,
-    devices: int,
-    num_nodes: int,
-    rdzv_endpoint: str | None,
-    recipe: str | None,
-) -> Path:
+def run_training(command: Callable[..., Path], arguments: dict[str, Any], prepare: Callable[[World], Prepared]) -> Path:
     """Run `command` (called with `arguments`) to its out_dir/final: in worker processes when devices or
     nodes ask for several, else here with the model and data `prepare` gives. Returns out_dir/final.
 
     Before anything starts, out_dir is checked (train_state.checkpoint_to_resume): a run never lands
     in a folder that holds another unless --resume or --overwrite says so. A start that fails leaves
     no folder behind that it created.
+
+    `arguments` are the command's own (its parameters, as it was called): the skeleton reads out_dir,
+    train, optimizer, scheduler, resume, overwrite, device, strategy, devices, num_nodes, rdzv_endpoint
+    and recipe from them, and workers are started with them.
     """
+    out_dir, train, resume, overwrite = (arguments[k] for k in ("out_dir", "train", "resume", "overwrite"))
+    devices, num_nodes, rdzv_endpoint = (arguments[k] for k in ("devices", "num_nodes", "rdzv_endpoint"))
+    optimizer, scheduler, device, strategy, recipe = (
+        arguments[k] for k in ("optimizer", "scheduler", "device", "strategy", "recipe")
+    )
     check_output_path(out_dir, "--out_dir")
     distributed.check_process_counts(devices, num_nodes)
     created = not out_dir.exists()
