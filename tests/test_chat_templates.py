@@ -14,8 +14,10 @@ from plainlm.chat_templates import CHAT_TEMPLATES, fallback_template_name
 from plainlm.packaged_models import smollm2_gguf
 from plainlm.tokenizer import Tokenizer, _chat_template_env
 
-# The real templates, copied from each family's tokenizer_config.json on the Hugging Face hub (not available
-# offline here, unlike SmolLM2's, which is read from the packaged GGUF below).
+# The real templates of each family's tokenizer_config.json on the Hugging Face hub (not available offline here,
+# unlike SmolLM2's, which is read from the packaged GGUF below). Checked character for character against
+# llama.cpp's models/templates/microsoft-Phi-3.5-mini-instruct.jinja, and against public copies of the Llama 2,
+# Llama 3 and Gemma 3 (google/gemma-3-4b-it, also llama.cpp's GEMMA3_CHAT_TEMPLATE) templates.
 REAL_TEMPLATES = {
     # meta-llama/Llama-2-7b-chat-hf, tokenizer_config.json "chat_template"
     "llama2": (
