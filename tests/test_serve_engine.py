@@ -37,10 +37,15 @@ def alone(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
     return generate(llm.model, [prompt], params, stop_ids=stop)[0]
 
 
-def test_greedy_equals_generate_alone_with_staggered_arrivals_and_chunked_prompts(llm):
+@pytest.mark.parametrize("in_place", [True, False], ids=["pool-read-in-place", "pool-gathered"])
+def test_greedy_equals_generate_alone_with_staggered_arrivals_and_chunked_prompts(llm, in_place):
     """12 requests of different lengths: 4 first, then 4 more while those decode, then 4 more; prompts run
-    in chunks of 8 tokens; every request's tokens equal what generate gives it alone."""
+    in chunks of 8 tokens; every request's tokens equal what generate gives it alone. Decode steps read the
+    pool in place with plainlm's kernel where it runs, or gather it for SDPA (as on other CPUs and GPUs)."""
     engine = Engine(llm, max_batch_size=6, prefill_chunk=8, kv_cache_gb=0.01)
+    if in_place and not engine.decode_in_place:
+        pytest.skip("plainlm's decode kernel does not run here (it needs AVX512-VNNI)")
+    engine.decode_in_place = in_place
     params = SamplingParams(max_new_tokens=20)
     requests = [Request(prompt=p, params=params) for p in prompts(12, llm.model.config.vocab_size)]
     results = {}

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from plainlm.errors import InvalidInput, NotFound, QueueFull
+from plainlm.kernel_layers import reads_paged_pool
 from plainlm.sampling import SamplingParams, sample
 from plainlm.serve.kv_pool import BlockPool, PagedKVCache
 
@@ -208,6 +209,7 @@ class Engine:
             raise InvalidInput(f"--kv_cache_gb {kv_cache_gb} holds no block of {BLOCK_SIZE} tokens: give more")
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)
         self.step_tables = PagedKVCache.install(self.model, self.pool, dtype)
+        self.decode_in_place = reads_paged_pool(self.model, dtype)
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: they hold blocks; in the order they were admitted
@@ -410,6 +412,7 @@ class Engine:
         positions = torch.tensor([list(range(s, s + count)) for s in starts])
         self.step_tables.attach(self.model)
         self.step_tables.apply([(seq.blocks, s, s + count) for seq, s in zip(rows, starts, strict=True)])
+        self.step_tables.in_place = count == 1 and self.decode_in_place
         if self.adapters is not None:
             self.adapters.select([seq.request.adapter for seq in rows])
         return self.model(
