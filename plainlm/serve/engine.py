@@ -2,6 +2,8 @@
 
     engine = Engine(llm, max_batch_size=16)
     results = engine.generate([Request(prompt=ids, params=SamplingParams(max_new_tokens=50))])
+    for event in engine.stream(requests):  # events of many requests, interleaved, as they happen
+        print(event.request_id, event.text, end="")
 
     engine.start()                         # the loop in a background thread (the HTTP server's way)
     engine.submit(Request(prompt=ids, params=..., on_event=callback))   # callback(Event) per step, from that thread
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import sys
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -122,6 +125,24 @@ class Result:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+
+    @classmethod
+    def join(cls, events: list[Event]) -> Result:
+        """One request's events, the last of which finished it, as one Result."""
+        last = events[-1]
+        logprobs = [e.logprobs for e in events if e.logprobs is not None]
+        return cls(
+            request_id=last.request_id,
+            token_ids=[t for e in events for t in e.token_ids],
+            text="".join(e.text for e in events),
+            finish_reason=last.finish_reason,
+            logprobs=[t for part in logprobs for t in part] if logprobs else None,
+            prompt_logprobs=next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None),
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+            error=last.error,
+        )
 
 
 BLOCK_SIZE = 16  # tokens per KV block: small enough that a prefix is shared to within 16 tokens
@@ -240,22 +261,32 @@ class Engine:
             self._lock.notify()
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Run `requests` to the end and return their results, in order (the engine's Python API).
+        """Run `requests` to the end and return their results, in order (the engine's Python API)."""
+        parts: dict[int, list[Event]] = {}
+        ids = []
+        for event in self.stream(requests, ids):
+            parts.setdefault(event.request_id, []).append(event)
+        return [Result.join(parts[i]) for i in ids]
 
-        Without a running loop (start), the calling thread drives the steps; with one, this waits for it.
-        """
-        results: list[Result | None] = [None] * len(requests)
-        done = threading.Semaphore(0)
-        for i, request in enumerate(requests):
-            request.on_event = _collector(results, i, request.on_event, done)
-            self._enqueue(request, bounded=False)
-        if self._thread is None:
-            while any(r is None for r in results):
-                self.step()
-        else:
-            for _ in requests:
-                done.acquire()
-        return results  # type: ignore[return-value]
+    def stream(self, requests: list[Request], ids: list[int] | None = None) -> Iterator[Event]:
+        """Run `requests` and yield their events as they happen, interleaved, until every one has finished
+        (each request's own on_event, if any, still gets them too). Without a running loop (start) the
+        calling thread drives the steps; with one, this waits for its events. `ids`, when given, receives
+        the requests' ids in order."""
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        for request in requests:
+            request.on_event = _also_to(events, request.on_event)
+            request_id = self._enqueue(request, bounded=False)
+            if ids is not None:
+                ids.append(request_id)
+        remaining = len(requests)
+        while remaining:
+            if self._thread is None:
+                while events.empty():
+                    self.step()
+            event = events.get()
+            remaining -= event.finish_reason is not None
+            yield event
 
     def _enqueue(self, request: Request, bounded: bool) -> int:
         self._check(request)
@@ -571,37 +602,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
-def _collector(
-    results: list[Result | None], index: int, listener: Callable[[Event], None] | None, done: threading.Semaphore
-) -> Callable[[Event], None]:
-    """An on_event that joins a request's events into results[index] (and passes them on to `listener`)."""
-    parts: dict[str, Any] = {"token_ids": [], "text": [], "logprobs": None, "prompt_logprobs": None}
+def _also_to(events: queue.SimpleQueue[Event], listener: Callable[[Event], None] | None) -> Callable[[Event], None]:
+    """An on_event that puts each event into `events` and passes it on to `listener`."""
 
-    def collect(event: Event) -> None:
-        parts["token_ids"] += event.token_ids
-        parts["text"].append(event.text)
-        if event.logprobs is not None:
-            parts["logprobs"] = (parts["logprobs"] or []) + event.logprobs
-        if event.prompt_logprobs is not None:
-            parts["prompt_logprobs"] = event.prompt_logprobs
+    def put(event: Event) -> None:
+        events.put(event)
         if listener is not None:
             listener(event)
-        if event.finish_reason is not None:
-            results[index] = Result(
-                request_id=event.request_id,
-                token_ids=parts["token_ids"],
-                text="".join(parts["text"]),
-                finish_reason=event.finish_reason,
-                logprobs=parts["logprobs"],
-                prompt_logprobs=parts["prompt_logprobs"],
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                cached_tokens=event.cached_tokens,
-                error=event.error,
-            )
-            done.release()
 
-    return collect
+    return put
 
 
 def free_memory(device: torch.device) -> int:
