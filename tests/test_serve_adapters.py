@@ -87,6 +87,31 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_merged(adapters: dict[str,
                 assert not torch.allclose(logits[i], plain[i], atol=1e-3), f"adapter {name} changed nothing"
 
 
+def test_decode_steps_with_the_kv_cache(adapters: dict[str, Path]) -> None:
+    """The engine's way: a prefill, then one token per row per step through the KV cache; each step's logits
+    equal the whole sequence through that row's merged model."""
+    base = base_model()
+    served = copy.deepcopy(base)
+    adapter_set = AdapterSet(served)
+    for name in ("b", "d"):
+        adapter_set.load(name, adapters[name])
+    rows = ["d", None, "b"]
+    references = [base if name is None else merged(base, adapters[name]) for name in rows]
+    sequences = ids(len(rows), seed=5)
+    served.set_kv_cache(len(rows), 16)
+    adapter_set.select(rows)
+    with torch.no_grad():
+        prompt = 4
+        logits = served(sequences[:, :prompt], input_pos=torch.arange(prompt))[:, -1]
+        for position in range(prompt, sequences.shape[1] + 1):
+            for i, reference in enumerate(references):
+                expected = reference(sequences[i : i + 1, :position])[0, -1]
+                torch.testing.assert_close(logits[i], expected, atol=ATOL, rtol=RTOL, msg=f"row {i}, {position}")
+            if position < sequences.shape[1]:
+                step = sequences[:, position : position + 1]
+                logits = served(step, input_pos=torch.tensor([position]))[:, -1]
+
+
 def test_a_batch_of_one_adapter_and_a_batch_of_base_rows(adapters: dict[str, Path]) -> None:
     """The two shortcuts: every row one adapter's (no index_select), and no adapter row (the plain layers)."""
     base = base_model()
