@@ -15,12 +15,12 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-from helpers import make_tiny_hf_model, randomise_adapters, tiny_gpt
+from helpers import make_adapter, make_tiny_hf_model, merged, tiny_gpt
 
 from plainlm.convert.hf import load_hf_model
 from plainlm.errors import CheckpointError, InvalidInput, NotFound
 from plainlm.kernels import kernels_loaded
-from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, merge_lora, save_peft_adapter
+from plainlm.lora import LoRAConfig, load_peft_adapter
 from plainlm.model import GPT
 from plainlm.quantize import quantize_model
 from plainlm.serve.adapters import AdapterSet, MultiLoRALinear
@@ -31,19 +31,6 @@ VOCAB = 64
 
 def base_model(**fields: object) -> GPT:
     return tiny_gpt(std=0.2, **fields).eval()  # peaked logits: a wrong row or layer cannot hide
-
-
-def make_adapter(base: GPT, directory: Path, lora: LoRAConfig, seed: int) -> Path:
-    """An adapter with random nonzero A, B (and magnitude) for `base`, saved in the PEFT layout."""
-    model = inject_lora(copy.deepcopy(base), lora)
-    randomise_adapters(model, seed)
-    return save_peft_adapter(model, lora, directory)
-
-
-def merged(base: nn.Module, adapter: Path) -> nn.Module:
-    model = copy.deepcopy(base)
-    load_peft_adapter(model, adapter)
-    return merge_lora(model)
 
 
 def ids(rows: int, seed: int = 3) -> torch.Tensor:

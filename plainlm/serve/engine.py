@@ -29,6 +29,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -167,10 +168,8 @@ class Sequence:
         self.sent = 0  # characters of `text` reported
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.first_event = True
+        self.salt = ""  # the prefix cache's salt: the base's, or the adapter's (Engine._salts)
 
-    @property
-    def salt(self) -> str:
-        return self.request.adapter or ""  # an adapter computes other keys and values for the same prefix
 
     @property
     def pending(self) -> int:
@@ -236,6 +235,11 @@ class Engine:
         self.running: list[Sequence] = []  # admitted: they hold blocks; in the order they were admitted
         self._lock = threading.Condition()
         self._cancelled: set[int] = set()
+        self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()  # work for the loop's thread, between steps
+        # An adapter computes other keys and values for the same prefix: each load gets a salt of its own,
+        # so blocks cached under an unloaded adapter are never found by one loaded later under its name.
+        self._salts = {name: f"{name}@0" for name in (adapters.names if adapters is not None else [])}
+        self._loads = 0
         self._next_id = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -288,14 +292,63 @@ class Engine:
             remaining -= event.finish_reason is not None
             yield event
 
-    def _enqueue(self, request: Request, bounded: bool) -> int:
-        self._check(request)
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at `path` as `name` (AdapterSet.load's errors), between two steps."""
+        if self.adapters is None:
+            raise InvalidInput("this engine was made without an AdapterSet: it serves no adapters")
+
+        def load() -> None:
+            self.adapters.load(name, path)
+            self._loads += 1
+            self._salts[name] = f"{name}@{self._loads}"
+
+        self._between_steps(load)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`, between two steps; refused while requests for it wait or run."""
+        if self.adapters is None or name not in self.adapters.names:
+            raise NotFound(f"no adapter named {name!r} is loaded")
+
+        def unload() -> None:
+            with self._lock:  # no request for it may be queued between the count and the unload
+                users = sum(seq.request.adapter == name for seq in [*self.running, *self.waiting])
+                if users:
+                    raise InvalidInput(f"adapter {name!r} is in use by {users} requests: unload it once they end")
+                self.adapters.unload(name)
+                del self._salts[name]
+
+        self._between_steps(unload)
+
+    def _between_steps(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the loop's thread between two steps (the model must not change during one) and
+        return its result or raise its error; at once when no loop runs."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return work()
+        future: Future = Future()
         with self._lock:
+            self._tasks.append((work, future))
+            self._lock.notify()
+        return future.result()
+
+    def _run_tasks(self) -> None:
+        while self._tasks:
+            with self._lock:
+                work, future = self._tasks.popleft()
+            try:
+                future.set_result(work())
+            except Exception as error:  # noqa: BLE001 - handed to the caller, who reports it
+                future.set_exception(error)
+
+    def _enqueue(self, request: Request, bounded: bool) -> int:
+        with self._lock:  # under the lock: the adapter must stay loaded between this check and the queue
+            self._check(request)
             if bounded and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting): retry later")
             request.request_id = self._next_id
             self._next_id += 1
-            self.waiting.append(Sequence(request, self.tokenizer, self.device))
+            seq = Sequence(request, self.tokenizer, self.device)
+            seq.salt = self._salts[request.adapter] if request.adapter is not None else ""
+            self.waiting.append(seq)
             self._lock.notify()
         return request.request_id
 
@@ -349,7 +402,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self.waiting or self.running or self._cancelled):
+                while not (self._stopping or self.waiting or self.running or self._cancelled or self._tasks):
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -359,6 +412,7 @@ class Engine:
     def step(self) -> None:
         """One loop iteration: cancel, admit, compute up to prefill_chunk prompt tokens, decode every
         running request by one token, report, release the finished."""
+        self._run_tasks()
         self._apply_cancels()
         self._admit()
         decoding = [seq for seq in self.running if seq.pending == 1]
