@@ -300,6 +300,11 @@ def serve(
     adapters = AdapterSet(llm.model)
     for name, path in adapters_to_load.items():
         adapters.load(name, path)
+    try:
+        structured = StructuredOutput(llm.tokenizer, llm.model.config.vocab_size)
+    except InvalidInput as e:  # a tokenizer without an end-of-sequence token: serve, but refuse response_format
+        structured = None
+        print(f"[response_format is off: {e}]", file=sys.stderr)
     engine = Engine(
         llm,
         max_batch_size=max_batch_size,
@@ -307,7 +312,7 @@ def serve(
         kv_cache_gb=kv_cache_gb,
         compile=compile,
         adapters=adapters,
-        structured=StructuredOutput(llm.tokenizer, llm.model.config.vocab_size),
+        structured=structured,
     )
     print(engine.describe(), flush=True)
     api_key = api_key or os.environ.get("PLAINLM_API_KEY") or None

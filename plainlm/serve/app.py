@@ -30,13 +30,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from plainlm.errors import CheckpointError, InvalidInput, MissingInput, NotFound, PlainlmError, QueueFull
@@ -76,7 +77,7 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 
 def status_of(error: PlainlmError) -> int:
-    """The HTTP status of a plainlm error: the client's fault (4xx) unless it is a bug."""
+    """The HTTP status of a plainlm error: 4xx for what the client sent, 500 for anything else."""
     if isinstance(error, NotFound):
         return 404
     if isinstance(error, QueueFull):
@@ -372,7 +373,7 @@ class Routes:
         adapters = self._adapters()
         if body.lora_name == self.served_model_name or body.lora_name in adapters.names:
             raise InvalidInput(f"the name {body.lora_name!r} is taken; unload it first, or pick another")
-        adapters.load(body.lora_name, body.lora_path)
+        adapters.load(body.lora_name, Path(body.lora_path))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     def unload_lora_adapter(self, body: UnloadLoraRequest) -> PlainTextResponse:
@@ -396,10 +397,9 @@ class Routes:
         choices = Choices(self.engine, requests)
         if body.stream:
             return EventStream(self._chat_chunks(choices, call, body, prompt_tokens=len(prompt)), choices)
-        results = await choices.results(http)
-        if results is None:
-            return PlainTextResponse("", status_code=499)  # the client left; nobody reads this
-        self._raise_engine_errors(results)
+        results = await self._collect(choices, http)
+        if isinstance(results, Response):
+            return results
         return {
             **call,
             "choices": [
@@ -422,10 +422,9 @@ class Routes:
         choices = Choices(self.engine, requests)
         if body.stream:
             return EventStream(self._completion_chunks(choices, call, body, prompts), choices)
-        results = await choices.results(http)
-        if results is None:
-            return PlainTextResponse("", status_code=499)
-        self._raise_engine_errors(results)
+        results = await self._collect(choices, http)
+        if isinstance(results, Response):
+            return results
         return {
             **call,
             "choices": [self._completion_choice(i, r, prompts[i // body.n], body) for i, r in enumerate(results)],
@@ -507,7 +506,7 @@ class Routes:
         if response_format is None or response_format.get("type") == "text":
             return None
         if self.engine.structured is None:
-            raise InvalidInput("response_format: this server has no structured output support")
+            raise InvalidInput("response_format: this model's tokenizer cannot constrain outputs (see the log)")
         return self.engine.structured.constraint(response_format)
 
     def _call_info(self, kind: str, body: SamplingFields) -> dict:
@@ -516,10 +515,16 @@ class Routes:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": name}
 
     @staticmethod
-    def _raise_engine_errors(results: list[Result]) -> None:
+    async def _collect(choices: Choices, http: HTTPRequest) -> list[Result] | Response:
+        """Every choice's Result, or the response to send instead: one nobody reads when the client has left,
+        a 500 when the engine failed this request (it fails alone: the engine goes on with the others)."""
+        results = await choices.results(http)
+        if results is None:
+            return Response(status_code=499)  # nginx's "client closed request"
         failed = next((r for r in results if r.finish_reason == "error"), None)
         if failed is not None:
-            raise RuntimeError(f"the engine failed this request: {failed.error}")
+            return error_response(500, f"the engine failed this request: {failed.error}")
+        return results
 
     # --- streaming ---
     async def _chat_chunks(
