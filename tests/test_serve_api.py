@@ -17,19 +17,24 @@ import subprocess
 import sys
 import threading
 import time
+from importlib import resources
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from helpers import REPO
+from safetensors.torch import load_file, save_file
 
 from plainlm.api import LLM
+from plainlm.convert.hf import load_hf_model
+from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, lora_state, merge_lora, save_peft_adapter
 from plainlm.sampling import SamplingParams
 from plainlm.serve.app import create_app
 from plainlm.serve.engine import Engine, Request
@@ -85,8 +90,21 @@ def plainlm_serve(model: Path, *options: str, start_timeout: float = 120) -> Ite
 
 
 @pytest.fixture(scope="module")
-def server(tiny_hf_dir: Path) -> Iterator[ServerProcess]:
-    with plainlm_serve(tiny_hf_dir, *SERVE_OPTIONS) as running:
+def adapter_dir(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (PEFT layout) for the tiny model, with weights large enough to change its answers."""
+    model = load_hf_model(tiny_hf_dir).eval()
+    lora = LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"])
+    inject_lora(model, lora)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for weight in lora_state(model).values():
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    return save_peft_adapter(model, lora, tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_hf_dir: Path, adapter_dir: Path) -> Iterator[ServerProcess]:
+    with plainlm_serve(tiny_hf_dir, *SERVE_OPTIONS, "--lora", f"poet={adapter_dir}") as running:
         yield running
 
 
@@ -114,9 +132,10 @@ def test_serve_prints_the_engine_and_its_address(server: ServerProcess) -> None:
     assert len(server.stdout) == 2  # the engine's describe() line, then the address
 
 
-def test_models_lists_the_served_model(server: ServerProcess) -> None:
+def test_models_lists_the_base_and_its_adapters(server: ServerProcess) -> None:
     models = server.client().models.list().data
-    assert [m.id for m in models] == ["tiny"]
+    assert [m.id for m in models] == ["tiny", "poet"]
+    assert [m.model_extra["parent"] for m in models] == [None, "tiny"]
     assert models[0].model_extra["max_model_len"] == CONTEXT
 
 
@@ -246,6 +265,113 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server: ServerProcess)
     assert server.client().completions.create(model="tiny", prompt="Hi", max_tokens=2).choices  # still serving
 
 
+# --- adapters by name ---
+def merged_llm(tiny_hf_dir: Path, adapter_dir: Path) -> LLM:
+    """The tiny model with the adapter folded into its weights: what a request for the adapter must equal."""
+    merged = LLM.load(tiny_hf_dir)
+    load_peft_adapter(merged.model, adapter_dir)
+    merge_lora(merged.model)
+    return merged
+
+
+def test_an_adapter_by_name_answers_as_the_merged_model(
+    server: ServerProcess, llm: LLM, tiny_hf_dir: Path, adapter_dir: Path
+) -> None:
+    client = server.client()
+    adapted = client.chat.completions.create(model="poet", messages=HELLO, max_tokens=10, temperature=0)
+    expected = merged_llm(tiny_hf_dir, adapter_dir).chat(HELLO, max_new_tokens=10, temperature=0.0)
+    assert adapted.choices[0].message.content == expected
+    assert adapted.model == "poet"
+    assert expected != llm.chat(HELLO, max_new_tokens=10, temperature=0.0)  # the adapter does change the answer
+
+
+def test_load_and_unload_an_adapter_at_run_time(server: ServerProcess, adapter_dir: Path) -> None:
+    client, url = server.client(), server.url
+    loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "verse", "lora_path": str(adapter_dir)})
+    assert loaded.status_code == 200, loaded.text
+    assert "verse" in [m.id for m in client.models.list().data]
+    ask = dict(messages=HELLO, max_tokens=6, temperature=0)
+    same = client.chat.completions.create(model="verse", **ask).choices[0].message.content
+    assert same == client.chat.completions.create(model="poet", **ask).choices[0].message.content
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "verse"}).status_code == 200
+    assert "verse" not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="verse", **ask)
+    again = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "verse"})
+    assert again.status_code == 404 and "verse" in again.json()["error"]["message"]
+
+
+def test_an_adapter_that_does_not_fit_is_400_and_the_server_goes_on(
+    server: ServerProcess, adapter_dir: Path, tmp_path: Path
+) -> None:
+    misfit = tmp_path / "misfit"
+    misfit.mkdir()
+    (misfit / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    # lora_A of another model's width: its rank fits, its input size does not
+    save_file(
+        {k: v[:, :-8].contiguous() if "lora_A" in k else v for k, v in tensors.items()},
+        misfit / "adapter_model.safetensors",
+    )
+    url = server.url
+    for path in (misfit, tmp_path / "nothing-here"):
+        response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "misfit", "lora_path": str(path)})
+        assert response.status_code == 400, response.text
+        assert str(path) in response.json()["error"]["message"] or "misfit" in response.json()["error"]["message"]
+    taken = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": str(adapter_dir)})
+    assert taken.status_code == 400  # the base model's name
+    assert "misfit" not in [m.id for m in server.client().models.list().data]
+    assert server.client().chat.completions.create(model="poet", messages=HELLO, max_tokens=2).choices
+
+
+# --- structured output ---
+COLOR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "bright": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["color", "bright", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_validates(server: ServerProcess) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "color", "schema": COLOR_SCHEMA}}
+    reply = server.client().chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=60, temperature=1.0, n=4, seed=3, response_format=response_format
+    )
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), COLOR_SCHEMA)
+
+
+def test_response_format_json_object_parses(server: ServerProcess) -> None:
+    reply = server.client().chat.completions.create(
+        model="poet", messages=HELLO, max_tokens=60, temperature=0, response_format={"type": "json_object"}
+    )
+    if reply.choices[0].finish_reason == "stop":  # a free-form object may run past max_tokens
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:
+        assert reply.choices[0].message.content.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nonsense"}}},
+        {"type": "json_schema"},
+        {"type": "yaml"},
+    ],
+    ids=["invalid schema", "no schema", "unknown type"],
+)
+def test_a_bad_response_format_is_400(client: TestClient, response_format: dict) -> None:
+    response = client.post("/v1/chat/completions", json=chat(response_format=response_format))
+    assert response.status_code == 400, response.text
+    assert "response_format" in response.json()["error"]["message"]
+
+
 # --- shutdown ---
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -371,6 +497,7 @@ def test_api_key_is_required_when_set(llm: LLM) -> None:
             assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
         assert test_client.get("/v1/models").status_code == 401
         assert test_client.get("/health").status_code == 200  # a load balancer's probe needs no key
+        assert test_client.get("/").status_code == 200  # nor the chat page, which asks for the key itself
         right = test_client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer sesame"})
         assert right.status_code == 200
 
@@ -394,6 +521,14 @@ def test_tokenize_and_detokenize_round_trip(client: TestClient, llm: LLM) -> Non
     assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "The quick brown fox"
     chat_tokens = client.post("/tokenize", json={"messages": HELLO}).json()["tokens"]
     assert chat_tokens == llm.tokenizer.encode(llm.tokenizer.apply_chat_template(HELLO), bos=False)
+
+
+# --- the chat page ---
+def test_the_chat_page_is_served_at_the_root(client: TestClient) -> None:
+    page = resources.files("plainlm.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+    response = client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert response.text == page
 
 
 # --- the real model's chat template ---
