@@ -17,10 +17,10 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import resources
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import httpx
