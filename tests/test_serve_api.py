@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -263,6 +264,59 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server: ServerProcess)
         time.sleep(0.1)
     assert health["kv_blocks_used"] == 0
     assert server.client().completions.create(model="tiny", prompt="Hi", max_tokens=2).choices  # still serving
+
+
+# --- lm-eval scores a served model ---
+COLOR_QUESTIONS = [
+    {"question": "What color is the sky?", "choices": ["blue", "green", "red"], "answer": 0},
+    {"question": "What color is grass?", "choices": ["blue", "green", "red"], "answer": 1},
+    {"question": "What color is a ripe tomato?", "choices": ["blue", "green", "red"], "answer": 2},
+]
+COLOR_TASK = """task: plainlm_colors
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_as_a_forward_pass(
+    server: ServerProcess, llm: LLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-eval's `local-completions` backend (echo + logprobs, and the server's /tokenize as its tokenizer)
+    gets each choice's log-likelihood within 1e-4 of the model's own forward pass."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval[api] scores served models: pip install 'lm-eval[api]'")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "colors.jsonl").write_text("\n".join(json.dumps(q) for q in COLOR_QUESTIONS))
+    (tmp_path / "colors.yaml").write_text(COLOR_TASK.format(data=tmp_path / "colors.jsonl"))
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"base_url": f"{server.url}/v1/completions", "model": "tiny", "max_retries": 1},
+        tasks=["plainlm_colors"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
+    encode = partial(llm.tokenizer.encode, bos=False)  # lm-eval's remote tokenizer: /tokenize, no special tokens
+    for sample in results["samples"]["plainlm_colors"]:
+        context = f"Question: {sample['doc']['question']}\nAnswer:"
+        for choice, [(loglikelihood, _)] in zip(sample["doc"]["choices"], sample["resps"], strict=True):
+            context_ids = encode(context)  # as lm-eval splits a pair: the whole, then the context's length
+            ids = context_ids + encode(f"{context} {choice}")[len(context_ids) :]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), dim=-1)
+            expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(context_ids), len(ids)))
+            assert loglikelihood == pytest.approx(expected, abs=1e-4)
 
 
 # --- adapters by name ---

@@ -282,6 +282,7 @@ def create_app(
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
     app.post("/tokenize")(routes.tokenize)
+    app.get("/tokenizer_info")(routes.tokenizer_info)
     app.post("/detokenize")(routes.detokenize)
     app.post("/v1/chat/completions")(routes.chat_completions)
     app.post("/v1/completions")(routes.completions)
@@ -354,6 +355,17 @@ class Routes:
         else:
             tokens = self.tokenizer.encode(body.prompt, bos=None if body.add_special_tokens else False)
         return {"count": len(tokens), "max_model_len": self.engine.max_seq_length, "tokens": tokens}
+
+    async def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (lm-eval's remote tokenizer)."""
+        tokenizer = self.tokenizer
+        return {
+            "tokenizer_class": "plainlm.tokenizer.Tokenizer",
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "chat_template": tokenizer.chat_template,
+            "model_max_length": self.engine.max_seq_length,
+        }
 
     async def detokenize(self, body: DetokenizeRequest) -> dict:
         self.adapter_for(body.model)
