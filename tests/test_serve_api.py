@@ -15,6 +15,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 import httpx
 import jsonschema
@@ -50,44 +52,50 @@ HELLO = [{"role": "user", "content": "Say hello to the quick brown fox."}]
 class ServerProcess:
     process: subprocess.Popen
     url: str
-    stdout: list[str]  # the lines printed before the address line, and that line
+    stdout: list[str]  # the lines printed up to the address line
+    stderr_file: IO[str]  # a file, not a pipe: a pipe nobody reads would block the server once full
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stderr(self) -> str:
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
 
 
 @contextmanager
 def plainlm_serve(model: Path, *options: str, start_timeout: float = 120) -> Iterator[ServerProcess]:
     """`plainlm serve MODEL --port 0 OPTIONS` in a fresh process, once it has printed its address."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "plainlm.cli", "serve", str(model), "--port", "0", *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(
-        target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)], daemon=True
-    ).start()
-    seen: list[str] = []
-    deadline = time.monotonic() + start_timeout
-    try:
-        while True:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(
-                    f"plainlm serve exited before it was ready: {process.wait()}\n{process.stderr.read()}"
-                )
-            seen.append(line.rstrip("\n"))
-            if " at http://" in line:
-                break
-        url = line.split(" at ")[1].split()[0]
-        yield ServerProcess(process, url, seen)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "plainlm.cli", "serve", str(model), "--port", "0", *options],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=REPO,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read_lines() -> None:  # in a thread, so that waiting for the address line can time out
+            for line in process.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read_lines, daemon=True).start()
+        server = ServerProcess(process, "", [], stderr)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while " at http://" not in (server.stdout or [""])[-1]:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    raise AssertionError(f"plainlm serve exited ({process.wait()}) early:\n{server.stderr()}")
+                server.stdout.append(line.rstrip("\n"))
+            server.url = server.stdout[-1].split(" at ")[1].split()[0]
+            yield server
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +447,7 @@ def test_a_signal_ends_open_streams_and_the_server_cleanly(tiny_hf_dir: Path, si
             running.process.send_signal(sig)
             rest = [line for line in lines if line]
         returncode = running.process.wait(timeout=30)
-        stderr = running.process.stderr.read()
+        stderr = running.stderr()
     assert rest[-1] == "data: [DONE]"  # the stream ended (finish_reason abort), it was not cut
     assert "Traceback" not in stderr, stderr
     # SIGTERM: killed by the signal, re-raised after the graceful shutdown; SIGINT: the CLI's Ctrl-C exit
