@@ -315,8 +315,15 @@ class Routes:
         return HTMLResponse(page.read_text(encoding="utf-8"))
 
     async def health(self) -> dict:
+        """200 while the server answers, with the KV pool's counters: blocks held by running requests, blocks
+        kept in the prefix cache (free to reuse), and the pool's size."""
         pool = self.engine.pool
-        return {"status": "ok", "kv_blocks_used": pool.used_blocks, "kv_blocks_total": pool.num_blocks}
+        return {
+            "status": "ok",
+            "kv_blocks_used": pool.used_blocks,
+            "kv_blocks_cached": pool.cached_blocks,
+            "kv_blocks_total": pool.num_blocks,
+        }
 
     async def models(self) -> dict:
         base = self._model_card(self.served_model_name, parent=None)
