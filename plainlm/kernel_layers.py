@@ -73,7 +73,19 @@ def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     """x through layers that all read it (q, k, v; gate, up). When they are plainlm's int8 or int4 layers
     running its kernel, with one group size, and no gradient flows, one call of int8_matmuls /
     int4_matmuls computes them all: a small quantized model's decode step spends much of its time in
-    per-call overhead. Otherwise one call each. The outputs are the same either way."""
+    per-call overhead. Otherwise one call each. The outputs are the same either way.
+
+    A served model's adapted layer (serve/adapters.py's MultiLoRALinear, which has `add_adapters`) takes
+    part through its base layer, and adds its batch rows' adapter updates to that output after."""
+    bases = [layer.base if hasattr(layer, "add_adapters") else layer for layer in layers]
+    outputs = _project_bases_together(x, bases)
+    return [
+        layer.add_adapters(x, out) if hasattr(layer, "add_adapters") else out
+        for out, layer in zip(outputs, layers, strict=True)
+    ]
+
+
+def _project_bases_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> Sequence[torch.Tensor]:
     first = layers[0]
     kernel = getattr(first, "kernel", None)  # quantize.Int8Linear / Int4Linear say which kernel they run
     group_size = getattr(first, "group_size", None)

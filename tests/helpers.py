@@ -15,6 +15,7 @@ import transformers
 
 from plainlm.config import Config
 from plainlm.data import IGNORE_INDEX
+from plainlm.lora import lora_state
 from plainlm.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,16 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
             logits = model(torch.tensor([seq]))
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt) :]
+
+
+def randomise_adapters(model: torch.nn.Module, seed: int = 1) -> None:
+    """Draw every LoRA A and B of `model` from N(0, 0.1) and shift DoRA magnitudes likewise: B is zero at
+    initialisation, which would hide a wrong mapping."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora_state(model).items():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(p + noise if name.endswith("magnitude") else noise)
 
 
 def tiny_hf_model(
