@@ -393,10 +393,10 @@ def test_an_adapter_that_does_not_fit_is_400_and_the_server_goes_on(
         misfit / "adapter_model.safetensors",
     )
     url = server.url
-    for path in (misfit, tmp_path / "nothing-here"):
+    for path, says in ((misfit, "has shape"), (tmp_path / "nothing-here", "no adapter_config.json")):
         response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "misfit", "lora_path": str(path)})
         assert response.status_code == 400, response.text
-        assert str(path) in response.json()["error"]["message"] or "misfit" in response.json()["error"]["message"]
+        assert str(path) in response.json()["error"]["message"] and says in response.json()["error"]["message"]
     taken = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": str(adapter_dir)})
     assert taken.status_code == 400  # the base model's name
     assert "misfit" not in [m.id for m in server.client().models.list().data]
