@@ -15,12 +15,12 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-from helpers import make_tiny_hf_model, randomise_adapters, tiny_gpt
+from helpers import make_adapter, make_tiny_hf_model, merged, tiny_gpt
 
 from plainlm.convert.hf import load_hf_model
 from plainlm.errors import CheckpointError, InvalidInput, NotFound
 from plainlm.kernels import kernels_loaded
-from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, merge_lora, save_peft_adapter
+from plainlm.lora import LoRAConfig, load_peft_adapter
 from plainlm.model import GPT
 from plainlm.quantize import quantize_model
 from plainlm.serve.adapters import AdapterSet, MultiLoRALinear
@@ -31,19 +31,6 @@ VOCAB = 64
 
 def base_model(**fields: object) -> GPT:
     return tiny_gpt(std=0.2, **fields).eval()  # peaked logits: a wrong row or layer cannot hide
-
-
-def make_adapter(base: GPT, directory: Path, lora: LoRAConfig, seed: int) -> Path:
-    """An adapter with random nonzero A, B (and magnitude) for `base`, saved in the PEFT layout."""
-    model = inject_lora(copy.deepcopy(base), lora)
-    randomise_adapters(model, seed)
-    return save_peft_adapter(model, lora, directory)
-
-
-def merged(base: nn.Module, adapter: Path) -> nn.Module:
-    model = copy.deepcopy(base)
-    load_peft_adapter(model, adapter)
-    return merge_lora(model)
 
 
 def ids(rows: int, seed: int = 3) -> torch.Tensor:
@@ -85,6 +72,31 @@ def test_each_row_of_a_mixed_batch_equals_its_adapter_merged(adapters: dict[str,
                 alone = merged(base, adapters[name])(idx[i : i + 1])[0]
                 torch.testing.assert_close(logits[i], alone, atol=ATOL, rtol=RTOL, msg=f"row {i} ({name})")
                 assert not torch.allclose(logits[i], plain[i], atol=1e-3), f"adapter {name} changed nothing"
+
+
+def test_decode_steps_with_the_kv_cache(adapters: dict[str, Path]) -> None:
+    """The engine's way: a prefill, then one token per row per step through the KV cache; each step's logits
+    equal the whole sequence through that row's merged model."""
+    base = base_model()
+    served = copy.deepcopy(base)
+    adapter_set = AdapterSet(served)
+    for name in ("b", "d"):
+        adapter_set.load(name, adapters[name])
+    rows = ["d", None, "b"]
+    references = [base if name is None else merged(base, adapters[name]) for name in rows]
+    sequences = ids(len(rows), seed=5)
+    served.set_kv_cache(len(rows), 16)
+    adapter_set.select(rows)
+    with torch.no_grad():
+        prompt = 4
+        logits = served(sequences[:, :prompt], input_pos=torch.arange(prompt))[:, -1]
+        for position in range(prompt, sequences.shape[1] + 1):
+            for i, reference in enumerate(references):
+                expected = reference(sequences[i : i + 1, :position])[0, -1]
+                torch.testing.assert_close(logits[i], expected, atol=ATOL, rtol=RTOL, msg=f"row {i}, {position}")
+            if position < sequences.shape[1]:
+                step = sequences[:, position : position + 1]
+                logits = served(step, input_pos=torch.tensor([position]))[:, -1]
 
 
 def test_a_batch_of_one_adapter_and_a_batch_of_base_rows(adapters: dict[str, Path]) -> None:
