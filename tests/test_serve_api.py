@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import REPO
+from helpers import REPO, run_cli
 from safetensors.torch import load_file, save_file
 
 from plainlm.api import LLM
@@ -449,6 +450,23 @@ def test_a_bad_response_format_is_400(client: TestClient, response_format: dict)
     response = client.post("/v1/chat/completions", json=chat(response_format=response_format))
     assert response.status_code == 400, response.text
     assert "response_format" in response.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_bad_serve_options_fail_before_the_model_loads(tiny_hf_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (["--lora", "pirate"], "--lora pirate: write it as NAME=PATH"),
+            (["--lora", "a=x", "--lora", "a=y"], "the name 'a' is given twice"),  # --lora repeats
+            (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        ]
+        for options, says in cases:
+            result = run_cli("serve", str(tiny_hf_dir), *options, timeout=60)
+            assert result.returncode == 2 and says in result.stderr, result.stderr
+            assert "KV cache" not in result.stdout  # the engine was never made
 
 
 # --- shutdown ---
