@@ -288,13 +288,14 @@ def serve(
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
     """
     from plainlm.api import LLM
+    from plainlm.generate import check_compile
     from plainlm.serve.adapters import AdapterSet
     from plainlm.serve.app import bind, create_app, run_server
     from plainlm.serve.engine import Engine
     from plainlm.serve.structured import StructuredOutput
 
     adapters_to_load = _lora_options(lora or [])
-    _check_compile(compile)
+    check_compile(compile)  # a bad mode fails before the model loads (the engine says what it compiles)
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
     llm = LLM.load(model, device=device, dtype=dtype, quantize=quantize)
     try:
