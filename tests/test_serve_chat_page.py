@@ -25,6 +25,7 @@ import torch
 from helpers import REPO
 
 from plainlm.convert.hf import load_hf_model
+from plainlm.kernels import kernels_loaded
 from plainlm.lora import LoRAConfig, inject_lora, lora_state, save_peft_adapter
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
@@ -84,6 +85,10 @@ def adapter_dir(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def server(tiny_hf_dir: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # plainlm's CPU kernels are built (once per machine, a minute or more) here rather than in the server:
+    # its start then fits the wait below, and a server stopped mid-build would leave torch's build lock
+    # behind, on which every later build waits forever.
+    kernels_loaded()
     port = free_port()
     command = [sys.executable, "-m", "plainlm.cli", "serve", str(tiny_hf_dir), "--port", str(port)]
     command += ["--served_model_name", BASE, "--lora", f"{ADAPTER}={adapter_dir}", "--api_key", API_KEY]
