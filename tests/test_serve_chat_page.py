@@ -56,7 +56,7 @@ def api(base_url: str, path: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
