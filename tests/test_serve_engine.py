@@ -4,16 +4,20 @@ requests are preempted; logprobs equal a plain forward pass; the pool's counters
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 
 import pytest
 import torch
+from helpers import make_adapter, merged
 
 from plainlm.api import LLM
 from plainlm.errors import InvalidInput, NotFound, QueueFull
 from plainlm.generate import generate
+from plainlm.lora import LoRAConfig
 from plainlm.sampling import SamplingParams
+from plainlm.serve.adapters import AdapterSet
 from plainlm.serve.engine import BLOCK_SIZE, Engine, Request
 from plainlm.serve.kv_pool import BlockPool
 
@@ -37,10 +41,15 @@ def alone(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
     return generate(llm.model, [prompt], params, stop_ids=stop)[0]
 
 
-def test_greedy_equals_generate_alone_with_staggered_arrivals_and_chunked_prompts(llm):
+@pytest.mark.parametrize("in_place", [True, False], ids=["pool-read-in-place", "pool-gathered"])
+def test_greedy_equals_generate_alone_with_staggered_arrivals_and_chunked_prompts(llm, in_place):
     """12 requests of different lengths: 4 first, then 4 more while those decode, then 4 more; prompts run
-    in chunks of 8 tokens; every request's tokens equal what generate gives it alone."""
+    in chunks of 8 tokens; every request's tokens equal what generate gives it alone. Decode steps read the
+    pool in place with plainlm's kernel where it runs, or gather it for SDPA (as on other CPUs and GPUs)."""
     engine = Engine(llm, max_batch_size=6, prefill_chunk=8, kv_cache_gb=0.01)
+    if in_place and not engine.decode_in_place:
+        pytest.skip("plainlm's decode kernel does not run here (it needs AVX512-VNNI)")
+    engine.decode_in_place = in_place
     params = SamplingParams(max_new_tokens=20)
     requests = [Request(prompt=p, params=params) for p in prompts(12, llm.model.config.vocab_size)]
     results = {}
@@ -231,3 +240,37 @@ def test_block_pool_counts_and_evicts_least_recently_released_first():
     pool.release(b)
     pool.release(c)
     assert pool.used_blocks == 0
+
+
+def test_a_mixed_batch_of_adapters_decodes_each_row_as_its_adapter_merged_and_alone(llm, tmp_path):
+    """Rows for adapter a, the base, adapter b and a again, in one batch: each row's greedy tokens equal the
+    same request against that adapter merged into the base (merge-lora), decoded alone."""
+    base = llm.model
+    made = {
+        "a": make_adapter(base, tmp_path / "a", LoRAConfig(r=4, alpha=8, targets=["q", "v", "up"]), seed=1),
+        "b": make_adapter(base, tmp_path / "b", LoRAConfig(r=2, alpha=4, targets=["k", "o", "down"]), seed=2),
+    }
+    served = LLM(copy.deepcopy(base), llm.tokenizer)
+    adapters = AdapterSet(served.model)
+    engine = Engine(served, adapters=adapters, kv_cache_gb=0.01)
+    engine.load_adapter("a", made["a"])
+    engine.load_adapter("b", made["b"])
+    params = SamplingParams(max_new_tokens=12)
+    batch = prompts(4, llm.model.config.vocab_size, seed=10)
+    names = ["a", None, "b", "a"]
+    results = engine.generate([Request(prompt=p, params=params, adapter=n) for p, n in zip(batch, names, strict=True)])
+    for prompt, name, result in zip(batch, names, results, strict=True):
+        reference = llm if name is None else LLM(merged(base, made[name]), llm.tokenizer)
+        assert result.token_ids == alone(reference, prompt, params), name
+    assert results[0].token_ids != alone(llm, batch[0], params)  # the adapter changes the answer
+
+    # The same prompt under the base and under an adapter never shares cached blocks: their keys differ.
+    shared = batch[0] * 3
+    first, second = engine.generate([Request(prompt=shared, params=params, adapter=n) for n in ("a", None)])
+    assert second.cached_tokens == 0
+    engine.unload_adapter("b")
+    with pytest.raises(NotFound, match="no adapter named 'b'"):
+        engine.submit(Request(prompt=shared, params=params, adapter="b"))
+    engine.load_adapter("b", made["a"])  # another adapter under an old name: a's weights, no stale blocks
+    again = engine.generate([Request(prompt=shared, params=params, adapter="b")])[0]
+    assert again.cached_tokens == 0 and again.token_ids == first.token_ids

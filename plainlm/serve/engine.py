@@ -2,6 +2,8 @@
 
     engine = Engine(llm, max_batch_size=16)
     results = engine.generate([Request(prompt=ids, params=SamplingParams(max_new_tokens=50))])
+    for event in engine.stream(requests):  # events of many requests, interleaved, as they happen
+        print(event.request_id, event.text, end="")
 
     engine.start()                         # the loop in a background thread (the HTTP server's way)
     engine.submit(Request(prompt=ids, params=..., on_event=callback))   # callback(Event) per step, from that thread
@@ -21,17 +23,20 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import sys
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from plainlm.errors import InvalidInput, NotFound, QueueFull
+from plainlm.kernel_layers import reads_paged_pool
 from plainlm.sampling import SamplingParams, sample
 from plainlm.serve.kv_pool import BlockPool, PagedKVCache
 
@@ -122,6 +127,24 @@ class Result:
     cached_tokens: int = 0
     error: str | None = None
 
+    @classmethod
+    def join(cls, events: list[Event]) -> Result:
+        """One request's events, the last of which finished it, as one Result."""
+        last = events[-1]
+        logprobs = [e.logprobs for e in events if e.logprobs is not None]
+        return cls(
+            request_id=last.request_id,
+            token_ids=[t for e in events for t in e.token_ids],
+            text="".join(e.text for e in events),
+            finish_reason=last.finish_reason,
+            logprobs=[t for part in logprobs for t in part] if logprobs else None,
+            prompt_logprobs=next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None),
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+            error=last.error,
+        )
+
 
 BLOCK_SIZE = 16  # tokens per KV block: small enough that a prefix is shared to within 16 tokens
 DEFAULT_MEMORY_SHARE = 0.25  # without --kv_cache_gb the pool takes at most this share of the free memory
@@ -145,10 +168,8 @@ class Sequence:
         self.sent = 0  # characters of `text` reported
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.first_event = True
+        self.salt = ""  # the prefix cache's salt: the base's, or the adapter's (Engine._salts)
 
-    @property
-    def salt(self) -> str:
-        return self.request.adapter or ""  # an adapter computes other keys and values for the same prefix
 
     @property
     def pending(self) -> int:
@@ -208,11 +229,17 @@ class Engine:
             raise InvalidInput(f"--kv_cache_gb {kv_cache_gb} holds no block of {BLOCK_SIZE} tokens: give more")
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)
         self.step_tables = PagedKVCache.install(self.model, self.pool, dtype)
+        self.decode_in_place = reads_paged_pool(self.model, dtype)
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: they hold blocks; in the order they were admitted
         self._lock = threading.Condition()
         self._cancelled: set[int] = set()
+        self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()  # work for the loop's thread, between steps
+        # An adapter computes other keys and values for the same prefix: each load gets a salt of its own,
+        # so blocks cached under an unloaded adapter are never found by one loaded later under its name.
+        self._salts = {name: f"{name}@0" for name in (adapters.names if adapters is not None else [])}
+        self._loads = 0
         self._next_id = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -238,31 +265,90 @@ class Engine:
             self._lock.notify()
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Run `requests` to the end and return their results, in order (the engine's Python API).
+        """Run `requests` to the end and return their results, in order (the engine's Python API)."""
+        parts: dict[int, list[Event]] = {}
+        ids = []
+        for event in self.stream(requests, ids):
+            parts.setdefault(event.request_id, []).append(event)
+        return [Result.join(parts[i]) for i in ids]
 
-        Without a running loop (start), the calling thread drives the steps; with one, this waits for it.
-        """
-        results: list[Result | None] = [None] * len(requests)
-        done = threading.Semaphore(0)
-        for i, request in enumerate(requests):
-            request.on_event = _collector(results, i, request.on_event, done)
-            self._enqueue(request, bounded=False)
-        if self._thread is None:
-            while any(r is None for r in results):
-                self.step()
-        else:
-            for _ in requests:
-                done.acquire()
-        return results  # type: ignore[return-value]
+    def stream(self, requests: list[Request], ids: list[int] | None = None) -> Iterator[Event]:
+        """Run `requests` and yield their events as they happen, interleaved, until every one has finished
+        (each request's own on_event, if any, still gets them too). Without a running loop (start) the
+        calling thread drives the steps; with one, this waits for its events. `ids`, when given, receives
+        the requests' ids in order."""
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        for request in requests:
+            request.on_event = _also_to(events, request.on_event)
+            request_id = self._enqueue(request, bounded=False)
+            if ids is not None:
+                ids.append(request_id)
+        remaining = len(requests)
+        while remaining:
+            if self._thread is None:
+                while events.empty():
+                    self.step()
+            event = events.get()
+            remaining -= event.finish_reason is not None
+            yield event
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at `path` as `name` (AdapterSet.load's errors), between two steps."""
+        if self.adapters is None:
+            raise InvalidInput("this engine was made without an AdapterSet: it serves no adapters")
+
+        def load() -> None:
+            self.adapters.load(name, path)
+            self._loads += 1
+            self._salts[name] = f"{name}@{self._loads}"
+
+        self._between_steps(load)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`, between two steps; refused while requests for it wait or run."""
+        if self.adapters is None or name not in self.adapters.names:
+            raise NotFound(f"no adapter named {name!r} is loaded")
+
+        def unload() -> None:
+            with self._lock:  # no request for it may be queued between the count and the unload
+                users = sum(seq.request.adapter == name for seq in [*self.running, *self.waiting])
+                if users:
+                    raise InvalidInput(f"adapter {name!r} is in use by {users} requests: unload it once they end")
+                self.adapters.unload(name)
+                del self._salts[name]
+
+        self._between_steps(unload)
+
+    def _between_steps(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the loop's thread between two steps (the model must not change during one) and
+        return its result or raise its error; at once when no loop runs."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return work()
+        future: Future = Future()
+        with self._lock:
+            self._tasks.append((work, future))
+            self._lock.notify()
+        return future.result()
+
+    def _run_tasks(self) -> None:
+        while self._tasks:
+            with self._lock:
+                work, future = self._tasks.popleft()
+            try:
+                future.set_result(work())
+            except Exception as error:  # noqa: BLE001 - handed to the caller, who reports it
+                future.set_exception(error)
 
     def _enqueue(self, request: Request, bounded: bool) -> int:
-        self._check(request)
-        with self._lock:
+        with self._lock:  # under the lock: the adapter must stay loaded between this check and the queue
+            self._check(request)
             if bounded and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting): retry later")
             request.request_id = self._next_id
             self._next_id += 1
-            self.waiting.append(Sequence(request, self.tokenizer, self.device))
+            seq = Sequence(request, self.tokenizer, self.device)
+            seq.salt = self._salts[request.adapter] if request.adapter is not None else ""
+            self.waiting.append(seq)
             self._lock.notify()
         return request.request_id
 
@@ -316,7 +402,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self.waiting or self.running or self._cancelled):
+                while not (self._stopping or self.waiting or self.running or self._cancelled or self._tasks):
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -326,6 +412,7 @@ class Engine:
     def step(self) -> None:
         """One loop iteration: cancel, admit, compute up to prefill_chunk prompt tokens, decode every
         running request by one token, report, release the finished."""
+        self._run_tasks()
         self._apply_cancels()
         self._admit()
         decoding = [seq for seq in self.running if seq.pending == 1]
@@ -410,6 +497,7 @@ class Engine:
         positions = torch.tensor([list(range(s, s + count)) for s in starts])
         self.step_tables.attach(self.model)
         self.step_tables.apply([(seq.blocks, s, s + count) for seq, s in zip(rows, starts, strict=True)])
+        self.step_tables.in_place = count == 1 and self.decode_in_place
         if self.adapters is not None:
             self.adapters.select([seq.request.adapter for seq in rows])
         return self.model(
@@ -568,37 +656,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
-def _collector(
-    results: list[Result | None], index: int, listener: Callable[[Event], None] | None, done: threading.Semaphore
-) -> Callable[[Event], None]:
-    """An on_event that joins a request's events into results[index] (and passes them on to `listener`)."""
-    parts: dict[str, Any] = {"token_ids": [], "text": [], "logprobs": None, "prompt_logprobs": None}
+def _also_to(events: queue.SimpleQueue[Event], listener: Callable[[Event], None] | None) -> Callable[[Event], None]:
+    """An on_event that puts each event into `events` and passes it on to `listener`."""
 
-    def collect(event: Event) -> None:
-        parts["token_ids"] += event.token_ids
-        parts["text"].append(event.text)
-        if event.logprobs is not None:
-            parts["logprobs"] = (parts["logprobs"] or []) + event.logprobs
-        if event.prompt_logprobs is not None:
-            parts["prompt_logprobs"] = event.prompt_logprobs
+    def put(event: Event) -> None:
+        events.put(event)
         if listener is not None:
             listener(event)
-        if event.finish_reason is not None:
-            results[index] = Result(
-                request_id=event.request_id,
-                token_ids=parts["token_ids"],
-                text="".join(parts["text"]),
-                finish_reason=event.finish_reason,
-                logprobs=parts["logprobs"],
-                prompt_logprobs=parts["prompt_logprobs"],
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                cached_tokens=event.cached_tokens,
-                error=event.error,
-            )
-            done.release()
 
-    return collect
+    return put
 
 
 def free_memory(device: torch.device) -> int:

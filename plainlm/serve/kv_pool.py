@@ -185,11 +185,14 @@ class PagedKVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys and values (B, K, T, D) at their slots; return each row's keys and values
-        so far, (B, K, S, D) contiguous, S the longest row's length (shorter rows padded with slot 0)."""
+        so far, (B, K, S, D) contiguous, S the longest row's length (shorter rows padded with slot 0); or,
+        for a step that reads in place, the pool's (R, D) storage itself."""
         step = self.step
         B, K, T, D = k.shape
         self.k.index_copy_(0, step.write_index, k.to(self.k.dtype).reshape(B * K * T, D))
         self.v.index_copy_(0, step.write_index, v.to(self.v.dtype).reshape(B * K * T, D))
+        if step.in_place:  # the decode kernel reads the pool where it lies (kernel_layers.KernelAttention)
+            return self.k, self.v
         S = step.read_index.shape[-1]
         return (
             self.k.index_select(0, step.read_index.reshape(-1)).view(B, K, S, D),
@@ -204,6 +207,9 @@ class PagedStep:
         self.pool, self.device = pool, device
         self.head_offsets = torch.arange(n_kv_head, device=device) * (pool.num_blocks * pool.block_size)
         self.caches: list[PagedKVCache] = []  # one per layer
+        # Set by the engine for a decode step whose attention reads the pool in place (see
+        # kernel_layers.reads_paged_pool): update() then returns the pool itself, not a gathered copy.
+        self.in_place = False
         self.write_index = torch.zeros(0, dtype=torch.long, device=device)
         self.read_index = torch.zeros(1, n_kv_head, 0, dtype=torch.long, device=device)
 
