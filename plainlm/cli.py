@@ -297,9 +297,6 @@ def serve(
     _check_compile(compile)
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
     llm = LLM.load(model, device=device, dtype=dtype, quantize=quantize)
-    adapters = AdapterSet(llm.model)
-    for name, path in adapters_to_load.items():
-        adapters.load(name, path)
     try:
         structured = StructuredOutput(llm.tokenizer, llm.model.config.vocab_size)
     except InvalidInput as e:  # a tokenizer without an end-of-sequence token: serve, but refuse response_format
@@ -311,9 +308,11 @@ def serve(
         max_seq_length=max_seq_length,
         kv_cache_gb=kv_cache_gb,
         compile=compile,
-        adapters=adapters,
+        adapters=AdapterSet(llm.model),
         structured=structured,
     )
+    for name, path in adapters_to_load.items():
+        engine.load_adapter(name, str(path))
     print(engine.describe(), flush=True)
     api_key = api_key or os.environ.get("PLAINLM_API_KEY") or None
     run_server(create_app(engine, served_model_name=served_model_name or llm.name, api_key=api_key), sock)

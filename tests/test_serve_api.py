@@ -15,13 +15,16 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 import httpx
 import jsonschema
@@ -49,44 +52,50 @@ HELLO = [{"role": "user", "content": "Say hello to the quick brown fox."}]
 class ServerProcess:
     process: subprocess.Popen
     url: str
-    stdout: list[str]  # the lines printed before the address line, and that line
+    stdout: list[str]  # the lines printed up to the address line
+    stderr_file: IO[str]  # a file, not a pipe: a pipe nobody reads would block the server once full
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stderr(self) -> str:
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
 
 
 @contextmanager
 def plainlm_serve(model: Path, *options: str, start_timeout: float = 120) -> Iterator[ServerProcess]:
     """`plainlm serve MODEL --port 0 OPTIONS` in a fresh process, once it has printed its address."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "plainlm.cli", "serve", str(model), "--port", "0", *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(
-        target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)], daemon=True
-    ).start()
-    seen: list[str] = []
-    deadline = time.monotonic() + start_timeout
-    try:
-        while True:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(
-                    f"plainlm serve exited before it was ready: {process.wait()}\n{process.stderr.read()}"
-                )
-            seen.append(line.rstrip("\n"))
-            if " at http://" in line:
-                break
-        url = line.split(" at ")[1].split()[0]
-        yield ServerProcess(process, url, seen)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "plainlm.cli", "serve", str(model), "--port", "0", *options],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=REPO,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read_lines() -> None:  # in a thread, so that waiting for the address line can time out
+            for line in process.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read_lines, daemon=True).start()
+        server = ServerProcess(process, "", [], stderr)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while " at http://" not in (server.stdout or [""])[-1]:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    raise AssertionError(f"plainlm serve exited ({process.wait()}) early:\n{server.stderr()}")
+                server.stdout.append(line.rstrip("\n"))
+            server.url = server.stdout[-1].split(" at ")[1].split()[0]
+            yield server
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +157,9 @@ def test_chat_greedy_equals_the_model_alone(server: ServerProcess, llm: LLM) -> 
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     prompt_tokens = len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(HELLO), bos=False))
     assert reply.usage.prompt_tokens == prompt_tokens
-    assert reply.usage.completion_tokens == len(choice.logprobs.content)  # one logprob per new token
     assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens
-    assert choice.finish_reason == "stop" or reply.usage.completion_tokens == 12
+    if choice.finish_reason == "length":  # (an end-of-sequence token counts, but is not in the text or logprobs)
+        assert reply.usage.completion_tokens == len(choice.logprobs.content) == 12
 
 
 def test_chat_stream_joins_to_the_plain_answer(server: ServerProcess) -> None:
@@ -231,7 +240,9 @@ def test_several_choices_with_a_seed_are_reproducible(server: ServerProcess) -> 
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
     assert len({c.message.content for c in first.choices}) > 1  # seeds 7, 8, 9: different draws
     counted = client.chat.completions.create(**ask, logprobs=True)
-    assert counted.usage.completion_tokens == sum(len(c.logprobs.content) for c in counted.choices)
+    new_tokens = sum(len(c.logprobs.content) for c in counted.choices)  # one logprob per token of text
+    stopped = sum(c.finish_reason == "stop" for c in counted.choices)  # ... and maybe one end-of-sequence token
+    assert new_tokens <= counted.usage.completion_tokens <= new_tokens + stopped
     assert counted.usage.prompt_tokens == first.usage.prompt_tokens  # the prompt counts once, not n times
 
 
@@ -253,16 +264,84 @@ def test_unknown_model_is_404_through_the_client(server: ServerProcess) -> None:
     assert "gpt-4" in caught.value.body["message"] and "tiny" in caught.value.body["message"]
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_blocks(server: ServerProcess) -> None:
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "temperature": 0}
+def test_a_client_that_leaves_mid_stream_is_cancelled(server: ServerProcess) -> None:
+    """Its request stops at once and its blocks return to the pool. Measured by the prefix cache, which keeps
+    each request's full blocks when it ends: a request run to the end adds one per 16 tokens."""
+
+    def health() -> dict:
+        return httpx.get(f"{server.url}/health").json()
+
+    new_tokens = CONTEXT - 32  # room for the prompts
+    full_run = health()["kv_blocks_cached"]
+    body = {"model": "tiny", "prompt": "A request that runs to its end", "max_tokens": new_tokens, "temperature": 0}
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+    full_run = health()["kv_blocks_cached"] - full_run
+    assert full_run >= new_tokens // 16 - 1  # the measure tells a whole run from a cut one
+
+    before = health()["kv_blocks_cached"]
+    body = {**body, "prompt": "A request whose client leaves early", "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
     deadline = time.monotonic() + 10
-    while (health := httpx.get(f"{server.url}/health").json())["kv_blocks_used"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert health["kv_blocks_used"] == 0
+    while (after := health())["kv_blocks_used"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after["kv_blocks_used"] == 0
+    assert after["kv_blocks_cached"] - before < full_run // 2  # it stopped well before its end
     assert server.client().completions.create(model="tiny", prompt="Hi", max_tokens=2).choices  # still serving
+
+
+# --- lm-eval scores a served model ---
+COLOR_QUESTIONS = [
+    {"question": "What color is the sky?", "choices": ["blue", "green", "red"], "answer": 0},
+    {"question": "What color is grass?", "choices": ["blue", "green", "red"], "answer": 1},
+    {"question": "What color is a ripe tomato?", "choices": ["blue", "green", "red"], "answer": 2},
+]
+COLOR_TASK = """task: plainlm_colors
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_as_a_forward_pass(
+    server: ServerProcess, llm: LLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-eval's `local-completions` backend (echo + logprobs, and the server's /tokenize as its tokenizer)
+    gets each choice's log-likelihood within 1e-4 of the model's own forward pass."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval[api] scores served models: pip install 'lm-eval[api]'")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "colors.jsonl").write_text("\n".join(json.dumps(q) for q in COLOR_QUESTIONS))
+    (tmp_path / "colors.yaml").write_text(COLOR_TASK.format(data=tmp_path / "colors.jsonl"))
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"base_url": f"{server.url}/v1/completions", "model": "tiny", "max_retries": 1},
+        tasks=["plainlm_colors"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
+    encode = partial(llm.tokenizer.encode, bos=False)  # lm-eval's remote tokenizer: /tokenize, no special tokens
+    for sample in results["samples"]["plainlm_colors"]:
+        context = f"Question: {sample['doc']['question']}\nAnswer:"
+        for choice, [(loglikelihood, _)] in zip(sample["doc"]["choices"], sample["resps"], strict=True):
+            context_ids = encode(context)  # as lm-eval splits a pair: the whole, then the context's length
+            ids = context_ids + encode(f"{context} {choice}")[len(context_ids) :]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), dim=-1)
+            expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(context_ids), len(ids)))
+            assert loglikelihood == pytest.approx(expected, abs=1e-4)
 
 
 # --- adapters by name ---
@@ -314,10 +393,10 @@ def test_an_adapter_that_does_not_fit_is_400_and_the_server_goes_on(
         misfit / "adapter_model.safetensors",
     )
     url = server.url
-    for path in (misfit, tmp_path / "nothing-here"):
+    for path, says in ((misfit, "has shape"), (tmp_path / "nothing-here", "no adapter_config.json")):
         response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "misfit", "lora_path": str(path)})
         assert response.status_code == 400, response.text
-        assert str(path) in response.json()["error"]["message"] or "misfit" in response.json()["error"]["message"]
+        assert str(path) in response.json()["error"]["message"] and says in response.json()["error"]["message"]
     taken = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": str(adapter_dir)})
     assert taken.status_code == 400  # the base model's name
     assert "misfit" not in [m.id for m in server.client().models.list().data]
@@ -385,7 +464,7 @@ def test_a_signal_ends_open_streams_and_the_server_cleanly(tiny_hf_dir: Path, si
             running.process.send_signal(sig)
             rest = [line for line in lines if line]
         returncode = running.process.wait(timeout=30)
-        stderr = running.process.stderr.read()
+        stderr = running.stderr()
     assert rest[-1] == "data: [DONE]"  # the stream ended (finish_reason abort), it was not cut
     assert "Traceback" not in stderr, stderr
     # SIGTERM: killed by the signal, re-raised after the graceful shutdown; SIGINT: the CLI's Ctrl-C exit

@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -176,8 +175,8 @@ class Choices:
 
     async def results(self, http: HTTPRequest) -> list[Result] | None:
         """Each choice's events joined into one Result; None when the client disconnects first."""
-        results = self.blank_results()
-        collecting = asyncio.ensure_future(self._join(results))
+        events: list[list[Event]] = [[] for _ in self.ids]
+        collecting = asyncio.ensure_future(self._collect(events))
         gone = asyncio.ensure_future(_disconnected(http))
         try:
             done, _ = await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -185,15 +184,11 @@ class Choices:
             gone.cancel()
             collecting.cancel()
             self.cancel()
-        return results if collecting in done else None
+        return [Result.join(e) for e in events] if collecting in done else None
 
-    def blank_results(self) -> list[Result]:
-        """One empty Result per choice, for `add_event` to fill."""
-        return [Result(request_id=i, token_ids=[], text="", finish_reason="abort") for i in self.ids]
-
-    async def _join(self, results: list[Result]) -> None:
+    async def _collect(self, events: list[list[Event]]) -> None:
         async for index, event in self.events():
-            add_event(results[index], event)
+            events[index].append(event)
 
     def cancel(self) -> None:
         for index in sorted(self.running):
@@ -206,20 +201,6 @@ async def _disconnected(http: HTTPRequest) -> None:
     # Once the body is read, the next ASGI message is the client's disconnect (or the end of the response).
     while (await http.receive())["type"] != "http.disconnect":
         pass
-
-
-def add_event(result: Result, event: Event) -> None:
-    """Join one more of a request's events into its Result, as Engine.generate does."""
-    result.token_ids += event.token_ids
-    result.text += event.text
-    if event.logprobs is not None:
-        result.logprobs = (result.logprobs or []) + event.logprobs
-    if event.prompt_logprobs is not None:
-        result.prompt_logprobs = event.prompt_logprobs
-    result.prompt_tokens, result.completion_tokens = event.prompt_tokens, event.completion_tokens
-    result.cached_tokens = event.cached_tokens
-    if event.finish_reason is not None:
-        result.finish_reason, result.error = event.finish_reason, event.error
 
 
 class EventStream(StreamingResponse):
@@ -282,6 +263,7 @@ def create_app(
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
     app.post("/tokenize")(routes.tokenize)
+    app.get("/tokenizer_info")(routes.tokenizer_info)
     app.post("/detokenize")(routes.detokenize)
     app.post("/v1/chat/completions")(routes.chat_completions)
     app.post("/v1/completions")(routes.completions)
@@ -314,8 +296,15 @@ class Routes:
         return HTMLResponse(page.read_text(encoding="utf-8"))
 
     async def health(self) -> dict:
+        """200 while the server answers, with the KV pool's counters: blocks held by running requests, blocks
+        kept in the prefix cache (free to reuse), and the pool's size."""
         pool = self.engine.pool
-        return {"status": "ok", "kv_blocks_used": pool.used_blocks, "kv_blocks_total": pool.num_blocks}
+        return {
+            "status": "ok",
+            "kv_blocks_used": pool.used_blocks,
+            "kv_blocks_cached": pool.cached_blocks,
+            "kv_blocks_total": pool.num_blocks,
+        }
 
     async def models(self) -> dict:
         base = self._model_card(self.served_model_name, parent=None)
@@ -355,6 +344,17 @@ class Routes:
             tokens = self.tokenizer.encode(body.prompt, bos=None if body.add_special_tokens else False)
         return {"count": len(tokens), "max_model_len": self.engine.max_seq_length, "tokens": tokens}
 
+    async def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (lm-eval's remote tokenizer)."""
+        tokenizer = self.tokenizer
+        return {
+            "tokenizer_class": "plainlm.tokenizer.Tokenizer",
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "chat_template": tokenizer.chat_template,
+            "model_max_length": self.engine.max_seq_length,
+        }
+
     async def detokenize(self, body: DetokenizeRequest) -> dict:
         self.adapter_for(body.model)
         vocab_size = self.engine.llm.model.config.vocab_size
@@ -370,20 +370,15 @@ class Routes:
     # --- adapters (vLLM's routes and bodies) ---
     def load_lora_adapter(self, body: LoadLoraRequest) -> PlainTextResponse:
         # A plain `def`: FastAPI runs it in a worker thread, so reading the weights does not block streams.
-        adapters = self._adapters()
-        if body.lora_name == self.served_model_name or body.lora_name in adapters.names:
-            raise InvalidInput(f"the name {body.lora_name!r} is taken; unload it first, or pick another")
-        adapters.load(body.lora_name, Path(body.lora_path))
+        # The engine swaps adapters between two of its steps (the model must not change during one).
+        if body.lora_name == self.served_model_name:
+            raise InvalidInput(f"the name {body.lora_name!r} is the base model's; pick another")
+        self.engine.load_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     def unload_lora_adapter(self, body: UnloadLoraRequest) -> PlainTextResponse:
-        self._adapters().unload(body.lora_name)
+        self.engine.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
-    def _adapters(self) -> Any:
-        if self.engine.adapters is None:
-            raise InvalidInput("this server was started without adapter support")
-        return self.engine.adapters
 
     # --- generation ---
     async def chat_completions(self, body: ChatCompletionRequest, http: HTTPRequest) -> Any:
@@ -531,12 +526,13 @@ class Routes:
         self, choices: Choices, call: dict, body: ChatCompletionRequest, prompt_tokens: int
     ) -> AsyncIterator[str]:
         call = {**call, "object": "chat.completion.chunk"}
-        results = choices.blank_results()
-        for index in range(len(results)):  # OpenAI's first chunk of each choice names the role
+        last: list[Event] = []  # each choice's last event, for the usage
+        for index in range(len(choices.ids)):  # OpenAI's first chunk of each choice names the role
             delta = {"role": "assistant", "content": ""}
             yield sse({**call, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
         async for index, event in choices.events():
-            add_event(results[index], event)
+            if event.finish_reason is not None:
+                last.append(event)
             if event.finish_reason == "error":
                 yield sse({"error": {"message": event.error, "type": "server_error", "code": 500}})
                 continue
@@ -550,22 +546,24 @@ class Routes:
             }
             yield sse({**call, "choices": [choice]})
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse({**call, "choices": [], "usage": usage(results, prompts=[prompt_tokens])})
+            yield sse({**call, "choices": [], "usage": usage(last, prompts=[prompt_tokens])})
         yield sse("[DONE]")
 
     async def _completion_chunks(
         self, choices: Choices, call: dict, body: CompletionRequest, prompts: list[list[int]]
     ) -> AsyncIterator[str]:
-        results = choices.blank_results()
+        last: list[Event] = []  # each choice's last event, for the usage
+        started: set[int] = set()  # the choices whose first tokens (and echo) have been sent
         async for index, event in choices.events():
-            first = not results[index].token_ids and not results[index].text
-            add_event(results[index], event)
+            if event.finish_reason is not None:
+                last.append(event)
             if event.finish_reason == "error":
                 yield sse({"error": {"message": event.error, "type": "server_error", "code": 500}})
                 continue
             if not event.token_ids and event.finish_reason is None:
                 continue
-            prompt = prompts[index // body.n]
+            prompt, first = prompts[index // body.n], index not in started
+            started.add(index)
             piece = Result(
                 request_id=index, token_ids=event.token_ids, text=event.text, finish_reason="abort",
                 logprobs=event.logprobs, prompt_logprobs=event.prompt_logprobs if first else None,
@@ -574,7 +572,7 @@ class Routes:
             choice["finish_reason"] = event.finish_reason
             yield sse({**call, "choices": [choice]})
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse({**call, "choices": [], "usage": usage(results, prompts=[len(p) for p in prompts])})
+            yield sse({**call, "choices": [], "usage": usage(last, prompts=[len(p) for p in prompts])})
         yield sse("[DONE]")
 
     # --- logprobs, as each API writes them ---
@@ -628,8 +626,9 @@ class Routes:
         return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def usage(results: list[Result], prompts: list[int]) -> dict:
-    """OpenAI's usage: each prompt counted once (n choices share it), every choice's new tokens."""
+def usage(results: list[Result] | list[Event], prompts: list[int]) -> dict:
+    """OpenAI's usage: each prompt counted once (n choices share it), every choice's new tokens (from its
+    Result, or its last Event)."""
     completion = sum(r.completion_tokens for r in results)
     cached = sum(r.cached_tokens for r in results)
     prompt = sum(prompts)
