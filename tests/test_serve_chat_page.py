@@ -64,7 +64,7 @@ def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, time
         try:
             urllib.request.urlopen(base_url + "/health", timeout=1).close()
             return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, or a timeout: the port is bound before the model loads
             time.sleep(0.2)
     raise AssertionError(f"the server did not answer {base_url}/health within {timeout} s")
 
