@@ -55,6 +55,12 @@ def api(base_url: str, path: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
+def greedy_answer(base_url: str, model: str, messages: list[dict]) -> str:
+    """The answer the API gives with the page's settings in these tests (greedy, MAX_TOKENS), not streamed."""
+    body = {"model": model, "messages": messages, "temperature": 0, "top_p": 0.95, "max_tokens": MAX_TOKENS}
+    return api(base_url, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+
 def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,21 +193,18 @@ def test_chat_page_streams_keeps_the_conversation_and_switches_to_an_adapter(
     assert all(later.startswith(earlier) for earlier, later in pairwise(shown)), shown
     assert shown[-1] == first
 
+    # The pieces, joined, are the whole answer: the API's greedy one, not streamed, for the same message.
+    hello = [{"role": "user", "content": "Hello there"}]
+    assert first == greedy_answer(server, BASE, hello)
+
     picker.select_by_value(ADAPTER)
     second, meta, _ = ask(browser, "And again")
     assert meta.startswith(ADAPTER + " ·") and "tokens/s" in meta, meta
 
     # The page resent the whole conversation to the adapter: the API, asked the same, answers the same.
-    conversation = [
-        {"role": "user", "content": "Hello there"},
-        {"role": "assistant", "content": first},
-        {"role": "user", "content": "And again"},
-    ]
-    sampling = {"temperature": 0, "top_p": 0.95, "max_tokens": MAX_TOKENS}
-    by_adapter = api(server, "/v1/chat/completions", {"model": ADAPTER, "messages": conversation, **sampling})
-    by_base = api(server, "/v1/chat/completions", {"model": BASE, "messages": conversation, **sampling})
-    assert second == by_adapter["choices"][0]["message"]["content"]
-    assert second != by_base["choices"][0]["message"]["content"], "the adapter answered as the base does"
+    conversation = [*hello, {"role": "assistant", "content": first}, {"role": "user", "content": "And again"}]
+    assert second == greedy_answer(server, ADAPTER, conversation)
+    assert second != greedy_answer(server, BASE, conversation), "the adapter answered as the base does"
 
 
 def test_chat_page_shows_a_server_error_and_gives_the_message_back(browser: webdriver.Chrome, server: str) -> None:
