@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import REPO
+from helpers import REPO, run_cli
 from safetensors.torch import load_file, save_file
 
 from plainlm.api import LLM
@@ -40,7 +41,7 @@ from plainlm.convert.hf import load_hf_model
 from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, lora_state, merge_lora, save_peft_adapter
 from plainlm.sampling import SamplingParams
 from plainlm.serve.app import create_app
-from plainlm.serve.engine import Engine, Request
+from plainlm.serve.engine import BLOCK_SIZE, Engine, Request
 
 CONTEXT = 256  # --max_seq_length of the served tiny model
 SERVE_OPTIONS = ["--served_model_name", "tiny", "--max_seq_length", str(CONTEXT), "--kv_cache_gb", "0.01"]
@@ -180,7 +181,12 @@ def test_chat_stream_joins_to_the_plain_answer(server: ServerProcess) -> None:
     assert text == plain.choices[0].message.content
     finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishing == [plain.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage  # include_usage: the last chunk
+    streamed = chunks[-1].usage  # include_usage: the last chunk, with no choices
+    assert chunks[-1].choices == []
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [getattr(streamed, c) for c in counts] == [getattr(plain.usage, c) for c in counts]
+    # The same prompt again: its full blocks come from the prefix cache, and usage says so.
+    assert streamed.prompt_tokens_details.cached_tokens == plain.usage.prompt_tokens // BLOCK_SIZE * BLOCK_SIZE
 
 
 def test_raw_stream_ends_with_done(server: ServerProcess) -> None:
@@ -221,6 +227,18 @@ def test_completion_echo_logprobs_match_a_forward_pass(server: ServerProcess, ll
     for token in logprobs.tokens[:-1]:
         offsets.append(offsets[-1] + len(token))
     assert logprobs.text_offset == offsets
+
+
+def test_completion_stream_with_echo_joins_to_the_plain_answer(client: TestClient) -> None:
+    body = {"prompt": "The quick brown", "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 1}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    pieces = [chunk["choices"][0] for chunk in chunks]
+    assert "".join(p["text"] for p in pieces) == plain["text"]
+    assert [t for p in pieces for t in p["logprobs"]["tokens"]] == plain["logprobs"]["tokens"]
+    assert [t for p in pieces for t in p["logprobs"]["token_logprobs"]] == plain["logprobs"]["token_logprobs"]
+    assert [p["finish_reason"] for p in pieces] == [None] * (len(pieces) - 1) + [plain["finish_reason"]]
 
 
 def test_completion_of_a_batch_of_prompts(server: ServerProcess, llm: LLM) -> None:
@@ -449,6 +467,23 @@ def test_a_bad_response_format_is_400(client: TestClient, response_format: dict)
     response = client.post("/v1/chat/completions", json=chat(response_format=response_format))
     assert response.status_code == 400, response.text
     assert "response_format" in response.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_bad_serve_options_fail_before_the_model_loads(tiny_hf_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (["--lora", "pirate"], "--lora pirate: write it as NAME=PATH"),
+            (["--lora", "a=x", "--lora", "a=y"], "the name 'a' is given twice"),  # --lora repeats
+            (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        ]
+        for options, says in cases:
+            result = run_cli("serve", str(tiny_hf_dir), *options, timeout=60)
+            assert result.returncode == 2 and says in result.stderr, result.stderr
+            assert "KV cache" not in result.stdout  # the engine was never made
 
 
 # --- shutdown ---

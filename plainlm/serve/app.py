@@ -564,12 +564,10 @@ class Routes:
                 continue
             prompt, first = prompts[index // body.n], index not in started
             started.add(index)
-            piece = Result(
-                request_id=index, token_ids=event.token_ids, text=event.text, finish_reason="abort",
-                logprobs=event.logprobs, prompt_logprobs=event.prompt_logprobs if first else None,
-            )  # fmt: skip
+            # One event as a Result (its finish_reason None until the last); the engine sends the prompt's
+            # logprobs with a request's first tokens, which is where echo puts the prompt.
+            piece = Result.join([event])
             choice = self._completion_choice(index, piece, prompt, body, echo=body.echo and first)
-            choice["finish_reason"] = event.finish_reason
             yield sse({**call, "choices": [choice]})
         if body.stream_options is not None and body.stream_options.include_usage:
             yield sse({**call, "choices": [], "usage": usage(last, prompts=[len(p) for p in prompts])})
