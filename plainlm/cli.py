@@ -262,7 +262,6 @@ def serve(
     max_batch_size: int = 16,
     max_seq_length: int | None = None,
     kv_cache_gb: float | None = None,
-    compile: bool | str = False,
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
@@ -282,20 +281,17 @@ def serve(
         max_batch_size: The most requests decoded together in one step.
         max_seq_length: The longest prompt plus completion of a request (default: the model's context).
         kv_cache_gb: The KV cache's size in GB (default: what fits the machine, printed at start).
-        compile: torch.compile the decode step: true, or reduce-overhead (see plainlm generate --help).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
     """
     from plainlm.api import LLM
-    from plainlm.generate import check_compile
     from plainlm.serve.adapters import AdapterSet
     from plainlm.serve.app import bind, create_app, run_server
     from plainlm.serve.engine import Engine
     from plainlm.serve.structured import StructuredOutput
 
     adapters_to_load = _lora_options(lora or [])
-    check_compile(compile)  # a bad mode fails before the model loads (the engine says what it compiles)
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
     llm = LLM.load(model, device=device, dtype=dtype, quantize=quantize)
     try:
@@ -308,7 +304,6 @@ def serve(
         max_batch_size=max_batch_size,
         max_seq_length=max_seq_length,
         kv_cache_gb=kv_cache_gb,
-        compile=compile,
         adapters=AdapterSet(llm.model),
         structured=structured,
     )

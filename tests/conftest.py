@@ -1,5 +1,5 @@
 """Shared fixtures (and only fixtures: shared plain code is in helpers.py): a tiny Hugging Face model with a
-real (tiny) tokenizer, as the hub lays it out."""
+real (tiny) tokenizer, as the hub lays it out, and a LoRA adapter for it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from helpers import make_tiny_hf_model
 from helpers_tokenizers import make_bpe_tokenizer
+
+from plainlm.convert.hf import load_hf_model
+from plainlm.lora import LoRAConfig, inject_lora, lora_state, save_peft_adapter
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +30,16 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (directory / "config.json").write_text(json.dumps(config))
     del model
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (PEFT layout) for tiny_hf_dir's model, with weights large enough to change its answers."""
+    model = load_hf_model(tiny_hf_dir).eval()
+    lora = LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"])
+    inject_lora(model, lora)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for weight in lora_state(model).values():
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    return save_peft_adapter(model, lora, tmp_path_factory.mktemp("adapter"))

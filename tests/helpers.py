@@ -1,5 +1,6 @@
 """What tests share: the repository's path, `plainlm` run as a user runs it, one tiny-model factory
-(ours, and a transformers one), greedy decoding by full forward passes, and one resumable toy loader.
+(ours, and a transformers one), greedy decoding by full forward passes, one resumable toy loader, LoRA
+adapters made and merged, and `plainlm serve` in a process of its own.
 Fixtures live in conftest.py; this is plain code, imported as `from helpers import ...` (pyproject.toml
 puts tests/ on the path)."""
 
@@ -7,15 +8,25 @@ from __future__ import annotations
 
 import copy
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+import openai
 import torch
 import transformers
 
 from plainlm.config import Config
 from plainlm.data import IGNORE_INDEX
+from plainlm.kernels import kernels_loaded
 from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, lora_state, merge_lora, save_peft_adapter
 from plainlm.model import GPT
 
@@ -159,3 +170,59 @@ class ToyLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = state["position"]
+
+
+# --- plainlm serve in a process of its own (tests/test_serve_*.py) ---
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    url: str
+    stdout: list[str]  # the lines printed up to the address line
+    stderr_file: IO[str]  # a file, not a pipe: a pipe nobody reads would block the server once full
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stderr(self) -> str:
+        self.stderr_file.seek(0)
+        return self.stderr_file.read()
+
+
+@contextmanager
+def plainlm_serve(model: Path, *options: str, start_timeout: float = 120) -> Iterator[ServerProcess]:
+    """`plainlm serve MODEL --port 0 OPTIONS` in a fresh process, once it has printed its address.
+
+    plainlm's CPU kernels are built here first (once per machine, a minute or more), not in the server: its
+    start then fits the wait, and a server killed mid-build would leave torch's build lock behind, on which
+    every later build waits forever."""
+    kernels_loaded()
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "plainlm.cli", "serve", str(model), "--port", "0", *options],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=REPO,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read_lines() -> None:  # in a thread, so that waiting for the address line can time out
+            for line in process.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read_lines, daemon=True).start()
+        server = ServerProcess(process, "", [], stderr)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while " at http://" not in (server.stdout or [""])[-1]:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    raise AssertionError(f"plainlm serve exited ({process.wait()}) early:\n{server.stderr()}")
+                server.stdout.append(line.rstrip("\n"))
+            server.url = server.stdout[-1].split(" at ")[1].split()[0]
+            yield server
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)

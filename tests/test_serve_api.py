@@ -11,21 +11,13 @@ The engine's own exactness (batching, prefix cache, load) is tested in the engin
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import IO
 
 import httpx
 import jsonschema
@@ -33,12 +25,11 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import REPO, run_cli
+from helpers import ServerProcess, plainlm_serve, run_cli
 from safetensors.torch import load_file, save_file
 
 from plainlm.api import LLM
-from plainlm.convert.hf import load_hf_model
-from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, lora_state, merge_lora, save_peft_adapter
+from plainlm.lora import load_peft_adapter, merge_lora
 from plainlm.sampling import SamplingParams
 from plainlm.serve.app import create_app
 from plainlm.serve.engine import BLOCK_SIZE, Engine, Request
@@ -49,72 +40,9 @@ HELLO = [{"role": "user", "content": "Say hello to the quick brown fox."}]
 
 
 # --- a real server process ---
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    url: str
-    stdout: list[str]  # the lines printed up to the address line
-    stderr_file: IO[str]  # a file, not a pipe: a pipe nobody reads would block the server once full
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def stderr(self) -> str:
-        self.stderr_file.seek(0)
-        return self.stderr_file.read()
-
-
-@contextmanager
-def plainlm_serve(model: Path, *options: str, start_timeout: float = 120) -> Iterator[ServerProcess]:
-    """`plainlm serve MODEL --port 0 OPTIONS` in a fresh process, once it has printed its address."""
-    with tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "plainlm.cli", "serve", str(model), "--port", "0", *options],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=REPO,
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read_lines() -> None:  # in a thread, so that waiting for the address line can time out
-            for line in process.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=read_lines, daemon=True).start()
-        server = ServerProcess(process, "", [], stderr)
-        try:
-            deadline = time.monotonic() + start_timeout
-            while " at http://" not in (server.stdout or [""])[-1]:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-                if line is None:
-                    raise AssertionError(f"plainlm serve exited ({process.wait()}) early:\n{server.stderr()}")
-                server.stdout.append(line.rstrip("\n"))
-            server.url = server.stdout[-1].split(" at ")[1].split()[0]
-            yield server
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter (PEFT layout) for the tiny model, with weights large enough to change its answers."""
-    model = load_hf_model(tiny_hf_dir).eval()
-    lora = LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"])
-    inject_lora(model, lora)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for weight in lora_state(model).values():
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
-    return save_peft_adapter(model, lora, tmp_path_factory.mktemp("adapter"))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_hf_dir: Path, adapter_dir: Path) -> Iterator[ServerProcess]:
-    with plainlm_serve(tiny_hf_dir, *SERVE_OPTIONS, "--lora", f"poet={adapter_dir}") as running:
+def server(tiny_hf_dir: Path, tiny_adapter_dir: Path) -> Iterator[ServerProcess]:
+    with plainlm_serve(tiny_hf_dir, *SERVE_OPTIONS, "--lora", f"poet={tiny_adapter_dir}") as running:
         yield running
 
 
@@ -363,28 +291,28 @@ def test_lm_eval_local_completions_scores_as_a_forward_pass(
 
 
 # --- adapters by name ---
-def merged_llm(tiny_hf_dir: Path, adapter_dir: Path) -> LLM:
+def merged_llm(tiny_hf_dir: Path, tiny_adapter_dir: Path) -> LLM:
     """The tiny model with the adapter folded into its weights: what a request for the adapter must equal."""
     merged = LLM.load(tiny_hf_dir)
-    load_peft_adapter(merged.model, adapter_dir)
+    load_peft_adapter(merged.model, tiny_adapter_dir)
     merge_lora(merged.model)
     return merged
 
 
 def test_an_adapter_by_name_answers_as_the_merged_model(
-    server: ServerProcess, llm: LLM, tiny_hf_dir: Path, adapter_dir: Path
+    server: ServerProcess, llm: LLM, tiny_hf_dir: Path, tiny_adapter_dir: Path
 ) -> None:
     client = server.client()
     adapted = client.chat.completions.create(model="poet", messages=HELLO, max_tokens=10, temperature=0)
-    expected = merged_llm(tiny_hf_dir, adapter_dir).chat(HELLO, max_new_tokens=10, temperature=0.0)
+    expected = merged_llm(tiny_hf_dir, tiny_adapter_dir).chat(HELLO, max_new_tokens=10, temperature=0.0)
     assert adapted.choices[0].message.content == expected
     assert adapted.model == "poet"
     assert expected != llm.chat(HELLO, max_new_tokens=10, temperature=0.0)  # the adapter does change the answer
 
 
-def test_load_and_unload_an_adapter_at_run_time(server: ServerProcess, adapter_dir: Path) -> None:
+def test_load_and_unload_an_adapter_at_run_time(server: ServerProcess, tiny_adapter_dir: Path) -> None:
     client, url = server.client(), server.url
-    loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "verse", "lora_path": str(adapter_dir)})
+    loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "verse", "lora_path": str(tiny_adapter_dir)})
     assert loaded.status_code == 200, loaded.text
     assert "verse" in [m.id for m in client.models.list().data]
     ask = dict(messages=HELLO, max_tokens=6, temperature=0)
@@ -399,12 +327,12 @@ def test_load_and_unload_an_adapter_at_run_time(server: ServerProcess, adapter_d
 
 
 def test_an_adapter_that_does_not_fit_is_400_and_the_server_goes_on(
-    server: ServerProcess, adapter_dir: Path, tmp_path: Path
+    server: ServerProcess, tiny_adapter_dir: Path, tmp_path: Path
 ) -> None:
     misfit = tmp_path / "misfit"
     misfit.mkdir()
-    (misfit / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    (misfit / "adapter_config.json").write_text((tiny_adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(tiny_adapter_dir / "adapter_model.safetensors")
     # lora_A of another model's width: its rank fits, its input size does not
     save_file(
         {k: v[:, :-8].contiguous() if "lora_A" in k else v for k, v in tensors.items()},
@@ -415,7 +343,7 @@ def test_an_adapter_that_does_not_fit_is_400_and_the_server_goes_on(
         response = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "misfit", "lora_path": str(path)})
         assert response.status_code == 400, response.text
         assert str(path) in response.json()["error"]["message"] and says in response.json()["error"]["message"]
-    taken = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": str(adapter_dir)})
+    taken = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": str(tiny_adapter_dir)})
     assert taken.status_code == 400  # the base model's name
     assert "misfit" not in [m.id for m in server.client().models.list().data]
     assert server.client().chat.completions.create(model="poet", messages=HELLO, max_tokens=2).choices

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import REPO
-
-from plainlm.convert.hf import load_hf_model
-from plainlm.kernels import kernels_loaded
-from plainlm.lora import LoRAConfig, inject_lora, lora_state, save_peft_adapter
+from helpers import plainlm_serve
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -37,11 +28,6 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 API_KEY = "page-test-key"
 BASE, ADAPTER = "tiny", "shout"
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        return taken.getsockname()[1]
 
 
 def api(base_url: str, path: str, body: dict | None = None) -> dict:
@@ -61,53 +47,11 @@ def greedy_answer(base_url: str, model: str, messages: list[dict]) -> str:
     return api(base_url, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
 
 
-def wait_until_serving(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            urllib.request.urlopen(base_url + "/health", timeout=1).close()
-            return
-        except OSError:  # refused, or a timeout: the port is bound before the model loads
-            time.sleep(0.2)
-    raise AssertionError(f"the server did not answer {base_url}/health within {timeout} s")
-
-
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter on q and v of the tiny model, with random weights (B starts at zero, which would make
-    the adapter answer exactly as the base does)."""
-    model = load_hf_model(tiny_hf_dir)
-    lora = LoRAConfig(r=4, alpha=8, targets=["q", "v"])
-    inject_lora(model, lora)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for weight in lora_state(model).values():
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
-    return save_peft_adapter(model, lora, tmp_path_factory.mktemp("adapter"))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_hf_dir: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    # plainlm's CPU kernels are built (once per machine, a minute or more) here rather than in the server:
-    # its start then fits the wait below, and a server stopped mid-build would leave torch's build lock
-    # behind, on which every later build waits forever.
-    kernels_loaded()
-    port = free_port()
-    command = [sys.executable, "-m", "plainlm.cli", "serve", str(tiny_hf_dir), "--port", str(port)]
-    command += ["--served_model_name", BASE, "--lora", f"{ADAPTER}={adapter_dir}", "--api_key", API_KEY]
-    # Its output goes to a file, not a pipe nobody reads, which would block the server once full.
-    log = tmp_path_factory.mktemp("server") / "output.txt"
-    with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(base_url, process, log)
-        yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def server(tiny_hf_dir: Path, tiny_adapter_dir: Path) -> Iterator[str]:
+    options = ["--served_model_name", BASE, "--lora", f"{ADAPTER}={tiny_adapter_dir}", "--api_key", API_KEY]
+    with plainlm_serve(tiny_hf_dir, *options) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")

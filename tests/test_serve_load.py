@@ -59,7 +59,23 @@ def wait_for_empty_pool(url: str, timeout: float = 30) -> int:
 
 def test_32_streaming_clients_all_complete_and_the_pool_empties(tiny_hf_dir: Path) -> None:
     rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while seven llamas eat green grass".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "llamas",
+        "eat",
+        "green",
+        "grass",
+    ]
     jobs = [
         (" ".join(rng.choices(words, k=rng.randint(2, 40))), rng.randint(4, 40))
         for _ in range(CLIENTS * REQUESTS_PER_CLIENT)

@@ -97,7 +97,8 @@ class Event:
     finish_reason: None while running; then "stop" (a stop id or stop string), "length" (max_new_tokens or
         the end of the context), "abort" (cancelled, or the engine stopped), "error" (see `error`).
     prompt_tokens / completion_tokens: the usage so far (prompt_tokens counts the whole prompt, cached or not;
-        cached_tokens says how many of them came from the prefix cache).
+        cached_tokens says how many of them came from the prefix cache). completion_tokens counts a final stop
+        token too, which has no text, no entry in token_ids and no logprob.
     """
 
     request_id: int
@@ -170,7 +171,6 @@ class Sequence:
         self.first_event = True
         self.salt = ""  # the prefix cache's salt: the base's, or the adapter's (Engine._salts)
 
-
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.computed
@@ -186,7 +186,6 @@ class Engine:
         kv_cache_gb: float | None = None,
         prefill_chunk: int = 256,
         max_queue: int = 256,
-        compile: bool | str = False,
         adapters: Any = None,
         structured: Any = None,
     ) -> None:
@@ -206,8 +205,6 @@ class Engine:
             raise InvalidInput(
                 f"--max_seq_length {self.max_seq_length} must be in [2, {config.block_size}], the model's context"
             )
-        if compile:
-            raise InvalidInput("--compile is not supported by the serving engine yet: serve without it")
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
         self.device = self.model.embed.weight.device
         self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, prefill_chunk, max_queue
@@ -559,6 +556,7 @@ class Engine:
         if request.constraint is not None:
             request.constraint.accept(token)
         if token in seq.stop_ids:
+            seq.text += seq.decoder.flush()  # a character the stop token leaves incomplete still counts
             self._finish(seq, "stop")
             return
         seq.tokens.append(token)
