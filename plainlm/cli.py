@@ -216,7 +216,7 @@ def chat(
 
 
 def _check_compile(compile: bool | str) -> None:
-    from plainlm.generate import check_compile
+    from plainlm.compiled_step import check_compile
 
     check_compile(compile)  # a bad mode fails before the model loads
     if compile:  # the first new token waits on the compiler: say why nothing appears for a while

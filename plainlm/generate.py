@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
+from plainlm.compiled_step import DYNAMO_SETTINGS, check_compile, compile_decode_step
 from plainlm.errors import InvalidInput
 from plainlm.model import GPT
 from plainlm.sampling import SamplingParams, sample, sampling_params
@@ -30,25 +31,6 @@ from plainlm.sampling import SamplingParams, sample, sampling_params
 # Compiled decoding rounds the KV cache length up to a multiple of this, so that prompts of other
 # lengths reuse the compiled step instead of compiling it again (the cache shape is part of the graph).
 COMPILED_CACHE_MULTIPLE = 256
-# A decode step's own cost, outside the kernels, is Python: the compiled graph's wrapper and dynamo's
-# guards, run on every step. Measured on int4 SmolLM2-135M, 1 thread (5.6 ms a step before):
-# - inductor checks every input's and every kernel output's size, stride and alignment on each call:
-#   about 500 checks, 0.5 ms. The graph was traced from these very tensors, and the fake shapes of
-#   plainlm's kernels (kernels/__init__.py) are tested against the real ones.
-COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
-# - dynamo guards each of the model's ~550 tensors (shape, dtype, aliasing, five attribute checks):
-#   0.42 ms. With dict tags it skips the modules whose attribute dicts have not changed since the graph
-#   was compiled: 0.15 ms, as long as the KV cache modules stay too (set_kv_cache reuses them, and the
-#   compiled path keeps them between calls). skip_guard_eval_unsafe, used before, now costs more.
-#   Dynamo reads the setting only while it builds guards, i.e. when a call compiles: a call's first
-#   step carries it, the others skip the patch (40-50 us a step).
-DYNAMO_SETTINGS = {"use_recursive_dict_tags_for_guards": True}
-# `compile` takes True (= "default") or a mode. "reduce-overhead" cuts the cost of launching a step's ~300
-# kernels: on a GPU, torch.compile's own mode of that name (CUDA graphs); on the CPU, inductor's C++
-# wrapper, which runs the step's launch sequence in C++ instead of Python: 0.35 ms less a step on int4
-# SmolLM2 here (docs/benchmarks.md). Its first compile takes 1.5-2 minutes on 2 cores instead of about 25 s;
-# inductor caches the result on disk, so later processes load it in seconds.
-COMPILE_MODES = ("default", "reduce-overhead")
 
 
 @torch.inference_mode()
@@ -79,7 +61,8 @@ def generate_tokens(
     per row. Pads are hidden by an attention mask and every row's positions start at 0.
 
     `compile=True` runs the decode step through `torch.compile`: the first call compiles
-    (tens of seconds on a small CPU), later steps lose most of Python's per-op overhead;
+    (tens of seconds on a small CPU) and, on the CPU, saves the step for later processes, which
+    load it in a second or two (compiled_step.py); later steps lose most of Python's per-op overhead;
     `compile="reduce-overhead"` cuts it further and compiles longer (COMPILE_MODES). The
     cache is then rounded up to a multiple of COMPILED_CACHE_MULTIPLE slots (the unused slots
     are masked), so later calls with other prompt lengths reuse the compiled step, and the cache
@@ -129,30 +112,14 @@ def generate_tokens(
             slot = slots[prompt_len + step : prompt_len + step + 1]
             compiles_here = compile_mode and step == 0  # later steps reuse what the first one found or compiled
             if compiles_here:  # torch.compile's own imports take seconds: they belong to the compile time too
-                decode = compile_decode_step(model, compile_mode)
+                example = dict(input_pos=slot, position_ids=position, attention_mask=decode_mask)
+                decode = compile_decode_step(model, compile_mode, token[:, None], **example)
             with torch._dynamo.config.patch(DYNAMO_SETTINGS) if compiles_here else contextlib.nullcontext():
                 logits = decode(token[:, None], input_pos=slot, position_ids=position, attention_mask=decode_mask)
             token = sample(logits[:, -1], params, generator)
     finally:
         if not compile_mode:  # a compiled step keeps its cache for the next call (set_kv_cache reuses it)
             model.clear_kv_cache()
-
-
-def compile_decode_step(model: GPT, mode: str = "default") -> Callable[..., torch.Tensor]:
-    """The model under torch.compile for decoding, in one of COMPILE_MODES."""
-    if mode == "reduce-overhead" and model.embed.weight.device.type != "cpu":
-        return torch.compile(model, mode="reduce-overhead", dynamic=False)
-    options = {**COMPILE_OPTIONS, "cpp_wrapper": mode == "reduce-overhead"}
-    return torch.compile(model, dynamic=False, options=options)
-
-
-def check_compile(compile: bool | str) -> str | None:
-    """The compile mode `compile` asks for (None: eager), or a ValueError naming the ones there are."""
-    if compile is True or compile is False:
-        return "default" if compile else None
-    if compile not in COMPILE_MODES:
-        raise InvalidInput(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
-    return compile
 
 
 def generate(
