@@ -20,7 +20,10 @@ What the saved step holds, and what it does not:
   parameter and buffer (KV cache included) is an input of the graph, read at each call: one saved step
   serves every model of the same structure (tests/test_compiled_step.py runs one model's step on another).
 - Where: `plainlm/` in inductor's own cache folder (TORCHINDUCTOR_CACHE_DIR, default
-  /tmp/torchinductor_USER), beside the kernels the step calls; clearing that folder clears both.
+  /tmp/torchinductor_USER), beside the kernels the step calls; clearing that folder clears both. Loading
+  unpickles the file, as inductor unpickles its own cache entries beside it: only ever a file this user's
+  own compile wrote into that folder, never a path a user or a checkpoint names (plainlm's rule: no
+  unpickling of anything else but tensors).
 - Which file: a hash of what the step was compiled from that its guards cannot see: the torch and Python
   versions, plainlm's own source (any edit compiles anew), the compile mode, and the model's structure (its
   config, its modules' classes, each tensor's name, shape, dtype and device, the KV cache's size among them)
