@@ -183,7 +183,7 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> list[str]:
         slots = max(args.concurrency + [SHARED_PREFIX_REQUESTS])
         return [str(args.env_dir / "llama.cpp-build" / "bin" / "llama-server"), "-m", str(smollm2_gguf()), *host,
                 "--threads", str(args.threads), "--threads-batch", str(args.threads),
-                "--parallel", str(slots), "--ctx-size", str(slots * 2048)]  # fmt: skip
+                "--parallel", str(slots), "--ctx-size", str(slots * 2048), *args.llama_cpp_args.split()]  # fmt: skip
     raise ValueError(f"unknown server {name!r}: pick from {', '.join(SERVERS)}")
 
 
@@ -234,11 +234,21 @@ def start_server(name: str, args: argparse.Namespace) -> RunningServer:
     sys.exit(f"{name} did not answer /health within {args.start_timeout} s: see {log}")
 
 
-def llama_cpp_system_info(log: Path) -> str:
-    """llama-server's own line saying which CPU features its build uses (AVX512, VNNI, ...)."""
-    text = log.read_text(errors="replace")
-    found = re.search(r"system_info:.*", text) or re.search(r"CPU : .*", text)
-    return found.group(0).strip() if found else "(no system_info line in the log)"
+def llama_cpp_system_info(args: argparse.Namespace) -> str:
+    """llama-server's own line saying which CPU features its build uses (AVX512, VNNI, ...).
+
+    It prints that line only at trace verbosity (-lv 4), which would also log every step of the measured
+    server, so a second llama-server is started for it alone and stopped once the line is out.
+    """
+    command = server_command("llama.cpp", free_port(), args) + ["-lv", "4"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        try:
+            for line in process.stdout:
+                if "system_info:" in line:
+                    return line[line.index("system_info:") :].strip()
+            return "(llama-server printed no system_info line)"
+        finally:
+            process.kill()
 
 
 # --- the request set ---
@@ -441,7 +451,7 @@ def benchmark_server(name: str, args: argparse.Namespace, requests, shared) -> d
     finally:
         server.stop()
     if name == "llama.cpp":
-        record["system_info"] = llama_cpp_system_info(server.log)
+        record["system_info"] = llama_cpp_system_info(args)
     return record
 
 
@@ -467,7 +477,9 @@ def versions(args: argparse.Namespace) -> dict[str, str]:
                 "import transformers, torch; print(transformers.__version__, 'torch', torch.__version__)",
             ]
         ),  # fmt: skip
-        "llama.cpp": " ".join(re.findall(r"version: .*|built with .*", output([str(llama_server), "--version"]))),
+        # Its build number comes from the enclosing git repository (this one), so name the sources instead.
+        "llama.cpp": f"vendored by {XLLAMACPP}, "
+        + " ".join(re.findall(r"built with .*", output([str(llama_server), "--version"]))),
         "cpu": output(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]),
     }
 
@@ -555,6 +567,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for every server")
     parser.add_argument("--max_tokens", type=int, default=128, help="tokens each request asks for")
     parser.add_argument("--plainlm_args", default="", help='more options for plainlm serve, e.g. "--compile true"')
+    parser.add_argument("--llama_cpp_args", default="", help='more options for llama-server, e.g. "--kv-unified"')
     parser.add_argument("--seed", type=int, default=0, help="seed of the request set")
     parser.add_argument("--env_dir", type=Path, default=PEER_ENV, help="where the peers are built")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs for llama.cpp's build")
@@ -584,6 +597,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": args.threads,
         "plainlm_args": args.plainlm_args,
+        "llama_cpp_args": args.llama_cpp_args,
         "model": smollm2_gguf().name,
         "request_set": {"seed": args.seed, "prompt_tokens": lengths, "max_tokens": args.max_tokens},
         "versions": versions(args),
