@@ -4,7 +4,8 @@
 
 KernelAttention  Attention whose one-token decode step (CPU, fp32, no gradient) runs
                  kernels/decode_attention.cpp, which visits only the cache slots the mask allows
-                 (SDPA computes all of them); and whose q, k and v projections, when they are
+                 (SDPA computes all of them), over model.KVCache or in place over the serving engine's
+                 paged pool (reads_paged_pool); and whose q, k and v projections, when they are
                  plainlm's int8/int4 layers (quantize.py), run in one kernel call.
 KernelMLP        MLP whose gate and up projections run in one kernel call likewise.
 
@@ -37,6 +38,12 @@ class KernelAttention(Attention):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
     ) -> torch.Tensor:
+        if k.dim() == 2:  # the serving engine's paged pool, read in place (serve/kv_pool.py: PagedStep.in_place)
+            B, H, _, D = q.shape
+            mask = mask.reshape(-1, mask.shape[-1]).contiguous()
+            rows = cache.step.read_index
+            y = torch.ops.plainlm.paged_decode_attention(q.reshape(B, H, D).contiguous(), k, v, rows, mask, self.scale)
+            return y.view(B, H, 1, D)
         one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
         if not (one_new_token and self.decode_kernel and decode_attention_takes(k)):
             return super().attend(q, k, v, mask, cache)
@@ -69,11 +76,30 @@ def use_cpu_kernels(model: GPT) -> GPT:
     return model
 
 
+def reads_paged_pool(model: GPT, dtype: torch.dtype) -> bool:
+    """Whether a decode step of `model` can read a paged KV pool of `dtype` in place, with the paged
+    decode-attention kernel: every attention layer is a KernelAttention that takes the decode kernel."""
+    kernel_ready = all(getattr(block.attn, "decode_kernel", False) for block in model.blocks)
+    return kernel_ready and dtype == torch.float32 and model.embed.weight.device.type == "cpu"
+
+
 def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     """x through layers that all read it (q, k, v; gate, up). When they are plainlm's int8 or int4 layers
     running its kernel, with one group size, and no gradient flows, one call of int8_matmuls /
     int4_matmuls computes them all: a small quantized model's decode step spends much of its time in
-    per-call overhead. Otherwise one call each. The outputs are the same either way."""
+    per-call overhead. Otherwise one call each. The outputs are the same either way.
+
+    A served model's adapted layer (serve/adapters.py's MultiLoRALinear, which has `add_adapters`) takes
+    part through its base layer, and adds its batch rows' adapter updates to that output after."""
+    bases = [layer.base if hasattr(layer, "add_adapters") else layer for layer in layers]
+    outputs = _project_bases_together(x, bases)
+    return [
+        layer.add_adapters(x, out) if hasattr(layer, "add_adapters") else out
+        for out, layer in zip(outputs, layers, strict=True)
+    ]
+
+
+def _project_bases_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> Sequence[torch.Tensor]:
     first = layers[0]
     kernel = getattr(first, "kernel", None)  # quantize.Int8Linear / Int4Linear say which kernel they run
     group_size = getattr(first, "group_size", None)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from plainlm.config import Config
@@ -244,53 +246,112 @@ def save_peft_adapter(model: nn.Module, lora: LoRAConfig, directory: str | Path,
     return directory
 
 
-def load_peft_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
-    """Inject and fill the adapter in `directory` (saved by us or by `peft`); returns its LoRAConfig."""
+@dataclass
+class LayerAdapter:
+    """One layer's adapter as stored: A (r, in), B (out, r), and DoRA's magnitude (out,) or None."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    magnitude: torch.Tensor | None
+
+
+@dataclass
+class PeftAdapter:
+    """An adapter directory read and checked against one model: its config and its layers' tensors."""
+
+    lora: LoRAConfig
+    layers: dict[str, LayerAdapter]  # plainlm module path -> its tensors
+    weights_file: Path  # for messages
+
+
+def read_peft_adapter(model: nn.Module, directory: str | Path) -> PeftAdapter:
+    """Read the adapter in `directory` (saved by us or by `peft`) and check that it fits `model`: every layer
+    it names exists here, with the rank its config says and the layer's input and output sizes. Touches
+    nothing in `model`; raises CheckpointError saying what does not fit."""
     directory = Path(directory)
     config_file = directory / ADAPTER_CONFIG
     if not config_file.exists():
         raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG}; is this a LoRA adapter directory?")
-    raw = json.loads(config_file.read_text())
+    try:
+        raw = json.loads(config_file.read_text())
+        r, alpha = int(raw["r"]), float(raw["lora_alpha"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config_file}: not a PEFT LoRA config ({e!r}); it needs r and lora_alpha") from None
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{config_file}: peft_type {raw['peft_type']!r} is not LoRA")
     if raw.get("rank_pattern") or raw.get("alpha_pattern") or raw.get("use_rslora"):
         raise CheckpointError(f"{config_file}: rank_pattern, alpha_pattern and rsLoRA are not supported")
-    hf_names = _hf_module_names(model.config)
-    ours_by_hf = {hf: ours for ours, hf in hf_names.items()}
     weights_file = directory / ADAPTER_WEIGHTS
-    if weights_file.exists():
-        tensors = load_file(str(weights_file))
-    else:
-        tensors = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
-    modules = {}
+    if not weights_file.exists() and (directory / "adapter_model.bin").exists():
+        weights_file = directory / "adapter_model.bin"
+    try:
+        if weights_file.suffix == ".bin":
+            tensors = torch.load(weights_file, map_location="cpu", weights_only=True)
+        else:
+            tensors = load_file(str(weights_file))
+    except FileNotFoundError:
+        message = f"{directory}: no {ADAPTER_WEIGHTS} (nor adapter_model.bin) next to {ADAPTER_CONFIG}"
+        raise CheckpointError(message) from None
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError) as e:
+        message = f"{weights_file}: cannot be read as adapter weights ({e}); save the adapter again"
+        raise CheckpointError(message) from None
+    ours_by_hf = {hf: ours for ours, hf in _hf_module_names(model.config).items()}
+    model_type = model.config.hf_model_type
+    hf_by_ours = {}
     for key in tensors:
+        if ".base_layer." in key:  # peft's copy of a frozen base weight it may resize (lm_head, embeddings)
+            continue
+        if ".lora_" not in key:  # modules_to_save, trained biases: whole weights this reader would drop
+            raise CheckpointError(f"{weights_file}: {key} is not a LoRA weight; plainlm reads LoRA and DoRA only")
         hf = key.removeprefix(PEFT_PREFIX).split(".lora_")[0]
-        if ".lora_" in key:
-            if hf not in ours_by_hf:
+        if hf not in ours_by_hf:
+            raise CheckpointError(f"{weights_file}: {key} names no layer of this {model_type} model")
+        hf_by_ours[ours_by_hf[hf]] = hf
+    dora = bool(raw.get("use_dora", False))
+    layers = {}
+    for ours, hf in hf_by_ours.items():
+        parts = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
+        stored = {part: tensors.get(f"{PEFT_PREFIX}{hf}.{part}") for part in parts}
+        missing = [part for part, tensor in stored.items() if tensor is None]
+        if missing:
+            raise CheckpointError(f"{weights_file}: {hf} has no {', '.join(missing)}")
+        layer = model.get_submodule(ours)
+        expected = {
+            "lora_A.weight": (r, layer.in_features),
+            "lora_B.weight": (layer.out_features, r),
+            "lora_magnitude_vector": (layer.out_features,),
+        }
+        for part, tensor in stored.items():
+            if tuple(tensor.shape) != expected[part]:
                 raise CheckpointError(
-                    f"{weights_file}: {key} names no layer of this {model.config.hf_model_type} model"
+                    f"{weights_file}: {hf}.{part} has shape {tuple(tensor.shape)}, but rank {r} over this model's "
+                    f"{ours} ({layer.in_features} -> {layer.out_features}) needs {expected[part]}: "
+                    "was the adapter trained on another base model?"
                 )
-            modules[ours_by_hf[hf]] = hf
-    targets = sorted({t for t, suffix in TARGETS.items() for m in modules if m.endswith(suffix)})
-    lora = LoRAConfig(
-        r=raw["r"],
-        alpha=raw["lora_alpha"],
-        dropout=raw.get("lora_dropout", 0.0),
-        targets=targets,
-        dora=raw.get("use_dora", False),
-    )
-    inject_lora(model, lora)
-    for ours, hf in modules.items():
-        module = model.get_submodule(ours)
-        if not isinstance(module, LoRALinear):
-            raise CheckpointError(f"{weights_file}: {hf} is not an adapted layer here")
-        with torch.no_grad():
-            module.lora_A.copy_(tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"])
-            module.lora_B.copy_(tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"])
+        layers[ours] = LayerAdapter(
+            stored["lora_A.weight"], stored["lora_B.weight"], stored.get("lora_magnitude_vector")
+        )
+    if not layers:
+        raise CheckpointError(f"{weights_file}: holds no LoRA weights")
+    targets = sorted({t for t, suffix in TARGETS.items() for m in layers if m.endswith(suffix)})
+    lora = LoRAConfig(r=r, alpha=alpha, dropout=raw.get("lora_dropout", 0.0), targets=targets, dora=dora)
+    return PeftAdapter(lora, layers, weights_file)
+
+
+def load_peft_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
+    """Inject and fill the adapter in `directory` (saved by us or by `peft`); returns its LoRAConfig."""
+    adapter = read_peft_adapter(model, directory)
+    # inject_lora adapts every layer its targets select: the file must hold them all (PEFT's
+    # layers_to_transform, which adapts only some, would leave the others at B = 0 silently).
+    missing = sorted(set(lora_module_names(model, adapter.lora.targets)) - set(adapter.layers))
+    if missing:
+        raise CheckpointError(f"{adapter.weights_file}: no adapter weights for {missing[:5]}")
+    inject_lora(model, adapter.lora)
+    with torch.no_grad():
+        for name, stored in adapter.layers.items():
+            module = model.get_submodule(name)
+            module.lora_A.copy_(stored.lora_A)
+            module.lora_B.copy_(stored.lora_B)
             if module.magnitude is not None:
-                module.magnitude.copy_(tensors[f"{PEFT_PREFIX}{hf}.lora_magnitude_vector"])
-    adapted = {name for name, module in model.named_modules() if isinstance(module, LoRALinear)}
-    if adapted != set(modules):
-        missing = sorted(adapted - set(modules))[:5]
-        raise CheckpointError(f"{weights_file}: no adapter weights for {missing}")
-    return lora
+                module.magnitude.copy_(stored.magnitude)
+    return adapter.lora

@@ -125,7 +125,10 @@ class GPT(nn.Module):
         if c.position_embedding == "learned":
             x = x + self.pos_embed(position_ids)
 
-        masks = self._attention_masks(positions, None if cache is None else cache.k.shape[2], attention_mask)
+        if cache is None:
+            masks = self._attention_masks(positions, None, attention_mask)
+        else:  # the cache says where the queries sit among its keys: model.KVCache, or serve's paged one
+            masks = self._attention_masks(cache.query_slots(input_pos, position_ids), cache.length, attention_mask)
         ropes = self._ropes(position_ids, x.dtype)
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
@@ -158,24 +161,25 @@ class GPT(nn.Module):
         return {False: (cos, sin), True: local}
 
     def _attention_masks(
-        self, input_pos: torch.Tensor, cache_len: int | None, attention_mask: torch.Tensor | None
+        self, query_slots: torch.Tensor, cache_len: int | None, attention_mask: torch.Tensor | None
     ) -> dict[bool, torch.Tensor | None]:
         """Boolean masks (..., T, S) for global (False) and sliding (True) layers; None = plain causal.
 
-        With a KV cache, attention always spans the whole preallocated cache (slots past the
+        query_slots (T,) or (B, 1, T): where each query sits among the keys, which are numbered 0..S-1.
+        With model.KVCache, attention always spans the whole preallocated cache (slots past the
         current position are masked): the shapes stay fixed from step to step, so a compiled
         decode step never recompiles and nothing waits on the device for a length.
         """
         window = self.config.sliding_window
-        T = input_pos.shape[0]
+        T = query_slots.shape[-1]
         if cache_len is None and attention_mask is None and (window is None or window >= T):
             return {False: None, True: None}
-        key_pos = torch.arange(cache_len or T, device=input_pos.device)
-        query_pos = input_pos if cache_len is not None else key_pos
-        causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+        key_pos = torch.arange(cache_len or T, device=query_slots.device)
+        query_pos = (query_slots if cache_len is not None else key_pos)[..., :, None]
+        causal = key_pos <= query_pos  # (T, S) or (B, 1, T, S)
         if attention_mask is not None:
             causal = causal & attention_mask
-        local = causal if window is None else causal & (query_pos[:, None] - key_pos[None, :] < window)
+        local = causal if window is None else causal & (query_pos - key_pos < window)
         return {False: causal, True: local}
 
 
@@ -292,6 +296,14 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, max_seq_length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def query_slots(self, input_pos: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # A token's slot is its input_pos for every row (left-padded rows shift their positions, not slots).
+        return input_pos
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k.shape[0] != self.k.shape[0]:

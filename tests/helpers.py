@@ -5,6 +5,7 @@ puts tests/ on the path)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import transformers
 
 from plainlm.config import Config
 from plainlm.data import IGNORE_INDEX
+from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, lora_state, merge_lora, save_peft_adapter
 from plainlm.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +64,30 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
             logits = model(torch.tensor([seq]))
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt) :]
+
+
+def randomise_adapters(model: torch.nn.Module, seed: int = 1) -> None:
+    """Draw every LoRA A and B of `model` from N(0, 0.1) and shift DoRA magnitudes likewise: B is zero at
+    initialisation, which would hide a wrong mapping."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora_state(model).items():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(p + noise if name.endswith("magnitude") else noise)
+
+
+def make_adapter(base: GPT, directory: Path, lora: LoRAConfig, seed: int) -> Path:
+    """An adapter with random nonzero A, B (and magnitude) for `base`, saved in the PEFT layout."""
+    model = inject_lora(copy.deepcopy(base), lora)
+    randomise_adapters(model, seed)
+    return save_peft_adapter(model, lora, directory)
+
+
+def merged(base: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """A copy of `base` with the adapter at `adapter` merged into its weights."""
+    model = copy.deepcopy(base)
+    load_peft_adapter(model, adapter)
+    return merge_lora(model)
 
 
 def tiny_hf_model(

@@ -204,6 +204,21 @@ def test_decode_attention_matches_sdpa(B: int, H: int, KH: int, D: int) -> None:
         torch.testing.assert_close(y.view(B, H, 1, D).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_paged_decode_attention_reads_the_pool_in_place_as_decode_attention_reads_a_cache() -> None:
+    """The serving engine's pool: keys scattered over (R, D) rows, heads outermost; rows (B, KH, S) says where."""
+    torch.manual_seed(0)
+    B, H, KH, D, S, R = 3, 6, 2, 32, 40, 500
+    q, k_pool, v_pool = torch.randn(B, H, D), torch.randn(R, D), torch.randn(R, D)
+    rows = torch.randperm(R)[: B * KH * S].view(B, KH, S).contiguous()  # no two keys share a row
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        mask[b, : 40 - 7 * b] = True  # rows of different lengths, as a batch of requests has
+    gathered_k, gathered_v = k_pool[rows], v_pool[rows]  # (B, KH, S, D): the layout decode_attention reads
+    expected = torch.ops.plainlm.decode_attention(q, gathered_k, gathered_v, mask, 0.2)
+    y = torch.ops.plainlm.paged_decode_attention(q, k_pool, v_pool, rows, mask, 0.2)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)  # the same arithmetic on the same numbers
+
+
 def without_decode_kernel(model: GPT) -> None:
     for block in model.blocks:
         block.attn.decode_kernel = False

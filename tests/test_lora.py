@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 import transformers
+from helpers import randomise_adapters
 
 from plainlm.convert.hf import load_hf_model
 from plainlm.lora import (
@@ -19,7 +20,6 @@ from plainlm.lora import (
     LoRALinear,
     inject_lora,
     load_peft_adapter,
-    lora_state,
     merge_lora,
     save_peft_adapter,
 )
@@ -67,15 +67,6 @@ def hf_model(directory: Path) -> transformers.PreTrainedModel:
 
 def ids() -> torch.Tensor:
     return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
-
-
-def randomise_adapters(model: torch.nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_state(model).items():
-            p.copy_(p + torch.randn(p.shape, generator=g) * 0.1) if name.endswith("magnitude") else p.copy_(
-                torch.randn(p.shape, generator=g) * 0.1
-            )
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -11,6 +11,11 @@
 //   k, v  (B, KH, S, D) float the cache; H is a multiple of KH
 //   mask  (B or 1, S) bool    true where the token may attend
 // returns (B, H, D): softmax(scale * q k^T over allowed slots) v, in fp32 throughout.
+//
+// paged_decode_attention is the same over the serving engine's paged KV pool (plainlm/serve/kv_pool.py),
+// read in place instead of first gathered into the layout above:
+//   k, v  (R, D) float        the pool's rows: every block's tokens, KV heads outermost
+//   rows  (B, KH, S) int64    the pool row of each sequence's s-th key for each KV head
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -50,14 +55,15 @@ inline __m512 exp16(__m512 x) {
 }
 
 // One (sequence, KV head): its group of query heads against the allowed slots of its keys and values.
-// Each key and value row is read once for the whole group.
-void attend_group(const float* q, const float* k, const float* v, const bool* mask, int64_t group, int64_t S,
-                  int64_t D, float scale, float* out) {
-  thread_local std::vector<int32_t> slots;  // reused: a decode step calls this once per layer and KV head
+// Each key and value row is read once for the whole group. Slot s's key is row s of k, or row rows[s]
+// when the keys lie in a paged pool.
+void attend_group(const float* q, const float* k, const float* v, const int64_t* rows, const bool* mask,
+                  int64_t group, int64_t S, int64_t D, float scale, float* out) {
+  thread_local std::vector<int64_t> slots;  // reused: a decode step calls this once per layer and KV head
   thread_local std::vector<float> weights;  // (group, slots), padded to whole registers
   slots.clear();
   for (int64_t s = 0; s < S; ++s) {
-    if (mask[s]) slots.push_back(static_cast<int32_t>(s));
+    if (mask[s]) slots.push_back(rows == nullptr ? s : rows[s]);
   }
   const int64_t n = static_cast<int64_t>(slots.size()), stride = (n + kLanes - 1) / kLanes * kLanes;
   for (int64_t i = 0; i < group * D; ++i) out[i] = 0.f;
@@ -119,8 +125,41 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::parallel_for(0, B * KH, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KH, h = i % KH;
-      attend_group(qp + (b * H + h * group) * D, kp + i * S * D, vp + i * S * D, mp + (mask.size(0) == 1 ? 0 : b * S),
-                   group, S, D, static_cast<float>(scale), op + (b * H + h * group) * D);
+      attend_group(qp + (b * H + h * group) * D, kp + i * S * D, vp + i * S * D, nullptr,
+                   mp + (mask.size(0) == 1 ? 0 : b * S), group, S, D, static_cast<float>(scale),
+                   op + (b * H + h * group) * D);
+    }
+  });
+  return out;
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& rows, const at::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 2 && v.sizes() == k.sizes() && rows.dim() == 3,
+              "paged_decode_attention: q (B, H, D), k and v (R, D), rows (B, KH, S)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  rows.scalar_type() == at::kLong,
+              "paged_decode_attention: fp32 q, k, v and int64 rows only");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && rows.is_contiguous() &&
+                  mask.is_contiguous(),
+              "paged_decode_attention: contiguous tensors only");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KH = rows.size(1), S = rows.size(2);
+  TORCH_CHECK(rows.size(0) == B && k.size(1) == D && H % KH == 0 && D % kLanes == 0,
+              "paged_decode_attention: shapes do not match, or the head size is not a multiple of 16");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && (mask.size(0) == 1 || mask.size(0) == B) &&
+                  mask.size(1) == S,
+              "paged_decode_attention: mask must be bool (1 or B, S)");
+  const int64_t group = H / KH;
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * KH, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / KH, h = i % KH;
+      attend_group(qp + (b * H + h * group) * D, kp, vp, rp + i * S, mp + (mask.size(0) == 1 ? 0 : b * S), group,
+                   S, D, static_cast<float>(scale), op + (b * H + h * group) * D);
     }
   });
   return out;
@@ -130,6 +169,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY_FRAGMENT(plainlm, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor mask, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(plainlm, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(plainlm, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}
