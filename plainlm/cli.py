@@ -12,6 +12,7 @@ plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4]
 plainlm chat --checkpoint_dir D
 plainlm finetune | pretrain --config RECIPE.yaml   (plainlm/finetune.py, plainlm/pretrain.py)
 plainlm estimate --config RECIPE.yaml              (plainlm/estimate.py)
+plainlm serve MODEL [--port 8000] [--lora NAME=PATH ...]   (plainlm/serve/app.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import difflib
 import importlib
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +252,85 @@ def merge_lora(checkpoint_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     print(out_dir)
 
 
+def serve(
+    model: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    lora: list[str] | None = None,
+    max_batch_size: int = 16,
+    max_seq_length: int | None = None,
+    kv_cache_gb: float | None = None,
+    compile: bool | str = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models),
+    many requests batched at once, with a chat page at /. Stop it with Ctrl-C or SIGTERM.
+
+    Args:
+        model: A plainlm checkpoint, a Hugging Face model directory or a .gguf file.
+        host: The address to listen on: 127.0.0.1 answers this machine only; 0.0.0.0 every network (set --api_key).
+        port: The port to listen on (0: any free one; the address line says which).
+        served_model_name: The name requests put in "model" (default: the model's name, as GET /v1/models shows).
+        api_key: Require "Authorization: Bearer KEY" on every request but /health and the chat page
+            (default: the PLAINLM_API_KEY environment variable, which keeps the key out of the process list).
+        lora: A LoRA adapter (PEFT layout) to serve as NAME=PATH; a request picks it with "model": NAME.
+            Repeat --lora for more adapters.
+        max_batch_size: The most requests decoded together in one step.
+        max_seq_length: The longest prompt plus completion of a request (default: the model's context).
+        kv_cache_gb: The KV cache's size in GB (default: what fits the machine, printed at start).
+        compile: torch.compile the decode step: true, or reduce-overhead (see plainlm generate --help).
+        device: cpu, cuda, cuda:1, ... (default: cuda when available).
+        dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
+        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
+    """
+    from plainlm.api import LLM
+    from plainlm.serve.adapters import AdapterSet
+    from plainlm.serve.app import bind, create_app, run_server
+    from plainlm.serve.engine import Engine
+    from plainlm.serve.structured import StructuredOutput
+
+    adapters_to_load = _lora_options(lora or [])
+    _check_compile(compile)
+    sock = bind(host, port)  # a port in use fails now, not after the model has loaded
+    llm = LLM.load(model, device=device, dtype=dtype, quantize=quantize)
+    try:
+        structured = StructuredOutput(llm.tokenizer, llm.model.config.vocab_size)
+    except InvalidInput as e:  # a tokenizer without an end-of-sequence token: serve, but refuse response_format
+        structured = None
+        print(f"[response_format is off: {e}]", file=sys.stderr)
+    engine = Engine(
+        llm,
+        max_batch_size=max_batch_size,
+        max_seq_length=max_seq_length,
+        kv_cache_gb=kv_cache_gb,
+        compile=compile,
+        adapters=AdapterSet(llm.model),
+        structured=structured,
+    )
+    for name, path in adapters_to_load.items():
+        engine.load_adapter(name, str(path))
+    print(engine.describe(), flush=True)
+    api_key = api_key or os.environ.get("PLAINLM_API_KEY") or None
+    run_server(create_app(engine, served_model_name=served_model_name or llm.name, api_key=api_key), sock)
+
+
+def _lora_options(options: list[str]) -> dict[str, Path]:
+    """--lora NAME=PATH options as {name: path}; a malformed or repeated name fails before the model loads."""
+    adapters: dict[str, Path] = {}
+    for option in options:
+        name, sep, path = option.partition("=")
+        if not sep or not name or not path:
+            raise InvalidInput(f"--lora {option}: write it as NAME=PATH, e.g. --lora sql=out/sql-lora/final")
+        if name in adapters:
+            raise InvalidInput(f"--lora {option}: the name {name!r} is given twice; each adapter needs its own")
+        adapters[name] = Path(path)
+    return adapters
+
+
 def models(filter: str | None = None) -> None:
     """List the named configs: name, family, size (parameters, counted on the meta device) and hub id.
 
@@ -312,6 +393,7 @@ class Command:
     summary: str
     function: str
     positional: str | None = None  # an optional parameter also given without its --name: plainlm models [FILTER]
+    repeatable: tuple[str, ...] = ()  # list options given once per value: --lora a=x --lora b=y
 
 
 COMMANDS = {
@@ -325,6 +407,9 @@ COMMANDS = {
     "finetune": Command("Finetune a model (full, lora, dora, qlora) from a recipe", "plainlm.finetune:finetune"),
     "pretrain": Command("Pretrain a model on a folder of text from a recipe", "plainlm.pretrain:pretrain"),
     "merge-lora": Command("Fold a LoRA or DoRA adapter into its base model", "plainlm.cli:merge_lora"),
+    "serve": Command(
+        "Serve a model over an OpenAI-compatible HTTP API, with a chat page", "plainlm.cli:serve", repeatable=("lora",)
+    ),
     "models": Command("List the named configs: name, family, size, hub id", "plainlm.cli:models", "filter"),
     "estimate": Command(
         "Memory per device of a finetune or pretrain recipe, without loading weights",
@@ -401,6 +486,8 @@ def _run(name: str, argv: list[str]) -> object:
         return function(argv)
     if command.positional and argv and not argv[0].startswith("-"):
         argv = [f"--{command.positional}", *argv]
+    for option in command.repeatable:  # jsonargparse appends to a list option written as --name+
+        argv = [re.sub(rf"^--{option}(?==|$)", f"--{option}+", a) for a in argv]
     if "recipe" in inspect.signature(function).parameters:
         return run_recipe_command(function, f"plainlm {name}", argv, description=command.summary)
     parser = command_parser(name)

@@ -170,6 +170,35 @@ class Tokenizer:
             return self._tok.id_to_token(token_id)
         return self._added_by_id.get(token_id) or self._sp.id_to_piece(token_id)
 
+    # --- for libraries that match bytes against the vocabulary (serve/structured.py's grammar engine) ---
+    def tokenizers_json(self) -> str | None:
+        """This tokenizer as tokenizer.json text, named special tokens added; None for a SentencePiece one."""
+        return self._tok.to_str() if self._sp is None else None
+
+    def sentencepiece_token_bytes(self) -> list[bytes | None] | None:
+        """What each id of a SentencePiece tokenizer stands for, as UTF-8 bytes ("▁" as a space, byte-fallback
+        pieces as their byte), None for the ids that are no text (control, unknown, added or unused); None for
+        a `tokenizers` one."""
+        if self._sp is None:
+            return None
+        sp, pieces = self._sp, []
+        for i in range(self.vocab_size):
+            in_model = i < sp.get_piece_size() and i not in self._added_by_id
+            if not in_model or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                pieces.append(None)
+            elif sp.is_byte(i):  # "<0x0A>"
+                pieces.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+            else:
+                pieces.append(sp.id_to_piece(i).replace("▁", " ").encode("utf-8"))
+        return pieces
+
+    def sentencepiece_encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` where it continues a text already begun (no word-start "▁" put in front, no BOS, no
+        special tokens parsed), for a SentencePiece tokenizer; what a grammar engine forcing text needs."""
+        if self._sp is None:
+            raise TypeError(f"{self.checkpoint_dir} has a tokenizer.json tokenizer, not a SentencePiece one")
+        return self._sp.encode(text)
+
     # --- encoding ---
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Token ids of `text`, special-token strings in it included.

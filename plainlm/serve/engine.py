@@ -170,7 +170,6 @@ class Sequence:
         self.first_event = True
         self.salt = ""  # the prefix cache's salt: the base's, or the adapter's (Engine._salts)
 
-
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.computed
