@@ -594,7 +594,7 @@ def print_report(report: dict) -> None:
           f"{report['llama_cpp_args'] or '(none)'}")  # fmt: skip
     for record in records:
         if "system_info" in record:
-            print(f"llama.cpp system_info: {record['system_info']}")
+            print(f"llama.cpp {record['system_info']}")
     print(
         "load average (1 min) around each server's run: "
         + ", ".join(f"{r['server']} {r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in records)
