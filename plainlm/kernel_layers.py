@@ -39,11 +39,14 @@ class KernelAttention(Attention):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
     ) -> torch.Tensor:
         if k.dim() == 2:  # the serving engine's paged pool, read in place (serve/kv_pool.py: PagedStep.in_place)
-            B, H, _, D = q.shape
-            mask = mask.reshape(-1, mask.shape[-1]).contiguous()
-            rows = cache.step.read_index
-            y = torch.ops.plainlm.paged_decode_attention(q.reshape(B, H, D).contiguous(), k, v, rows, mask, self.scale)
-            return y.view(B, H, 1, D)
+            # Each of the T new tokens of a row is a query of its own over the row's keys (its mask row says
+            # which it sees): (B * T) one-token queries for the decode kernel.
+            B, H, T, D = q.shape
+            queries = q.transpose(1, 2).reshape(B * T, H, D).contiguous()
+            mask = mask.expand(B, 1, T, mask.shape[-1]).reshape(B * T, -1).contiguous()
+            rows = cache.step.query_rows(T)
+            y = torch.ops.plainlm.paged_decode_attention(queries, k, v, rows, mask, self.scale)
+            return y.view(B, T, H, D).transpose(1, 2)
         one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
         if not (one_new_token and self.decode_kernel and decode_attention_takes(k)):
             return super().attend(q, k, v, mask, cache)

@@ -7,7 +7,7 @@
     pool.release(blocks)                              # back to the pool; full ones stay cached until reused
 
     step = PagedKVCache.install(model, pool)   # the model's layers now read and write the pool
-    step.apply(rows)                           # before each forward: where this step's keys go, what it reads
+    step.apply(rows, width)                    # before each forward: where this step's keys go, what it reads
 
 Memory follows the tokens in use: a request holds ceil(length / block_size) blocks, not a
 max_seq_length-long row. A block's id is also its place in storage: token slot = block * block_size + offset.
@@ -151,7 +151,9 @@ class PagedKVCache(nn.Module):
 
     def __init__(self, pool: BlockPool, n_kv_head: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.slots = pool.num_blocks * pool.block_size
+        # The pool's blocks, and one block more: its first slot takes the keys and values of padding tokens
+        # (PagedStep.scratch_slot), which no request reads.
+        self.slots = (pool.num_blocks + 1) * pool.block_size
         self.n_kv_head = n_kv_head
         shape = (n_kv_head * self.slots, head_dim)
         # torch.zeros of this size maps fresh pages that the OS commits only when written: the pool costs
@@ -205,13 +207,22 @@ class PagedStep:
 
     def __init__(self, pool: BlockPool, n_kv_head: int, device: torch.device) -> None:
         self.pool, self.device = pool, device
-        self.head_offsets = torch.arange(n_kv_head, device=device) * (pool.num_blocks * pool.block_size)
+        self.head_offsets = torch.arange(n_kv_head, device=device) * ((pool.num_blocks + 1) * pool.block_size)
+        self.scratch_slot = pool.num_blocks * pool.block_size  # see PagedKVCache.__init__
         self.caches: list[PagedKVCache] = []  # one per layer
-        # Set by the engine for a decode step whose attention reads the pool in place (see
+        # Set by the engine for a step whose attention reads the pool in place (see
         # kernel_layers.reads_paged_pool): update() then returns the pool itself, not a gathered copy.
         self.in_place = False
         self.write_index = torch.zeros(0, dtype=torch.long, device=device)
         self.read_index = torch.zeros(1, n_kv_head, 0, dtype=torch.long, device=device)
+        self._query_rows: dict[int, torch.Tensor] = {}
+
+    def query_rows(self, tokens: int) -> torch.Tensor:
+        """read_index with each row repeated once per new token (B * tokens, K, S): the row table of a step
+        whose every new token attends as a query of its own (kernel_layers.KernelAttention); made once a step."""
+        if tokens not in self._query_rows:
+            self._query_rows[tokens] = self.read_index.repeat_interleave(tokens, dim=0)
+        return self._query_rows[tokens]
 
     def attach(self, model: GPT) -> None:
         """Put the layers' paged caches (back) into `model`: plain decoding on the same model
@@ -224,17 +235,22 @@ class PagedStep:
         size = self.pool.block_size
         return [blocks[p // size] * size + p % size for p in range(start, end)]
 
-    def apply(self, rows: Sequence[tuple[list[int], int, int]]) -> None:
+    def apply(self, rows: Sequence[tuple[list[int], int, int]], width: int) -> None:
         """Set the tables for a batch whose row i writes positions [start, end) of the sequence in blocks
-        (rows[i] = (blocks, start, end)) and reads positions [0, end). Every row writes as many tokens."""
+        (rows[i] = (blocks, start, end)) and reads positions [0, end). Each row has `width` tokens: those
+        past end - start are padding, written to the scratch slot."""
         size = self.pool.block_size
         longest = max(end for _, _, end in rows)
         table_width = -(-longest // size)
         table = torch.tensor([b[:table_width] + [0] * (table_width - len(b[:table_width])) for b, _, _ in rows])
         offsets = torch.arange(size)
         read = (table[:, :, None] * size + offsets).view(len(rows), -1)[:, :longest]  # (B, S)
-        write = torch.tensor([self.slots(blocks, start, end) for blocks, start, end in rows])  # (B, T)
+        padding = [[self.scratch_slot] * (width - end + start) for _, start, end in rows]
+        write = torch.tensor(
+            [self.slots(b, start, end) + pad for (b, start, end), pad in zip(rows, padding, strict=True)]
+        )  # (B, T)
         read, write = read.to(self.device), write.to(self.device)
         heads = self.head_offsets[None, :, None]
         self.read_index = (read[:, None, :] + heads).contiguous()  # (B, K, S)
+        self._query_rows = {1: self.read_index}
         self.write_index = (write[:, None, :] + heads).reshape(-1)  # (B * K * T,), as k.reshape(B * K * T, D)
