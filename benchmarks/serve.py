@@ -1,7 +1,7 @@
 """Serving throughput and latency, side by side: `plainlm serve`, `transformers serve` and llama.cpp's server.
 
     python benchmarks/serve.py [--servers plainlm-fp32 plainlm-int4 transformers llama.cpp]
-                               [--concurrency 1 4 16] [--waves 2] [--threads 2] [--plainlm_args "--compile true"]
+                               [--concurrency 1 4 16] [--waves 2] [--threads 2] [--plainlm_args "--max_batch_size 32"]
     python benchmarks/serve.py --setup_only                  # build the peers' environment and stop
     python benchmarks/serve.py --report benchmarks/results/serve-TIME.json   # a past run's tables again
 
@@ -29,8 +29,7 @@ before, each with its own short question. The first is sent alone and run to com
 arrive at once; then 15 more, one at a time. A server with prefix caching answers those from the cached
 prefix, so their TTFT is a fraction of the first's; at once, they also wait for each other's prefill.
 
-Each server is started fresh, warmed up (one request alone, then 16 at once: a compiled decode step
-compiles its batch sizes there), measured, and stopped. Prints markdown tables and the issue-13 targets,
+Each server is started fresh, warmed up (one request alone, then 16 at once), measured, and stopped. Prints markdown tables and the issue-13 targets,
 met or not, and writes everything to benchmarks/results/serve-<time>.json (after each server, so a run
 stopped early keeps what it measured).
 """
@@ -612,7 +611,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for every server")
     parser.add_argument("--waves", type=int, default=2, help="a level sends max(4, waves x concurrency) requests")
     parser.add_argument("--max_tokens", type=int, default=128, help="tokens each request asks for")
-    parser.add_argument("--plainlm_args", default="", help='more options for plainlm serve, e.g. "--compile true"')
+    parser.add_argument("--plainlm_args", default="", help='more options for plainlm serve, e.g. "--max_batch_size 32"')
     parser.add_argument("--llama_cpp_args", default="", help='more options for llama-server, e.g. "--kv-unified"')
     parser.add_argument("--seed", type=int, default=0, help="seed of the request set")
     parser.add_argument("--env_dir", type=Path, default=PEER_ENV, help="where the peers are built")

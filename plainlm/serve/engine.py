@@ -651,13 +651,16 @@ class Engine:
 
 
 def _prefill_groups(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-    """The iteration's prompt chunks, (sequence, token count), grouped into forward passes: chunks of alike
-    length run as one padded batch (a burst of short prompts behind a cached system prompt then costs one
-    forward, not one each), as long as padding at most doubles a group's tokens."""
+    """The iteration's prompt chunks, (sequence, token count), grouped into forward passes: short chunks (at
+    most IN_PLACE_TOKENS) of alike length run as one padded batch, as long as padding at most doubles a
+    group's tokens, so a burst of short prompts behind a cached system prompt costs one forward, not one
+    each. Longer chunks run alone: batched with padding, 16 mixed prompts of 90-400 tokens reached their
+    first tokens later (TTFT median 3.5-4.0 s against 2.2-2.3 s, int4 SmolLM2)."""
     groups: list[list[tuple[Sequence, int]]] = []
     for seq, count in sorted(chunks, key=lambda chunk: chunk[1]):
         group = groups[-1] if groups else None
-        if group is not None and count * (len(group) + 1) <= 2 * (sum(n for _, n in group) + count):
+        short = count <= IN_PLACE_TOKENS
+        if short and group is not None and count * (len(group) + 1) <= 2 * (sum(n for _, n in group) + count):
             group.append((seq, count))
         else:
             groups.append([(seq, count)])
