@@ -29,9 +29,9 @@ before, each with its own short question. The first is sent alone and run to com
 arrive at once; then 15 more, one at a time. A server with prefix caching answers those from the cached
 prefix, so their TTFT is a fraction of the first's; at once, they also wait for each other's prefill.
 
-Each server is started fresh, warmed up (one request alone, then 16 at once), measured, and stopped. Prints markdown tables and the issue-13 targets,
-met or not, and writes everything to benchmarks/results/serve-<time>.json (after each server, so a run
-stopped early keeps what it measured).
+Each server is started fresh, warmed up (one request alone, then 16 at once), measured, and stopped.
+Prints markdown tables and the issue-13 targets, met or not, and writes everything to
+benchmarks/results/serve-<time>.json (after each server, so a run stopped early keeps what it measured).
 """
 
 from __future__ import annotations
