@@ -149,7 +149,7 @@ class Result:
 
 BLOCK_SIZE = 16  # tokens per KV block: small enough that a prefix is shared to within 16 tokens
 # Forward passes of at most this many new tokens a row read the pool in place, every token a query of its
-# own through the paged decode kernel; longer prompt chunks gather their rows and take SDPA's causal kernel.
+# own through the paged decode kernel; longer prompt chunks gather their rows for SDPA.
 # Measured on int4 SmolLM2, 12 prompts of 23 tokens behind a cached 1,024-token system prompt in one
 # forward: 387-429 ms in place against 449-558 ms gathered (3 of them: 97-104 against 117-156 ms).
 IN_PLACE_TOKENS = 32
@@ -182,6 +182,8 @@ class Sequence:
 
 
 class Engine:
+    """The scheduler loop over one model (see the module docstring): submit, cancel, generate, stream."""
+
     def __init__(
         self,
         llm: LLM,
