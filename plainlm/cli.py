@@ -285,6 +285,11 @@ def serve(
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
     """
+    # Before torch loads OpenMP: its idle threads sleep instead of spinning, which on a CPU server would take
+    # the cores the engine's and the HTTP loop's Python threads need (int4 SmolLM2 on 2 cores, 16 clients:
+    # 135 against 118 tokens/s, docs/benchmarks.md). Set OMP_WAIT_POLICY yourself to choose otherwise.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from plainlm.api import LLM
     from plainlm.serve.adapters import AdapterSet
     from plainlm.serve.app import bind, create_app, run_server
