@@ -4,9 +4,10 @@
 
 KernelAttention  Attention whose one-token decode step (CPU, fp32, no gradient) runs
                  kernels/decode_attention.cpp, which visits only the cache slots the mask allows
-                 (SDPA computes all of them), over model.KVCache or in place over the serving engine's
-                 paged pool (reads_paged_pool); and whose q, k and v projections, when they are
-                 plainlm's int8/int4 layers (quantize.py), run in one kernel call.
+                 (SDPA computes all of them), over model.KVCache; over the serving engine's paged
+                 pool, decode steps and prompt chunks alike read it in place (reads_paged_pool);
+                 and whose q, k and v projections, when they are plainlm's int8/int4 layers
+                 (quantize.py), run in one kernel call.
 KernelMLP        MLP whose gate and up projections run in one kernel call likewise.
 
 Each overrides one or two of model.py's small methods (`project_qkv`, `attend`, `project_gate_up`)
@@ -40,12 +41,11 @@ class KernelAttention(Attention):
     ) -> torch.Tensor:
         if k.dim() == 2:  # the serving engine's paged pool, read in place (serve/kv_pool.py: PagedStep.in_place)
             # Each of the T new tokens of a row is a query of its own over the row's keys (its mask row says
-            # which it sees): (B * T) one-token queries for the decode kernel.
+            # which it sees); the kernel takes them sequence-major, (B * T, H, D).
             B, H, T, D = q.shape
             queries = q.transpose(1, 2).reshape(B * T, H, D).contiguous()
             mask = mask.expand(B, 1, T, mask.shape[-1]).reshape(B * T, -1).contiguous()
-            rows = cache.step.query_rows(T)
-            y = torch.ops.plainlm.paged_decode_attention(queries, k, v, rows, mask, self.scale)
+            y = torch.ops.plainlm.paged_attention(queries, k, v, cache.step.read_index, mask, self.scale)
             return y.view(B, T, H, D).transpose(1, 2)
         one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
         if not (one_new_token and self.decode_kernel and decode_attention_takes(k)):
@@ -80,8 +80,8 @@ def use_cpu_kernels(model: GPT) -> GPT:
 
 
 def reads_paged_pool(model: GPT, dtype: torch.dtype) -> bool:
-    """Whether a decode step of `model` can read a paged KV pool of `dtype` in place, with the paged
-    decode-attention kernel: every attention layer is a KernelAttention that takes the decode kernel."""
+    """Whether `model`'s forward passes (decode steps and prompt chunks) can read a paged KV pool of `dtype` in
+    place, through the paged attention kernel: every attention layer is a KernelAttention that takes it."""
     kernel_ready = all(getattr(block.attn, "decode_kernel", False) for block in model.blocks)
     return kernel_ready and dtype == torch.float32 and model.embed.weight.device.type == "cpu"
 

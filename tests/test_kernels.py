@@ -204,7 +204,7 @@ def test_decode_attention_matches_sdpa(B: int, H: int, KH: int, D: int) -> None:
         torch.testing.assert_close(y.view(B, H, 1, D).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_paged_decode_attention_reads_the_pool_in_place_as_decode_attention_reads_a_cache() -> None:
+def test_paged_attention_reads_the_pool_in_place_as_decode_attention_reads_a_cache() -> None:
     """The serving engine's pool: keys scattered over (R, D) rows, heads outermost; rows (B, KH, S) says where."""
     torch.manual_seed(0)
     B, H, KH, D, S, R = 3, 6, 2, 32, 40, 500
@@ -215,8 +215,41 @@ def test_paged_decode_attention_reads_the_pool_in_place_as_decode_attention_read
         mask[b, : 40 - 7 * b] = True  # rows of different lengths, as a batch of requests has
     gathered_k, gathered_v = k_pool[rows], v_pool[rows]  # (B, KH, S, D): the layout decode_attention reads
     expected = torch.ops.plainlm.decode_attention(q, gathered_k, gathered_v, mask, 0.2)
-    y = torch.ops.plainlm.paged_decode_attention(q, k_pool, v_pool, rows, mask, 0.2)
+    y = torch.ops.plainlm.paged_attention(q, k_pool, v_pool, rows, mask, 0.2)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)  # the same arithmetic on the same numbers
+
+
+@pytest.mark.parametrize(
+    ("T", "H", "KH"),
+    [(2, 6, 3), (5, 6, 2), (23, 9, 3), (150, 4, 4), (33, 8, 1)],
+    ids=["two_tokens_few_queries", "tile_of_ten", "burst_chunk", "two_tiles_mha", "three_tiles_mqa"],
+)
+def test_paged_attention_of_many_new_tokens_matches_sdpa(T: int, H: int, KH: int) -> None:
+    """A prompt chunk: T new tokens a sequence, each query with its own mask row (causal after a cached prefix,
+    a sliding window, padding rows that repeat the last), against SDPA in float64 on the gathered keys."""
+    torch.manual_seed(1)
+    B, D, R = 3, 64, 4000
+    cached = [17, 0, 40]  # each sequence's keys before this chunk
+    S = max(cached) + T
+    q, k_pool, v_pool = torch.randn(B * T, H, D), torch.randn(R, D), torch.randn(R, D)
+    rows = torch.randperm(R)[: B * KH * S].view(B, KH, S).contiguous()
+    mask = torch.zeros(B, T, S, dtype=torch.bool)
+    for b, before in enumerate(cached):
+        for t in range(T):
+            mask[b, t, : before + t + 1] = True
+    mask[1, :, :] &= torch.arange(S) > torch.arange(T)[:, None] - 6  # sequence 1: a window of 6 keys
+    mask[2, T // 2 :, :] = mask[2, T // 2]  # sequence 2: padding tokens past T // 2, as the engine pads a row
+    mask[0, 0, :] = False  # a query that sees nothing gets zeros (SDPA would give NaN)
+    mask = mask.reshape(B * T, S).contiguous()
+    y = torch.ops.plainlm.paged_attention(q, k_pool, v_pool, rows, mask, 0.125)
+    keys, values = k_pool[rows].double(), v_pool[rows].double()  # (B, KH, S, D)
+    queries = q.view(B, T, H, D).transpose(1, 2).double()
+    seen = mask.view(B, 1, T, S).clone()
+    seen[0, 0, 0, 0] = True  # SDPA needs one key a row; the kernel's zeros row is checked on its own
+    expected = F.scaled_dot_product_attention(queries, keys, values, attn_mask=seen, scale=0.125, enable_gqa=True)
+    expected = expected.transpose(1, 2).reshape(B * T, H, D)
+    assert torch.equal(y[0], torch.zeros(H, D))
+    torch.testing.assert_close(y[1:].double(), expected[1:], rtol=1e-5, atol=1e-5)
 
 
 def without_decode_kernel(model: GPT) -> None:

@@ -47,9 +47,9 @@ def test_greedy_equals_generate_alone_with_staggered_arrivals_and_chunked_prompt
     in chunks of 8 tokens; every request's tokens equal what generate gives it alone. Decode steps read the
     pool in place with plainlm's kernel where it runs, or gather it for SDPA (as on other CPUs and GPUs)."""
     engine = Engine(llm, max_batch_size=6, prefill_chunk=8, kv_cache_gb=0.01)
-    if in_place and not engine.decode_in_place:
+    if in_place and not engine.reads_pool_in_place:
         pytest.skip("plainlm's decode kernel does not run here (it needs AVX512-VNNI)")
-    engine.decode_in_place = in_place
+    engine.reads_pool_in_place = in_place
     params = SamplingParams(max_new_tokens=20)
     requests = [Request(prompt=p, params=params) for p in prompts(12, llm.model.config.vocab_size)]
     results = {}
@@ -78,9 +78,9 @@ def test_shared_prefix_is_computed_once_and_decodes_the_same(llm, in_place):
     system = prompts(1, vocab, seed=1, shortest=50, longest=51)[0]  # 3 full blocks and 2 tokens
     questions = prompts(6, vocab, seed=2, shortest=2, longest=12)
     engine = Engine(llm, max_batch_size=8, kv_cache_gb=0.01)
-    if in_place and not engine.decode_in_place:
+    if in_place and not engine.reads_pool_in_place:
         pytest.skip("plainlm's decode kernel does not run here (it needs AVX512-VNNI)")
-    engine.decode_in_place = in_place
+    engine.reads_pool_in_place = in_place
     params = SamplingParams(max_new_tokens=12)
     first = engine.generate([Request(prompt=system + questions[0], params=params)])[0]
     assert first.cached_tokens == 0

@@ -7,7 +7,7 @@
         y = torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales)
     if decode_attention_fits(head_dim) and decode_attention_takes(k_cache):
         y = torch.ops.plainlm.decode_attention(q, k_cache, v_cache, mask, scale)
-        y = torch.ops.plainlm.paged_decode_attention(q, k_pool, v_pool, rows, mask, scale)  # serve's pool
+        y = torch.ops.plainlm.paged_attention(q, k_pool, v_pool, rows, mask, scale)  # serve's pool
 
 The modules that call them: quantize.py's int8/int4 layers, and kernel_layers.py's attention and MLP.
 
@@ -17,7 +17,9 @@ int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activ
                       that read one input (q, k, v) in one call, their outputs side by side.
 vnni_common.h         what the two share.
 decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots;
-                      paged_decode_attention reads the serving engine's paged pool in place.
+                      paged_attention reads the serving engine's paged pool in place, for one
+                      new token a sequence or a prompt chunk's many (tiles of queries, two
+                      small matrix products each).
 
 Each file's header gives its math. Batch-1 decoding spends its time in these kernels and in
 per-call overhead; llama.cpp, the peer to beat, is C throughout. The matmuls split a matrix across
@@ -117,7 +119,7 @@ def kernels_loaded() -> bool:
     torch.library.register_fake("plainlm::int8_matmul")(_int8_matmul_shape)
     torch.library.register_fake("plainlm::int8_matmuls")(_int8_matmuls_shape)
     torch.library.register_fake("plainlm::decode_attention")(_decode_attention_shape)
-    torch.library.register_fake("plainlm::paged_decode_attention")(_paged_decode_attention_shape)
+    torch.library.register_fake("plainlm::paged_attention")(_paged_attention_shape)
     return True
 
 
@@ -158,7 +160,7 @@ def _decode_attention_shape(
     return torch.empty_like(q)
 
 
-def _paged_decode_attention_shape(
+def _paged_attention_shape(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     return torch.empty_like(q)

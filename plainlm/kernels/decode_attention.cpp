@@ -1,4 +1,4 @@
-// Attention of one new token per sequence over a preallocated KV cache, on x86 CPUs with AVX512.
+// Attention of new tokens over a KV cache, on x86 CPUs with AVX512.
 //
 // A decode step attends over the whole preallocated cache, with the slots not yet written (and any
 // left padding) masked out: the shapes stay fixed, so a compiled step never recompiles. SDPA then
@@ -12,24 +12,37 @@
 //   mask  (B or 1, S) bool    true where the token may attend
 // returns (B, H, D): softmax(scale * q k^T over allowed slots) v, in fp32 throughout.
 //
-// paged_decode_attention is the same over the serving engine's paged KV pool (plainlm/serve/kv_pool.py),
-// read in place instead of first gathered into the layout above:
+// paged_attention is the same over the serving engine's paged KV pool (plainlm/serve/kv_pool.py), read
+// in place instead of first gathered into the layout above, for T new tokens of each sequence at once
+// (a decode step, T = 1, or a chunk of a prompt):
+//   q     (B * T, H, D) float the queries, sequence-major: token t of sequence b is row b * T + t
 //   k, v  (R, D) float        the pool's rows: every block's tokens, KV heads outermost
 //   rows  (B, KH, S) int64    the pool row of each sequence's s-th key for each KV head
+//   mask  (B * T, S) bool     true where token t of sequence b may attend (causality, windows, padding)
+// With few queries a KV head (T x group < kManyQueries) each is one pass over its keys, as above. With
+// many, the keys and values are gathered into contiguous buffers once per tile of queries and the tile
+// is two small matrix products (scores, then weighted values) with a masked softmax between, so a prompt
+// chunk reads its sequence's keys once a tile rather than once a query.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kLanes = 16;  // floats per zmm
+constexpr int64_t kManyQueries = 8;  // from this many queries a (sequence, KV head), the tiled matrix-product path
+constexpr int64_t kTileQueries = 128;  // queries a tile: its scores (tile x keys) stay within the L2 cache
 
 inline float dot(const float* a, const float* b, int64_t D) {
   __m512 acc = _mm512_setzero_ps();
@@ -54,6 +67,37 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);  // p * 2^n, 0 once n is far enough below the float range
 }
 
+// Softmax over the n scores at w, in place, 16 at a time. Scores of -infinity (slots the query may not see)
+// get weight 0; a row with none left gets zeros throughout.
+inline void softmax(float* w, int64_t n) {
+  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 highest = minus_infinity;
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    highest = _mm512_mask_max_ps(highest, valid, highest, _mm512_loadu_ps(w + i));
+  }
+  const float top_score = _mm512_reduce_max_ps(highest);
+  if (top_score == -std::numeric_limits<float>::infinity()) {
+    std::fill(w, w + n, 0.f);
+    return;
+  }
+  const __m512 top = _mm512_set1_ps(top_score);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 score = _mm512_maskz_loadu_ps(valid, w + i);
+    const __mmask16 seen = _mm512_mask_cmp_ps_mask(valid, score, minus_infinity, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(score, top)));
+    _mm512_mask_storeu_ps(w + i, valid, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(w + i, valid, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, w + i), inverse));
+  }
+}
+
 // One (sequence, KV head): its group of query heads against the allowed slots of its keys and values.
 // Each key and value row is read once for the whole group. Slot s's key is row s of k, or row rows[s]
 // when the keys lie in a paged pool.
@@ -73,24 +117,7 @@ void attend_group(const float* q, const float* k, const float* v, const int64_t*
     const float* key = k + slots[i] * D;
     for (int64_t j = 0; j < group; ++j) weights[j * stride + i] = scale * dot(q + j * D, key, D);
   }
-  for (int64_t j = 0; j < group; ++j) {  // softmax over the slots, 16 at a time
-    float* w = weights.data() + j * stride;
-    __m512 highest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < n; i += kLanes) {
-      const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-      highest = _mm512_mask_max_ps(highest, valid, highest, _mm512_loadu_ps(w + i));
-    }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(highest));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += kLanes) {
-      const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(w + i), top)));
-      _mm512_storeu_ps(w + i, e);
-      total = _mm512_add_ps(total, e);
-    }
-    const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-    for (int64_t i = 0; i < n; i += kLanes) _mm512_storeu_ps(w + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), inverse));
-  }
+  for (int64_t j = 0; j < group; ++j) softmax(weights.data() + j * stride, n);
   for (int64_t i = 0; i < n; ++i) {
     const float* value = v + slots[i] * D;
     for (int64_t d = 0; d < D; d += kLanes) {
@@ -133,33 +160,109 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& rows, const at::Tensor& mask, double scale) {
+// One tile of many queries of one sequence and KV head: tokens [t0, t0 + tokens) of the sequence, each
+// with the `group` query heads that share the KV head. q and out point at token t0's first such head;
+// `token_stride` floats lie between one token's heads and the next's. rows (S) and mask (T, S) are the
+// sequence's; the tile gathers the keys and values that any of its queries may see into contiguous
+// buffers, then scores = queries keys^T and out = softmax(scores) values are two matrix products.
+void attend_tile(const float* q, int64_t token_stride, const float* k, const float* v, const int64_t* rows,
+                 const bool* mask, int64_t t0, int64_t tokens, int64_t group, int64_t S, int64_t D, float scale,
+                 float* out) {
+  thread_local std::vector<int64_t> slots;
+  thread_local std::vector<float> queries, keys, values, weights, results;
+  slots.clear();
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t t = t0 + tokens - 1; t >= t0; --t) {  // the last token usually sees the most: checked first
+      if (mask[t * S + s]) {
+        slots.push_back(s);
+        break;
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(slots.size()), m = tokens * group;
+  if (n == 0) {  // nothing to attend to: zeros, where SDPA would give NaN
+    for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * token_stride, out + t * token_stride + group * D, 0.f);
+    return;
+  }
+  queries.resize(m * D);
+  keys.resize(n * D);
+  values.resize(n * D);
+  weights.resize(m * n);
+  results.resize(m * D);
+  for (int64_t t = 0; t < tokens; ++t) std::memcpy(&queries[t * group * D], q + t * token_stride, group * D * sizeof(float));
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(&keys[i * D], k + rows[slots[i]] * D, D * sizeof(float));
+    std::memcpy(&values[i * D], v + rows[slots[i]] * D, D * sizeof(float));
+  }
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor scores = at::from_blob(weights.data(), {m, n}, options);
+  at::mm_out(scores, at::from_blob(queries.data(), {m, D}, options), at::from_blob(keys.data(), {n, D}, options).t());
+  // Scale the scores, and set those of slots a query may not see to -infinity. The slots are usually all of
+  // 0..n-1 (a causal chunk after its prefix), and then 16 mask bytes at a time give 16 scores' fates.
+  const bool dense = slots.back() == n - 1;
+  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), factor = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < m; ++r) {
+    const bool* sees = mask + (t0 + r / group) * S;
+    float* w = &weights[r * n];
+    if (dense) {
+      for (int64_t i = 0; i < n; i += kLanes) {
+        const __mmask16 valid = i + kLanes <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+        const __m128i bytes = _mm_maskz_loadu_epi8(valid, sees + i);
+        const __mmask16 allowed = _mm_test_epi8_mask(bytes, bytes);
+        const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, w + i), factor);
+        _mm512_mask_storeu_ps(w + i, valid, _mm512_mask_blend_ps(allowed, minus_infinity, scaled));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) w[i] = sees[slots[i]] ? scale * w[i] : -std::numeric_limits<float>::infinity();
+    }
+    softmax(w, n);
+  }
+  at::Tensor result = at::from_blob(results.data(), {m, D}, options);
+  at::mm_out(result, scores, at::from_blob(values.data(), {n, D}, options));
+  for (int64_t t = 0; t < tokens; ++t) std::memcpy(out + t * token_stride, &results[t * group * D], group * D * sizeof(float));
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                           const at::Tensor& mask, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 2 && v.sizes() == k.sizes() && rows.dim() == 3,
-              "paged_decode_attention: q (B, H, D), k and v (R, D), rows (B, KH, S)");
+              "paged_attention: q (B * T, H, D), k and v (R, D), rows (B, KH, S)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   rows.scalar_type() == at::kLong,
-              "paged_decode_attention: fp32 q, k, v and int64 rows only");
+              "paged_attention: fp32 q, k, v and int64 rows only");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && rows.is_contiguous() &&
                   mask.is_contiguous(),
-              "paged_decode_attention: contiguous tensors only");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KH = rows.size(1), S = rows.size(2);
-  TORCH_CHECK(rows.size(0) == B && k.size(1) == D && H % KH == 0 && D % kLanes == 0,
-              "paged_decode_attention: shapes do not match, or the head size is not a multiple of 16");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && (mask.size(0) == 1 || mask.size(0) == B) &&
-                  mask.size(1) == S,
-              "paged_decode_attention: mask must be bool (1 or B, S)");
-  const int64_t group = H / KH;
-  at::Tensor out = at::empty({B, H, D}, q.options());
+              "paged_attention: contiguous tensors only");
+  const int64_t B = rows.size(0), H = q.size(1), D = q.size(2), KH = rows.size(1), S = rows.size(2);
+  TORCH_CHECK(B > 0 && q.size(0) % B == 0 && k.size(1) == D && H % KH == 0 && D % kLanes == 0,
+              "paged_attention: shapes do not match, or the head size is not a multiple of 16");
+  const int64_t T = q.size(0) / B, group = H / KH;
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B * T && mask.size(1) == S,
+              "paged_attention: mask must be bool (B * T, S)");
+  at::Tensor out = at::empty({B * T, H, D}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t* rp = rows.data_ptr<int64_t>();
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * KH, 4, [&](int64_t begin, int64_t end) {
+  if (T * group < kManyQueries) {  // a decode step: one pass over the keys a token
+    at::parallel_for(0, B * KH * T, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / (KH * T), h = i / T % KH, t = i % T, token = b * T + t;
+        attend_group(qp + (token * H + h * group) * D, kp, vp, rp + (b * KH + h) * S, mp + token * S, group, S, D,
+                     static_cast<float>(scale), op + (token * H + h * group) * D);
+      }
+    });
+    return out;
+  }
+  // Tiles of alike size, at most kTileQueries queries each: a sequence's T tokens split into `tiles` parts.
+  const int64_t tiles = (T * group + kTileQueries - 1) / kTileQueries, tile_tokens = (T + tiles - 1) / tiles;
+  at::parallel_for(0, B * KH * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / KH, h = i % KH;
-      attend_group(qp + (b * H + h * group) * D, kp, vp, rp + i * S, mp + (mask.size(0) == 1 ? 0 : b * S), group,
-                   S, D, static_cast<float>(scale), op + (b * H + h * group) * D);
+      const int64_t b = i / (KH * tiles), h = i / tiles % KH, t0 = i % tiles * tile_tokens;
+      const int64_t tokens = std::min(tile_tokens, T - t0);
+      if (tokens <= 0) continue;
+      const int64_t first = (b * T + t0) * H + h * group;
+      attend_tile(qp + first * D, H * D, kp, vp, rp + (b * KH + h) * S, mp + b * T * S, t0, tokens, group, S, D,
+                  static_cast<float>(scale), op + first * D);
     }
   });
   return out;
@@ -169,10 +272,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
 
 TORCH_LIBRARY_FRAGMENT(plainlm, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
-  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor mask, float scale) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plainlm, CPU, m) {
   m.impl("decode_attention", &decode_attention);
-  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_attention", &paged_attention);
 }

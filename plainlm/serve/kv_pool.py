@@ -193,7 +193,7 @@ class PagedKVCache(nn.Module):
         B, K, T, D = k.shape
         self.k.index_copy_(0, step.write_index, k.to(self.k.dtype).reshape(B * K * T, D))
         self.v.index_copy_(0, step.write_index, v.to(self.v.dtype).reshape(B * K * T, D))
-        if step.in_place:  # the decode kernel reads the pool where it lies (kernel_layers.KernelAttention)
+        if step.in_place:  # plainlm's attention kernel reads the pool where it lies (kernel_layers)
             return self.k, self.v
         S = step.read_index.shape[-1]
         return (
@@ -215,14 +215,6 @@ class PagedStep:
         self.in_place = False
         self.write_index = torch.zeros(0, dtype=torch.long, device=device)
         self.read_index = torch.zeros(1, n_kv_head, 0, dtype=torch.long, device=device)
-        self._query_rows: dict[int, torch.Tensor] = {}
-
-    def query_rows(self, tokens: int) -> torch.Tensor:
-        """read_index with each row repeated once per new token (B * tokens, K, S): the row table of a step
-        whose every new token attends as a query of its own (kernel_layers.KernelAttention); made once a step."""
-        if tokens not in self._query_rows:
-            self._query_rows[tokens] = self.read_index.repeat_interleave(tokens, dim=0)
-        return self._query_rows[tokens]
 
     def attach(self, model: GPT) -> None:
         """Put the layers' paged caches (back) into `model`: plain decoding on the same model
@@ -252,5 +244,4 @@ class PagedStep:
         read, write = read.to(self.device), write.to(self.device)
         heads = self.head_offsets[None, :, None]
         self.read_index = (read[:, None, :] + heads).contiguous()  # (B, K, S)
-        self._query_rows = {1: self.read_index}
         self.write_index = (write[:, None, :] + heads).reshape(-1)  # (B * K * T,), as k.reshape(B * K * T, D)
