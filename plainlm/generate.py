@@ -98,7 +98,14 @@ def generate_tokens(
     decode = model  # compiled at the first decode step, so that all compiling happens between tokens 1 and 2
     model.set_kv_cache(len(prompts), cache_length)
     try:
-        logits = model(idx, input_pos=slots[:prompt_len], position_ids=prefill_positions, attention_mask=prefill_mask)
+        last = torch.full((len(prompts), 1), prompt_len - 1, device=device)  # left-padded: every row ends there
+        logits = model(
+            idx,
+            input_pos=slots[:prompt_len],
+            position_ids=prefill_positions,
+            attention_mask=prefill_mask,
+            logit_positions=last,
+        )
         token = sample(logits[:, -1], params, generator)
         for step in range(max_new_tokens):
             new = token.tolist()

@@ -71,6 +71,21 @@ def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma2"])  # gemma2: the final softcap applies to the chosen ones
+def test_logit_positions_compute_only_those_positions_logits(name: str) -> None:
+    """What a prefill asks for (generate.py, the serving engine): each row's own positions, the same numbers."""
+    model = tiny_gpt(CONFIGS[name], std=0.2).eval()
+    seq = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([[8], [3], [0]])  # a row each, as right-padded rows of different lengths end
+    with torch.no_grad():
+        full = model(seq)
+        chosen = model(seq, logit_positions=positions)
+        two = model(seq, logit_positions=torch.tensor([[1, 8], [2, 3], [0, 0]]))
+    assert chosen.shape == (3, 1, model.config.vocab_size)
+    torch.testing.assert_close(chosen[:, 0], full[torch.arange(3), positions[:, 0]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(two[0], full[0, [1, 8]], atol=1e-6, rtol=0)
+
+
 # --- 2. batching with left padding changes nothing ---
 @pytest.mark.parametrize("name", CONFIGS)
 def test_batched_prompts_match_each_prompt_alone(name: str, monkeypatch: pytest.MonkeyPatch) -> None:

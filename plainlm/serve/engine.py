@@ -148,11 +148,8 @@ class Result:
 
 
 BLOCK_SIZE = 16  # tokens per KV block: small enough that a prefix is shared to within 16 tokens
-# Forward passes of at most this many new tokens a row read the pool in place, every token a query of its
-# own through the paged decode kernel; longer prompt chunks gather their rows for SDPA.
-# Measured on int4 SmolLM2, 12 prompts of 23 tokens behind a cached 1,024-token system prompt in one
-# forward: 387-429 ms in place against 449-558 ms gathered (3 of them: 97-104 against 117-156 ms).
-IN_PLACE_TOKENS = 32
+# Prompt chunks of at most this many tokens and of alike length run as one padded forward (_prefill_groups).
+GROUPED_CHUNK_TOKENS = 32
 DEFAULT_MEMORY_SHARE = 0.25  # without --kv_cache_gb the pool takes at most this share of the free memory
 
 
@@ -233,7 +230,7 @@ class Engine:
             raise InvalidInput(f"--kv_cache_gb {kv_cache_gb} holds no block of {BLOCK_SIZE} tokens: give more")
         self.pool = BlockPool(num_blocks, BLOCK_SIZE)
         self.step_tables = PagedKVCache.install(self.model, self.pool, dtype)
-        self.decode_in_place = reads_paged_pool(self.model, dtype)
+        self.reads_pool_in_place = reads_paged_pool(self.model, dtype)
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: they hold blocks; in the order they were admitted
@@ -424,7 +421,7 @@ class Engine:
         for seq in [seq for seq in self.running if seq.pending > 1]:
             if budget <= 0:
                 break
-            chunk = min(budget, seq.pending - 1)  # the last token runs with the decode batch (it samples)
+            chunk = min(budget, seq.pending)  # a chunk that ends the prompt samples the first token at once
             budget -= chunk
             chunks.append((seq, chunk))
         for group in _prefill_groups(chunks):
@@ -489,17 +486,21 @@ class Engine:
             else:
                 self._fail(rows[0], error)
             return
+        every_position = _scores_prompt(rows)
         for row, (seq, count) in enumerate(zip(rows, counts, strict=True)):
-            self._record_prompt_logprobs(seq, logits[row, :count], seq.computed, count)
+            if every_position:
+                self._record_prompt_logprobs(seq, logits[row, :count], seq.computed, count)
             seq.computed += count
             self._register_blocks(seq)
         sampling = [row for row, seq in enumerate(rows) if seq.pending == 0]
         if sampling:
-            self._sample([rows[r] for r in sampling], logits[sampling, [counts[r] - 1 for r in sampling]])
+            last = [counts[r] - 1 if every_position else 0 for r in sampling]
+            self._sample([rows[r] for r in sampling], logits[sampling, last])
 
     def _forward(self, rows: list[Sequence], counts: list[int]) -> torch.Tensor:
-        """Logits (B, T, V) of the next counts[i] pending tokens of each row i, their keys and values written;
-        T = max(counts). A shorter row is padded with copies of its last token at its last position, whose
+        """Logits of the next counts[i] pending tokens of each row i, their keys and values written: (B, T, V),
+        T = max(counts), where a row still records its prompt's logprobs; else (B, 1, V), each row's last
+        token's only. A shorter row is padded with copies of its last token at its last position, whose
         keys and values go to the pool's scratch slot and whose logits are ignored."""
         T = max(counts)
         starts = [seq.computed for seq in rows]
@@ -512,11 +513,17 @@ class Engine:
         self.step_tables.apply(
             [(seq.blocks, s, s + n) for seq, s, n in zip(rows, starts, counts, strict=True)], width=T
         )
-        self.step_tables.in_place = T <= IN_PLACE_TOKENS and self.decode_in_place
+        self.step_tables.in_place = self.reads_pool_in_place
         if self.adapters is not None:
             self.adapters.select([seq.request.adapter for seq in rows])
         positions = torch.tensor(positions, device=self.device)
-        return self.model(torch.tensor(tokens, device=self.device), input_pos=positions[0], position_ids=positions)
+        last = None if _scores_prompt(rows) else torch.tensor(counts, device=self.device)[:, None] - 1
+        return self.model(
+            torch.tensor(tokens, device=self.device),
+            input_pos=positions[0],
+            position_ids=positions,
+            logit_positions=last,
+        )
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, count: int) -> None:
         """The log-probabilities of the prompt tokens that these `count` positions predict."""
@@ -654,19 +661,24 @@ class Engine:
 
 def _prefill_groups(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
     """The iteration's prompt chunks, (sequence, token count), grouped into forward passes: short chunks (at
-    most IN_PLACE_TOKENS) of alike length run as one padded batch, as long as padding at most doubles a
+    most GROUPED_CHUNK_TOKENS) of alike length run as one padded batch, as long as padding at most doubles a
     group's tokens, so a burst of short prompts behind a cached system prompt costs one forward, not one
     each. Longer chunks run alone: batched with padding, 16 mixed prompts of 90-400 tokens reached their
     first tokens later (TTFT median 3.5-4.0 s against 2.2-2.3 s, int4 SmolLM2)."""
     groups: list[list[tuple[Sequence, int]]] = []
     for seq, count in sorted(chunks, key=lambda chunk: chunk[1]):
         group = groups[-1] if groups else None
-        short = count <= IN_PLACE_TOKENS
+        short = count <= GROUPED_CHUNK_TOKENS
         if short and group is not None and count * (len(group) + 1) <= 2 * (sum(n for _, n in group) + count):
             group.append((seq, count))
         else:
             groups.append([(seq, count)])
     return groups
+
+
+def _scores_prompt(rows: list[Sequence]) -> bool:
+    """Whether a forward over these rows needs every position's logits: one still records its prompt's logprobs."""
+    return any(seq.request.prompt_logprobs and not seq.generated for seq in rows)
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
