@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -167,6 +168,14 @@ def test_completion_stream_with_echo_joins_to_the_plain_answer(client: TestClien
     assert [t for p in pieces for t in p["logprobs"]["tokens"]] == plain["logprobs"]["tokens"]
     assert [t for p in pieces for t in p["logprobs"]["token_logprobs"]] == plain["logprobs"]["token_logprobs"]
     assert [p["finish_reason"] for p in pieces] == [None] * (len(pieces) - 1) + [plain["finish_reason"]]
+    # Offsets run on across pieces, from the echoed prompt's start, as in the one unstreamed answer.
+    assert [t for p in pieces for t in p["logprobs"]["text_offset"]] == plain["logprobs"]["text_offset"]
+    unechoed = {**body, "echo": False}
+    plain = client.post("/v1/completions", json=unechoed).json()["choices"][0]
+    with client.stream("POST", "/v1/completions", json={**unechoed, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    offsets = [t for chunk in chunks for t in chunk["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == plain["logprobs"]["text_offset"] and offsets[0] == len("The quick brown")
 
 
 def test_completion_of_a_batch_of_prompts(server: ServerProcess, llm: LLM) -> None:
@@ -529,6 +538,37 @@ def test_the_server_still_answers_after_bad_input(client: TestClient) -> None:
         client.post("/v1/chat/completions", json=body)
     response = client.post("/v1/chat/completions", json=chat(temperature=0))
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_a_request_the_engine_fails_is_a_500_alone(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward pass that raises for one request's tokens (a bug, say): that request gets OpenAI's error body
+    with 500 (a streamed one, an error chunk and [DONE]); a request in the same batch and later ones are
+    answered as usual."""
+    poison = 13
+    engine = make_engine(llm)
+    forward = engine._forward
+
+    def forward_or_fail(rows: list, counts: list[int]) -> torch.Tensor:
+        if any(poison in seq.tokens for seq in rows):
+            raise RuntimeError("a poisoned prompt")
+        return forward(rows, counts)
+
+    monkeypatch.setattr(engine, "_forward", forward_or_fail)
+    good = {"prompt": [5, 6, 7, 8], "max_tokens": 5, "temperature": 0}
+    bad = {**good, "prompt": [5, poison, 7, 8]}
+    with TestClient(create_app(engine, served_model_name="tiny")) as client:
+        expected = client.post("/v1/completions", json=good).json()["choices"][0]["text"]
+        with ThreadPoolExecutor(2) as pool:  # the two arrive together and share the engine's batches
+            failed, answered = pool.map(lambda body: client.post("/v1/completions", json=body), [bad, good])
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["type"] == "server_error" and "a poisoned prompt" in error["message"]
+        assert answered.status_code == 200 and answered.json()["choices"][0]["text"] == expected
+        with client.stream("POST", "/v1/completions", json={**bad, "stream": True}) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert json.loads(lines[0][6:])["error"]["code"] == 500 and lines[-1] == "data: [DONE]"
+        assert client.post("/v1/completions", json=good).json()["choices"][0]["text"] == expected
+    assert engine.pool.used_blocks == 0
 
 
 def test_api_key_is_required_when_set(llm: LLM) -> None:

@@ -526,52 +526,47 @@ class Routes:
         self, choices: Choices, call: dict, body: ChatCompletionRequest, prompt_tokens: int
     ) -> AsyncIterator[str]:
         call = {**call, "object": "chat.completion.chunk"}
-        last: list[Event] = []  # each choice's last event, for the usage
         for index in range(len(choices.ids)):  # OpenAI's first chunk of each choice names the role
             delta = {"role": "assistant", "content": ""}
             yield sse({**call, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
-        async for index, event in choices.events():
-            if event.finish_reason is not None:
-                last.append(event)
-            if event.finish_reason == "error":
-                yield sse({"error": {"message": event.error, "type": "server_error", "code": 500}})
-                continue
+
+        def choice(index: int, event: Event) -> dict | None:
             if not event.text and event.finish_reason is None:
-                continue  # a prefill chunk, or text held back while it may start a stop string
-            choice = {
+                return None  # a prefill chunk, or text held back while it may start a stop string
+            return {
                 "index": index,
                 "delta": {"content": event.text} if event.text else {},
                 "logprobs": self._chat_logprobs(event.logprobs) if body.logprobs else None,
                 "finish_reason": event.finish_reason,
             }
-            yield sse({**call, "choices": [choice]})
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse({**call, "choices": [], "usage": usage(last, prompts=[prompt_tokens])})
-        yield sse("[DONE]")
+
+        async for chunk in stream_chunks(choices, call, choice, body, prompts=[prompt_tokens]):
+            yield chunk
 
     async def _completion_chunks(
         self, choices: Choices, call: dict, body: CompletionRequest, prompts: list[list[int]]
     ) -> AsyncIterator[str]:
-        last: list[Event] = []  # each choice's last event, for the usage
-        started: set[int] = set()  # the choices whose first tokens (and echo) have been sent
-        async for index, event in choices.events():
-            if event.finish_reason is not None:
-                last.append(event)
-            if event.finish_reason == "error":
-                yield sse({"error": {"message": event.error, "type": "server_error", "code": 500}})
-                continue
+        # Where each choice's next piece's text_offset starts: with echo its text begins with the prompt,
+        # without it the offsets still count from the prompt's end, as unstreamed.
+        offsets: dict[int, int] = {}
+
+        def choice(index: int, event: Event) -> dict | None:
             if not event.token_ids and event.finish_reason is None:
-                continue
-            prompt, first = prompts[index // body.n], index not in started
-            started.add(index)
+                return None
+            prompt, first = prompts[index // body.n], index not in offsets
+            if first:
+                offsets[index] = 0 if body.echo else len(self.tokenizer.decode(prompt))
             # One event as a Result (its finish_reason None until the last); the engine sends the prompt's
             # logprobs with a request's first tokens, which is where echo puts the prompt.
-            piece = Result.join([event])
-            choice = self._completion_choice(index, piece, prompt, body, echo=body.echo and first)
-            yield sse({**call, "choices": [choice]})
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse({**call, "choices": [], "usage": usage(last, prompts=[len(p) for p in prompts])})
-        yield sse("[DONE]")
+            piece = self._completion_choice(
+                index, Result.join([event]), prompt, body, echo=body.echo and first, text_offset=offsets[index]
+            )
+            if piece["logprobs"] is not None and piece["logprobs"]["tokens"]:  # on from this piece's last token
+                offsets[index] = piece["logprobs"]["text_offset"][-1] + len(piece["logprobs"]["tokens"][-1])
+            return piece
+
+        async for chunk in stream_chunks(choices, call, choice, body, prompts=[len(p) for p in prompts]):
+            yield chunk
 
     # --- logprobs, as each API writes them ---
     def _token_text(self, token_id: int) -> str:
@@ -588,9 +583,16 @@ class Routes:
         return {"content": content}
 
     def _completion_choice(
-        self, index: int, result: Result, prompt: list[int], body: CompletionRequest, echo: bool | None = None
+        self,
+        index: int,
+        result: Result,
+        prompt: list[int],
+        body: CompletionRequest,
+        echo: bool | None = None,
+        text_offset: int | None = None,
     ) -> dict:
-        """A /v1/completions choice; with echo the text (and the logprobs) start with the prompt's."""
+        """A /v1/completions choice; with echo the text (and the logprobs) start with the prompt's. The first
+        token's text_offset is text_offset (default: 0 with echo, else the prompt text's length)."""
         echo = body.echo if echo is None else echo
         prompt_text = self.tokenizer.decode(prompt) if echo else ""
         choice: dict[str, Any] = {"index": index, "text": prompt_text + result.text, "logprobs": None}
@@ -598,7 +600,9 @@ class Routes:
             tokens = list(result.logprobs or [])
             if echo:
                 tokens = list(result.prompt_logprobs or []) + tokens
-            choice["logprobs"] = self._legacy_logprobs(tokens, start=0 if echo else len(self.tokenizer.decode(prompt)))
+            if text_offset is None:
+                text_offset = 0 if echo else len(self.tokenizer.decode(prompt))
+            choice["logprobs"] = self._legacy_logprobs(tokens, start=text_offset)
         choice["finish_reason"] = result.finish_reason
         return choice
 
@@ -622,6 +626,31 @@ class Routes:
             top.setdefault(text, t.logprob)
             top_logprobs.append(top)
         return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+async def stream_chunks(
+    choices: Choices,
+    call: dict,
+    choice: Callable[[int, Event], dict | None],
+    body: SamplingFields,
+    prompts: list[int],
+) -> AsyncIterator[str]:
+    """The server-sent events of a streamed call: each event as the chunk `choice(index, event)` writes (None:
+    nothing to send yet), an error chunk for a choice the engine failed, the usage chunk when
+    stream_options.include_usage asks for it, then [DONE]."""
+    last: list[Event] = []  # each choice's last event, for the usage
+    async for index, event in choices.events():
+        if event.finish_reason is not None:
+            last.append(event)
+        if event.finish_reason == "error":
+            yield sse({"error": {"message": event.error, "type": "server_error", "code": 500}})
+            continue
+        data = choice(index, event)
+        if data is not None:
+            yield sse({**call, "choices": [data]})
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield sse({**call, "choices": [], "usage": usage(last, prompts=prompts)})
+    yield sse("[DONE]")
 
 
 def usage(results: list[Result] | list[Event], prompts: list[int]) -> dict:
