@@ -13,6 +13,7 @@ plainlm chat --checkpoint_dir D
 plainlm finetune | pretrain --config RECIPE.yaml   (plainlm/finetune.py, plainlm/pretrain.py)
 plainlm estimate --config RECIPE.yaml              (plainlm/estimate.py)
 plainlm serve MODEL [--port 8000] [--lora NAME=PATH ...]   (plainlm/serve/app.py)
+plainlm evaluate MODEL --tasks T1,T2 [--include_path data/eval] | --perplexity FILE   (plainlm/evaluate.py)
 """
 
 from __future__ import annotations
@@ -412,6 +413,9 @@ COMMANDS = {
         "Serve a model over an OpenAI-compatible HTTP API, with a chat page", "plainlm.cli:serve", repeatable=("lora",)
     ),
     "models": Command("List the named configs: name, family, size, hub id", "plainlm.cli:models", "filter"),
+    "evaluate": Command(
+        "Score a model on lm-evaluation-harness tasks, or the perplexity of a file", "plainlm.evaluate:evaluate"
+    ),
     "estimate": Command(
         "Memory per device of a finetune or pretrain recipe, without loading weights",
         "plainlm.estimate:estimate_command",

@@ -21,8 +21,9 @@ import torch
 from plainlm.api import LLM
 from plainlm.checkpoint import save_checkpoint
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
-from plainlm.distributed import Strategy, World
+from plainlm.distributed import Strategy, World, inside_launcher
 from plainlm.errors import InvalidInput
+from plainlm.evaluate import EvalArgs, evaluate_after_training
 from plainlm.lora import LoRAConfig, inject_lora, lora_for_method, merge_lora, save_peft_adapter
 from plainlm.quantize import quantize_model
 from plainlm.train import OptimizerFactory, SchedulerFactory, TrainArgs, sample_text
@@ -51,6 +52,7 @@ def finetune(
     method: Method = "lora",
     data: SFTDataConfig = SFTDataConfig(),
     lora: LoRAConfig = LoRAConfig(),
+    eval: EvalArgs = EvalArgs(),
     train: TrainArgs = TrainArgs(),
     optimizer: OptimizerFactory | None = None,
     scheduler: SchedulerFactory | None = None,
@@ -72,6 +74,7 @@ def finetune(
         method: full, lora, dora or qlora (LoRA on a base quantized to `quantize`).
         data: The instruction or chat data and how it becomes batches.
         lora: Adapter rank, alpha, dropout and target layers (lora, dora, qlora).
+        eval: lm-eval tasks to run on final/ when training ends (results in out_dir/eval/).
         train: Steps, batch sizes, schedule, precision, intervals.
         optimizer: class_path + init_args of a torch optimizer (default AdamW, lr 2e-4).
         scheduler: class_path + init_args of a torch lr scheduler (default: warm-up then cosine).
@@ -140,7 +143,11 @@ def finetune(
             packed=data.packing,
         )
 
-    return run_training(finetune, arguments, prepare)
+    final = run_training(finetune, arguments, prepare)
+    # Once, in the process that started the run: not in each worker (under torchrun, evaluate final/ afterwards).
+    if eval.tasks is not None and not inside_launcher():
+        evaluate_after_training(final, eval, out_dir)
+    return final
 
 
 def export_final(

@@ -84,6 +84,15 @@ class GPT(nn.Module):
             else:
                 block.attn.kv_cache = KVCache(*shape, dtype, device)
 
+    def repeat_kv_cache(self, batch_size: int) -> None:
+        """Copy a one-row cache into `batch_size` rows: sequences that share a prefix compute it once, in row 0."""
+        for block in self.blocks:
+            cache = block.attn.kv_cache
+            if cache is None or cache.k.shape[0] != 1:
+                raise InvalidInput("repeat_kv_cache needs a one-row cache: set_kv_cache(1, ...) and fill it first")
+            cache.k = cache.k.expand(batch_size, -1, -1, -1).contiguous()
+            cache.v = cache.v.expand(batch_size, -1, -1, -1).contiguous()
+
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None

@@ -100,8 +100,12 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path:
 
 @pytest.mark.slow
 def test_lora_output_is_a_checkpoint_and_a_peft_adapter(tiny_hf_dir: Path, tmp_path: Path) -> None:
-    result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 3, "--train.save_interval", "3"))
+    evaluation = ["--eval.tasks", "plainlm_mc", "--eval.include_path", str(REPO / "data" / "eval"), "--eval.limit", "4"]
+    result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, "lora", 3, "--train.save_interval", "3", *evaluation))
     assert result.returncode == 0, result.stderr[-2000:]
+    # --eval.tasks: lm-eval's table on final/, printed and written beside loss.png
+    assert "plainlm_mc" in result.stdout and "acc" in (tmp_path / "eval" / "results.md").read_text()
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["results"]["plainlm_mc"]["acc,none"] >= 0
     final = tmp_path / "final"
     for name in ("model.safetensors", "config.yaml", "tokenizer.json", "recipe.yaml", "adapter/adapter_config.json"):
         assert (final / name).exists(), name

@@ -26,7 +26,7 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import ServerProcess, plainlm_serve, run_cli
+from helpers import REPO, ServerProcess, plainlm_serve, run_cli
 from safetensors.torch import load_file, save_file
 
 from plainlm.api import LLM
@@ -247,56 +247,44 @@ def test_a_client_that_leaves_mid_stream_is_cancelled(server: ServerProcess) -> 
 
 
 # --- lm-eval scores a served model ---
-COLOR_QUESTIONS = [
-    {"question": "What color is the sky?", "choices": ["blue", "green", "red"], "answer": 0},
-    {"question": "What color is grass?", "choices": ["blue", "green", "red"], "answer": 1},
-    {"question": "What color is a ripe tomato?", "choices": ["blue", "green", "red"], "answer": 2},
-]
-COLOR_TASK = """task: plainlm_colors
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-"""
-
-
-@pytest.mark.slow
 def test_lm_eval_local_completions_scores_as_a_forward_pass(
     server: ServerProcess, llm: LLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """lm-eval's `local-completions` backend (echo + logprobs, and the server's /tokenize as its tokenizer)
-    gets each choice's log-likelihood within 1e-4 of the model's own forward pass."""
+    """lm-eval's `local-completions` backend (echo + logprobs, and the server's /tokenize as its tokenizer) on the
+    shipped plainlm_mc task gets each choice's log-likelihood within 1e-4 of the model's own forward pass, and of
+    plainlm's own lm-eval model (plainlm evaluate) on the same requests."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval[api] scores served models: pip install 'lm-eval[api]'")
+    from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
+
+    from plainlm.harness import PlainlmLM
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    (tmp_path / "colors.jsonl").write_text("\n".join(json.dumps(q) for q in COLOR_QUESTIONS))
-    (tmp_path / "colors.yaml").write_text(COLOR_TASK.format(data=tmp_path / "colors.jsonl"))
     results = lm_eval.simple_evaluate(
         model="local-completions",
         model_args={"base_url": f"{server.url}/v1/completions", "model": "tiny", "max_retries": 1},
-        tasks=["plainlm_colors"],
-        task_manager=TaskManager(include_path=str(tmp_path)),
+        tasks=["plainlm_mc"],
+        task_manager=TaskManager(include_path=str(REPO / "data" / "eval")),
         log_samples=True,
+        limit=6,
     )
     encode = partial(llm.tokenizer.encode, bos=False)  # lm-eval's remote tokenizer: /tokenize, no special tokens
-    for sample in results["samples"]["plainlm_colors"]:
+    native = PlainlmLM(llm)
+    for sample in results["samples"]["plainlm_mc"]:
         context = f"Question: {sample['doc']['question']}\nAnswer:"
-        for choice, [(loglikelihood, _)] in zip(sample["doc"]["choices"], sample["resps"], strict=True):
+        pairs = [(context, f" {choice}") for choice in sample["doc"]["choices"]]
+        ours = native.loglikelihood([Instance("loglikelihood", {}, pair, 0) for pair in pairs])
+        for (_, continuation), [(loglikelihood, _)], (plainlm_loglikelihood, _) in zip(
+            pairs, sample["resps"], ours, strict=True
+        ):
             context_ids = encode(context)  # as lm-eval splits a pair: the whole, then the context's length
-            ids = context_ids + encode(f"{context} {choice}")[len(context_ids) :]
+            ids = context_ids + encode(context + continuation)[len(context_ids) :]
             with torch.no_grad():
                 logprobs = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), dim=-1)
             expected = sum(float(logprobs[i - 1, ids[i]]) for i in range(len(context_ids), len(ids)))
             assert loglikelihood == pytest.approx(expected, abs=1e-4)
+            assert plainlm_loglikelihood == pytest.approx(loglikelihood, abs=1e-4)
 
 
 # --- adapters by name ---
