@@ -26,6 +26,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from plainlm import scoring  # noqa: E402
 from plainlm.api import LLM  # noqa: E402
 from plainlm.convert.gguf import convert_from_gguf  # noqa: E402
 from plainlm.convert.hf import convert_to_hf  # noqa: E402
@@ -46,6 +47,7 @@ FAMILIES = {
         True,  # its tokenizer adds a BOS, as Gemma's does
     ),
 }  # fmt: skip
+STORY = "Once upon a time, in a small village by the sea, the fishermen went out. What happened next?"
 PAIRS = [
     ("The quick brown fox", " jumps over the lazy dog"),
     ("The quick brown fox", " sleeps"),
@@ -54,6 +56,7 @@ PAIRS = [
     ("A context that ends in a space ", "and a continuation"),
     ("", "A whole text with no context at all"),
     ("the river and the mill " * 30, " and the wheel"),  # longer than CONTEXT: cut on the left, as HFLM cuts it
+    *((STORY, choice) for choice in (" nothing at all", " a storm", " the fishermen came home early")),
 ]
 DOCUMENTS = ["One short document about a garden.", "A longer one about the river and the mill. " * 25]
 
@@ -95,13 +98,18 @@ def test_loglikelihoods_equal_lm_evals_hf_backend(both: tuple[HFLM, PlainlmLM]) 
     assert ours.truncated == 1  # the long pair, counted for the report
 
 
-def test_batch_sizes_and_shared_prefixes_change_nothing(model_dir: Path, both: tuple[HFLM, PlainlmLM]) -> None:
-    """Whatever the batching (one row a pass, or a context's choices sharing one cache row), the same numbers."""
+def test_batch_sizes_and_shared_prefixes_change_nothing(
+    both: tuple[HFLM, PlainlmLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row a pass, or each context's choices sharing one cache row (every prefix, or none): the same numbers."""
     _, ours = both
-    one_by_one = PlainlmLM(ours.llm, batch_size=1).loglikelihood(instances("loglikelihood", PAIRS))
-    together = ours.loglikelihood(instances("loglikelihood", PAIRS))
-    for (a, greedy_a), (b, greedy_b) in zip(one_by_one, together, strict=True):
-        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
+    answers = []
+    for batch_size, share_from in ((1, 10**9), ("auto", 1), ("auto", scoring.SHARED_PREFIX_TOKENS)):
+        monkeypatch.setattr(scoring, "SHARED_PREFIX_TOKENS", share_from)
+        answers.append(PlainlmLM(ours.llm, batch_size=batch_size).loglikelihood(instances("loglikelihood", PAIRS)))
+    for one, shared, default in zip(*answers, strict=True):
+        assert one[0] == pytest.approx(shared[0], abs=1e-5) == pytest.approx(default[0], abs=1e-5)
+        assert one[1] == shared[1] == default[1]
 
 
 def test_rolling_loglikelihoods_equal_lm_evals_hf_backend(both: tuple[HFLM, PlainlmLM]) -> None:
