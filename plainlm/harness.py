@@ -14,8 +14,8 @@ before a text that already starts with the BOS).
 
 loglikelihood: every request is (context + continuation) cut to the model's context as HFLM cuts it. The
 part before the continuation's inputs is a prefix; requests with the same prefix (a multiple-choice
-question's choices) compute it once, in one row of the KV cache that the continuations' rows then share,
-and only the continuations' positions go through the vocabulary projection. loglikelihood_rolling: a
+question's choices) compute it once, packed with their continuations into one row (scoring.py), and only the
+continuations' positions go through the vocabulary projection. loglikelihood_rolling: a
 document in lm-eval's disjoint windows of the model's context, each scored as above. generate_until: the
 serving engine (serve/engine.py) runs the requests with continuous batching, each with its stop strings
 and max_gen_toks; greedy unless the task samples.
@@ -69,7 +69,7 @@ class PlainlmLM(TemplateLM):
         **unused: Any,
     ) -> None:
         """pretrained: an LLM, or anything LLM.load takes (a finetune run's directory: its final/).
-        batch_size: continuation rows (loglikelihood) and requests decoding together (generation); "auto"
+        batch_size: requests scored in one pass (loglikelihood) and decoding together (generation); "auto"
         fills each loglikelihood pass to scoring.AUTO_TOKENS_PER_FORWARD tokens. max_length: the context in tokens
         (default the model's). add_bos_token, prefix_token_id: as lm-eval's hf model takes them.
         quantize, device, dtype: as LLM.load takes them (ignored for an LLM)."""

@@ -98,18 +98,35 @@ def test_loglikelihoods_equal_lm_evals_hf_backend(both: tuple[HFLM, PlainlmLM]) 
     assert ours.truncated == 1  # the long pair, counted for the report
 
 
-def test_batch_sizes_and_shared_prefixes_change_nothing(
-    both: tuple[HFLM, PlainlmLM], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One row a pass, or each context's choices sharing one cache row (every prefix, or none): the same numbers."""
+def test_batch_sizes_and_packing_change_nothing(both: tuple[HFLM, PlainlmLM], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request a pass, three, or packed passes (shared contexts once, several requests a row, small passes
+    or large): the same numbers."""
     _, ours = both
     answers = []
-    for batch_size, share_from in ((1, 10**9), ("auto", 1), ("auto", scoring.SHARED_PREFIX_TOKENS)):
-        monkeypatch.setattr(scoring, "SHARED_PREFIX_TOKENS", share_from)
+    for batch_size, slots in ((1, None), (3, None), ("auto", 40), ("auto", scoring.AUTO_TOKENS_PER_FORWARD)):
+        if slots is not None:
+            monkeypatch.setattr(scoring, "AUTO_TOKENS_PER_FORWARD", slots)
         answers.append(PlainlmLM(ours.llm, batch_size=batch_size).loglikelihood(instances("loglikelihood", PAIRS)))
-    for one, shared, default in zip(*answers, strict=True):
-        assert one[0] == pytest.approx(shared[0], abs=1e-5) == pytest.approx(default[0], abs=1e-5)
-        assert one[1] == shared[1] == default[1]
+    for one, *others in zip(*answers, strict=True):
+        for other in others:
+            assert other[0] == pytest.approx(one[0], abs=1e-5) and other[1] == one[1]
+
+
+def test_packing_shares_contexts_and_fills_rows() -> None:
+    """Choices behind one context share it in one segment, unless their branches would outgrow it; a pass's
+    rows are as wide as its longest segment, and shorter segments fill them first fit."""
+    rows = [scoring._row(i, [1, 2, 3, 4, 5, 6], [7 + i], 64) for i in range(4)]  # prefix 1..5, inputs [6]
+    rows += [scoring._row(4 + i, [9, 9], [8, 8 + i], 64) for i in range(2)]  # prefix (9,), inputs [9, 8]
+    by_prefix: dict[tuple[int, ...], list] = {}
+    for row in rows:
+        by_prefix.setdefault(row.prefix, []).append(row)
+    segments = [s for prefix, members in by_prefix.items() for s in scoring._segments(prefix, members, None, None)]
+    assert [(len(s.prefix), len(s.branches)) for s in segments] == [(5, 4), (1, 1), (1, 1)]
+    (only_pass,) = scoring._passes(sorted(segments, key=len, reverse=True), None)
+    assert [[len(s) for s in row] for row in only_pass] == [[9], [3, 3]]
+    assert [len(p) for p in scoring._passes(segments, 2)] == [1, 2]  # two requests a pass at most: 4, then 1 + 1
+    window = scoring._segments(segments[0].prefix, segments[0].branches, None, 7)  # a sliding window of 7 slots
+    assert [len(s.branches) for s in window] == [2, 2]
 
 
 def test_rolling_loglikelihoods_equal_lm_evals_hf_backend(both: tuple[HFLM, PlainlmLM]) -> None:
