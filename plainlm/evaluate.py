@@ -34,7 +34,7 @@ class EvalArgs:
         include_path: A folder of task YAML files to add to lm-eval's, e.g. data/eval.
         num_fewshot: Examples put before each question (default: each task's own).
         limit: Only the first N documents of each task; a number below 1 is a fraction of them.
-        batch_size: Rows a forward pass: a whole number, or auto.
+        batch_size: Requests a forward pass scores: a whole number, or auto.
     """
 
     tasks: str | None = None
@@ -76,7 +76,7 @@ def evaluate(
             their datasets are reachable) or those under --include_path.
         num_fewshot: Examples put before each question (default: each task's own).
         limit: Only the first N documents of each task; a number below 1 is a fraction of them.
-        batch_size: Rows a forward pass: a whole number, or auto (as many as 4,096 tokens hold).
+        batch_size: Requests a forward pass scores: a whole number, or auto (as many as 4,096 tokens hold).
         include_path: A folder of task YAML files to add to lm-eval's, e.g. data/eval.
         out_dir: Where results.json, results.md (the table) and the samples go.
         log_samples: Also write each document's requests and answers, samples_<task>.jsonl in --out_dir.
