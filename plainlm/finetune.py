@@ -8,6 +8,12 @@ The method decides only how the model is prepared:
     lora   low-rank adapters on `lora.targets`; the base is frozen
     dora   LoRA plus a learned magnitude per output row
     qlora  the frozen base quantized (`quantize`: nf4 or int4), LoRA adapters on top
+
+The loss decides only what a batch holds and what is minimised (objectives.py):
+    sft                      instruction or chat records, next-token loss on the responses
+    dpo, ipo, hinge          preference pairs against a reference model: the base with the adapters off
+                             (lora, dora, qlora), or log-probabilities computed once before training (full)
+    simpo, orpo              preference pairs, no reference
 """
 
 from __future__ import annotations
@@ -20,13 +26,30 @@ import torch
 
 from plainlm.api import LLM
 from plainlm.checkpoint import save_checkpoint
+from plainlm.data.preference import PreferenceLoader, load_preference_data
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
 from plainlm.distributed import Strategy, World, inside_launcher
 from plainlm.errors import InvalidInput
 from plainlm.evaluate import EvalArgs, evaluate_after_training
 from plainlm.lora import LoRAConfig, inject_lora, lora_for_method, merge_lora, save_peft_adapter
+from plainlm.objectives import (
+    Loss,
+    PreferenceArgs,
+    PreferenceObjective,
+    WithReference,
+    reference_fingerprint,
+    reference_table,
+)
 from plainlm.quantize import quantize_model
-from plainlm.train import OptimizerFactory, SchedulerFactory, TrainArgs, sample_text
+from plainlm.train import (
+    OptimizerFactory,
+    SchedulerFactory,
+    TrainArgs,
+    resolve_precision,
+    sample_text,
+    training_autocast,
+)
+from plainlm.train_state import REFERENCE_FILE
 from plainlm.training_run import Prepared, run_training
 
 Method = Literal["full", "lora", "dora", "qlora"]
@@ -50,6 +73,8 @@ def finetune(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/finetune"),
     method: Method = "lora",
+    loss: Loss = "sft",
+    preference: PreferenceArgs = PreferenceArgs(),
     data: SFTDataConfig = SFTDataConfig(),
     lora: LoRAConfig = LoRAConfig(),
     eval: EvalArgs = EvalArgs(),
@@ -72,7 +97,11 @@ def finetune(
         checkpoint_dir: The model to start from: a plainlm checkpoint, a Hugging Face model directory or a .gguf file.
         out_dir: Where step checkpoints, metrics.csv, TensorBoard events, loss.png and final/ go.
         method: full, lora, dora or qlora (LoRA on a base quantized to `quantize`).
-        data: The instruction or chat data and how it becomes batches.
+        loss: sft (instruction or chat data), or a preference objective on prompt/chosen/rejected pairs: dpo, ipo,
+            hinge (against a reference: the base with the adapters off; for full, computed once before training),
+            simpo or orpo (no reference).
+        preference: beta, label_smoothing (dpo), gamma (simpo) of a preference loss.
+        data: The instruction, chat or preference data and how it becomes batches.
         lora: Adapter rank, alpha, dropout and target layers (lora, dora, qlora).
         eval: lm-eval tasks to run on final/ when training ends (results in out_dir/eval/).
         train: Steps, batch sizes, schedule, precision, intervals.
@@ -90,6 +119,7 @@ def finetune(
         recipe: The resolved recipe text, written to out_dir/recipe.yaml (the CLI passes it).
     """
     arguments = dict(locals())
+    objective = PreferenceObjective(loss, preference) if loss != "sft" else None  # a bad beta fails here, at once
 
     def prepare(world: World) -> Prepared:
         dtype = "bfloat16" if train.precision == "bf16-true" else None
@@ -99,18 +129,6 @@ def finetune(
         if train.activation_checkpointing:
             model.activation_checkpointing = True
 
-        train_examples, val_examples = load_sft_data(data, tokenizer)
-        loader = SFTLoader(
-            train_examples,
-            train.micro_batch_size,
-            seed=train.seed,
-            pad_id=tokenizer.eos_id or 0,
-            packing=data.packing,
-            max_seq_length=data.max_seq_length,
-            rank=world.rank,
-            world_size=world.size,
-            val_examples=val_examples,
-        )
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         identity = {
@@ -119,6 +137,36 @@ def finetune(
             "method": method,
             "lora": dataclasses.asdict(lora_used) if lora_used else None,
         }
+        pad_id = tokenizer.eos_id or 0
+        if objective is None:
+            train_examples, val_examples = load_sft_data(data, tokenizer)
+            loader = SFTLoader(
+                train_examples,
+                train.micro_batch_size,
+                seed=train.seed,
+                pad_id=pad_id,
+                packing=data.packing,
+                max_seq_length=data.max_seq_length,
+                rank=world.rank,
+                world_size=world.size,
+                val_examples=val_examples,
+            )
+            what = f"{len(train_examples)} examples"
+        else:
+            identity["loss"] = loss
+            train_pairs, val_pairs = load_preference_data(data, tokenizer)
+            loader = PreferenceLoader(
+                train_pairs, train.micro_batch_size, train.seed, pad_id, world.rank, world.size, val_pairs
+            )
+            if objective.needs_reference and lora_used is None:  # full: no adapters to switch off
+                splits = {"train": train_pairs, "val": val_pairs}
+                autocast = training_autocast(resolve_precision(train.precision, world.device), world)
+                tables = reference_table(
+                    model, splits, train.micro_batch_size, pad_id, out_dir / REFERENCE_FILE,
+                    reference_fingerprint(identity, splits), write=world.is_main, autocast=autocast,
+                )  # fmt: skip
+                loader = WithReference(loader, tables)
+            what = f"{len(train_pairs)} preference pairs ({loss})"
 
         def sample(m: torch.nn.Module) -> str | None:
             if not train.sample_prompt:
@@ -133,7 +181,7 @@ def finetune(
             model=model,
             loader=loader,
             identity=identity,
-            headline=f"{method}: training {n_trainable:,} of {n_params:,} parameters on {len(train_examples)} examples",
+            headline=f"{method}: training {n_trainable:,} of {n_params:,} parameters on {what}",
             method=method,
             seq_length=data.max_seq_length,
             export=export,
@@ -141,6 +189,7 @@ def finetune(
             lora=lora_used,
             quantize=quantize,
             packed=data.packing,
+            objective=objective,
         )
 
     final = run_training(finetune, arguments, prepare)

@@ -14,10 +14,12 @@ in the backward pass as in the DoRA paper and in PEFT.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +101,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.magnitude = nn.Parameter(self._weight_norm().detach()) if dora else None
+        self.enabled = True  # off: the base layer alone (a preference loss's reference model, adapters_disabled)
 
     @property
     def in_features(self) -> int:
@@ -117,6 +120,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if not self.enabled:
+            return out
         dropped = self.dropout(x)
         # Scale the small B (out, r) rather than the large output (batch, time, out).
         lora = F.linear(F.linear(dropped, self.lora_A.to(x.dtype)), (self.lora_B * self.scaling).to(x.dtype))
@@ -141,6 +146,20 @@ class LoRALinear(nn.Module):
         if bias is not None:
             linear.bias.data = bias.data.clone()
         return linear
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base inside this block: every LoRA / DoRA layer adds nothing. The reference model of
+    a preference loss, without a second copy of the weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:

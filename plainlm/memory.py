@@ -26,8 +26,9 @@ from plainlm.distributed import Wrapping
 from plainlm.lora import LoRAConfig, inject_lora, lora_for_method
 from plainlm.metrics import flops_per_token
 from plainlm.model import GPT
+from plainlm.objectives import token_loss_sum
 from plainlm.quantize import quantized_linear_names
-from plainlm.train import micro_batches_per_rank, resolve_precision, token_loss_sum
+from plainlm.train import micro_batches_per_rank, resolve_precision
 
 MiB, GiB = 1024**2, 1024**3
 Method = Literal["full", "lora", "dora", "qlora", "pretrain"]

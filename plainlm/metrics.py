@@ -58,11 +58,13 @@ class MetricsLogger:
 
     FIELDS = ("step", "tokens", "loss", "lr", "tokens_per_second", "mfu", "val_loss", "val_ppl", "seconds")
 
-    def __init__(self, out_dir: Path, resume: bool, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: Path, resume: bool, tensorboard: bool = True, extra: tuple[str, ...] = ()) -> None:
+        """extra: the objective's own columns (a preference loss's rewards and accuracy), after FIELDS."""
         self.path = out_dir / "metrics.csv"
+        self.fields = (*self.FIELDS, *extra)
         new = not (resume and self.path.exists())
         self.file = self.path.open("w" if new else "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fields)
         if new:
             self.writer.writeheader()
         self.board = None
@@ -86,11 +88,11 @@ class MetricsLogger:
         with self.path.open(newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            writer = csv.DictWriter(f, fieldnames=self.fields)
             writer.writeheader()
             writer.writerows(rows)
         self.file = self.path.open("a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fields)
 
     def close(self) -> None:
         self.file.close()

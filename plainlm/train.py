@@ -5,13 +5,17 @@ have requires_grad; this loop trains whatever is trainable, on one process or on
 reads its own micro-batches; distributed.py wraps the model in DDP or shards it with FSDP):
 
     for each step:
-        read this rank's micro-batches, count the target tokens of the whole step over all ranks
-        forward + backward each micro-batch, its summed loss divided by the step's token count
+        read this rank's micro-batches, count what the loss averages over (target tokens; preference pairs)
+            in the whole step, over all ranks
+        forward + backward each micro-batch, its summed loss divided by the step's count
             (so accumulating micro-batches, on one rank or many, equals one big batch exactly);
             gradients are reduced over ranks only in the last micro-batch's backward
         stop on a non-finite loss (the newest checkpoint stays the newest good one)
         clip gradients, optimizer step, scheduler step
         log loss, learning rate, tokens/s, MFU; evaluate and save at intervals (rank 0 writes the logs)
+
+What the loss is comes from an objective (objectives.py): next-token cross-entropy, or a preference loss
+(DPO and kin) over paired batches, which adds its rewards and accuracy to what is logged.
 """
 
 from __future__ import annotations
@@ -25,14 +29,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from plainlm.data import IGNORE_INDEX
 from plainlm.distributed import World, clip_grad_norm_, gradient_sync, unwrap
 from plainlm.errors import InvalidInput, TrainingDiverged
 from plainlm.generate import generate
 from plainlm.metrics import MetricsLogger, flops_per_token, matmul_dtype, measure_peak_flops, plot_loss
+from plainlm.objectives import TokenLoss
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
 
 Precision = Literal["auto", "32-true", "bf16-mixed", "bf16-true"]
@@ -123,6 +126,14 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
     return "32-true"  # CPUs without bf16 units run bf16 matmuls slower than fp32
 
 
+def training_autocast(precision: str, world: World) -> contextlib.AbstractContextManager:
+    """What the forward passes of training run under: bf16 autocast for bf16-mixed, except under FSDP, which
+    casts the weights itself (distributed.shard gives it bf16-mixed as a MixedPrecisionPolicy)."""
+    if precision == "bf16-mixed" and world.strategy != "fsdp":
+        return torch.autocast(world.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def cpu_has_native_bf16() -> bool:
     """AMX tiles (recent Xeons), enabled by the OS: bf16 matmuls measured ~12x faster than fp32 on such a CPU."""
     is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, but the check torch's own kernels use
@@ -153,16 +164,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens (IGNORE_INDEX positions excluded)."""
-    logits = model(
-        batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask")
-    )
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -170,28 +171,35 @@ def evaluate(
     max_batches: int | None,
     device,
     world: World | None = None,
-) -> float:
-    """Mean token loss over the validation batches of every rank (loaders give all ranks as many batches:
-    under FSDP each forward pass is collective)."""
-    world = world or World()
+    objective: Any = None,
+) -> dict[str, float]:
+    """The objective's mean loss (and its statistics) over the validation batches of every rank: {"loss": ...}.
+    Loaders give all ranks as many batches: under FSDP each forward pass is collective."""
+    world, objective = world or World(), objective or TokenLoss()
     was_training = model.training
     model.eval()
-    total = torch.zeros((), device=device)
-    count = torch.zeros((), dtype=torch.long, device=device)
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         batch = to_device(batch, device)
-        total += token_loss_sum(model, batch)
-        count += (batch["targets"] != IGNORE_INDEX).sum()
+        parts, stats = objective.parts(model, batch)
+        counts = objective.counts(batch)
+        for key, value in [*((f"part:{k}", v) for k, v in parts.items()), *stats.items()]:
+            sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach().float()
+        for key, value in counts.items():
+            sums[f"count:{key}"] = sums.get(f"count:{key}", torch.zeros((), device=device)) + value
     model.train(was_training)
-    world.sum(total)
-    world.sum(count)
-    if count == 0:
+    keys = sorted(sums)
+    summed = world.sum(torch.stack([sums[k].double() for k in keys])).tolist() if keys else []
+    totals = dict(zip(keys, summed, strict=True))
+    if not totals.get(f"count:{objective.unit}"):
         raise InvalidInput(
-            "the validation split has no target tokens: give it examples, or set eval_interval past max_steps"
+            f"the validation split has no {objective.unit} to score: give it examples, or set eval_interval "
+            "past max_steps"
         )
-    return float(total) / int(count)
+    loss = sum(value / totals[f"count:{key[5:]}"] for key, value in totals.items() if key.startswith("part:"))
+    return {"loss": loss, **{name: totals[name] / totals[f"count:{objective.unit}"] for name in objective.stats}}
 
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:
@@ -219,6 +227,7 @@ def fit(
     resume: bool | Path = False,
     sample: Any = None,
     world: World | None = None,
+    objective: Any = None,
 ) -> dict[str, float]:
     """Train `model` for args.max_steps; returns the final metrics (rank 0 logs them; other ranks get {}).
 
@@ -226,7 +235,8 @@ def fit(
     method, adapter) so that --resume refuses another run's checkpoint; `resume` is True (the newest
     checkpoint in out_dir, if any) or the checkpoint to continue from; `sample(model) -> str`
     is called at each validation when given. On several processes every rank calls this with its
-    `world` and its model as `distributed.wrap` returned it.
+    `world` and its model as `distributed.wrap` returned it. `objective` (objectives.py) says what the loss
+    is: by default next-token cross-entropy over the target tokens.
     """
     world = world or World(device=next(model.parameters()).device)
     device, plain = world.device, unwrap(model)  # plain: no DDP wrapper, for evaluation, sampling, the config
@@ -234,9 +244,7 @@ def fit(
     # Each rank validates on its share: the ranks together read the batches one process would.
     eval_batches = None if args.eval_max_batches is None else math.ceil(args.eval_max_batches / world.size)
     precision = resolve_precision(args.precision, device)
-    # FSDP casts the weights itself (distributed.shard gives it bf16-mixed as a MixedPrecisionPolicy).
-    mixed = precision == "bf16-mixed" and world.strategy != "fsdp"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    autocast = training_autocast(precision, world)
     out_dir.mkdir(parents=True, exist_ok=True)
     step, tokens_seen = 0, 0
     if isinstance(resume, Path):  # a checkpoint named by --resume PATH
@@ -249,17 +257,16 @@ def fit(
         train_loader.load_state_dict(state["loader"])
         if world.is_main:
             print(f"Resumed from {checkpoint} at step {step}")
+    objective = objective or TokenLoss(compile=args.compile)
     if world.is_main:  # only rank 0 writes metrics.csv, TensorBoard events and loss.png
-        logger = MetricsLogger(out_dir, resume=checkpoint is not None, tensorboard=args.tensorboard)
+        extra = (*objective.stats, *(f"val_{name}" for name in objective.stats))
+        logger = MetricsLogger(out_dir, resume=checkpoint is not None, tensorboard=args.tensorboard, extra=extra)
         if checkpoint is not None:
             logger.truncate_after(step)
         peak = (args.peak_flops or measure_peak_flops(device, matmul_dtype(precision))) * world.size
 
     n_params = sum(p.numel() for p in model.parameters())  # a sharded parameter counts whole
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # Compiled together, the head's logits and the cross-entropy fuse: the (tokens x vocab) fp32 logits are
-    # not written out and read back again for the softmax.
-    loss_sum = torch.compile(token_loss_sum) if args.compile else token_loss_sum
     batches = iter(train_loader)
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, desc="training", dynamic_ncols=True, disable=not world.is_main)
@@ -267,23 +274,30 @@ def fit(
     window_start, window_tokens = time.perf_counter(), 0
     while step < args.max_steps:
         micro_batches = [to_device(next(batches), device) for _ in range(accumulation)]
-        counts = [
-            sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches),
-            sum(b["input_ids"].numel() for b in micro_batches),
-        ]
-        step_tokens, step_inputs = world.sum(torch.tensor(counts, device=device)).tolist()  # over every rank
-        if step_tokens == 0:
-            raise InvalidInput(f"step {step + 1} has no target tokens: every example's response was masked or cut")
+        per_batch = [objective.counts(b) for b in micro_batches]
+        units = sorted(per_batch[0])
+        counts = [sum(c[u] for c in per_batch) for u in units] + [sum(b["input_ids"].numel() for b in micro_batches)]
+        *unit_totals, step_inputs = world.sum(torch.tensor(counts, device=device)).tolist()  # over every rank
+        totals = dict(zip(units, unit_totals, strict=True))
+        if totals[objective.unit] == 0:
+            raise InvalidInput(
+                f"step {step + 1} has no {objective.unit} to learn from: every example's response was masked or cut"
+            )
         loss = torch.zeros((), device=device)
+        stats = torch.zeros(len(objective.stats), device=device)
         for i, batch in enumerate(micro_batches):
             with gradient_sync(model, enabled=i == len(micro_batches) - 1):
                 with autocast:
-                    micro_loss = loss_sum(model, batch) / step_tokens
-                # DDP and FSDP average gradients over ranks; the loss is already divided by the tokens of all
+                    parts, batch_stats = objective.parts(model, batch)
+                    micro_loss = sum(part / totals[unit] for unit, part in parts.items())
+                # DDP and FSDP average gradients over ranks; the loss is already divided by the counts of all
                 # ranks, so scaling by the world size turns that average into the sum one big batch would give.
                 (micro_loss * world.size).backward()
             loss += micro_loss.detach()
+            if batch_stats:
+                stats += torch.stack([batch_stats[name].detach().float() for name in objective.stats])
         world.sum(loss)
+        step_stats = dict(zip(objective.stats, (world.sum(stats) / totals[objective.unit]).tolist(), strict=True))
         if not torch.isfinite(loss):
             last = latest_checkpoint(out_dir)
             raise TrainingDiverged(
@@ -301,13 +315,18 @@ def fit(
         window_tokens += step_inputs
         progress.update(1)
 
-        val_loss = None
+        val_loss, val = None, {}
         if step % args.eval_interval == 0 or step == args.max_steps:
-            val_loss = evaluate(plain, val_loader.val_batches(), eval_batches, device, world)
+            val = evaluate(plain, val_loader.val_batches(), eval_batches, device, world, objective)
+            val_loss = val.pop("loss")
             # Every rank generates: under FSDP each forward pass gathers weights from all ranks.
             text = sample(plain) if sample is not None else None
             if world.is_main:
-                tqdm.write(f"step {step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+                shown = [f"val loss {val_loss:.4f}"]
+                if objective.perplexity:
+                    shown.append(f"val ppl {math.exp(min(val_loss, 50)):.2f}")
+                shown += [f"val {name.replace('_', ' ')} {value:.4f}" for name, value in val.items()]
+                tqdm.write(f"step {step}: " + ", ".join(shown))
                 if text is not None:
                     tqdm.write(f"  sample: {text!r}")
         if world.is_main and (step % args.log_interval == 0 or val_loss is not None):
@@ -316,10 +335,16 @@ def fit(
             tps = window_tokens / seconds
             mfu = tps * flops_per_token(plain.config, n_params, seq_len, trainable / n_params) / peak
             metrics = dict(tokens=tokens_seen, loss=loss.item(), lr=lr, tokens_per_second=tps, mfu=mfu, seconds=seconds)
+            metrics.update(step_stats)
             if val_loss is not None:
-                metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                metrics.update(val_loss=val_loss, **{f"val_{name}": value for name, value in val.items()})
+                if objective.perplexity:
+                    metrics.update(val_ppl=math.exp(min(val_loss, 50)))
             logger.log(step, **metrics)
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{mfu:.1%}")
+            shown = {name.removeprefix("rewards_"): f"{value:.3f}" for name, value in step_stats.items()}
+            progress.set_postfix(
+                loss=f"{loss.item():.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{mfu:.1%}"
+            )
             window_start, window_tokens = time.perf_counter(), 0
         if (args.save_interval and step % args.save_interval == 0) or step == args.max_steps:
             state = {"tokens": tokens_seen, "loader": train_loader.state_dict(), "identity": identity}

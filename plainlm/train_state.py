@@ -139,7 +139,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 # What a run writes into out_dir (token shards, a cache reused while the source is unchanged, are not a run).
-RUN_FILES = ("metrics.csv", "final", "loss.png", "tensorboard", RECIPE_FILE)
+REFERENCE_FILE = "reference_logps.safetensors"  # full-finetuning preference runs: objectives.reference_table
+RUN_FILES = ("metrics.csv", "final", "loss.png", "tensorboard", RECIPE_FILE, REFERENCE_FILE)
 
 
 def run_files(out_dir: Path) -> list[Path]:

@@ -48,6 +48,7 @@ class Prepared:
     headline: the first line the run prints (what trains, on what data).
     method, seq_length, lora, quantize, packed: what the memory plan needs.
     sample: a short greedy continuation at each validation, or None.
+    objective: what the loss is (objectives.py); None: next-token cross-entropy.
     export: writes final/ from the trained model (given the whole weights when FSDP holds only shards).
     """
 
@@ -62,6 +63,7 @@ class Prepared:
     lora: LoRAConfig | None = None
     quantize: str = "nf4"
     packed: bool = False
+    objective: Any = None
 
 
 def run_training(command: Callable[..., Path], arguments: dict[str, Any], prepare: Callable[[World], Prepared]) -> Path:
@@ -130,7 +132,10 @@ def _train_here(
             )
             print(plan)
         resume = checkpoint if checkpoint is not None else False
-        fit(wrapped, run.loader, run.loader, opt, sched, train, out_dir, run.identity, resume, run.sample, world)
+        fit(
+            wrapped, run.loader, run.loader, opt, sched, train, out_dir, run.identity, resume, run.sample, world,
+            run.objective,
+        )  # fmt: skip
         trained = distributed.full_state_dict(wrapped) if world.strategy == "fsdp" else None  # every rank gathers
         final = out_dir / "final"
         if world.is_main:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -203,6 +204,9 @@ def plainlm_serve(model: Path, *options: str, start_timeout: float = 120) -> Ite
             stderr=stderr,
             text=True,
             cwd=REPO,
+            # Ctrl-C as a terminal gives it: a suite started in the background (`make test &`) would pass on the
+            # ignored SIGINT that shells give background jobs, and a SIGINT would then end nothing.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         lines: queue.Queue[str | None] = queue.Queue()
 

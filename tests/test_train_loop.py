@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import ToyLoader, tiny_gpt
 
-import plainlm.train as train_module
+import plainlm.objectives as objectives
 import plainlm.train_state as train_state
 from plainlm.data import IGNORE_INDEX
 from plainlm.errors import CheckpointError, TrainingDiverged
@@ -46,7 +46,7 @@ def test_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     batches = [next(loader), next(loader)]
     big = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     tokens = int((big["targets"] != IGNORE_INDEX).sum())
-    (train_module.token_loss_sum(model, big) / tokens).backward()
+    (objectives.token_loss_sum(model, big) / tokens).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     for (name, a), b in zip(accumulated.named_parameters(), model.parameters(), strict=True):
@@ -55,14 +55,14 @@ def test_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
 
 def test_non_finite_loss_stops_before_the_weights_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = train_module.token_loss_sum
+    real = objectives.token_loss_sum
 
     def poisoned(model, batch):
         calls["n"] += 1
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] > 5 else loss  # steps 1-2 fine (2 micro-batches each)
 
-    monkeypatch.setattr(train_module, "token_loss_sum", poisoned)
+    monkeypatch.setattr(objectives, "token_loss_sum", poisoned)
     with pytest.raises(TrainingDiverged, match="nan at step 3.*step-000002"):
         run(tmp_path)
     assert latest_checkpoint(tmp_path).name == "step-000002"

@@ -99,7 +99,7 @@ def data_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def _json_items(file: Path) -> Iterator[tuple[str, Any, str | None]]:
+def json_items(file: Path) -> Iterator[tuple[str, Any, str | None]]:
     """(where, record, problem) for each record of `file`; a malformed .jsonl line gives a problem, not an error."""
     if file.suffix == ".json":
         try:
@@ -146,12 +146,15 @@ def record_problem(data: Any) -> str | None:
     return None
 
 
-def read_records(path: str | Path, strict: bool = False) -> list[Record]:
-    """The valid records at `path`; bad ones are reported as "file:line: what is wrong" and skipped (or raise)."""
+def read_records(
+    path: str | Path, strict: bool = False, check: Callable[[Any], str | None] = record_problem
+) -> list[Record]:
+    """The valid records at `path`; bad ones are reported as "file:line: what is wrong" and skipped (or raise).
+    `check` says what is wrong with a record: SFT records by default, preference pairs (preference.py) too."""
     files, records, problems = data_files(path), [], []
     for file in files:
-        for source, data, problem in _json_items(file):
-            problem = problem or record_problem(data)
+        for source, data, problem in json_items(file):
+            problem = problem or check(data)
             if problem is None:
                 records.append(Record(data, source))
             elif strict:
@@ -198,7 +201,7 @@ def render_alpaca(messages: list[dict[str, str]], add_generation_prompt: bool, e
     return "".join(parts)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -243,7 +246,7 @@ def tokenize_messages(
     is_target = [not mask_prompt] * len(ids)
     stop_ids = set(tokenizer.stop_ids)
     for k in range(len(spans)):
-        start, end = _common_prefix(ids, prefixes[2 * k]), _common_prefix(ids, prefixes[2 * k + 1])
+        start, end = common_prefix(ids, prefixes[2 * k]), common_prefix(ids, prefixes[2 * k + 1])
         stops = [j for j in range(start, end) if ids[j] in stop_ids]
         end = stops[-1] + 1 if stops else end
         is_target[start:end] = [True] * (end - start)
@@ -285,6 +288,20 @@ def tokenize_records(
     return kept
 
 
+def hold_out(records: list[Record], fraction: float, seed: int, path: Path) -> tuple[list[Record], list[Record]]:
+    """(training, validation) records: a seeded `fraction` of them held out, the rest in their order."""
+    n_val = max(1, round(len(records) * fraction))
+    if n_val >= len(records):
+        raise InvalidInput(
+            f"{path}: {len(records)} records are too few to hold out val_fraction={fraction}; "
+            "add records, pass val_path, or set val_fraction=0"
+        )
+    is_val = np.zeros(len(records), dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(len(records))[:n_val]] = True
+    train = [r for r, v in zip(records, is_val, strict=True) if not v]
+    return train, [r for r, v in zip(records, is_val, strict=True) if v]
+
+
 def load_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> tuple[list[Example], list[Example]]:
     """Training and validation examples; validation is `val_path`, else a seeded `val_fraction` of the records."""
     path = resolve_data_path(config.path)
@@ -292,16 +309,7 @@ def load_sft_data(config: SFTDataConfig, tokenizer: Tokenizer) -> tuple[list[Exa
     if config.val_path is not None:
         val_records = read_records(resolve_data_path(config.val_path, flag="--data.val_path"), config.strict)
     elif config.val_fraction > 0:
-        n_val = max(1, round(len(records) * config.val_fraction))
-        if n_val >= len(records):
-            raise InvalidInput(
-                f"{path}: {len(records)} records are too few to hold out val_fraction={config.val_fraction}; "
-                "add records, pass val_path, or set val_fraction=0"
-            )
-        is_val = np.zeros(len(records), dtype=bool)
-        is_val[np.random.default_rng(config.seed).permutation(len(records))[:n_val]] = True
-        val_records = [r for r, v in zip(records, is_val, strict=True) if v]
-        records = [r for r, v in zip(records, is_val, strict=True) if not v]
+        records, val_records = hold_out(records, config.val_fraction, config.seed, path)
     else:
         val_records = []
     splits = []

@@ -1,0 +1,269 @@
+"""What a training step minimises: the token loss of pretraining and supervised finetuning, or a preference
+objective (DPO, IPO, hinge, SimPO, ORPO: the formulas are in losses.py) over paired batches.
+
+The loop (train.py) asks an objective for two things, so that it never needs to know which one runs:
+
+    counts(batch) -> {unit: n}          what the step's loss is averaged over: target tokens; preference pairs
+                                        (and for ORPO also the chosen rows' tokens). The loop sums them over the
+                                        step's micro-batches and every rank before the first backward.
+    parts(model, batch) -> (sums, stats)  the micro-batch's loss as sums per unit ({"tokens": summed cross-
+                                        entropy}), so that sums[unit] / step total[unit] added up over micro-
+                                        batches and ranks is exactly the loss of one big batch; and sums of
+                                        what to log per pair (rewards, margins, accuracy).
+
+The reference model of DPO, IPO and hinge is never a second copy of the weights: with LoRA, DoRA or QLoRA it
+is the same model with its adapters switched off (lora.adapters_disabled); in full finetuning its log-
+probabilities are computed once before training (`reference_table`), kept in out_dir, and handed to the loss in
+each batch as `reference_logps` by `WithReference`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from plainlm.data import IGNORE_INDEX
+from plainlm.data.preference import collate_pairs
+from plainlm.errors import CheckpointError, InvalidInput
+from plainlm.lora import LoRALinear, adapters_disabled
+from plainlm.losses import dpo_loss, hinge_loss, ipo_loss, needs_reference, orpo_loss, sequence_logps, simpo_loss
+
+Loss = Literal["sft", "dpo", "ipo", "hinge", "simpo", "orpo"]
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (IGNORE_INDEX positions excluded)."""
+    logits = model(
+        batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask")
+    )
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+class TokenLoss:
+    """Next-token cross-entropy, averaged over the step's target tokens: pretraining and SFT."""
+
+    unit = "tokens"
+    stats: tuple[str, ...] = ()
+    perplexity = True  # exp(loss) means something
+
+    def __init__(self, compile: bool = False) -> None:
+        # Compiled together, the head's logits and the cross-entropy fuse: the (tokens x vocab) fp32 logits are
+        # not written out and read back again for the softmax.
+        self.loss_sum = torch.compile(token_loss_sum) if compile else token_loss_sum
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"tokens": int((batch["targets"] != IGNORE_INDEX).sum())}
+
+    def parts(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        return {"tokens": self.loss_sum(model, batch)}, {}
+
+
+@dataclass
+class PreferenceArgs:
+    """The preference objective's constants: the `preference:` section of a finetune recipe (with loss: dpo ...).
+
+    Args:
+        beta: dpo, ipo, hinge: how far the policy may move from the reference (trl's beta; ipo's tau); simpo: the
+            reward scale; orpo: the weight of the odds-ratio term (the paper's lambda).
+        label_smoothing: dpo: the probability that a preference label is flipped (conservative DPO), in [0, 0.5).
+        gamma: simpo: the target reward margin.
+    """
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+
+
+class PreferenceObjective:
+    """A preference loss over batches of pairs (data/preference.py): rows 0..P-1 chosen, P..2P-1 rejected.
+
+    Per pair, the sequence log-probability is the sum of its completion tokens' log-probabilities (SimPO and
+    ORPO: their mean). The reference's come from the batch (`reference_logps`, full finetuning) or from the
+    same forward machinery with the adapters off (LoRA, DoRA, QLoRA)."""
+
+    unit = "pairs"
+    stats = ("rewards_chosen", "rewards_rejected", "margins", "accuracy")
+    perplexity = False
+
+    def __init__(self, loss: Loss, args: PreferenceArgs) -> None:
+        self.loss, self.args = loss, args
+        self.needs_reference = needs_reference(loss)
+        # Every argument checked now, not at the first step: the same checks the loss functions make.
+        probe = torch.zeros(1)
+        self._objective(probe, probe, probe, probe, probe, probe, torch.zeros(()))
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        counts = {"pairs": int((batch["pair_ids"] >= 0).sum())}
+        if self.loss == "orpo":
+            counts["chosen_tokens"] = int(
+                _whole_sequence_targets(batch)[: len(batch["pair_ids"])].ne(IGNORE_INDEX).sum()
+            )
+        return counts
+
+    def parts(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        P = len(batch["pair_ids"])
+        real = (batch["pair_ids"] >= 0).float()  # a padding pair (a rank out of validation data) counts nothing
+        reference = None
+        if self.needs_reference:
+            reference = batch.get("reference_logps")
+            if reference is None:
+                reference = adapters_off_logps(model, batch)
+        logits = model(batch["input_ids"])
+        logps, tokens = sequence_logps(logits, batch["targets"])
+        if reference is None:
+            reference = torch.zeros_like(logps)
+        nll = None
+        if self.loss == "orpo":  # trl's ORPO: NLL over the chosen rows' whole sequences, prompt included
+            whole, _ = sequence_logps(logits[:P], _whole_sequence_targets(batch)[:P])
+            nll = -whole.sum()
+        result = self._objective(
+            logps[:P], logps[P:], reference[:P], reference[P:], tokens[:P].float(), tokens[P:].float(), torch.zeros(())
+        )
+        sums = {"pairs": (result.losses * real).sum()}
+        if nll is not None:
+            sums["chosen_tokens"] = nll
+        chosen, rejected = result.chosen_rewards * real, result.rejected_rewards * real
+        stats = {
+            "rewards_chosen": chosen.sum(),
+            "rewards_rejected": rejected.sum(),
+            "margins": (chosen - rejected).sum(),
+            "accuracy": ((result.chosen_rewards > result.rejected_rewards).float() * real).sum(),
+        }
+        return sums, stats
+
+    def _objective(self, chosen, rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens, nll):
+        a = self.args
+        if self.loss == "dpo":
+            return dpo_loss(chosen, rejected, reference_chosen, reference_rejected, a.beta, a.label_smoothing)
+        if self.loss == "ipo":
+            return ipo_loss(
+                chosen, rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens, a.beta
+            )
+        if self.loss == "hinge":
+            return hinge_loss(chosen, rejected, reference_chosen, reference_rejected, a.beta)
+        chosen_avg, rejected_avg = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+        if self.loss == "simpo":
+            return simpo_loss(chosen_avg, rejected_avg, a.beta, a.gamma, a.label_smoothing)
+        # orpo: its NLL is averaged over the step's chosen tokens, not per pair, so it is a part of its own (nll 0)
+        return orpo_loss(chosen_avg, rejected_avg, nll, a.beta)
+
+
+def _whole_sequence_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Targets at every real position (prompt included): ORPO's NLL. A row's real tokens end where its
+    completion's targets end; before that, each position predicts the next input token."""
+    targets, inputs = batch["targets"], batch["input_ids"]
+    T = targets.shape[1]
+    positions = torch.arange(T, device=targets.device)
+    scored = targets != IGNORE_INDEX
+    last = torch.where(scored, positions, -1).amax(dim=1, keepdim=True)  # the row's last target position
+    following = torch.cat([inputs[:, 1:], inputs[:, -1:]], dim=1)
+    return torch.where(scored, targets, torch.where(positions < last, following, IGNORE_INDEX))
+
+
+@torch.no_grad()
+def adapters_off_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference's sequence log-probabilities: the same model with its LoRA / DoRA adapters switched off."""
+    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise InvalidInput(
+            "this preference loss needs a reference model, and the model has no adapters to switch off: full "
+            "finetuning takes its reference log-probabilities from a table computed before training (reference_table)"
+        )
+    with adapters_disabled(model):
+        logps, _ = sequence_logps(model(batch["input_ids"]), batch["targets"])
+    return logps
+
+
+# --- full finetuning: the reference's log-probabilities, computed once ---
+def reference_fingerprint(model_identity: dict[str, Any], splits: dict[str, list]) -> str:
+    """What a reference table was computed from: the model's identity and every pair's token ids."""
+    digest = hashlib.sha256(repr(sorted(model_identity.items())).encode())
+    for name, pairs in splits.items():
+        digest.update(name.encode())
+        for pair in pairs:
+            for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+                digest.update(ids.numpy().astype("int64").tobytes() + b"|")
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def reference_table(
+    model: torch.nn.Module,
+    splits: dict[str, list],
+    batch_size: int,
+    pad_id: int,
+    path: Path,
+    fingerprint: str,
+    write: bool,
+    autocast: Any = None,
+) -> dict[str, torch.Tensor]:
+    """{split: (pairs, 2) float32}: the starting model's summed completion log-probabilities (chosen, rejected)
+    of every pair, by pair index. Read from `path` when it holds this fingerprint; refused when it holds another
+    (a reference computed for another model or dataset must not score this run); else computed in one pass and,
+    when `write`, saved atomically beside the run's checkpoints, so a resumed run reuses it. `autocast`: the
+    training's own (bf16-mixed), so that the policy starts exactly at its reference."""
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            found = (f.metadata() or {}).get("fingerprint")
+            if found == fingerprint:
+                return {name: f.get_tensor(name) for name in splits}
+        raise CheckpointError(
+            f"{path} holds reference log-probabilities of another model or dataset: this run's pairs or model "
+            "changed since it was computed. Resume with the same model and data, or start afresh (--overwrite true)"
+        )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tables = {}
+    for name, pairs in splits.items():
+        rows = []
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[start : start + batch_size], pad_id)
+            with autocast or contextlib.nullcontext():
+                logits = model(batch["input_ids"].to(device))
+            logps, _ = sequence_logps(logits, batch["targets"].to(device))
+            P = len(batch["pair_ids"])
+            rows.append(torch.stack([logps[:P], logps[P:]], dim=1).float().cpu())
+        tables[name] = torch.cat(rows) if rows else torch.zeros(0, 2)
+    model.train(was_training)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        save_file(tables, str(partial), metadata={"fingerprint": fingerprint})
+        partial.replace(path)
+    return tables
+
+
+class WithReference:
+    """A preference loader whose batches also carry `reference_logps` (2P,): each pair's chosen and rejected
+    reference log-probabilities from `tables`, rows in the batch's order (a padding pair gets zeros)."""
+
+    def __init__(self, loader: Any, tables: dict[str, torch.Tensor]) -> None:
+        self.loader, self.tables = loader, tables
+
+    def _with_reference(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+        ids = batch["pair_ids"]
+        found = self.tables[split][ids.clamp(min=0)] * (ids >= 0)[:, None]
+        return {**batch, "reference_logps": torch.cat([found[:, 0], found[:, 1]])}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self._with_reference(batch, "train") for batch in self.loader)
+
+    def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self._with_reference(batch, "val") for batch in self.loader.val_batches())
+
+    def state_dict(self) -> dict[str, int]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loader.load_state_dict(state)
