@@ -107,7 +107,7 @@ class PreferenceObjective:
         counts = {"pairs": int((batch["pair_ids"] >= 0).sum())}
         if self.loss == "orpo":
             counts["chosen_tokens"] = int(
-                _whole_sequence_targets(batch)[: len(batch["pair_ids"])].ne(IGNORE_INDEX).sum()
+                whole_sequence_targets(batch)[: len(batch["pair_ids"])].ne(IGNORE_INDEX).sum()
             )
         return counts
 
@@ -119,13 +119,17 @@ class PreferenceObjective:
             reference = batch.get("reference_logps")
             if reference is None:
                 reference = adapters_off_logps(model, batch)
-        logits = model(batch["input_ids"])
-        logps, tokens = sequence_logps(logits, batch["targets"])
+        # ORPO's NLL reads every position of the chosen rows; the rest only the completions' positions.
+        scored = whole_sequence_targets(batch) if self.loss == "orpo" else batch["targets"]
+        positions, targets = scored_positions(scored, batch["targets"])
+        logits = model(batch["input_ids"], logit_positions=positions)
+        logps, tokens = sequence_logps(logits, targets)
         if reference is None:
             reference = torch.zeros_like(logps)
         nll = None
         if self.loss == "orpo":  # trl's ORPO: NLL over the chosen rows' whole sequences, prompt included
-            whole, _ = sequence_logps(logits[:P], _whole_sequence_targets(batch)[:P])
+            _, whole_targets = scored_positions(scored, scored)
+            whole, _ = sequence_logps(logits[:P], whole_targets[:P])
             nll = -whole.sum()
         result = self._objective(
             logps[:P], logps[P:], reference[:P], reference[P:], tokens[:P].float(), tokens[P:].float(), torch.zeros(())
@@ -159,7 +163,7 @@ class PreferenceObjective:
         return orpo_loss(chosen_avg, rejected_avg, nll, a.beta)
 
 
-def _whole_sequence_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def whole_sequence_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Targets at every real position (prompt included): ORPO's NLL. A row's real tokens end where its
     completion's targets end; before that, each position predicts the next input token."""
     targets, inputs = batch["targets"], batch["input_ids"]
@@ -171,6 +175,22 @@ def _whole_sequence_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.where(scored, targets, torch.where(positions < last, following, IGNORE_INDEX))
 
 
+def scored_positions(scored: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions (B, K) where `scored` has a target, each row's padded by repeating its last, and `targets`
+    at those positions (IGNORE_INDEX on the padding): the model computes logits only there. A pair's completion
+    is often much shorter than its prompt, and the (rows, positions, vocabulary) logits are most of a preference
+    step's memory."""
+    T = scored.shape[1]
+    valid = scored != IGNORE_INDEX
+    K = max(int(valid.sum(dim=1).max()), 1)
+    # Valid positions first, in order: sort by (not valid, position).
+    order = torch.argsort(torch.where(valid, 0, T) + torch.arange(T, device=scored.device), dim=1)[:, :K]
+    kept = valid.gather(1, order)
+    last = order.gather(1, (kept.sum(dim=1, keepdim=True) - 1).clamp(min=0))
+    positions = torch.where(kept, order, last)
+    return positions, torch.where(kept, targets.gather(1, positions), IGNORE_INDEX)
+
+
 @torch.no_grad()
 def adapters_off_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reference's sequence log-probabilities: the same model with its LoRA / DoRA adapters switched off."""
@@ -179,8 +199,9 @@ def adapters_off_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
             "this preference loss needs a reference model, and the model has no adapters to switch off: full "
             "finetuning takes its reference log-probabilities from a table computed before training (reference_table)"
         )
+    positions, targets = scored_positions(batch["targets"], batch["targets"])
     with adapters_disabled(model):
-        logps, _ = sequence_logps(model(batch["input_ids"]), batch["targets"])
+        logps, _ = sequence_logps(model(batch["input_ids"], logit_positions=positions), targets)
     return logps
 
 
@@ -229,9 +250,10 @@ def reference_table(
         rows = []
         for start in range(0, len(pairs), batch_size):
             batch = collate_pairs(pairs[start : start + batch_size], pad_id)
+            positions, targets = scored_positions(batch["targets"], batch["targets"])
             with autocast or contextlib.nullcontext():
-                logits = model(batch["input_ids"].to(device))
-            logps, _ = sequence_logps(logits, batch["targets"].to(device))
+                logits = model(batch["input_ids"].to(device), logit_positions=positions.to(device))
+            logps, _ = sequence_logps(logits, targets.to(device))
             P = len(batch["pair_ids"])
             rows.append(torch.stack([logps[:P], logps[P:]], dim=1).float().cpu())
         tables[name] = torch.cat(rows) if rows else torch.zeros(0, 2)

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,8 @@ from plainlm import LLM
 from plainlm.data.preference import PreferencePair, collate_pairs
 from plainlm.errors import InvalidInput, PackagedModelMissing
 from plainlm.lora import LoRAConfig, adapters_disabled, inject_lora, save_peft_adapter
-from plainlm.objectives import PreferenceArgs, PreferenceObjective
+from plainlm.losses import orpo_loss, sequence_logps, simpo_loss
+from plainlm.objectives import PreferenceArgs, PreferenceObjective, whole_sequence_targets
 from plainlm.packaged_models import smollm2_gguf
 
 peft = pytest.importorskip("peft")
@@ -213,3 +219,60 @@ def test_the_dpo_recipe_teaches_smollm2_the_shipped_preference(tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-2000:]
     last = metrics(tmp_path)[-1]
     assert float(last["val_accuracy"]) > 0.8 and float(last["val_margins"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path: Path, method: str) -> None:
+    """Killed after a checkpoint and resumed: the per-step losses and rewards equal an uninterrupted run's, bit for
+    bit; for full finetuning the reference table computed before the kill is read again, not recomputed."""
+    args = ("--loss", "dpo", "--train.save_interval", "2")
+    reference = run_cli(*preference_args(tiny_hf_dir, tmp_path / "a", method, 6, *args))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "b"
+    command = preference_args(tiny_hf_dir, out, method, 6, *args)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "plainlm.cli", *command], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "step-000002").exists():  # killed part-way: after a checkpoint, before the end
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not (out / "final").exists()
+    table = out / "reference_logps.safetensors"
+    written = table.stat().st_mtime_ns if method == "full" else None
+
+    resumed = run_cli(*command, "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resumed from" in resumed.stdout
+    columns = ("step", "loss", "rewards_chosen", "rewards_rejected", "accuracy", "val_loss", "val_accuracy")
+    assert [[r[c] for c in columns] for r in metrics(out)] == [[r[c] for c in columns] for r in metrics(tmp_path / "a")]
+    if method == "full":
+        assert table.stat().st_mtime_ns == written  # reused, not written again
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_logits_only_where_scored_change_nothing(tiny_hf_dir: Path, loss: str) -> None:
+    """The objective asks the model for logits at the scored positions only; the same loss as from every
+    position's logits through losses.py directly (and trl's formulas: tests/test_losses.py)."""
+    llm = LLM.load(tiny_hf_dir)
+    batch = collate_pairs(random_pairs(llm.model.config.vocab_size, count=5, seed=4), pad_id=0)
+    P = len(batch["pair_ids"])
+    parts, _ = PreferenceObjective(loss, PreferenceArgs(beta=0.4, gamma=0.3)).parts(llm.model, batch)
+    with torch.no_grad():
+        logits = llm.model(batch["input_ids"])
+    logps, tokens = sequence_logps(logits, batch["targets"])
+    average = logps / tokens
+    if loss == "simpo":
+        expected = simpo_loss(average[:P], average[P:], beta=0.4, gamma=0.3).losses.sum()
+    else:
+        whole, whole_tokens = sequence_logps(logits[:P], whole_sequence_targets(batch)[:P])
+        nll = -whole.sum() / whole_tokens.sum()
+        expected = orpo_loss(average[:P], average[P:], nll, beta=0.4).losses.sum()
+        got = parts["pairs"] + parts["chosen_tokens"] / whole_tokens.sum() * P
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+        return
+    assert parts["pairs"].item() == pytest.approx(expected.item(), abs=1e-5)
