@@ -2,14 +2,15 @@
 
     python benchmarks/preference.py [--steps 12] [--threads 2] [--micro_batch_size 4] [--global_batch_size 8]
 
-Both train SmolLM2-135M-Instruct (plainlm from the packaged GGUF file; trl from the same weights converted to a
-Hugging Face directory with `plainlm convert from-gguf` + `to-hf`, and transformers' own reading of the file's
-tokenizer) with LoRA r 8 on every linear layer, on the shipped pirate pairs (data/preference), DPO beta 0.1,
-max length 256, fp32, AdamW lr 5e-4, the same batch sizes and thread count, the reference being the base with
-the adapters off in both. Each runs in a process of its own (peak RSS is the process's high-water mark, VmHWM),
-the two alternating. Speed: pairs per second over the steps after the first two (warm-up), times the mean
-tokens of a pair (prompt + chosen + prompt + rejected, as both tokenize them), so both count the same tokens.
-Prints a markdown table and the issue-15 targets (>= 1.5x tokens/s, <= 0.8x peak memory), met or not, and
+Both train SmolLM2-135M-Instruct from one Hugging Face directory (the packaged GGUF converted with `plainlm
+convert from-gguf` + `to-hf`, and transformers' own reading of the file's tokenizer; loading the GGUF itself
+would charge plainlm the dequantization's heap, not the training's memory) with LoRA r 8 on every linear layer,
+on the shipped pirate pairs (data/preference), DPO beta 0.1, max length 256, fp32, AdamW lr 5e-4, the same
+batch sizes and thread count, the reference being the base with the adapters off in both. Each runs in a
+process of its own (peak RSS is the process's high-water mark, VmHWM), the two alternating. Speed: pairs per
+second over the steps after the first two (warm-up), times the mean tokens of a pair (prompt + chosen + prompt
++ rejected, as both tokenize them), so both count the same tokens. Prints a markdown table and the issue-15
+targets (>= 1.5x tokens/s, <= 0.8x peak memory), met or not, and
 writes benchmarks/results/preference-<time>.json.
 """
 
@@ -41,14 +42,13 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_plainlm(args: argparse.Namespace, out: Path) -> dict:
+def run_plainlm(args: argparse.Namespace, out: Path, hf_dir: Path) -> dict:
     import csv
 
     from plainlm.data.sft import SFTDataConfig
     from plainlm.finetune import finetune
     from plainlm.lora import LoRAConfig
     from plainlm.objectives import PreferenceArgs
-    from plainlm.packaged_models import smollm2_gguf
     from plainlm.train import TrainArgs
 
     def optimizer(params):
@@ -57,7 +57,7 @@ def run_plainlm(args: argparse.Namespace, out: Path) -> dict:
         return torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0, fused=True)
 
     finetune(
-        smollm2_gguf(),
+        hf_dir,
         out_dir=out,
         method="lora",
         loss="dpo",
@@ -133,7 +133,8 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix=f"plainlm-bench-preference-{args.side}-"))
-    result = run_plainlm(args, out) if args.side == "plainlm" else run_trl(args, out, Path(args.hf_dir))
+    run = run_plainlm if args.side == "plainlm" else run_trl
+    result = run(args, out, Path(args.hf_dir))
     print(json.dumps(result))
 
 
