@@ -126,6 +126,9 @@ class PreferenceObjective:
         logps, tokens = sequence_logps(logits, targets)
         if reference is None:
             reference = torch.zeros_like(logps)
+        # A padding pair scores nothing (0 of 0 tokens): give it a harmless log-probability, so that no objective
+        # meets log(1 - exp(0)) = -inf on it (ORPO) and its zero weight cannot meet a NaN.
+        logps = torch.where(torch.cat([real, real]) > 0, logps, -1.0)
         nll = None
         if self.loss == "orpo":  # trl's ORPO: NLL over the chosen rows' whole sequences, prompt included
             _, whole_targets = scored_positions(scored, scored)
@@ -134,7 +137,7 @@ class PreferenceObjective:
         result = self._objective(
             logps[:P], logps[P:], reference[:P], reference[P:], tokens[:P].float(), tokens[P:].float(), torch.zeros(())
         )
-        sums = {"pairs": (result.losses * real).sum()}
+        sums = {"pairs": torch.where(real > 0, result.losses, 0.0).sum()}
         if nll is not None:
             sums["chosen_tokens"] = nll
         chosen, rejected = result.chosen_rewards * real, result.rejected_rewards * real

@@ -276,3 +276,16 @@ def test_logits_only_where_scored_change_nothing(tiny_hf_dir: Path, loss: str) -
         assert got.item() == pytest.approx(expected.item(), abs=1e-5)
         return
     assert parts["pairs"].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "simpo", "orpo"])
+def test_a_rank_without_pairs_adds_nothing(tiny_hf_dir: Path, loss: str) -> None:
+    """A rank out of validation pairs runs one padding pair (pair_id -1): every sum it adds is 0, not NaN."""
+    llm = LLM.load(tiny_hf_dir)
+    inject_lora(llm.model, LoRAConfig(r=4, targets=["q", "v"]))
+    batch = collate_pairs([], pad_id=0)
+    assert batch["pair_ids"].tolist() == [-1]
+    objective = PreferenceObjective(loss, PreferenceArgs())
+    parts, stats = objective.parts(llm.model, batch)
+    assert all(value.item() == 0 for value in [*parts.values(), *stats.values()]), (parts, stats)
+    assert objective.counts(batch)["pairs"] == 0
