@@ -42,9 +42,12 @@ MAX_REPORTED = 10  # problems printed one by one; the summary counts them all
 @dataclass
 class SFTDataConfig:
     """Where finetuning data comes from and how it becomes batches: the `data:` section of a finetune recipe.
+    A preference loss (dpo, ...) reads prompt/chosen/rejected pairs (data/preference.py) from the same fields;
+    prompt_style, mask_prompt and packing are for SFT records only.
 
     Args:
-        path: A .json or .jsonl file, a folder of them, or a dataset name from sources.py (alpaca, dolly, ...).
+        path: A .json or .jsonl file, a folder of them, or a dataset name from sources.py (alpaca, dolly, ...);
+            with a preference loss, pairs (data/preference.py).
         val_path: Held-out records; without it, val_fraction of path is held out.
         val_fraction: The fraction of path's records held out for validation when there is no val_path.
         prompt_style: chat_template (the model's own), or alpaca: the classic prompt text, for base models.
