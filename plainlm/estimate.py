@@ -25,7 +25,7 @@ from plainlm.distributed import check_process_counts, resolve_strategy
 from plainlm.errors import MissingInput, RecipeError
 from plainlm.finetune import finetune
 from plainlm.lora import LoRAConfig
-from plainlm.memory import MemoryEstimate, available_bytes, estimate_memory, format_bytes
+from plainlm.memory import PAIRS_NOTE, MemoryEstimate, available_bytes, estimate_memory, format_bytes
 from plainlm.named_configs import NAMED_CONFIGS, config_for_name
 from plainlm.pretrain import model_config_for, pretrain
 from plainlm.recipe import config_paths, parse_recipe
@@ -144,9 +144,14 @@ def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEsti
         packed=packed,
         tokenizer_vocab=tokenizer_vocab,
     )
+    pairs = kind == "finetune" and getattr(cfg, "loss", "sft") != "sft"
+    if pairs:
+        args["micro_batch_size"] *= 2
     estimate = estimate_memory(config, **{**args, **change})
     if note:
         estimate.notes.append(note)
+    if pairs:
+        estimate.notes.append(PAIRS_NOTE)
     if kind == "finetune" and not packed:
         estimate.notes.append("finetune rows are padded to their batch's longest example: max_seq_length is the most")
     return estimate, str(device)

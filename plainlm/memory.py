@@ -276,6 +276,14 @@ def forward_bytes(model: nn.Module, batch: dict[str, torch.Tensor], precision: s
     return sum(saved.values()), allocated.total
 
 
+# A preference run's micro-batch, as the estimate counts it.
+PAIRS_NOTE = (
+    "preference pairs: a micro-batch of N pairs is 2N sequences (chosen and rejected), counted here; the loss takes "
+    "logits at the completions only, so its term is an upper bound; with LoRA the reference (adapters off) is one "
+    "more forward pass, without saved activations"
+)
+
+
 # --- the whole estimate ---
 def estimate_memory(
     config: Config,
@@ -406,15 +414,17 @@ def training_plan(
     lora: LoRAConfig | None = None,
     quantize: str = "nf4",
     packed: bool = False,
+    sequences_per_example: int = 1,
 ) -> str:
-    """What a training run prints at its start: the estimate for its TrainArgs and World, and whether it fits."""
+    """What a training run prints at its start: the estimate for its TrainArgs and World, and whether it fits.
+    sequences_per_example: 2 for preference pairs, whose chosen and rejected rows share each micro-batch."""
     plan = estimate_memory(
         config,
         method,
         lora,
         quantize,
         precision=resolve_precision(train.precision, world.device),
-        micro_batch_size=train.micro_batch_size,
+        micro_batch_size=train.micro_batch_size * sequences_per_example,
         seq_length=seq_length,
         strategy=world.strategy,
         world_size=world.size,
@@ -424,6 +434,8 @@ def training_plan(
         device=world.device.type,
         packed=packed,
     )
+    if sequences_per_example > 1:
+        plan.notes.append(PAIRS_NOTE)
     return plan.format(available_bytes(world.device.type))
 
 

@@ -56,6 +56,7 @@ class TokenLoss:
     unit = "tokens"
     stats: tuple[str, ...] = ()
     perplexity = True  # exp(loss) means something
+    sequences_per_example = 1
 
     def __init__(self, compile: bool = False) -> None:
         # Compiled together, the head's logits and the cross-entropy fuse: the (tokens x vocab) fp32 logits are
@@ -95,6 +96,7 @@ class PreferenceObjective:
     unit = "pairs"
     stats = ("rewards_chosen", "rewards_rejected", "margins", "accuracy")
     perplexity = False
+    sequences_per_example = 2  # chosen and rejected: what the memory plan counts
 
     def __init__(self, loss: Loss, args: PreferenceArgs) -> None:
         self.loss, self.args = loss, args

@@ -127,9 +127,11 @@ def _train_here(
                 (out_dir / RECIPE_FILE).write_text(recipe)
             processes = f" on {world.size} processes ({world.strategy})" if world.size > 1 else ""
             print(run.headline + processes)
+            sequences = getattr(run.objective, "sequences_per_example", 1)
             plan = training_plan(
-                run.model.config, run.method, train, run.seq_length, world, opt, run.lora, run.quantize, run.packed
-            )
+                run.model.config, run.method, train, run.seq_length, world, opt, run.lora, run.quantize, run.packed,
+                sequences,
+            )  # fmt: skip
             print(plan)
         resume = checkpoint if checkpoint is not None else False
         fit(

@@ -174,6 +174,7 @@ def test_lora_dpo_through_finetune_logs_rewards_and_writes_an_adapter(tiny_hf_di
     result = run_cli(*preference_args(tiny_hf_dir, tmp_path, "lora", 4, "--loss", "dpo"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "preference pairs (dpo)" in result.stdout and "val accuracy" in result.stdout
+    assert "micro batch 4 x 96 tokens" in result.stdout and "2N sequences" in result.stdout  # 2 pairs, 4 rows
     rows = metrics(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     first = rows[0]
@@ -289,3 +290,16 @@ def test_a_rank_without_pairs_adds_nothing(tiny_hf_dir: Path, loss: str) -> None
     parts, stats = objective.parts(llm.model, batch)
     assert all(value.item() == 0 for value in [*parts.values(), *stats.values()]), (parts, stats)
     assert objective.counts(batch)["pairs"] == 0
+
+
+def test_the_memory_plan_counts_both_sequences_of_a_pair(tiny_hf_dir: Path) -> None:
+    """`plainlm estimate` of a preference recipe: 4 pairs a micro-batch cost what 8 SFT sequences cost."""
+    from plainlm.estimate import estimate_command_result
+
+    recipe = str(REPO / "recipes" / "finetune" / "smollm2-135m-instruct" / "dpo.yaml")
+    common = ["--config", recipe, "--checkpoint_dir", str(tiny_hf_dir), "--train.micro_batch_size", "4"]
+    pairs = estimate_command_result([*common, "--loss", "dpo"])
+    sft_of_eight = estimate_command_result([*common, "--loss", "sft", "--train.micro_batch_size", "8"])
+    assert pairs.micro_batch_size == 8 and pairs.activations_full == sft_of_eight.activations_full
+    assert any("2N sequences" in note for note in pairs.notes)
+    assert not any("2N sequences" in note for note in sft_of_eight.notes)
