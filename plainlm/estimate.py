@@ -52,11 +52,12 @@ def read_model_config(checkpoint_dir: str | Path) -> tuple[Config, str | None]:
     return read_config(read_gguf(path), path), None
 
 
-def suggestions(estimate: MemoryEstimate, rerun: Any) -> list[str]:
-    """What would make a run that does not fit smaller, each with its new peak."""
+def suggestions(estimate: MemoryEstimate, micro_batch_size: int, rerun: Any) -> list[str]:
+    """What would make a run that does not fit smaller, each with its new peak. micro_batch_size: the recipe's
+    (pairs, for a preference loss; the estimate counts their rows)."""
     tries = []
-    if estimate.micro_batch_size > 1:
-        tries.append(("halve train.micro_batch_size", {"micro_batch_size": estimate.micro_batch_size // 2}))
+    if micro_batch_size > 1:
+        tries.append(("halve train.micro_batch_size", {"micro_batch_size": micro_batch_size // 2}))
     if not estimate.activation_checkpointing:
         tries.append(("set train.activation_checkpointing true", {"activation_checkpointing": True}))
     if estimate.method in ("full", "pretrain") and estimate.world_size > 1 and estimate.strategy != "fsdp":
@@ -76,7 +77,7 @@ def estimate_command(argv: list[str]) -> str:
     text = estimate.format(available)
     if estimate.peak * estimate.processes_per_memory > available:
         rerun = lambda **change: estimate_from_recipe(cfg, kind, **change)[0]  # noqa: E731
-        text += "\n" + "\n".join(f"  try: {s}" for s in suggestions(estimate, rerun))
+        text += "\n" + "\n".join(f"  try: {s}" for s in suggestions(estimate, cfg.train.micro_batch_size, rerun))
     return text
 
 
@@ -111,7 +112,8 @@ def recipe_kind(argv: list[str]) -> str:
 
 
 def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEstimate, str]:
-    """The estimate for a parsed (not instantiated) recipe; `change` overrides estimate_memory's arguments."""
+    """The estimate for a parsed (not instantiated) recipe; `change` overrides estimate_memory's arguments (its
+    micro_batch_size counts examples or pairs, as the recipe's does)."""
     check_process_counts(cfg.devices, cfg.num_nodes)
     device = resolve_device(cfg.device)
     train, note = cfg.train, None
@@ -144,10 +146,11 @@ def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEsti
         packed=packed,
         tokenizer_vocab=tokenizer_vocab,
     )
+    args.update(change)
     pairs = kind == "finetune" and getattr(cfg, "loss", "sft") != "sft"
     if pairs:
-        args["micro_batch_size"] *= 2
-    estimate = estimate_memory(config, **{**args, **change})
+        args["micro_batch_size"] *= 2  # a pair's chosen and rejected sequences
+    estimate = estimate_memory(config, **args)
     if note:
         estimate.notes.append(note)
     if pairs:

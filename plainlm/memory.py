@@ -278,9 +278,10 @@ def forward_bytes(model: nn.Module, batch: dict[str, torch.Tensor], precision: s
 
 # A preference run's micro-batch, as the estimate counts it.
 PAIRS_NOTE = (
-    "preference pairs: a micro-batch of N pairs is 2N sequences (chosen and rejected), counted here; the loss takes "
-    "logits at the completions only, so its term is an upper bound; with LoRA the reference (adapters off) is one "
-    "more forward pass, without saved activations"
+    "preference pairs: a micro-batch of N pairs is counted as 2N sequences (chosen and rejected), an upper bound: "
+    "a pair's row holds its prompt once; the loss takes logits at the completions only, so its term is an upper "
+    "bound too, as is the allocator's on a CPU (the objective gives freed heap pages back around each pass); with "
+    "LoRA the reference (adapters off) is one more forward pass, without saved activations"
 )
 
 
@@ -417,7 +418,7 @@ def training_plan(
     sequences_per_example: int = 1,
 ) -> str:
     """What a training run prints at its start: the estimate for its TrainArgs and World, and whether it fits.
-    sequences_per_example: 2 for preference pairs, whose chosen and rejected rows share each micro-batch."""
+    sequences_per_example: 2 for preference pairs, whose chosen and rejected sequences share a row."""
     plan = estimate_memory(
         config,
         method,

@@ -12,6 +12,7 @@ Shapes: B batch, T new tokens, S key/value length, H heads, K key/value heads, D
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -342,6 +343,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # SwiGLU (silu) / GeGLU (gelu)
             gate, up = self.project_gate_up(x)
+            if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+                return self.down_proj(GatedActivation.apply(gate, up, self.activation))
             return self.down_proj(activate(gate, self.activation) * up)
         return self.down_proj(activate(self.up_proj(x), self.activation))
 
@@ -409,6 +412,41 @@ def activate(x: torch.Tensor, name: str) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if name == "relu":
         return F.relu(x)
+    raise InvalidInput(f"unknown activation {name!r}")
+
+
+class GatedActivation(torch.autograd.Function):
+    """activate(gate) * up, keeping only gate and up for the backward, which recomputes activate(gate).
+
+    Autograd would also keep activate(gate): one more (tokens x intermediate_size) tensor per layer, about a
+    sixth of what a layer saves for the backward, for one elementwise op again in the backward. The gradients
+    are autograd's own, bit for bit (the same backward kernels on the same values)."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.name = name
+        return activate(gate, name) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = activation_backward(grad * up, gate, ctx.name)
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * activate(gate, ctx.name)
+        return grad_gate, grad_up, None
+
+
+def activation_backward(grad: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The gradient through activate(x, name): the kernels autograd itself calls for each."""
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, x)
+    if name in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if name == "gelu_tanh" else "none")
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, x, 0)
     raise InvalidInput(f"unknown activation {name!r}")
 
 

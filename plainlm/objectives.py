@@ -32,8 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plainlm.data import IGNORE_INDEX
-from plainlm.data.preference import collate_pairs
+from plainlm.data.preference import collate_pairs, completion_targets
 from plainlm.errors import CheckpointError, InvalidInput
+from plainlm.host_memory import release_free_memory
 from plainlm.lora import LoRALinear, adapters_disabled
 from plainlm.losses import dpo_loss, hinge_loss, ipo_loss, needs_reference, orpo_loss, sequence_logps, simpo_loss
 
@@ -87,7 +88,7 @@ class PreferenceArgs:
 
 
 class PreferenceObjective:
-    """A preference loss over batches of pairs (data/preference.py): rows 0..P-1 chosen, P..2P-1 rejected.
+    """A preference loss over batches of pairs (data/preference.py's collate_pairs: a row a pair).
 
     Per pair, the sequence log-probability is the sum of its completion tokens' log-probabilities (SimPO and
     ORPO: their mean). The reference's come from the batch (`reference_logps`, full finetuning) or from the
@@ -108,12 +109,15 @@ class PreferenceObjective:
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         counts = {"pairs": int((batch["pair_ids"] >= 0).sum())}
         if self.loss == "orpo":
-            counts["chosen_tokens"] = int(
-                whole_sequence_targets(batch)[: len(batch["pair_ids"])].ne(IGNORE_INDEX).sum()
-            )
+            counts["chosen_tokens"] = int(whole_chosen_targets(batch).ne(IGNORE_INDEX).sum())
         return counts
 
     def parts(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        # On a CPU, the last micro-batch's backward and this one's forward passes free tensors of other sizes than
+        # the next pass allocates: their pages go back to the system now, or the heap grows past the live peak.
+        on_cpu = batch["input_ids"].device.type == "cpu"
+        if on_cpu:
+            release_free_memory()
         P = len(batch["pair_ids"])
         real = (batch["pair_ids"] >= 0).float()  # a padding pair (a rank out of validation data) counts nothing
         reference = None
@@ -121,27 +125,18 @@ class PreferenceObjective:
             reference = batch.get("reference_logps")
             if reference is None:
                 reference = adapters_off_logps(model, batch)
-        # ORPO's NLL reads every position of the chosen rows; the rest only the completions' positions.
-        scored = whole_sequence_targets(batch) if self.loss == "orpo" else batch["targets"]
-        positions, targets = scored_positions(scored, batch["targets"])
-        logits = model(batch["input_ids"], logit_positions=positions)
-        logps, tokens = sequence_logps(logits, targets)
+        logps, tokens, whole = pair_logps(model, batch, whole_chosen=self.loss == "orpo")
         if reference is None:
             reference = torch.zeros_like(logps)
         # A padding pair scores nothing (0 of 0 tokens): give it a harmless log-probability, so that no objective
         # meets log(1 - exp(0)) = -inf on it (ORPO) and its zero weight cannot meet a NaN.
         logps = torch.where(torch.cat([real, real]) > 0, logps, -1.0)
-        nll = None
-        if self.loss == "orpo":  # trl's ORPO: NLL over the chosen rows' whole sequences, prompt included
-            _, whole_targets = scored_positions(scored, scored)
-            whole, _ = sequence_logps(logits[:P], whole_targets[:P])
-            nll = -whole.sum()
         result = self._objective(
             logps[:P], logps[P:], reference[:P], reference[P:], tokens[:P].float(), tokens[P:].float(), torch.zeros(())
         )
         sums = {"pairs": torch.where(real > 0, result.losses, 0.0).sum()}
-        if nll is not None:
-            sums["chosen_tokens"] = nll
+        if whole is not None:  # trl's ORPO: NLL over the chosen sequences' every token, prompt included
+            sums["chosen_tokens"] = -whole.sum()
         chosen, rejected = result.chosen_rewards * real, result.rejected_rewards * real
         stats = {
             "rewards_chosen": chosen.sum(),
@@ -149,6 +144,8 @@ class PreferenceObjective:
             "margins": (chosen - rejected).sum(),
             "accuracy": ((result.chosen_rewards > result.rejected_rewards).float() * real).sum(),
         }
+        if on_cpu:
+            release_free_memory()
         return sums, stats
 
     def _objective(self, chosen, rejected, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens, nll):
@@ -168,16 +165,41 @@ class PreferenceObjective:
         return orpo_loss(chosen_avg, rejected_avg, nll, a.beta)
 
 
-def whole_sequence_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Targets at every real position (prompt included): ORPO's NLL. A row's real tokens end where its
-    completion's targets end; before that, each position predicts the next input token."""
-    targets, inputs = batch["targets"], batch["input_ids"]
-    T = targets.shape[1]
-    positions = torch.arange(T, device=targets.device)
-    scored = targets != IGNORE_INDEX
-    last = torch.where(scored, positions, -1).amax(dim=1, keepdim=True)  # the row's last target position
+def pair_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], whole_chosen: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One forward pass over a batch of pairs (data/preference.py's collate_pairs): the summed log-probabilities
+    of the completions and their token counts, (2P,) each, the P chosen first; with `whole_chosen`, also each
+    chosen sequence's whole log-probability (P,), prompt included (ORPO's NLL). Logits are computed only where
+    something is scored."""
+    chosen, rejected = completion_targets(batch)
+    scored_chosen = whole_chosen_targets(batch) if whole_chosen else chosen
+    chosen_positions, chosen_targets = scored_positions(scored_chosen, chosen)
+    rejected_positions, rejected_targets = scored_positions(rejected, rejected)
+    logits = model(
+        batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+        logit_positions=torch.cat([chosen_positions, rejected_positions], dim=1),
+    )
+    K = chosen_positions.shape[1]
+    chosen_logps, chosen_tokens = sequence_logps(logits[:, :K], chosen_targets)
+    rejected_logps, rejected_tokens = sequence_logps(logits[:, K:], rejected_targets)
+    whole = None
+    if whole_chosen:
+        whole, _ = sequence_logps(logits[:, :K], scored_positions(scored_chosen, scored_chosen)[1])
+    return torch.cat([chosen_logps, rejected_logps]), torch.cat([chosen_tokens, rejected_tokens]), whole
+
+
+def whole_chosen_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(P, T): the chosen branch's targets and, before them, each prompt column's next token: ORPO's NLL reads
+    the whole chosen sequence. The prompt's columns are those before the rejected branch without a target."""
+    chosen, _ = completion_targets(batch)
+    inputs = batch["input_ids"]
+    columns = torch.arange(inputs.shape[1], device=inputs.device)
+    prompt = (columns < batch["rejected_from"][:, None]) & (chosen == IGNORE_INDEX)
     following = torch.cat([inputs[:, 1:], inputs[:, -1:]], dim=1)
-    return torch.where(scored, targets, torch.where(positions < last, following, IGNORE_INDEX))
+    return torch.where(prompt, following, chosen)
 
 
 def scored_positions(scored: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,10 +226,8 @@ def adapters_off_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
             "this preference loss needs a reference model, and the model has no adapters to switch off: full "
             "finetuning takes its reference log-probabilities from a table computed before training (reference_table)"
         )
-    positions, targets = scored_positions(batch["targets"], batch["targets"])
     with adapters_disabled(model):
-        logps, _ = sequence_logps(model(batch["input_ids"], logit_positions=positions), targets)
-    return logps
+        return pair_logps(model, batch)[0]
 
 
 # --- full finetuning: the reference's log-probabilities, computed once ---
@@ -254,11 +274,9 @@ def reference_table(
     for name, pairs in splits.items():
         rows = []
         for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(pairs[start : start + batch_size], pad_id)
-            positions, targets = scored_positions(batch["targets"], batch["targets"])
+            batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id).items()}
             with autocast or contextlib.nullcontext():
-                logits = model(batch["input_ids"].to(device), logit_positions=positions.to(device))
-            logps, _ = sequence_logps(logits, targets.to(device))
+                logps, _, _ = pair_logps(model, batch)
             P = len(batch["pair_ids"])
             rows.append(torch.stack([logps[:P], logps[P:]], dim=1).float().cpu())
         tables[name] = torch.cat(rows) if rows else torch.zeros(0, 2)

@@ -178,28 +178,30 @@ def evaluate(
     world, objective = world or World(), objective or TokenLoss()
     was_training = model.training
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, dict[str, torch.Tensor]] = {"parts": {}, "stats": {}, "counts": {}}  # kind -> name -> sum
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         batch = to_device(batch, device)
         parts, stats = objective.parts(model, batch)
-        counts = objective.counts(batch)
-        for key, value in [*((f"part:{k}", v) for k, v in parts.items()), *stats.items()]:
-            sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach().float()
-        for key, value in counts.items():
-            sums[f"count:{key}"] = sums.get(f"count:{key}", torch.zeros((), device=device)) + value
+        counts = {name: torch.tensor(n, device=device) for name, n in objective.counts(batch).items()}
+        for kind, values in (("parts", parts), ("stats", stats), ("counts", counts)):
+            for name, value in values.items():
+                sums[kind][name] = sums[kind].get(name, 0) + value.detach().double()
     model.train(was_training)
-    keys = sorted(sums)
-    summed = world.sum(torch.stack([sums[k].double() for k in keys])).tolist() if keys else []
-    totals = dict(zip(keys, summed, strict=True))
-    if not totals.get(f"count:{objective.unit}"):
+    keys = [(kind, name) for kind in sums for name in sorted(sums[kind])]  # one all-reduce for all of them
+    summed = world.sum(torch.stack([sums[kind][name] for kind, name in keys])).tolist() if keys else []
+    totals: dict[str, dict[str, float]] = {kind: {} for kind in sums}
+    for (kind, name), value in zip(keys, summed, strict=True):
+        totals[kind][name] = value
+    counts = totals["counts"]
+    if not counts.get(objective.unit):
         raise InvalidInput(
             f"the validation split has no {objective.unit} to score: give it examples, or set eval_interval "
             "past max_steps"
         )
-    loss = sum(value / totals[f"count:{key[5:]}"] for key, value in totals.items() if key.startswith("part:"))
-    return {"loss": loss, **{name: totals[name] / totals[f"count:{objective.unit}"] for name in objective.stats}}
+    loss = sum(value / counts[unit] for unit, value in totals["parts"].items())
+    return {"loss": loss, **{name: totals["stats"][name] / counts[objective.unit] for name in objective.stats}}
 
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> str:

@@ -27,12 +27,13 @@ from plainlm.data.preference import PreferencePair, collate_pairs
 from plainlm.errors import InvalidInput, PackagedModelMissing
 from plainlm.lora import LoRAConfig, adapters_disabled, inject_lora, save_peft_adapter
 from plainlm.losses import orpo_loss, sequence_logps, simpo_loss
-from plainlm.objectives import PreferenceArgs, PreferenceObjective, whole_sequence_targets
+from plainlm.objectives import PreferenceArgs, PreferenceObjective
 from plainlm.packaged_models import smollm2_gguf
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("trl")
 from helpers_trl import TrlDPO  # noqa: E402
+from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 ATOL = 1e-5
@@ -49,17 +50,17 @@ def random_pairs(vocab: int, count: int = 4, seed: int = 0) -> list[PreferencePa
     return [PreferencePair(ids(3, 7), ids(2, 9), ids(2, 9), index=i) for i in range(count)]
 
 
-def trl_batch(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our shifted batch as trl's collator lays it out: whole sequences, attention and completion masks."""
-    rows = len(ours["input_ids"])
-    last = torch.where(ours["targets"] != -100, torch.arange(ours["targets"].shape[1]), -1).amax(dim=1)
-    input_ids = torch.cat([ours["input_ids"], torch.zeros(rows, 1, dtype=torch.long)], dim=1)
-    input_ids[torch.arange(rows), last + 1] = ours["targets"][torch.arange(rows), last]
-    positions = torch.arange(input_ids.shape[1])
-    attention_mask = (positions[None] <= (last + 1)[:, None]).long()
-    completion_mask = torch.zeros_like(input_ids)
-    completion_mask[:, 1:] = (ours["targets"] != -100).long()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+def trl_batch(pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
+    """The pairs as trl's own collator lays them out: whole sequences a row each, attention and completion masks."""
+    examples = [
+        {
+            "prompt_ids": p.prompt_ids.tolist(),
+            "chosen_ids": p.chosen_ids.tolist(),
+            "rejected_ids": p.rejected_ids.tolist(),
+        }
+        for p in pairs
+    ]
+    return DataCollatorForPreference(pad_token_id=0)(examples)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge"])
@@ -71,7 +72,8 @@ def test_lora_step_equals_peft_and_trl(tiny_hf_dir: Path, tmp_path: Path, loss: 
     inject_lora(llm.model, lora)
     randomise_adapters(llm.model, seed=3)
     save_peft_adapter(llm.model, lora, tmp_path / "adapter")
-    batch = collate_pairs(random_pairs(llm.model.config.vocab_size), pad_id=0)
+    pairs = random_pairs(llm.model.config.vocab_size)
+    batch = collate_pairs(pairs, pad_id=0)
 
     objective = PreferenceObjective(loss, PreferenceArgs(beta=0.2))
     parts, _ = objective.parts(llm.model, batch)
@@ -82,7 +84,7 @@ def test_lora_step_equals_peft_and_trl(tiny_hf_dir: Path, tmp_path: Path, loss: 
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
     add_fused_lm_head(theirs.get_base_model(), outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     trl = TrlDPO(theirs, {"dpo": "sigmoid"}.get(loss, loss), beta=0.2, peft=True)
-    expected, *_ = trl.loss(trl_batch(batch))
+    expected, *_ = trl.loss(trl_batch(pairs))
     expected.backward()
     assert ours.item() == pytest.approx(expected.item(), abs=ATOL)
 
@@ -256,27 +258,35 @@ def test_resume_after_sigkill_gives_the_same_losses(tiny_hf_dir: Path, tmp_path:
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
-def test_logits_only_where_scored_change_nothing(tiny_hf_dir: Path, loss: str) -> None:
-    """The objective asks the model for logits at the scored positions only; the same loss as from every
-    position's logits through losses.py directly (and trl's formulas: tests/test_losses.py)."""
+def test_a_pair_in_one_row_scores_as_two_rows_of_their_own(tiny_hf_dir: Path, loss: str) -> None:
+    """The objective runs a pair as one row (the prompt once, the completions side by side) and asks for logits at
+    the scored positions only; the same loss as from each sequence in a row of its own, every position's logits,
+    through losses.py directly (and trl's formulas: tests/test_losses.py)."""
     llm = LLM.load(tiny_hf_dir)
-    batch = collate_pairs(random_pairs(llm.model.config.vocab_size, count=5, seed=4), pad_id=0)
-    P = len(batch["pair_ids"])
-    parts, _ = PreferenceObjective(loss, PreferenceArgs(beta=0.4, gamma=0.3)).parts(llm.model, batch)
-    with torch.no_grad():
-        logits = llm.model(batch["input_ids"])
-    logps, tokens = sequence_logps(logits, batch["targets"])
-    average = logps / tokens
+    pairs = random_pairs(llm.model.config.vocab_size, count=5, seed=4)
+    parts, _ = PreferenceObjective(loss, PreferenceArgs(beta=0.4, gamma=0.3)).parts(llm.model, collate_pairs(pairs, 0))
+
+    def alone(prompt: torch.Tensor, completion: torch.Tensor, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.cat([prompt, completion])
+        targets = ids[1:].clone()
+        if not whole:
+            targets[: len(prompt) - 1] = -100
+        with torch.no_grad():
+            logps, tokens = sequence_logps(llm.model(ids[None, :-1]), targets[None])
+        return logps[0], tokens[0]
+
+    chosen = torch.stack([torch.stack(alone(p.prompt_ids, p.chosen_ids, whole=False)) for p in pairs])
+    rejected = torch.stack([torch.stack(alone(p.prompt_ids, p.rejected_ids, whole=False)) for p in pairs])
+    chosen_average, rejected_average = chosen[:, 0] / chosen[:, 1], rejected[:, 0] / rejected[:, 1]
     if loss == "simpo":
-        expected = simpo_loss(average[:P], average[P:], beta=0.4, gamma=0.3).losses.sum()
-    else:
-        whole, whole_tokens = sequence_logps(logits[:P], whole_sequence_targets(batch)[:P])
-        nll = -whole.sum() / whole_tokens.sum()
-        expected = orpo_loss(average[:P], average[P:], nll, beta=0.4).losses.sum()
-        got = parts["pairs"] + parts["chosen_tokens"] / whole_tokens.sum() * P
-        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+        expected = simpo_loss(chosen_average, rejected_average, beta=0.4, gamma=0.3).losses.sum()
+        assert parts["pairs"].item() == pytest.approx(expected.item(), abs=1e-5)
         return
-    assert parts["pairs"].item() == pytest.approx(expected.item(), abs=1e-5)
+    whole = torch.stack([torch.stack(alone(p.prompt_ids, p.chosen_ids, whole=True)) for p in pairs])
+    nll = -whole[:, 0].sum() / whole[:, 1].sum()
+    expected = orpo_loss(chosen_average, rejected_average, nll, beta=0.4).losses.sum()
+    got = parts["pairs"] + parts["chosen_tokens"] / whole[:, 1].sum() * len(pairs)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "simpo", "orpo"])
@@ -303,3 +313,16 @@ def test_the_memory_plan_counts_both_sequences_of_a_pair(tiny_hf_dir: Path) -> N
     assert pairs.micro_batch_size == 8 and pairs.activations_full == sft_of_eight.activations_full
     assert any("2N sequences" in note for note in pairs.notes)
     assert not any("2N sequences" in note for note in sft_of_eight.notes)
+
+
+def test_a_preference_run_that_does_not_fit_is_told_to_halve_its_pairs(tiny_hf_dir: Path) -> None:
+    """The suggestion halves the recipe's micro-batch of pairs, and its peak is that of half the pairs."""
+    from plainlm.estimate import estimate_command, estimate_command_result
+    from plainlm.memory import format_bytes
+
+    recipe = str(REPO / "recipes" / "finetune" / "smollm2-135m-instruct" / "dpo.yaml")
+    common = ["--config", recipe, "--checkpoint_dir", str(tiny_hf_dir), "--train.global_batch_size", "200000"]
+    text = estimate_command([*common, "--train.micro_batch_size", "200000"])
+    half = estimate_command_result([*common, "--train.micro_batch_size", "100000"])
+    assert half.micro_batch_size == 200000  # rows: 100000 pairs
+    assert f"try: halve train.micro_batch_size: peak {format_bytes(half.peak)}" in text

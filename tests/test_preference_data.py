@@ -2,7 +2,7 @@
 
 The key claims: a record gives the prompt / chosen / rejected ids trl 1.16's DPOTrainer gives it (its own
 `_prepare_dataset`, on tokenizers trained here and on SmolLM2's), and a batch holds what trl's
-DataCollatorForPreference holds, in plainlm's shifted input_ids / targets form.
+DataCollatorForPreference holds, in plainlm's form: shifted input_ids / targets, a pair's prompt computed once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from plainlm.data.preference import (
     PreferenceLoader,
     PreferencePair,
     collate_pairs,
+    completion_targets,
     explicit_pair,
     extract_prompt,
     load_preference_data,
@@ -228,10 +229,19 @@ def test_ids_equal_trls_on_smollm2(smollm2: tuple[Tokenizer, Any]) -> None:
     assert tokenize_pair(STANDARD, ours) == standard and standard[1][-1] == ours.eos_id
 
 
-def test_batch_is_trls_collated_batch_shifted(tokenizer_dirs: dict[str, Path]) -> None:
-    """trl feeds each whole sequence and scores the tokens of completion_mask[:, 1:] from the logits before them;
-    plainlm feeds all but each row's last token and puts the scored tokens in targets: the same tokens scored from
-    the same contexts."""
+def branch_sequence(batch: dict[str, torch.Tensor], row: int, rejected: bool) -> tuple[torch.Tensor, ...]:
+    """A pair's chosen or rejected branch read back as the row of its own it stands for: the columns its last
+    column sees, in order, as (input ids, positions, targets)."""
+    targets = completion_targets(batch)[int(rejected)][row]
+    last = int((targets != IGNORE_INDEX).nonzero().max())
+    seen = batch["attention_mask"][row, 0, last, : last + 1].nonzero().squeeze(1)
+    return batch["input_ids"][row, seen], batch["position_ids"][row, seen], targets[seen]
+
+
+def test_batch_holds_trls_collated_sequences(tokenizer_dirs: dict[str, Path]) -> None:
+    """trl feeds each whole sequence in a row of its own and scores the tokens of completion_mask[:, 1:] from the
+    logits before them; plainlm's row holds both of a pair's sequences, each branch seeing the prompt and itself at
+    its own positions: read back, each is trl's sequence but its last token, scoring the same tokens."""
     dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
     ours, theirs = Tokenizer(tokenizer_dirs["spm"]), hf_tokenizer(tokenizer_dirs["spm"])
     records = [CONVERSATIONAL, {**CONVERSATIONAL, "rejected": [assistant("No.")]}]
@@ -241,32 +251,44 @@ def test_batch_is_trls_collated_batch_shifted(tokenizer_dirs: dict[str, Path]) -
     )
     pairs = tokenize_pairs([Record(explicit_pair(r), f"r:{i}") for i, r in enumerate(records)], ours)
     batch = collate_pairs(pairs, pad_id=0)
-    # Each row's tokens but its last (no position reads it to predict a completion token), then padding.
-    read = trl_batch["attention_mask"][:, 1:].bool()
-    assert torch.equal(batch["input_ids"][read], trl_batch["input_ids"][:, :-1][read])
-    assert batch["input_ids"].shape == read.shape and (batch["input_ids"][~read] == 0).all()
-    scored = trl_batch["completion_mask"][:, 1:].bool()
-    assert torch.equal(batch["targets"] != IGNORE_INDEX, scored)
-    assert torch.equal(batch["targets"][scored], trl_batch["input_ids"][:, 1:][scored])
-    assert batch["pair_ids"].tolist() == [0, 1]
+    assert batch["input_ids"].shape[0] == len(pairs) and batch["pair_ids"].tolist() == [0, 1]
+    for b in range(2 * len(pairs)):  # trl's rows: the chosen sequences, then the rejected ones
+        inputs, positions, targets = branch_sequence(batch, b % len(pairs), rejected=b >= len(pairs))
+        read = trl_batch["attention_mask"][b, 1:].bool()
+        assert torch.equal(inputs, trl_batch["input_ids"][b, :-1][read])
+        assert torch.equal(positions, torch.arange(len(inputs)))
+        scored = trl_batch["completion_mask"][b, 1:][read].bool()
+        assert torch.equal(targets != IGNORE_INDEX, scored)
+        assert torch.equal(targets[scored], trl_batch["input_ids"][b, 1:][read][scored])
 
 
 def test_targets_fall_on_completions_only(tokenizer: Tokenizer) -> None:
     pairs = tokenize_pairs([Record(CONVERSATIONAL, "c"), Record(STANDARD, "s")], tokenizer)
     batch = collate_pairs(pairs, pad_id=tokenizer.eos_id)
-    learned = [tokenizer.decode(row[row != IGNORE_INDEX]) for row in batch["targets"]]
+    chosen, rejected = completion_targets(batch)
+    learned = [tokenizer.decode(row[row != IGNORE_INDEX]) for row in torch.cat([chosen, rejected])]
     assert learned == [
         "Arr, the air be scatterin' blue light, matey!<|im_end|>\n",
         " Arr, scatterin' it be!<|im_end|>",
         "The air scatters blue light the most.<|im_end|>\n",
         " Scattering.<|im_end|>",
     ]
-    for b, pair in enumerate(pairs + pairs):
-        completion = pair.chosen_ids if b < len(pairs) else pair.rejected_ids
-        first, end = len(pair.prompt_ids) - 1, len(pair.prompt_ids) + len(completion) - 1
+    for b, pair in enumerate(pairs):
+        # [prompt[:-1] | prompt[-1] chosen[:-1] | prompt[-1] rejected[:-1] | padding]: only the branches predict.
+        n, c, r = len(pair.prompt_ids) - 1, len(pair.chosen_ids), len(pair.rejected_ids)
         row = batch["targets"][b]
-        assert (row[:first] == IGNORE_INDEX).all() and (row[end:] == IGNORE_INDEX).all()  # prompt, padding
-        assert (row[first:end] != IGNORE_INDEX).all()
+        assert (row[:n] == IGNORE_INDEX).all() and (row[n + c + r :] == IGNORE_INDEX).all()  # prompt, padding
+        assert torch.equal(row[n : n + c], pair.chosen_ids) and torch.equal(row[n + c : n + c + r], pair.rejected_ids)
+        assert batch["rejected_from"][b] == n + c
+
+
+def test_an_empty_prompt_scores_each_completion_from_its_second_token() -> None:
+    """As trl does with nothing before a completion: its first token has no logits before it."""
+    pair = PreferencePair(torch.tensor([], dtype=torch.long), torch.tensor([5, 6, 7]), torch.tensor([8, 9]))
+    batch = collate_pairs([pair], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 8]] and batch["position_ids"].tolist() == [[0, 1, 0]]
+    assert batch["targets"].tolist() == [[6, 7, 9]] and batch["rejected_from"].tolist() == [2]
+    assert batch["attention_mask"][0, 0].tolist() == [[True, True, False], [True, True, False], [False, False, True]]
 
 
 # --- truncation ---
@@ -316,20 +338,19 @@ def test_a_prompt_longer_than_max_seq_length_is_skipped_with_its_file_line(
 
 
 # --- batching ---
-def test_a_pairs_chosen_and_rejected_rows_share_its_prompt(tokenizer: Tokenizer) -> None:
+def test_a_pairs_chosen_and_rejected_share_its_row_and_prompt(tokenizer: Tokenizer) -> None:
     records = [Record(explicit_pair(r), f"r:{i}") for i, r in enumerate(RECORDS.values())]
     pairs = tokenize_pairs(records, tokenizer)
     batch = next(PreferenceLoader(pairs, batch_size=4, seed=2, pad_id=tokenizer.eos_id))
-    assert batch["input_ids"].shape[0] == batch["targets"].shape[0] == 8
+    assert batch["input_ids"].shape[0] == batch["targets"].shape[0] == 4
     assert batch["input_ids"].dtype == batch["targets"].dtype == batch["pair_ids"].dtype == torch.int64
     assert sorted(batch["pair_ids"].tolist()) == [0, 1, 2, 3] and batch["pair_ids"].tolist() != [0, 1, 2, 3]
     for i, pair_id in enumerate(batch["pair_ids"].tolist()):
         pair = pairs[pair_id]
-        n = len(pair.prompt_ids)
-        assert torch.equal(batch["input_ids"][i, :n], pair.prompt_ids)
-        assert torch.equal(batch["input_ids"][4 + i, :n], pair.prompt_ids)
-        assert torch.equal(batch["input_ids"][i, n : n + len(pair.chosen_ids) - 1], pair.chosen_ids[:-1])
-        assert torch.equal(batch["input_ids"][4 + i, n : n + len(pair.rejected_ids) - 1], pair.rejected_ids[:-1])
+        for completion, rejected in ((pair.chosen_ids, False), (pair.rejected_ids, True)):
+            inputs, _, targets = branch_sequence(batch, i, rejected)
+            assert torch.equal(inputs, torch.cat([pair.prompt_ids, completion[:-1]]))
+            assert torch.equal(targets[targets != IGNORE_INDEX], completion)
 
 
 def test_loader_resumes_exactly() -> None:
@@ -342,7 +363,11 @@ def test_loader_resumes_exactly() -> None:
     resumed = PreferenceLoader(pairs, batch_size=3, seed=1)
     resumed.load_state_dict(state)
     for want, got in zip(expected, [next(resumed) for _ in range(4)], strict=True):
-        assert want.keys() == got.keys() == {"input_ids", "targets", "pair_ids"}
+        assert (
+            want.keys()
+            == got.keys()
+            == {"input_ids", "targets", "position_ids", "attention_mask", "rejected_from", "pair_ids"}
+        )
         assert all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(ValueError, match="resume with the same data and seed"):
         PreferenceLoader(pairs[:6], batch_size=3, seed=1).load_state_dict(state)
@@ -357,8 +382,9 @@ def test_two_ranks_cover_every_pair_once_per_epoch() -> None:
         ids = [i for b in batches for i in b["pair_ids"].tolist()]
         assert sorted(ids) == list(range(12))
         for b in batches:  # each row holds its own pair: the ids say which
-            assert torch.equal(b["input_ids"][:2, 0], 100 + b["pair_ids"])
-            assert torch.equal(b["input_ids"][2:, 3], 300 + b["pair_ids"])
+            # [prompt[:2] | prompt[2] chosen[0] | prompt[2] rejected[:2]]
+            assert torch.equal(b["input_ids"][:, 0], 100 + b["pair_ids"])
+            assert torch.equal(b["input_ids"][:, 5], 300 + b["pair_ids"])
         epochs.append(ids)
     assert epochs[0] != epochs[1]  # a fresh shuffle each epoch
 

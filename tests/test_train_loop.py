@@ -14,7 +14,7 @@ import plainlm.objectives as objectives
 import plainlm.train_state as train_state
 from plainlm.data import IGNORE_INDEX
 from plainlm.errors import CheckpointError, TrainingDiverged
-from plainlm.model import GPT
+from plainlm.model import GPT, GatedActivation, activate
 from plainlm.train import TrainArgs, fit, warmup_cosine
 from plainlm.train_state import latest_checkpoint, load_training_checkpoint
 
@@ -105,3 +105,22 @@ def test_compiled_training_gives_the_eager_losses_and_weights(tmp_path: Path) ->
     assert compiled_metrics["loss"] == pytest.approx(eager_metrics["loss"], rel=1e-5)
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_activation_keeps_less_and_gives_autograds_gradients(name: str, dtype: torch.dtype) -> None:
+    """The gated MLP's activate(gate) * up keeps gate and up for the backward, not activate(gate) too; its
+    gradients are autograd's own, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, weight = (torch.randn(3, 7, 16, generator=g, dtype=dtype) for _ in range(3))
+    gate.requires_grad_(), up.requires_grad_()
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = GatedActivation.apply(gate, up, name)
+    assert len(kept) == 2 and kept[0] is gate and kept[1] is up
+    (out * weight).sum().backward()
+    ours = gate.grad.clone(), up.grad.clone()
+    gate.grad = up.grad = None
+    (activate(gate, name) * up * weight).sum().backward()
+    assert torch.equal(ours[0], gate.grad) and torch.equal(ours[1], up.grad)

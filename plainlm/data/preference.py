@@ -6,9 +6,9 @@ an explicit prompt ({"prompt", "chosen", "rejected"}: three strings, or three li
 `extract_prompt` finds it). Tokenizing: as trl 1.16's DPOTrainer does, so a record gives trl's ids: conversations
 through the model's chat template, strings as raw text with EOS appended to the completions. A pair too long for
 max_seq_length loses the start of its prompt first, then the ends of its completions.
-Batching: `PreferenceLoader`, SFTLoader's seeded shuffles, rank sharding and exact resume over pairs; each pair's
-chosen row and, P rows below, its rejected row, with `pair_ids` naming the pairs. The losses are not here; the
-batch contract is in `__init__.py`.
+Batching: `PreferenceLoader`, SFTLoader's seeded shuffles, rank sharding and exact resume over pairs; a pair is
+one row, its prompt computed once and its two completions side by side behind an attention mask (collate_pairs),
+with `pair_ids` naming the pairs. The losses are not here; the batch contract is in `__init__.py`.
 """
 
 from __future__ import annotations
@@ -259,31 +259,70 @@ def load_preference_data(
 
 # --- batching ---
 def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
-    """A batch of P pairs: `__init__.py`'s input_ids and targets with 2P rows, and pair_ids.
+    """A batch of P pairs, one row each: the prompt once, then the chosen and the rejected completion side by side.
 
-    Row i is pair i's prompt + chosen, row P + i the same prompt + rejected, right-padded. As in sft.py, a row's
-    input_ids leave out its last token and targets are the next tokens, taken only where they are completion
-    tokens. pair_ids (P,) holds each pair's `index`. No pairs (a rank past the end of the validation pairs) give
-    one all-padding pair with pair_id -1 and no targets, so that rank still runs the step.
+        row:        [ prompt[:-1] | prompt[-1] chosen[:-1] | prompt[-1] rejected[:-1] | padding ]
+        positions     0 .. p-2      p-1 ..                  p-1 ..
+        sees          itself        the prompt and itself   the prompt and itself
+
+    Each branch reads the prompt's last token and its completion but its last token at the positions it would
+    have alone, so each of its columns predicts one completion token: `targets` holds them (IGNORE_INDEX on the
+    prompt and padding), and the rejected branch starts at column `rejected_from` (P,). The attention mask keeps
+    the branches apart (the model adds causality); no real column sees padding. So the prompt is computed once per
+    pair, and each of a pair's two sequences is exactly what it would be in a row of its own (trl's layout), which
+    tests/test_preference_data.py checks. `pair_ids` (P,) holds each pair's `index`. No pairs (a rank past the
+    end of the validation pairs) give one padding pair with pair_id -1 and no targets, so that rank still runs.
     """
     if not pairs:
         empty = torch.empty(0, dtype=torch.long)
         pairs = [PreferencePair(empty, empty, empty, index=-1)]
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    T = max([1] + [len(prompt) + len(completion) - 1 for prompt, completion in rows])
+    rows = []
+    for pair in pairs:
+        prompt = pair.prompt_ids.tolist()
+        prefix, seam = prompt[:-1], prompt[-1:]  # an empty prompt: each branch predicts its completion from [1:]
+        rows.append((prefix, (seam + pair.chosen_ids.tolist())[:-1], (seam + pair.rejected_ids.tolist())[:-1]))
+    T = max([1] + [len(p) + len(c) + len(r) for p, c, r in rows])
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for b, (prompt, completion) in enumerate(rows):
-        ids = torch.cat([prompt, completion])
-        n, first = len(ids) - 1, max(len(prompt) - 1, 0)  # position `first` predicts the first completion token
-        input_ids[b, :n] = ids[:-1]
-        targets[b, first:n] = ids[first + 1 :]
-    return {"input_ids": input_ids, "targets": targets, "pair_ids": torch.tensor([p.index for p in pairs])}
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    branches = -1 - torch.arange(T).repeat(len(rows), 1)  # 0 the prompt, 1 chosen, 2 rejected; padding its own
+    rejected_from = torch.zeros(len(rows), dtype=torch.long)
+    for b, ((prefix, chosen, rejected), pair) in enumerate(zip(rows, pairs, strict=True)):
+        n, start = len(prefix), 0
+        for branch, inputs, completion in (
+            (0, prefix, None),
+            (1, chosen, pair.chosen_ids),
+            (2, rejected, pair.rejected_ids),
+        ):
+            m = len(inputs)
+            input_ids[b, start : start + m] = torch.tensor(inputs, dtype=torch.long)
+            position_ids[b, start : start + m] = torch.arange(m) + (n if branch else 0)
+            branches[b, start : start + m] = branch
+            if completion is not None:  # a branch's columns predict its completion's last m tokens (all of them
+                targets[b, start : start + m] = completion[len(completion) - m :]  # unless the prompt is empty)
+            start += m
+        rejected_from[b] = n + len(chosen)
+    visible = (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])  # (B, query, key)
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "position_ids": position_ids,
+        "attention_mask": visible[:, None],
+        "rejected_from": rejected_from,
+        "pair_ids": torch.tensor([p.index for p in pairs]),
+    }
+
+
+def completion_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected): a batch's targets split into its chosen and its rejected branches, (P, T) each."""
+    targets = batch["targets"]
+    rejected = torch.arange(targets.shape[1], device=targets.device) >= batch["rejected_from"][:, None]
+    return targets.masked_fill(rejected, IGNORE_INDEX), targets.masked_fill(~rejected, IGNORE_INDEX)
 
 
 class PreferenceLoader(SFTLoader):
     """Endless training batches of pairs: SFTLoader's seeded per-epoch shuffle, rank sharding and exact resume,
-    with pairs in place of examples (batch_size counts pairs; a batch has twice as many rows, see collate_pairs)."""
+    with pairs in place of examples (batch_size counts pairs, a row each: see collate_pairs)."""
 
     def __init__(
         self,
