@@ -109,7 +109,8 @@ class PreferenceObjective:
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         counts = {"pairs": int((batch["pair_ids"] >= 0).sum())}
         if self.loss == "orpo":
-            counts["chosen_tokens"] = int(whole_chosen_targets(batch).ne(IGNORE_INDEX).sum())
+            chosen, _ = completion_targets(batch)
+            counts["chosen_tokens"] = int(whole_chosen_targets(batch, chosen).ne(IGNORE_INDEX).sum())
         return counts
 
     def parts(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -173,7 +174,7 @@ def pair_logps(
     chosen sequence's whole log-probability (P,), prompt included (ORPO's NLL). Logits are computed only where
     something is scored."""
     chosen, rejected = completion_targets(batch)
-    scored_chosen = whole_chosen_targets(batch) if whole_chosen else chosen
+    scored_chosen = whole_chosen_targets(batch, chosen) if whole_chosen else chosen
     chosen_positions, chosen_targets = scored_positions(scored_chosen, chosen)
     rejected_positions, rejected_targets = scored_positions(rejected, rejected)
     logits = model(
@@ -191,10 +192,10 @@ def pair_logps(
     return torch.cat([chosen_logps, rejected_logps]), torch.cat([chosen_tokens, rejected_tokens]), whole
 
 
-def whole_chosen_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(P, T): the chosen branch's targets and, before them, each prompt column's next token: ORPO's NLL reads
-    the whole chosen sequence. The prompt's columns are those before the rejected branch without a target."""
-    chosen, _ = completion_targets(batch)
+def whole_chosen_targets(batch: dict[str, torch.Tensor], chosen: torch.Tensor) -> torch.Tensor:
+    """(P, T): the chosen branch's targets (`chosen`, from completion_targets) and, before them, each prompt
+    column's next token: ORPO's NLL reads the whole chosen sequence. The prompt's columns are those before the
+    rejected branch without a target."""
     inputs = batch["input_ids"]
     columns = torch.arange(inputs.shape[1], device=inputs.device)
     prompt = (columns < batch["rejected_from"][:, None]) & (chosen == IGNORE_INDEX)
