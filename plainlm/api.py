@@ -31,6 +31,7 @@ from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, quantize_model
 from plainlm.sampling import SamplingParams, sampling_params
+from plainlm.speculative import DRAFT_KINDS, Draft, ModelDraft, SpeculativeStats, make_draft
 from plainlm.tokenizer import Tokenizer
 
 
@@ -41,16 +42,27 @@ class GenerationStats:
     seconds: from the prompt going in to the last token coming out, compiling excluded.
     compile_seconds: compiling the decode step (compile=...), or loading it from inductor's cache: the first
     decode step's time less the second's (one step's own work), so a user sees what the compiled steps cost.
+    draft: with speculative decoding, how many of the draft's tokens the model kept (speculative.py).
     """
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
     compile_seconds: float = 0.0
+    draft: SpeculativeStats | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def add(self, other: GenerationStats) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.new_tokens += other.new_tokens
+        self.seconds += other.seconds
+        self.compile_seconds += other.compile_seconds
+        if other.draft is not None:
+            self.draft = self.draft or SpeculativeStats()
+            self.draft.add(other.draft)
 
     def line(self) -> str:
         """`[200 tokens in 6.52 s: 30.7 tokens/s]`, and the compile time beside it when there was one."""
@@ -58,6 +70,8 @@ class GenerationStats:
         line = f"[{tokens} in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tokens/s"
         if self.compile_seconds:
             line += f"; before them {self.compile_seconds:.1f} s compiling the decode step or loading it from the cache"
+        if self.draft is not None:
+            line += f"; {self.draft.line()}"
         return line + "]"
 
 
@@ -71,6 +85,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.name = name or model.config.name  # what the user calls it (see display_name)
         self.last_stats = GenerationStats()
+        self._drafts: dict[str, Draft] = {}  # drafts made from a name or a path, kept for the next call
 
     @property
     def is_instruct(self) -> bool:
@@ -135,14 +150,22 @@ class LLM:
         also work as keywords (max_new_tokens=20, temperature=0.7, top_p=0.9, seed=1, ...). Other kwargs:
         chat (wrap the prompt in the model's chat template as a user turn), truncate_prompt (keep the end of a
         prompt longer than the context), compile (torch.compile the decode step: True, or "reduce-overhead"
-        for less per-step overhead after a longer compile).
+        for less per-step overhead after a longer compile), draft (speculative decoding, the same tokens
+        faster: "ngram", "int8", "int4", a checkpoint's path, another LLM; see `draft_for`) and draft_tokens
+        (proposals checked per forward pass; default adaptive). With a draft, prompts run one after another.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [[] for _ in prompts]
-        for step in self._steps(prompts, params, **kwargs):
-            for row, token in enumerate(step):
-                if token is not None:
-                    ids[row].append(token)
+        # Rows decode together; with a draft, one after another (each then gets its own stats, summed here).
+        rows = [range(len(prompts))] if kwargs.get("draft") is None else [range(i, i + 1) for i in range(len(prompts))]
+        stats = GenerationStats()
+        for group in rows:
+            for step in self._steps([prompts[i] for i in group], params, **kwargs):
+                for row, token in zip(group, step, strict=True):
+                    if token is not None:
+                        ids[row].append(token)
+            stats.add(self.last_stats)
+        self.last_stats = stats
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
         return texts[0] if isinstance(prompt, str) else texts
 
@@ -181,6 +204,8 @@ class LLM:
         templated: bool = False,
         truncate_prompt: bool = False,
         compile: bool | str = False,
+        draft: Draft | LLM | GPT | str | Path | None = None,
+        draft_tokens: int | None = None,
         **options: Any,
     ) -> Iterator[list[int | None]]:
         """generate_tokens' steps for these prompts, with a row's stop token already None: the row has ended."""
@@ -189,16 +214,80 @@ class LLM:
         params = dataclasses.replace(params, stop_ids=(*self.tokenizer.stop_ids, *params.stop_ids))
         stop = set(params.stop_ids)
         ids = [self.encode_prompt(p, chat=chat, templated=templated) for p in prompts]
+        speculation = self.draft_for(draft) if draft is not None else None
         self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, ids)))
         stamps = [time.perf_counter()]  # the start, then the time of each step
-        for step in generate_tokens(self.model, ids, params, truncate_prompt=truncate_prompt, compile=compile):
+        steps = generate_tokens(
+            self.model,
+            ids,
+            params,
+            truncate_prompt=truncate_prompt,
+            compile=compile,
+            draft=speculation,
+            draft_tokens=draft_tokens,
+        )
+        for step in steps:
             stamps.append(time.perf_counter())
-            if compile and len(stamps) in (3, 4):  # the first decode step (stamps 1 -> 2) compiled
+            if compile and speculation is None and len(stamps) in (3, 4):  # the first decode step (1 -> 2) compiled
                 one_step = stamps[3] - stamps[2] if len(stamps) == 4 else 0.0
                 stats.compile_seconds = max(0.0, stamps[2] - stamps[1] - one_step)
+            if speculation is not None:  # the draft timed its compiles itself: tokens arrive in runs
+                stats.compile_seconds, stats.draft = speculation.stats.compile_seconds, speculation.stats
             stats.new_tokens += sum(t is not None for t in step)
             stats.seconds = stamps[-1] - stamps[0] - stats.compile_seconds
             yield [None if t in stop else t for t in step]
+
+    def draft_for(self, draft: Draft | LLM | GPT | str | Path) -> Draft:
+        """The speculative draft `draft` names (generate's draft=): "ngram" (prompt lookup), "int8" or "int4"
+        (this model's own weights quantized, made once and kept), a checkpoint's path (loaded as LLM.load
+        does, onto this model's device and dtype, once), another LLM, a GPT, or a speculative.Draft.
+        A draft model must share this model's tokens: its vocabulary, special tokens and the ids of a
+        rendered chat turn must agree, or it is refused."""
+        if isinstance(draft, (Draft, GPT)):
+            return make_draft(self.model, draft)
+        if isinstance(draft, LLM):
+            check_same_tokens(self.tokenizer, draft.tokenizer, draft.name)
+            return ModelDraft(draft.model)
+        key = str(draft)
+        if key not in self._drafts:
+            if key in DRAFT_KINDS:
+                self._drafts[key] = make_draft(self.model, key)
+            elif not Path(key).exists():
+                raise InvalidInput(
+                    f"draft {key!r} is neither {', '.join(DRAFT_KINDS)} nor an existing checkpoint: pass one of those "
+                    "names, or the path of a smaller model that shares this one's tokenizer"
+                )
+            else:
+                weights = self.model.embed.weight
+                dtype = getattr(self.model.embed, "dtype", weights.dtype)
+                loaded = LLM.load(key, device=weights.device, dtype=dtype)
+                self._drafts[key] = self.draft_for(loaded)
+        return self._drafts[key]
+
+
+def check_same_tokens(tokenizer: Tokenizer, draft: Tokenizer, draft_name: str) -> None:
+    """Refuse a draft whose tokenizer would give other ids than the model's: its proposals would be other
+    tokens. What is compared is ids, not files: a conversation rendered by each one's chat template and
+    encoded, and the special tokens' ids."""
+    turn = [{"role": "user", "content": 'Rewrite: 3 apples, 12 pears ("fresh")! Done?'}]
+    compared = [
+        ("vocabulary size", tokenizer.vocab_size, draft.vocab_size),
+        ("end-of-sequence ids", sorted(tokenizer.stop_ids), sorted(draft.stop_ids)),
+        ("beginning-of-sequence id", tokenizer.bos_id, draft.bos_id),
+        ("ids of a plain text", tokenizer.encode(turn[0]["content"]), draft.encode(turn[0]["content"])),
+        (
+            "ids of a chat turn in its chat template",
+            tokenizer.encode(tokenizer.apply_chat_template(turn), bos=False),
+            draft.encode(draft.apply_chat_template(turn), bos=False),
+        ),
+    ]
+    for what, ours, theirs in compared:
+        if ours != theirs:
+            raise InvalidInput(
+                f"the draft {draft_name} does not share the model's tokens: its {what} differ ({theirs} against "
+                f"{ours}). A draft must come from the same tokenizer: a smaller model of the same family, or "
+                "int8, int4 or ngram"
+            )
 
 
 def display_name(path: str | Path) -> str:

@@ -122,6 +122,8 @@ def generate(
     chat: bool | Literal["auto"] = "auto",
     truncate_prompt: bool = False,
     compile: bool | str = False,
+    draft: str | None = None,
+    draft_tokens: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
@@ -143,6 +145,10 @@ def generate(
         truncate_prompt: Keep the end of a prompt longer than the model's context instead of failing.
         compile: torch.compile the decode step: slow to start, faster per token. true, or
             reduce-overhead: faster still per token, minutes to compile the first time (cached after).
+        draft: Speculative decoding, the same tokens sooner: ngram (copy from earlier in the text: good for
+            rewriting and summaries), int8 or int4 (the model's own weights quantized, held beside them), or the
+            path of a smaller model with the same tokenizer. The stats line says how many proposals were kept.
+        draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
@@ -155,6 +161,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
     )
     _check_compile(compile)
+    _check_draft(draft, draft_tokens)
     llm = LLM.load(_required(checkpoint_dir), device=device, dtype=dtype, quantize=quantize)
     if chat == "auto":
         chat = llm.is_instruct
@@ -163,7 +170,8 @@ def generate(
                 f"[{llm.name} is an instruct model: the prompt goes in its chat template; --chat false sends it raw]",
                 file=sys.stderr,
             )
-    for piece in llm.stream(prompt, params, chat=chat, truncate_prompt=truncate_prompt, compile=compile):
+    options = dict(chat=chat, truncate_prompt=truncate_prompt, compile=compile, draft=draft, draft_tokens=draft_tokens)
+    for piece in llm.stream(prompt, params, **options):
         print(piece, end="", flush=True)
     print(flush=True)
     print(llm.last_stats.line(), file=sys.stderr)
@@ -180,6 +188,8 @@ def chat(
     seed: int | None = None,
     chat_template: str | None = None,
     compile: bool | str = False,
+    draft: str | None = None,
+    draft_tokens: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     quantize: str | None = None,
@@ -198,6 +208,10 @@ def chat(
         seed: Seed for sampling, for reproducible output.
         chat_template: A named template (chatml, llama2, llama3, gemma, phi3, plain) for models without one.
         compile: torch.compile the decode step, as for generate (true or reduce-overhead).
+        draft: Speculative decoding, the same tokens sooner: ngram (copy from earlier in the text: good for
+            rewriting and summaries), int8 or int4 (the model's own weights quantized, held beside them), or the
+            path of a smaller model with the same tokenizer. The stats line says how many proposals were kept.
+        draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
         quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
@@ -210,10 +224,11 @@ def chat(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
     )
     _check_compile(compile)
+    _check_draft(draft, draft_tokens)
     llm = LLM.load(
         _required(checkpoint_dir), device=device, dtype=dtype, chat_template=chat_template, quantize=quantize
     )
-    chat_loop(llm, params, system=system, compile=compile)
+    chat_loop(llm, params, system=system, compile=compile, draft=draft, draft_tokens=draft_tokens)
 
 
 def _check_compile(compile: bool | str) -> None:
@@ -222,6 +237,21 @@ def _check_compile(compile: bool | str) -> None:
     check_compile(compile)  # a bad mode fails before the model loads
     if compile:  # the first new token waits on the compiler: say why nothing appears for a while
         print("[compiling the decode step: up to a few minutes the first time, cached for later runs]", file=sys.stderr)
+
+
+def _check_draft(draft: str | None, draft_tokens: int | None) -> None:
+    """A draft the model could never use fails before the model loads."""
+    from plainlm.speculative import DRAFT_KINDS
+
+    if draft_tokens is not None and draft is None:
+        raise InvalidInput("--draft_tokens needs --draft: ngram, int8, int4 or a smaller model's path")
+    if draft_tokens is not None and draft_tokens < 1:
+        raise InvalidInput(f"--draft_tokens {draft_tokens} is not allowed: a draft proposes at least 1 token")
+    if draft is not None and draft not in DRAFT_KINDS and not Path(draft).exists():
+        raise InvalidInput(
+            f"--draft {draft}: no such file or directory, and not one of {', '.join(DRAFT_KINDS)}: pass one of "
+            "those, or the path of a smaller model that shares this one's tokenizer"
+        )
 
 
 def _required(checkpoint_dir: Path | None) -> Path:

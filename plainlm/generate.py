@@ -4,7 +4,7 @@ Token ids in, token ids out. What a request asks for (max_new_tokens, temperatur
 seed) is a `SamplingParams`, and `sample` picks each token: both live in `sampling.py`; SamplingParams'
 fields also work as keywords, `generate(model, prompts, max_new_tokens=50, temperature=0.8)`.
 Tokenizers, chat templates and strings live in `tokenizer.py` and `api.py`; the model and its KV cache
-live in `model.py`.
+live in `model.py`; with `draft=...`, one prompt's tokens come from speculative decoding (`speculative.py`).
 
     decoder = tokenizer.stream_decoder()
     for step in generate_tokens(model, [prompt], SamplingParams(max_new_tokens=50, temperature=0.8, top_p=0.95)):
@@ -17,6 +17,7 @@ of the loop to get tokens per second.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from plainlm.compiled_step import DYNAMO_SETTINGS, check_compile, compile_decode
 from plainlm.errors import InvalidInput
 from plainlm.model import GPT
 from plainlm.sampling import SamplingParams, sample, sampling_params
+from plainlm.speculative import Draft, make_draft, speculative_tokens
 
 # Compiled decoding rounds the KV cache length up to a multiple of this, so that prompts of other
 # lengths reuse the compiled step instead of compiling it again (the cache shape is part of the graph).
@@ -42,6 +44,8 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
     compile: bool | str = False,
+    draft: Draft | GPT | str | None = None,
+    draft_tokens: int | None = None,
     **options: Any,
 ) -> Iterator[list[int | None]]:
     """Stream new tokens for a batch of prompts, one decoding step at a time.
@@ -68,9 +72,20 @@ def generate_tokens(
     are masked), so later calls with other prompt lengths reuse the compiled step, and the cache
     stays on the model after the call, for the next one (`model.clear_kv_cache()` frees it; a forward
     without `input_pos` ignores it).
+
+    `draft` turns on speculative decoding (speculative.py) for one prompt: another model with the same
+    vocabulary, a speculative.Draft, or "ngram", "int8", "int4" (the model's own weights quantized, made
+    anew on each call: pass `speculative.quantized_draft(model, "int4")` to keep one). The tokens are the
+    model's, as without a draft; `draft_tokens` proposals are checked per forward pass (None: adaptive).
+    The draft's `stats` tell how many it got right.
     """
     params = sampling_params(params, **options)
     compile_mode = check_compile(compile)
+    if draft is not None and len(prompts) != 1:
+        raise InvalidInput(
+            f"speculative decoding (a draft) takes one prompt at a time, not {len(prompts)}: "
+            "generate() decodes several one after another"
+        )
     prompts = _fit_prompts(prompts, model.config.block_size, truncate_prompt)
     lengths = [len(p) for p in prompts]
     prompt_len = max(lengths)
@@ -78,11 +93,24 @@ def generate_tokens(
     device = model.embed.weight.device
     if generator is None:
         generator = params.generator(device)
-    idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
     cache_length = prompt_len + max_new_tokens
     if compile_mode:
         rounded = -(-cache_length // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
         cache_length = min(rounded, model.config.block_size)
+    if draft is not None:
+        tokens = speculative_tokens(
+            model,
+            prompts[0],
+            dataclasses.replace(params, max_new_tokens=max_new_tokens),
+            make_draft(model, draft),
+            cache_length=cache_length,
+            draft_tokens=draft_tokens,
+            generator=generator,
+            compile_mode=compile_mode,
+        )
+        yield from ([token] for token in tokens)
+        return
+    idx = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
     slots = torch.arange(cache_length, device=device)
     padded = min(lengths) != prompt_len
     if padded:
@@ -137,21 +165,40 @@ def generate(
     generator: torch.Generator | None = None,
     truncate_prompt: bool = False,
     compile: bool | str = False,
+    draft: Draft | GPT | str | None = None,
+    draft_tokens: int | None = None,
     **options: Any,
 ) -> list[list[int]]:
     """The new tokens of every prompt, up to but excluding the stop id that ended it.
 
-    Arguments as for `generate_tokens`, which this collects.
+    Arguments as for `generate_tokens`, which this collects; with a draft, the prompts are decoded one
+    after another (speculative decoding pays at batch 1), and a named draft is made once for all of them.
     """
     params = sampling_params(params, **options)
     stop = set(params.stop_ids)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for step in generate_tokens(
-        model, prompts, params, generator=generator, truncate_prompt=truncate_prompt, compile=compile
-    ):
-        for out, token in zip(outputs, step, strict=True):
-            if token is not None and token not in stop:
-                out.append(token)
+    if draft is None:
+        batches = [list(prompts)]
+    else:
+        draft = make_draft(model, draft)
+        batches = [[prompt] for prompt in prompts]
+    outputs: list[list[int]] = []
+    for batch in batches:
+        rows: list[list[int]] = [[] for _ in batch]
+        steps = generate_tokens(
+            model,
+            batch,
+            params,
+            generator=generator,
+            truncate_prompt=truncate_prompt,
+            compile=compile,
+            draft=draft,
+            draft_tokens=draft_tokens,
+        )
+        for step in steps:
+            for out, token in zip(rows, step, strict=True):
+                if token is not None and token not in stop:
+                    out.append(token)
+        outputs += rows
     return outputs
 
 

@@ -7,6 +7,7 @@ dataclass is made, before any model loads; their messages name the command-line 
 
     params = SamplingParams(max_new_tokens=50, temperature=0.8, top_p=0.95, seed=1)
     token = sample(logits, params, generator)   # (B, V) -> (B,)
+    probs = distribution(logits, params)        # what sample draws from, (B, V)
 """
 
 from __future__ import annotations
@@ -86,8 +87,26 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # max's indices are argmax's (the first maximum), at a third of its time on the CPU here (61 -> 22 us
         # over SmolLM2's 49k logits, about 1% of an int4 decode step).
         return logits.max(dim=-1).indices
+    logits, candidates = _kept_logits(logits, params)
+    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities (B, V), float32, that `sample` draws each row's token from when temperature > 0:
+    what speculative decoding compares a draft's proposals against (speculative.py)."""
+    kept, candidates = _kept_logits(logits, params)
+    probs = kept.softmax(dim=-1)
+    if candidates is None:
+        return probs
+    return torch.zeros(logits.shape, dtype=probs.dtype, device=probs.device).scatter_(-1, candidates, probs)
+
+
+def _kept_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tempered logits with the cut tokens at -inf (sample's docstring says which), and the token ids of
+    their columns, best first, when a cut sorted them (None: the columns are the vocabulary)."""
     logits = logits.float() / params.temperature
-    candidates = None  # token ids of the columns of `logits` once it holds only the best ones, best first
+    candidates = None
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         logits, candidates = logits.topk(params.top_k, dim=-1)  # sorts only k values, not the vocabulary
     if params.top_p is not None and params.top_p < 1.0:
@@ -100,8 +119,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed, and the best stays.
         best = logits.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(logits < best + math.log(params.min_p), float("-inf"))
-    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
-    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+    return logits, candidates
 
 
 def _refuse(flag: str, value: object, allowed: str, advice: str) -> None:

@@ -1,4 +1,5 @@
-"""SamplingParams: one set of options for generate.py, LLM and the CLI, checked once, and min-p sampling."""
+"""SamplingParams: one set of options for generate.py, LLM and the CLI, checked once, min-p sampling, and
+`distribution`, the probabilities `sample` draws from."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from helpers import run_cli, tiny_gpt
 from plainlm import LLM
 from plainlm.errors import InvalidInput
 from plainlm.generate import generate
-from plainlm.sampling import SamplingParams, sample, sampling_params
+from plainlm.sampling import SamplingParams, distribution, sample, sampling_params
 
 BAD = {
     "--top_p": dict(top_p=1.5),
@@ -89,3 +90,30 @@ def test_cli_refuses_a_bad_option_before_loading(tmp_path: Path) -> None:
         assert result.stderr.startswith("error: --top_p 1.5 ") and result.stderr.count("\n") == 1, result.stderr
     result = run_cli("generate", "--checkpoint_dir", str(missing), "--max_new_tokens", "0")
     assert result.stderr.startswith("error: --max_new_tokens 0 "), result.stderr
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=6),
+        SamplingParams(temperature=0.9, top_p=0.8),
+        SamplingParams(temperature=1.0, top_k=12, top_p=0.9, min_p=0.05),
+    ],
+)
+def test_distribution_is_what_sample_draws_from(params: SamplingParams) -> None:
+    logits = torch.randn(2, 40, generator=torch.Generator().manual_seed(0)) * 2
+    probs = distribution(logits, params)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    draws = 40_000
+    generator = torch.Generator().manual_seed(1)
+    counts = torch.zeros(2, 40)
+    for _ in range(draws // 1000):
+        tokens = sample(logits.repeat_interleave(1000, dim=0), params, generator).view(2, 1000)
+        for row in range(2):
+            counts[row] += torch.bincount(tokens[row], minlength=40)
+    assert counts[probs == 0].sum() == 0  # nothing drawn that the cuts removed
+    # 4.5 standard deviations of a binomial count per token, and 3 draws of slack for the rarest tokens
+    # (expected well under once, where the normal approximation fails); a fixed seed, so never flaky.
+    tolerance = 4.5 * (probs * (1 - probs) / draws).sqrt() + 3 / draws
+    assert ((counts / draws - probs).abs() <= tolerance).all()

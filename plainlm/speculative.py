@@ -1,0 +1,390 @@
+"""Speculative decoding: a cheap draft proposes the next few tokens and the model checks them all in one
+forward pass, so one read of the model's weights yields between one and k+1 tokens instead of one.
+
+    draft = ModelDraft(small_model)           # or quantized_draft(model, "int4"), or NgramDraft()
+    for token in speculative_tokens(model, prompt_ids, params, draft, cache_length=len(prompt_ids) + 100):
+        ...
+    draft.stats.acceptance_rate, draft.stats.tokens_per_verification
+
+generate.py's `generate(..., draft=...)` calls this; the drafts live here too.
+
+The tokens are the model's own, not the draft's:
+- Greedy (temperature 0): a proposal is kept while it is the model's argmax at its position; the first one
+  that is not is replaced by the model's argmax, and when all k are kept the model's next argmax comes free.
+  These are the tokens plain greedy decoding picks. (The verification multiplies k+1 positions in one
+  matrix product, whose sums round differently from a one-position product's, about 1e-5 of a logit in
+  float32: where two tokens tie that closely, either may win, as in any batched decoding.)
+- Sampling: the rejection scheme of Leviathan et al. and Chen et al. (2023). A proposal x, drawn from the
+  draft's distribution q, is kept with probability min(1, p(x) / q(x)), p being the model's distribution
+  after temperature, top-k, top-p and min-p (sampling.distribution); the first one refused is replaced by a
+  draw from max(0, p - q), normalised; when all are kept, one more token is drawn from p. Every token then
+  follows p exactly. A draft that picks its tokens without sampling (n-gram lookup, a greedy draft) has
+  q = 1 at its token, and the rule reduces to: keep x with probability p(x), else draw from p without x.
+
+The KV caches are never copied or cut back. Attention spans a cache's whole preallocated length and a
+query sees only the slots up to its own (model.GPT._attention_masks), so slots past the accepted tokens,
+which hold refused proposals, are invisible until the next verification overwrites them: rolling back is
+moving the next write position. That keeps every shape fixed, so a compiled verification step serves
+every call: it always takes `width` tokens, and the unused ones go to the cache's last slot, which no real
+token reaches (a request's last token is never fed back).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from plainlm.compiled_step import compile_decode_step
+from plainlm.errors import InvalidInput
+from plainlm.model import GPT
+from plainlm.quantize import quantize_model
+from plainlm.sampling import SamplingParams, distribution, sample
+
+# Adaptive proposal length: start here, grow by 2 after a verification that kept every proposal, shrink by 1
+# after one that did not (transformers' "heuristic" schedule), within [1, MAX_DRAFT_TOKENS].
+FIRST_DRAFT_TOKENS = 4
+MAX_DRAFT_TOKENS = 8
+DRAFT_KINDS = ("ngram", "int8", "int4")  # besides another model: what `draft=` takes as a name
+
+
+@dataclass
+class SpeculativeStats:
+    """What speculative decoding did for one sequence.
+
+    verifications: forward passes of the model over proposals (after the prompt's).
+    proposed / accepted: draft tokens offered / kept.
+    tokens: tokens the verifications emitted (the kept proposals and the model's own one after them).
+    compile_seconds: compiling or loading the compiled steps (compile=...), not counted elsewhere.
+    """
+
+    verifications: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    compile_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_verification(self) -> float:
+        return self.tokens / self.verifications if self.verifications else 0.0
+
+    def add(self, other: SpeculativeStats) -> None:
+        self.verifications += other.verifications
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+        self.tokens += other.tokens
+        self.compile_seconds += other.compile_seconds
+
+    def line(self) -> str:
+        """`draft: 62% of 120 proposed tokens accepted, 2.9 tokens per verification`"""
+        return (
+            f"draft: {self.acceptance_rate:.0%} of {self.proposed} proposed tokens accepted, "
+            f"{self.tokens_per_verification:.1f} tokens per verification"
+        )
+
+
+# --- drafts ---
+class Draft:
+    """What speculative decoding asks of a draft: `start` a sequence, then `propose` tokens to follow it.
+
+    `propose` returns up to k tokens and the distributions they were drawn from, (k, vocab) float32, or None
+    when the draft picked them without sampling (then q is 1 at each token). `sequence` only ever grows
+    by the tokens the model accepted, so a draft that keeps state can tell what is new.
+    """
+
+    stats: SpeculativeStats
+
+    def start(self, model: GPT, prompt: Sequence[int], cache_length: int, compile_mode: str | None) -> None:
+        self.stats = SpeculativeStats()
+
+    def propose(
+        self, sequence: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def accepted(self, kept: int) -> None:
+        """The last verification kept the first `kept` proposals (and added a token of the model's own)."""
+
+    def finish(self) -> None:
+        """The sequence is over: free what start() allocated."""
+
+
+class ModelDraft(Draft):
+    """A smaller model with the same vocabulary, or the model itself quantized (quantized_draft), proposing
+    with its own KV cache: the tokens of the sequence it has not seen yet go in as one forward pass, then
+    each proposal is one decode step."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        self.stats = SpeculativeStats()
+        self._fed = 0  # tokens of the sequence in the draft's cache, at slots 0.._fed-1
+        self._fed_proposals = 0  # proposals of the last call in the cache, after the sequence
+        self._step: Callable[..., torch.Tensor] | None = None
+        self._compile_mode: str | None = None
+
+    def start(self, model: GPT, prompt: Sequence[int], cache_length: int, compile_mode: str | None) -> None:
+        super().start(model, prompt, cache_length, compile_mode)
+        check_draft_model(model, self.model, cache_length)
+        self.model.set_kv_cache(1, cache_length)
+        self._fed, self._fed_proposals, self._step, self._compile_mode = 0, 0, None, compile_mode
+
+    def propose(
+        self, sequence: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        device = self.model.embed.weight.device
+        new = sequence[self._fed :]
+        slots = torch.arange(self._fed, len(sequence), device=device)
+        if len(new) == 1:
+            logits = self._decode(torch.tensor([new], device=device), slots)[:, -1]
+        else:  # the unseen tokens (the whole prompt at first, then the two of a clean sweep) in one pass
+            last = torch.tensor([[len(new) - 1]], device=device)
+            logits = self.model(torch.tensor([new], device=device), input_pos=slots, logit_positions=last)[:, -1]
+        self._fed = len(sequence)
+        proposals: list[int] = []
+        drawn_from: list[torch.Tensor] = []
+        while True:
+            if params.temperature == 0:
+                token = int(logits.max(dim=-1).indices)
+            else:
+                probs = distribution(logits, params)
+                token = int(torch.multinomial(probs, num_samples=1, generator=generator))
+                drawn_from.append(probs[0])
+            proposals.append(token)
+            if len(proposals) == k:
+                break
+            # Fed at the slot after the sequence's end: a proposal the model refuses is overwritten there later.
+            slot = torch.tensor([len(sequence) + len(proposals) - 1], device=device)
+            logits = self._decode(torch.tensor([[token]], device=device), slot)[:, -1]
+        self._fed_proposals = len(proposals) - 1  # the last one is not in the cache
+        return proposals, torch.stack(drawn_from) if drawn_from else None
+
+    def accepted(self, kept: int) -> None:
+        # The kept proposals the draft fed stay valid in its cache; the next call feeds the rest.
+        self._fed += min(kept, self._fed_proposals)
+
+    def _decode(self, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        if self._compile_mode is None:
+            return self.model(token, input_pos=slot)
+        if self._step is None:
+            started = time.perf_counter()
+            self._step = compile_decode_step(self.model, self._compile_mode, token, input_pos=slot)
+            logits = self._step(token, input_pos=slot)
+            self.stats.compile_seconds += time.perf_counter() - started
+            return logits
+        return self._step(token, input_pos=slot)
+
+    def finish(self) -> None:
+        if self._compile_mode is None:  # a compiled step keeps its cache for the next call (generate.py)
+            self.model.clear_kv_cache()
+
+
+class NgramDraft(Draft):
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last
+    `max_ngram` tokens (or, failing that, of fewer, down to `min_ngram`). No model: it costs nothing, and it
+    wins where the output copies its input (rewriting, summarising, code edits)."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidInput(f"n-gram lookup needs 1 <= min_ngram <= max_ngram; got {min_ngram} and {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.stats = SpeculativeStats()
+        self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> the positions just after its occurrences
+        self._indexed = 0  # n-grams ending before this position are in _ends
+
+    def start(self, model: GPT, prompt: Sequence[int], cache_length: int, compile_mode: str | None) -> None:
+        super().start(model, prompt, cache_length, compile_mode)
+        self._ends, self._indexed = {}, 0
+
+    def propose(
+        self, sequence: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        for end in range(self._indexed + 1, len(sequence) + 1):
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._ends.setdefault(tuple(sequence[end - n : end]), []).append(end)
+        self._indexed = len(sequence)
+        for n in range(min(self.max_ngram, len(sequence) - 1), self.min_ngram - 1, -1):
+            ends = self._ends.get(tuple(sequence[-n:]), [])
+            if len(ends) > 1:  # the last occurrence is the sequence's own end; the one before it has a sequel
+                follow = ends[-2]
+                return sequence[follow : follow + k], None
+        return [], None
+
+
+def quantized_draft(model: GPT, mode: str) -> ModelDraft:
+    """The model itself, its copy's weights quantized to `mode` (int8, int4: quantize.py's CPU kernels),
+    as a draft. It shares the tokenizer by construction and agrees with the model on most tokens; the copy
+    holds a quarter (int8) or an eighth (int4) of the float weights' memory beside them."""
+    if mode not in ("int8", "int4"):
+        raise InvalidInput(f"a quantized draft is int8 or int4, not {mode!r}")
+    if model.quantization is not None:
+        raise InvalidInput(
+            f"the model is already quantized ({model.quantization['mode']}): a quantized copy of it would read "
+            "no fewer bytes a token; load the model in full precision to draft with its quantized copy"
+        )
+    cache = [block.attn.kv_cache for block in model.blocks]
+    model.clear_kv_cache()  # not copied: the draft makes its own
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        for block, kept in zip(model.blocks, cache, strict=True):
+            block.attn.kv_cache = kept
+    return ModelDraft(quantize_model(twin, mode).eval())
+
+
+def check_draft_model(model: GPT, draft: GPT, cache_length: int) -> None:
+    """Refuse a draft model that cannot propose this model's tokens for a sequence of `cache_length`."""
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise InvalidInput(
+            f"the draft's vocabulary has {draft.config.vocab_size} tokens and the model's {model.config.vocab_size}: "
+            "a draft must share the model's tokenizer (use a smaller model of the same family, int8, int4 or ngram)"
+        )
+    if draft.config.block_size < cache_length:
+        raise InvalidInput(
+            f"the draft's context of {draft.config.block_size} tokens is shorter than this request's "
+            f"{cache_length} (prompt and new tokens): shorten the request, or use a draft with a longer context"
+        )
+    if draft.embed.weight.device != model.embed.weight.device:
+        raise InvalidInput(
+            f"the draft is on {draft.embed.weight.device} and the model on {model.embed.weight.device}: "
+            "load both on one device"
+        )
+
+
+# --- decoding ---
+@torch.inference_mode()
+def speculative_tokens(
+    model: GPT,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    draft: Draft,
+    *,
+    cache_length: int,
+    draft_tokens: int | None = None,
+    generator: torch.Generator | None = None,
+    compile_mode: str | None = None,
+) -> Iterator[int]:
+    """Yield the new tokens of one prompt, one at a time, checking the draft's proposals in batches.
+
+    The prompt and `params.max_new_tokens` must already fit the model's context (generate.py sees to it), and
+    `cache_length` hold both. `draft_tokens` is the number of proposals a verification checks, or None for
+    the adaptive schedule (FIRST_DRAFT_TOKENS, then up after a clean sweep, down after a refusal).
+    `compile_mode` compiles the verification (and a model draft's decode step) as generate.py's compile does.
+    Stops after a stop id (yielded) or max_new_tokens; `draft.stats` says how it went.
+    """
+    if draft_tokens is not None and draft_tokens < 1:
+        raise InvalidInput(f"--draft_tokens {draft_tokens} is not allowed: a draft proposes at least 1 token")
+    device = model.embed.weight.device
+    stop, max_new_tokens = set(params.stop_ids), params.max_new_tokens
+    k = draft_tokens or FIRST_DRAFT_TOKENS
+    width = (draft_tokens or MAX_DRAFT_TOKENS) + 1  # tokens a verification feeds: the last one and k proposals
+    scratch = cache_length - 1  # never a real token's slot: the request's last token is never fed
+    model.set_kv_cache(1, cache_length)
+    draft.start(model, prompt, cache_length, compile_mode)
+    verify_step: Callable[..., torch.Tensor] | None = None
+    try:
+        P = len(prompt)
+        logits = model(
+            torch.tensor([list(prompt)], device=device),
+            input_pos=torch.arange(P, device=device),
+            logit_positions=torch.tensor([[P - 1]], device=device),
+        )
+        token = int(sample(logits[:, -1], params, generator))  # as plain decoding picks the first token
+        sequence = [*prompt, token]
+        yield token
+        emitted = 1
+        while token not in stop and emitted < max_new_tokens:
+            room = max_new_tokens - emitted  # a verification emits up to k+1 tokens
+            asked = min(k, room - 1)
+            proposals, drawn_from = draft.propose(sequence, asked, params, generator) if asked else ([], None)
+            fed = [sequence[-1], *proposals]
+            slots = list(range(len(sequence) - 1, len(sequence) + len(proposals)))
+            if compile_mode is not None:  # one shape for every call: the spare places write the scratch slot
+                fed, slots = fed + [fed[-1]] * (width - len(fed)), slots + [scratch] * (width - len(slots))
+            tokens, input_pos = torch.tensor([fed], device=device), torch.tensor(slots, device=device)
+            if compile_mode is not None and verify_step is None:
+                started = time.perf_counter()
+                verify_step = compile_decode_step(model, compile_mode, tokens, input_pos=input_pos)
+                logits = verify_step(tokens, input_pos=input_pos)
+                draft.stats.compile_seconds += time.perf_counter() - started
+            else:
+                logits = (verify_step or model)(tokens, input_pos=input_pos)
+            new = verify(logits[0, : len(proposals) + 1], proposals, drawn_from, params, generator)
+            kept = len(new) - 1
+            draft.stats.verifications += 1
+            draft.stats.proposed += len(proposals)
+            draft.stats.accepted += kept
+            draft.stats.tokens += len(new)
+            draft.accepted(kept)
+            if draft_tokens is None and proposals:
+                k = min(k + 2, MAX_DRAFT_TOKENS) if kept == len(proposals) else max(k - 1, 1)
+            for token in new:
+                sequence.append(token)
+                yield token
+                emitted += 1
+                if token in stop or emitted == max_new_tokens:
+                    break
+    finally:
+        draft.finish()
+        if compile_mode is None:
+            model.clear_kv_cache()
+
+
+def verify(
+    logits: torch.Tensor,
+    proposals: list[int],
+    drawn_from: torch.Tensor | None,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """The tokens one verification emits: the proposals the model keeps, then one token of the model's own.
+
+    logits (k+1, vocab): the model's, at the last accepted token and at each of the k proposals.
+    drawn_from (k, vocab): the distributions the draft drew the proposals from; None when it picked them
+    without sampling. The rules are in this file's docstring.
+    """
+    k = len(proposals)
+    if params.temperature == 0:
+        best = logits.max(dim=-1).indices.tolist()  # max's indices: the first maximum, as sample() picks
+        kept = 0
+        while kept < k and best[kept] == proposals[kept]:
+            kept += 1
+        return [*proposals[:kept], best[kept]]
+    p = distribution(logits, params)  # (k+1, V)
+    for i, x in enumerate(proposals):
+        q_x = 1.0 if drawn_from is None else float(drawn_from[i, x])
+        # Keep x with probability min(1, p(x) / q(x)): u < p/q, written without dividing by q.
+        if float(torch.rand((), generator=generator, device=p.device)) * q_x < float(p[i, x]):
+            continue
+        if drawn_from is None:
+            residual = p[i].clone()
+            residual[x] = 0
+        else:
+            residual = (p[i] - drawn_from[i]).clamp(min=0)
+        if float(residual.sum()) <= 0:  # p <= q everywhere only when p == q (up to rounding): x would be kept
+            residual = p[i]
+        return [*proposals[:i], int(torch.multinomial(residual, num_samples=1, generator=generator))]
+    return [*proposals, int(torch.multinomial(p[k], num_samples=1, generator=generator))]
+
+
+def make_draft(model: GPT, draft: Draft | GPT | str) -> Draft:
+    """The Draft `draft` names for `model`: a Draft as it is, another GPT as a ModelDraft, or one of
+    DRAFT_KINDS ("ngram", "int8", "int4": the model quantized). A checkpoint's path is LLM's to load (api.py)."""
+    if isinstance(draft, Draft):
+        return draft
+    if isinstance(draft, GPT):
+        return ModelDraft(draft)
+    if draft == "ngram":
+        return NgramDraft()
+    if draft in ("int8", "int4"):
+        return quantized_draft(model, draft)
+    raise InvalidInput(
+        f"unknown draft {draft!r}: pass a model, a Draft, or one of {', '.join(DRAFT_KINDS)} "
+        "(LLM and the command line also take a checkpoint's path)"
+    )
