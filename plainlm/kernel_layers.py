@@ -9,6 +9,9 @@ KernelAttention  Attention whose one-token decode step (CPU, fp32, no gradient) 
                  and whose q, k and v projections, when they are plainlm's int8/int4 layers
                  (quantize.py), run in one kernel call.
 KernelMLP        MLP whose gate and up projections run in one kernel call likewise.
+KernelLinear     nn.Linear whose float32 product over a few rows (a decode step, a speculative
+                 verification; no gradient) runs kernels/rows_matmul.cpp, which reads the weights
+                 once at memory speed, and gives each row the same bits however many rows run.
 
 Each overrides one or two of model.py's small methods (`project_qkv`, `attend`, `project_gate_up`)
 and falls back to them wherever a kernel cannot run, so results never depend on the swap; only the
@@ -23,7 +26,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from plainlm.kernels import decode_attention_fits, decode_attention_takes, kernel_input, kernels_loaded
+from plainlm.kernels import (
+    decode_attention_fits,
+    decode_attention_takes,
+    fp32_kernels_loaded,
+    kernel_input,
+    kernels_loaded,
+    rows_matmul_takes,
+)
 from plainlm.model import GPT, MLP, Attention, KVCache
 
 
@@ -62,20 +72,33 @@ class KernelMLP(MLP):
         return gate, up
 
 
+class KernelLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not rows_matmul_takes(x, self.weight):
+            return super().forward(x)
+        y = torch.ops.plainlm_fp32.rows_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 def use_cpu_kernels(model: GPT) -> GPT:
-    """Swap `model`'s attention and MLP modules for the kernel-calling ones above, in place, where plainlm's
-    kernels run (a CPU model on a CPU where they built); elsewhere the model stays as it is. Returns it."""
-    if model.embed.weight.device.type != "cpu" or not kernels_loaded():
+    """Swap `model`'s attention, MLP and linear modules for the kernel-calling ones above, in place, where
+    plainlm's kernels run (a CPU model on a CPU where they built); elsewhere the model stays as it is.
+    Returns it."""
+    if model.embed.weight.device.type != "cpu":
         return model
+    vnni, fp32 = kernels_loaded(), fp32_kernels_loaded()
     decode_kernel = decode_attention_fits(model.config.head_dim) and model.config.attention_logit_softcap is None
     for module in model.modules():
         # The class changes, nothing else: the same parameters, buffers and state-dict keys
         # (torch.nn.utils.parametrize swaps classes the same way).
-        if type(module) is Attention:
+        if type(module) is Attention and vnni:
             module.__class__ = KernelAttention
             module.decode_kernel = decode_kernel
-        elif type(module) is MLP:
+        elif type(module) is MLP and vnni:
             module.__class__ = KernelMLP
+        elif type(module) is nn.Linear and fp32:
+            module.__class__ = KernelLinear
     return model
 
 
