@@ -27,7 +27,7 @@ import transformers
 
 from plainlm.config import Config
 from plainlm.data import IGNORE_INDEX
-from plainlm.kernels import kernels_loaded
+from plainlm.kernels import fp32_kernels_loaded, kernels_loaded
 from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, lora_state, merge_lora, save_peft_adapter
 from plainlm.model import GPT
 
@@ -196,7 +196,7 @@ def plainlm_serve(model: Path, *options: str, start_timeout: float = 120) -> Ite
     plainlm's CPU kernels are built here first (once per machine, a minute or more), not in the server: its
     start then fits the wait, and a server killed mid-build would leave torch's build lock behind, on which
     every later build waits forever."""
-    kernels_loaded()
+    kernels_loaded(), fp32_kernels_loaded()
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "plainlm.cli", "serve", str(model), "--port", "0", *options],
