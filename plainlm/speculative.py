@@ -26,7 +26,10 @@ query sees only the slots up to its own (model.GPT._attention_masks), so slots p
 which hold refused proposals, are invisible until the next verification overwrites them: rolling back is
 moving the next write position. That keeps every shape fixed, so a compiled verification step serves
 every call: it always takes `width` tokens, and the unused ones go to the cache's last slot, which no real
-token reaches (a request's last token is never fed back).
+token reaches (a request's last token is never fed back). A step with nothing to check (the n-gram draft
+found no match) runs a compiled one-token step instead.
+
+The serving engine (serve/engine.py) verifies proposals in its paged cache with the same `verify`.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ class SpeculativeStats:
     def tokens_per_verification(self) -> float:
         return self.tokens / self.verifications if self.verifications else 0.0
 
+    def count(self, proposed: int, emitted: int) -> None:
+        """One verification that checked `proposed` draft tokens and emitted `emitted` (the kept ones and one more)."""
+        self.verifications += 1
+        self.proposed += proposed
+        self.accepted += emitted - 1
+        self.tokens += emitted
+
     def add(self, other: SpeculativeStats) -> None:
         self.verifications += other.verifications
         self.proposed += other.proposed
@@ -88,6 +98,21 @@ class SpeculativeStats:
             f"draft: {self.acceptance_rate:.0%} of {self.proposed} proposed tokens accepted, "
             f"{self.tokens_per_verification:.1f} tokens per verification"
         )
+
+
+class ProposalLength:
+    """How many tokens the next verification asks the draft for: `fixed` every time, or, when None, the
+    adaptive schedule (FIRST_DRAFT_TOKENS, up by 2 after a clean sweep, down by 1 after a refusal)."""
+
+    def __init__(self, fixed: int | None = None) -> None:
+        if fixed is not None and fixed < 1:
+            raise InvalidInput(f"--draft_tokens {fixed} is not allowed: a draft proposes at least 1 token")
+        self.fixed = fixed
+        self.k = fixed or FIRST_DRAFT_TOKENS
+
+    def update(self, proposed: int, kept: int) -> None:
+        if self.fixed is None and proposed:
+            self.k = min(self.k + 2, MAX_DRAFT_TOKENS) if kept == proposed else max(self.k - 1, 1)
 
 
 # --- drafts ---
@@ -172,13 +197,8 @@ class ModelDraft(Draft):
     def _decode(self, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         if self._compile_mode is None:
             return self.model(token, input_pos=slot)
-        if self._step is None:
-            started = time.perf_counter()
-            self._step = compile_decode_step(self.model, self._compile_mode, token, input_pos=slot)
-            logits = self._step(token, input_pos=slot)
-            self.stats.compile_seconds += time.perf_counter() - started
-            return logits
-        return self._step(token, input_pos=slot)
+        self._step, logits = compiled_call(self._step, self.model, self._compile_mode, self.stats, token, slot)
+        return logits
 
     def finish(self) -> None:
         if self._compile_mode is None:  # a compiled step keeps its cache for the next call (generate.py)
@@ -278,16 +298,15 @@ def speculative_tokens(
     `compile_mode` compiles the verification (and a model draft's decode step) as generate.py's compile does.
     Stops after a stop id (yielded) or max_new_tokens; `draft.stats` says how it went.
     """
-    if draft_tokens is not None and draft_tokens < 1:
-        raise InvalidInput(f"--draft_tokens {draft_tokens} is not allowed: a draft proposes at least 1 token")
+    proposal_length = ProposalLength(draft_tokens)
     device = model.embed.weight.device
     stop, max_new_tokens = set(params.stop_ids), params.max_new_tokens
-    k = draft_tokens or FIRST_DRAFT_TOKENS
     width = (draft_tokens or MAX_DRAFT_TOKENS) + 1  # tokens a verification feeds: the last one and k proposals
     scratch = cache_length - 1  # never a real token's slot: the request's last token is never fed
     model.set_kv_cache(1, cache_length)
     draft.start(model, prompt, cache_length, compile_mode)
     verify_step: Callable[..., torch.Tensor] | None = None
+    decode_step: Callable[..., torch.Tensor] | None = None
     try:
         P = len(prompt)
         logits = model(
@@ -301,29 +320,23 @@ def speculative_tokens(
         emitted = 1
         while token not in stop and emitted < max_new_tokens:
             room = max_new_tokens - emitted  # a verification emits up to k+1 tokens
-            asked = min(k, room - 1)
+            asked = min(proposal_length.k, room - 1)
             proposals, drawn_from = draft.propose(sequence, asked, params, generator) if asked else ([], None)
             fed = [sequence[-1], *proposals]
             slots = list(range(len(sequence) - 1, len(sequence) + len(proposals)))
-            if compile_mode is not None:  # one shape for every call: the spare places write the scratch slot
+            if compile_mode is not None and proposals:  # one shape for every call: spare places write the scratch slot
                 fed, slots = fed + [fed[-1]] * (width - len(fed)), slots + [scratch] * (width - len(slots))
             tokens, input_pos = torch.tensor([fed], device=device), torch.tensor(slots, device=device)
-            if compile_mode is not None and verify_step is None:
-                started = time.perf_counter()
-                verify_step = compile_decode_step(model, compile_mode, tokens, input_pos=input_pos)
-                logits = verify_step(tokens, input_pos=input_pos)
-                draft.stats.compile_seconds += time.perf_counter() - started
-            else:
-                logits = (verify_step or model)(tokens, input_pos=input_pos)
+            if compile_mode is None:
+                logits = model(tokens, input_pos=input_pos)
+            elif proposals:
+                verify_step, logits = compiled_call(verify_step, model, compile_mode, draft.stats, tokens, input_pos)
+            else:  # nothing proposed (an n-gram miss): a one-token step, compiled once too, not `width` tokens
+                decode_step, logits = compiled_call(decode_step, model, compile_mode, draft.stats, tokens, input_pos)
             new = verify(logits[0, : len(proposals) + 1], proposals, drawn_from, params, generator)
-            kept = len(new) - 1
-            draft.stats.verifications += 1
-            draft.stats.proposed += len(proposals)
-            draft.stats.accepted += kept
-            draft.stats.tokens += len(new)
-            draft.accepted(kept)
-            if draft_tokens is None and proposals:
-                k = min(k + 2, MAX_DRAFT_TOKENS) if kept == len(proposals) else max(k - 1, 1)
+            draft.stats.count(len(proposals), len(new))
+            draft.accepted(len(new) - 1)
+            proposal_length.update(len(proposals), len(new) - 1)
             for token in new:
                 sequence.append(token)
                 yield token
@@ -334,6 +347,25 @@ def speculative_tokens(
         draft.finish()
         if compile_mode is None:
             model.clear_kv_cache()
+
+
+def compiled_call(
+    step: Callable[..., torch.Tensor] | None,
+    model: GPT,
+    mode: str,
+    stats: SpeculativeStats,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+) -> tuple[Callable[..., torch.Tensor], torch.Tensor]:
+    """`step`(tokens, input_pos=input_pos), and the step: on the first call (step None) compiled from `model`
+    first, the compile (and the first call, which finishes it) counted in stats.compile_seconds."""
+    if step is not None:
+        return step, step(tokens, input_pos=input_pos)
+    started = time.perf_counter()
+    step = compile_decode_step(model, mode, tokens, input_pos=input_pos)
+    logits = step(tokens, input_pos=input_pos)
+    stats.compile_seconds += time.perf_counter() - started
+    return step, logits
 
 
 def verify(

@@ -7,6 +7,7 @@ puts tests/ on the path)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import queue
 import signal
@@ -30,6 +31,7 @@ from plainlm.data import IGNORE_INDEX
 from plainlm.kernels import fp32_kernels_loaded, kernels_loaded
 from plainlm.lora import LoRAConfig, inject_lora, load_peft_adapter, lora_state, merge_lora, save_peft_adapter
 from plainlm.model import GPT
+from plainlm.sampling import SamplingParams, distribution
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +78,36 @@ def reference_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
             logits = model(torch.tensor([seq]))
         seq.append(int(logits[0, -1].argmax()))
     return seq[len(prompt) :]
+
+
+def joint_distribution(model, prompt: list[int], params: SamplingParams, n: int) -> torch.Tensor:
+    """P(t1..tn) under `model` and `params`, exactly, by a cacheless pass for every prefix."""
+    V = model.config.vocab_size
+    joint = torch.ones([V] * n, dtype=torch.float64)
+    with torch.no_grad():
+        for prefix in itertools.chain.from_iterable(itertools.product(range(V), repeat=i) for i in range(n)):
+            logits = model(torch.tensor([prompt + list(prefix)]))[0, -1:]
+            p = distribution(logits, params)[0].double()
+            joint[prefix] *= p.reshape([V] + [1] * (n - len(prefix) - 1))
+    return joint
+
+
+def chi_square_p_value(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's test, the cells expected fewer than 5 times pooled into one."""
+    rare = expected < 5
+    observed = torch.cat([observed[~rare], observed[rare].sum(0, keepdim=True)])
+    expected = torch.cat([expected[~rare], expected[rare].sum(0, keepdim=True)])
+    statistic = float(((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum())
+    dof = len(expected) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(statistic / 2)))
+
+
+def greedy_margins(model, prompt: list[int], output: list[int]) -> list[float]:
+    """How far each token of `output` led the runner-up, by one cacheless pass over the whole sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output]))[0, len(prompt) - 1 : -1]
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
 
 
 def randomise_adapters(model: torch.nn.Module, seed: int = 1) -> None:

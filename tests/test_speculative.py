@@ -4,19 +4,26 @@ no rollback, and the refusals of drafts that cannot work."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, reference_greedy, run_cli, tiny_gpt
+from helpers import (
+    TINY,
+    chi_square_p_value,
+    greedy_margins,
+    joint_distribution,
+    reference_greedy,
+    run_cli,
+    tiny_gpt,
+)
 
 from plainlm.api import LLM
 from plainlm.config import Config
 from plainlm.errors import InvalidInput
 from plainlm.generate import generate, generate_tokens
 from plainlm.quantize import quantize_model
-from plainlm.sampling import SamplingParams, distribution
+from plainlm.sampling import SamplingParams
 from plainlm.speculative import (
     ModelDraft,
     NgramDraft,
@@ -173,28 +180,6 @@ class RepeatDraft(NgramDraft):
         return [sequence[-1]] * k, None
 
 
-def joint_distribution(model, prompt: list[int], params: SamplingParams, n: int) -> torch.Tensor:
-    """P(t1..tn) under `model` and `params`, exactly, by a cacheless pass for every prefix."""
-    V = model.config.vocab_size
-    joint = torch.ones([V] * n, dtype=torch.float64)
-    with torch.no_grad():
-        for prefix in itertools.chain.from_iterable(itertools.product(range(V), repeat=i) for i in range(n)):
-            logits = model(torch.tensor([prompt + list(prefix)]))[0, -1:]
-            p = distribution(logits, params)[0].double()
-            joint[prefix] *= p.reshape([V] + [1] * (n - len(prefix) - 1))
-    return joint
-
-
-def chi_square_p_value(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    """Pearson's test, the cells expected fewer than 5 times pooled into one."""
-    rare = expected < 5
-    observed = torch.cat([observed[~rare], observed[rare].sum(0, keepdim=True)])
-    expected = torch.cat([expected[~rare], expected[rare].sum(0, keepdim=True)])
-    statistic = float(((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum())
-    dof = len(expected) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(statistic / 2)))
-
-
 @pytest.mark.slow  # compiles the verification step and a draft's decode step
 def test_compiled_speculative_decoding_matches_eager() -> None:
     model, drafts = model_and_drafts()
@@ -315,14 +300,6 @@ def real_llm(request: pytest.FixtureRequest) -> LLM:
     from plainlm.packaged_models import gemma3_gguf, smollm2_gguf
 
     return LLM.load(smollm2_gguf() if request.param == "smollm2" else gemma3_gguf())
-
-
-def greedy_margins(model, prompt: list[int], output: list[int]) -> list[float]:
-    """How far each token of `output` led the runner-up, by one cacheless pass over the whole sequence."""
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + output]))[0, len(prompt) - 1 : -1]
-    top2 = logits.topk(2, dim=-1).values
-    return (top2[:, 0] - top2[:, 1]).tolist()
 
 
 @pytest.mark.slow  # two real models, three drafts, a few prompts each
