@@ -4,6 +4,8 @@
                                [--concurrency 1 4 16] [--waves 2] [--threads 2] [--plainlm_args "--max_batch_size 32"]
     python benchmarks/serve.py --setup_only                  # build the peers' environment and stop
     python benchmarks/serve.py --report benchmarks/results/serve-TIME.json   # a past run's tables again
+    python benchmarks/serve.py --servers plainlm-fp32 plainlm-fp32+int8 plainlm-fp32+ngram --concurrency 1 4
+                                                             # speculative decoding (--draft) against none
 
 Every server is a real process on a free localhost port, serving SmolLM2-135M-Instruct from the packaged
 GGUF (Q4_1): plainlm in fp32 (dequantized as it loads) and int4 (`--quantize int4`); `transformers serve
@@ -69,6 +71,8 @@ XLLAMACPP = "xllamacpp==2026.10.11549"
 LLAMA_SERVER_TARGETS = ("llama-server", "llama-quantize")
 
 SERVERS = ("plainlm-fp32", "plainlm-int4", "transformers", "llama.cpp")
+# plainlm with speculative decoding (`--draft`), measured when asked for: plainlm-<precision>+<draft>.
+DRAFTED_SERVERS = ("plainlm-fp32+ngram", "plainlm-fp32+int8", "plainlm-fp32+int4")
 SHARED_PREFIX_TOKENS = 1000
 SHARED_PREFIX_REQUESTS = 16
 SHARED_PREFIX_MAX_TOKENS = 16  # only the first token's time matters there
@@ -173,8 +177,10 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> list[str]:
     """The command line that serves the benchmark's model as `name` on `port`."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
     if name.startswith("plainlm-"):
-        quantize = [] if name == "plainlm-fp32" else ["--quantize", name.removeprefix("plainlm-")]
-        return [sys.executable, "-m", "plainlm", "serve", str(smollm2_gguf()), *host, *quantize,
+        precision, _, draft = name.removeprefix("plainlm-").partition("+")
+        quantize = [] if precision == "fp32" else ["--quantize", precision]
+        speculative = ["--draft", draft] if draft else []
+        return [sys.executable, "-m", "plainlm", "serve", str(smollm2_gguf()), *host, *quantize, *speculative,
                 *args.plainlm_args.split()]  # fmt: skip
     if name == "transformers":
         # Its KV cache sized to this benchmark (96 blocks of 256 tokens, 2,048 tokens a step): by default it takes
@@ -606,7 +612,7 @@ def print_report(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS + DRAFTED_SERVERS)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--threads", type=int, default=2, help="threads for every server")
     parser.add_argument("--waves", type=int, default=2, help="a level sends max(4, waves x concurrency) requests")

@@ -297,14 +297,24 @@ class Routes:
 
     async def health(self) -> dict:
         """200 while the server answers, with the KV pool's counters: blocks held by running requests, blocks
-        kept in the prefix cache (free to reuse), and the pool's size."""
+        kept in the prefix cache (free to reuse), and the pool's size; with a draft, how it has done so far."""
         pool = self.engine.pool
-        return {
+        health = {
             "status": "ok",
             "kv_blocks_used": pool.used_blocks,
             "kv_blocks_cached": pool.cached_blocks,
             "kv_blocks_total": pool.num_blocks,
         }
+        if self.engine.draft is not None:
+            stats = self.engine.speculation
+            health["speculative"] = {
+                "verifications": stats.verifications,
+                "proposed_tokens": stats.proposed,
+                "accepted_tokens": stats.accepted,
+                "acceptance_rate": round(stats.acceptance_rate, 4),
+                "tokens_per_verification": round(stats.tokens_per_verification, 3),
+            }
+        return health
 
     async def models(self) -> dict:
         base = self._model_card(self.served_model_name, parent=None)
@@ -406,7 +416,7 @@ class Routes:
                 }
                 for i, r in enumerate(results)
             ],
-            "usage": usage(results, prompts=[len(prompt)]),
+            "usage": usage(results, prompts=[len(prompt)], drafted=self.engine.draft is not None),
         }
 
     async def completions(self, body: CompletionRequest, http: HTTPRequest) -> Any:
@@ -423,7 +433,7 @@ class Routes:
         return {
             **call,
             "choices": [self._completion_choice(i, r, prompts[i // body.n], body) for i, r in enumerate(results)],
-            "usage": usage(results, prompts=[len(p) for p in prompts]),
+            "usage": usage(results, prompts=[len(p) for p in prompts], drafted=self.engine.draft is not None),
         }
 
     def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
@@ -649,22 +659,30 @@ async def stream_chunks(
         if data is not None:
             yield sse({**call, "choices": [data]})
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield sse({**call, "choices": [], "usage": usage(last, prompts=prompts)})
+        drafted = choices.engine.draft is not None
+        yield sse({**call, "choices": [], "usage": usage(last, prompts=prompts, drafted=drafted)})
     yield sse("[DONE]")
 
 
-def usage(results: list[Result] | list[Event], prompts: list[int]) -> dict:
+def usage(results: list[Result] | list[Event], prompts: list[int], drafted: bool = False) -> dict:
     """OpenAI's usage: each prompt counted once (n choices share it), every choice's new tokens (from its
-    Result, or its last Event)."""
+    Result, or its last Event). `drafted`: the server decodes speculatively; the draft's proposals kept and
+    refused are reported under OpenAI's names for a prediction's tokens."""
     completion = sum(r.completion_tokens for r in results)
     cached = sum(r.cached_tokens for r in results)
     prompt = sum(prompts)
-    return {
+    counts = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if drafted:
+        counts["completion_tokens_details"] = {
+            "accepted_prediction_tokens": sum(r.accepted_draft_tokens for r in results),
+            "rejected_prediction_tokens": sum(r.rejected_draft_tokens for r in results),
+        }
+    return counts
 
 
 # --- the server ---

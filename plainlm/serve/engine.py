@@ -17,6 +17,13 @@ stalls the others' decoding; it then decodes one token per iteration in a batch 
 request, each row sampled with its own parameters, adapter and constraint; when it stops (a stop id,
 a stop string, max_new_tokens, the context's end, a cancel) its blocks return to the pool at once, the
 full ones staying in the prefix cache for the next request with the same prefix.
+
+With a draft (speculative.py), a request that decodes alone (nothing else is decoding with it) runs
+speculatively: the draft proposes up to k tokens, and one forward pass over the request's last token and
+the proposals checks them all, keeping the tokens plain decoding would give (greedy) or a draw from the
+same distribution (sampling). The refused proposals' keys and values sit in the request's blocks past
+its computed tokens, where no query reads them, until later tokens overwrite them. Two or more decoding
+requests already share each read of the weights, so they decode one token a step as without a draft.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from plainlm.errors import InvalidInput, NotFound, QueueFull
 from plainlm.kernel_layers import reads_paged_pool
 from plainlm.sampling import SamplingParams, sample
 from plainlm.serve.kv_pool import BlockPool, PagedKVCache
+from plainlm.speculative import Draft, ModelDraft, ProposalLength, SpeculativeStats, check_draft_model, verify
 
 if TYPE_CHECKING:
     from plainlm.api import LLM
@@ -99,6 +107,7 @@ class Event:
     prompt_tokens / completion_tokens: the usage so far (prompt_tokens counts the whole prompt, cached or not;
         cached_tokens says how many of them came from the prefix cache). completion_tokens counts a final stop
         token too, which has no text, no entry in token_ids and no logprob.
+    accepted_draft_tokens / rejected_draft_tokens: with a draft, its proposals kept and refused so far.
     """
 
     request_id: int
@@ -111,6 +120,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    rejected_draft_tokens: int = 0
 
 
 @dataclass
@@ -126,6 +137,8 @@ class Result:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    rejected_draft_tokens: int = 0
     error: str | None = None
 
     @classmethod
@@ -143,6 +156,8 @@ class Result:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             cached_tokens=last.cached_tokens,
+            accepted_draft_tokens=last.accepted_draft_tokens,
+            rejected_draft_tokens=last.rejected_draft_tokens,
             error=last.error,
         )
 
@@ -164,6 +179,7 @@ class Sequence:
         self.computed = 0  # tokens whose keys and values are in the pool: tokens[computed:] still run
         self.cached_tokens = 0
         self.generated = 0  # completion tokens, a final stop token included
+        self.accepted_draft = self.rejected_draft = 0  # a draft's proposals kept and refused
         self.generator = request.params.generator(device)
         self.stop_ids = set(tokenizer.stop_ids) | set(request.params.stop_ids)
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
@@ -192,6 +208,8 @@ class Engine:
         max_queue: int = 256,
         adapters: Any = None,
         structured: Any = None,
+        draft: Draft | None = None,
+        draft_tokens: int | None = None,
     ) -> None:
         """The engine over `llm`'s model and tokenizer.
 
@@ -200,6 +218,9 @@ class Engine:
         max_batch_size full contexts, at most a quarter of the free memory). prefill_chunk: prompt tokens
         computed per loop iteration. max_queue: waiting requests before submit raises QueueFull.
         adapters: a serve.adapters.AdapterSet over the model; structured: a serve.structured.StructuredOutput.
+        draft: speculative decoding for a request that decodes alone (LLM.draft_for makes one; make a model
+        draft before the AdapterSet, so that it is not a copy of adapted layers). draft_tokens: the
+        proposals a verification checks (default: adaptive, speculative.ProposalLength).
         """
         config = llm.model.config
         if max_batch_size < 1 or prefill_chunk < 1 or max_queue < 1:
@@ -213,6 +234,14 @@ class Engine:
         self.device = self.model.embed.weight.device
         self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, prefill_chunk, max_queue
         self.adapters, self.structured = adapters, structured
+        if draft_tokens is not None and draft is None:
+            raise InvalidInput("--draft_tokens needs --draft: ngram, int8, int4 or a smaller model's path")
+        if isinstance(draft, ModelDraft):  # a draft whose context is too short fails now, not per request
+            check_draft_model(self.model, draft.model, self.max_seq_length)
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self.speculation = SpeculativeStats()  # every request's verifications, summed
+        self._drafting: Sequence | None = None  # the sequence the draft's state is about
+        self._proposal_length = ProposalLength(draft_tokens)
 
         dtype = getattr(self.model.embed, "dtype", self.model.embed.weight.dtype)
         self.bytes_per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize
@@ -248,11 +277,15 @@ class Engine:
     def describe(self) -> str:
         tokens = self.pool.num_blocks * BLOCK_SIZE
         gib = tokens * self.bytes_per_token / 2**30
-        return (
+        line = (
             f"KV cache: {self.pool.num_blocks} blocks of {BLOCK_SIZE} tokens = {tokens} tokens, {gib:.2f} GiB "
             f"({self.pool_origin}); up to {self.max_batch_size} requests a batch, context {self.max_seq_length}, "
             f"prompts computed {self.prefill_chunk} tokens a step"
         )
+        if self.draft is not None:
+            k = self.draft_tokens or "1 to 8 (adaptive)"
+            line += f"; a request decoding alone checks {k} draft tokens a step"
+        return line
 
     # --- requests in ---
     def submit(self, request: Request) -> int:
@@ -412,7 +445,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One loop iteration: cancel, admit, compute up to prefill_chunk prompt tokens, decode every
-        running request by one token, report, release the finished."""
+        running request by one token (or, through the draft, a request decoding alone by one or more), report,
+        release the finished."""
         self._run_tasks()
         self._apply_cancels()
         self._admit()
@@ -429,7 +463,8 @@ class Engine:
         if decoding:
             self._make_room(decoding)
             decoding = [seq for seq in decoding if seq in self.running]  # some may have been preempted
-            if decoding:
+            speculated = len(decoding) == 1 and self._speculate(decoding[0])
+            if decoding and not speculated:
                 self._run_or_fail(decoding, [1] * len(decoding))
 
     def _apply_cancels(self) -> None:
@@ -497,17 +532,19 @@ class Engine:
             last = [counts[r] - 1 if every_position else 0 for r in sampling]
             self._sample([rows[r] for r in sampling], logits[sampling, last])
 
-    def _forward(self, rows: list[Sequence], counts: list[int]) -> torch.Tensor:
+    def _forward(self, rows: list[Sequence], counts: list[int], proposals: list[int] | None = None) -> torch.Tensor:
         """Logits of the next counts[i] pending tokens of each row i, their keys and values written: (B, T, V),
         T = max(counts), where a row still records its prompt's logprobs; else (B, 1, V), each row's last
         token's only. A shorter row is padded with copies of its last token at its last position, whose
-        keys and values go to the pool's scratch slot and whose logits are ignored."""
+        keys and values go to the pool's scratch slot and whose logits are ignored. `proposals`, for one
+        row (_speculate): a draft's tokens, fed after the row's pending one; every position's logits return."""
         T = max(counts)
         starts = [seq.computed for seq in rows]
         tokens, positions = [], []
         for seq, start, count in zip(rows, starts, counts, strict=True):
             pad = T - count
-            tokens.append(seq.tokens[start : start + count] + seq.tokens[start + count - 1 : start + count] * pad)
+            fed = seq.tokens + proposals if proposals is not None else seq.tokens
+            tokens.append(fed[start : start + count] + fed[start + count - 1 : start + count] * pad)
             positions.append(list(range(start, start + count)) + [start + count - 1] * pad)
         self.step_tables.attach(self.model)
         self.step_tables.apply(
@@ -517,7 +554,8 @@ class Engine:
         if self.adapters is not None:
             self.adapters.select([seq.request.adapter for seq in rows])
         positions = torch.tensor(positions, device=self.device)
-        last = None if _scores_prompt(rows) else torch.tensor(counts, device=self.device)[:, None] - 1
+        every_position = proposals is not None or _scores_prompt(rows)
+        last = None if every_position else torch.tensor(counts, device=self.device)[:, None] - 1
         return self.model(
             torch.tensor(tokens, device=self.device),
             input_pos=positions[0],
@@ -541,12 +579,14 @@ class Engine:
         for target, logprob, alternatives in zip(targets.tolist(), chosen, top, strict=True):
             seq.prompt_logprobs.append(TokenLogprob(target, logprob, alternatives))
 
-    def _register_blocks(self, seq: Sequence) -> None:
-        """Put the sequence's newly completed blocks into the prefix cache."""
+    def _register_blocks(self, seq: Sequence, tokens: list[int] | None = None) -> None:
+        """Put the sequence's newly completed blocks into the prefix cache. `tokens`: the sequence's tokens,
+        when its computed ones run past seq.tokens (a verification's kept proposals, not yet taken)."""
+        tokens = tokens if tokens is not None else seq.tokens
         while (len(seq.hashes) + 1) * BLOCK_SIZE <= seq.computed:
             i = len(seq.hashes)
             previous = seq.hashes[-1] if seq.hashes else seq.salt
-            block_hash = BlockPool.next_hash(previous, seq.tokens[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+            block_hash = BlockPool.next_hash(previous, tokens[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
             self.pool.register(seq.blocks[i], block_hash)
             seq.hashes.append(block_hash)
 
@@ -564,14 +604,47 @@ class Engine:
                         row = row.clone()
                         seq.request.constraint.mask(row[0])
                     tokens[i] = int(sample(row, seq.request.params, seq.generator)[0])
-                logprob = None
-                if seq.request.logprobs is not None:
-                    logprobs = logits[i].float().log_softmax(dim=-1)
-                    top = _top(logprobs[None], seq.request.logprobs)[0]
-                    logprob = TokenLogprob(tokens[i], float(logprobs[tokens[i]]), top)
-                self._advance(seq, tokens[i], logprob)
+                self._advance(seq, tokens[i], _logprob(seq.request, logits[i], tokens[i]))
             except Exception as error:  # noqa: BLE001 - one request's failure must not end the others
                 self._fail(seq, error)
+
+    def _speculate(self, seq: Sequence) -> bool:
+        """Decode `seq`, the one request decoding this step, through the draft: its proposals and the request's
+        last token in one forward pass, then the tokens `verify` keeps. False (nothing done) where it does not
+        apply: no draft, a structured-output constraint (which masks each step by the tokens before it), no
+        room for two more tokens, or a pool without blocks for the proposals."""
+        request = seq.request
+        if self.draft is None or request.constraint is not None:
+            return False
+        room = min(request.params.max_new_tokens - seq.generated, self.max_seq_length - len(seq.tokens))
+        asked = min(self._proposal_length.k, room - 1)  # a verification emits up to asked + 1 tokens
+        if asked < 1 or not self.pool.grow(seq.blocks, len(seq.tokens) + asked):
+            return False
+        try:
+            if self._drafting is not seq:  # the draft's state (its own cache, its n-gram index) follows one request
+                if self._drafting is not None:
+                    self.draft.finish()
+                self._drafting, self._proposal_length = seq, ProposalLength(self.draft_tokens)
+                self.draft.start(self.model, request.prompt, len(request.prompt) + request.params.max_new_tokens, None)
+            proposals, drawn_from = self.draft.propose(seq.tokens, asked, request.params, seq.generator)
+            logits = self._forward([seq], [1 + len(proposals)], proposals)[0]
+            new = verify(logits, proposals, drawn_from, request.params, seq.generator)
+        except Exception as error:  # noqa: BLE001 - one request's failure must not end the others
+            self._fail(seq, error)
+            return True
+        kept = len(new) - 1
+        self.speculation.count(len(proposals), len(new))
+        self.draft.accepted(kept)
+        self._proposal_length.update(len(proposals), kept)
+        seq.accepted_draft += kept
+        seq.rejected_draft += len(proposals) - kept
+        seq.computed += 1 + kept  # the last token's and the kept proposals' keys and values are in the pool
+        self._register_blocks(seq, seq.tokens + proposals[:kept])
+        for position, token in enumerate(new):
+            self._advance(seq, token, _logprob(request, logits[position], token))
+            if seq not in self.running:  # a stop id, a stop string or the length ended it
+                break
+        return True
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         """Take a sampled token: stop, or append it and report the text it adds."""
@@ -627,6 +700,8 @@ class Engine:
             prompt_tokens=len(seq.request.prompt),
             completion_tokens=seq.generated,
             cached_tokens=seq.cached_tokens,
+            accepted_draft_tokens=seq.accepted_draft,
+            rejected_draft_tokens=seq.rejected_draft,
         )
 
     def _emit(self, seq: Sequence, event: Event) -> None:
@@ -679,6 +754,15 @@ def _prefill_groups(chunks: list[tuple[Sequence, int]]) -> list[list[tuple[Seque
 def _scores_prompt(rows: list[Sequence]) -> bool:
     """Whether a forward over these rows needs every position's logits: one still records its prompt's logprobs."""
     return any(seq.request.prompt_logprobs and not seq.generated for seq in rows)
+
+
+def _logprob(request: Request, logits: torch.Tensor, token: int) -> TokenLogprob | None:
+    """The chosen token's log-probability under one position's `logits` (V,), and the top alternatives,
+    when the request asked for logprobs."""
+    if request.logprobs is None:
+        return None
+    logprobs = logits.float().log_softmax(dim=-1)
+    return TokenLogprob(token, float(logprobs[token]), _top(logprobs[None], request.logprobs)[0])
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
