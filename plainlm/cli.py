@@ -314,7 +314,7 @@ def serve(
         max_batch_size: The most requests decoded together in one step.
         max_seq_length: The longest prompt plus completion of a request (default: the model's context).
         kv_cache_gb: The KV cache's size in GB (default: what fits the machine, printed at start).
-        draft: Speculative decoding for a request that decodes alone (lower latency, the same tokens): ngram,
+        draft: Speculative decoding for a request alone on the server (lower latency, the same tokens): ngram,
             int8, int4 or a smaller model's path, as for generate. Several requests at once decode as without.
             /health and each response's usage.completion_tokens_details say how many proposals were kept.
         draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).

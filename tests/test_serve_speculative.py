@@ -1,4 +1,4 @@
-"""Speculative decoding in the serving engine (serve/engine.py's _speculate): a request decoding alone gets
+"""Speculative decoding in the serving engine (serve/engine.py's _speculate): a request alone in the engine gets
 the tokens plain decoding gives (greedy) for every draft kind, also when others come and go beside it;
 sampled tokens follow the model's distribution (a chi-square test); logprobs, stop ids, stop strings,
 the prefix cache and the pool's counters behave as without a draft; `plainlm serve --draft` reports the
@@ -67,7 +67,7 @@ def test_a_request_decoding_alone_gets_the_plain_greedy_tokens(llm, kind, draft_
 
 
 def test_requests_that_come_and_go_beside_a_speculating_one_change_nothing(llm):
-    """A decodes alone (speculating), B arrives (both decode one token a step), A ends and B decodes alone
+    """A runs alone (speculating), B arrives (both decode one token a step), A ends and B runs alone
     (the draft restarts on B): both get their plain tokens, and both were drafted for."""
     vocab = llm.model.config.vocab_size
     first, second = some_prompts(vocab, seed=1)[1:3]
