@@ -1,18 +1,19 @@
 """Speculative decoding, side by side with transformers: greedy, batch 1, fp32, same weights, same threads.
 
-    python benchmarks/speculative.py [--model smollm2|gemma3] [--new_tokens 128] [--rounds 2]
+    python benchmarks/speculative.py [--model smollm2|gemma3] [--new_tokens 128] [--rounds 2] [--compile]
 
 The packaged GGUF model (SmolLM2-135M-Instruct or Gemma 3 270M) is converted once to a Hugging Face
 directory (`plainlm convert from-gguf` + `to-hf`) that both load, in float32. Two workloads, each a few
-prompts in the model's chat template: chat questions, and an input-grounded task (rewrite a given
-paragraph in plain words), where the answer reuses its input. Each runs as:
-plainlm plain, plainlm with each draft (ngram, int8, int4: the model's own weights quantized by
-plainlm's kernels), transformers' plain `generate`, and transformers' assisted generation with prompt
-lookup (`prompt_lookup_num_tokens`). Every method must produce the same tokens as plainlm plain (checked,
-and printed when not). Tokens/s = all prompts' new tokens / their total time; methods alternate within a
-round and the best round counts. Prints a markdown table with acceptance rates and the issue-16 targets
-(best draft >= 2x transformers plain on chat, >= 2.5x on the grounded task, ahead of assisted generation
-on both), and writes benchmarks/results/speculative-<time>.json.
+prompts in the model's chat template: chat questions, and an input-grounded task (rewrite a given paragraph
+in plain words), where the answer reuses its input. Each runs as: plainlm plain, plainlm with each draft
+(ngram, int8, int4: the model's own weights quantized by plainlm's kernels), transformers' plain `generate`,
+and transformers' assisted generation with prompt lookup (`prompt_lookup_num_tokens`); with --compile also
+plainlm plain, ngram and int8 with the steps compiled (`compile=True`, compiled in a warm-up first). Every
+method must produce the same tokens as plainlm plain (checked, and printed when not). Tokens/s = all
+prompts' new tokens / their total time; methods alternate within a round and the best round counts. Prints a
+markdown table with acceptance rates and the issue-16 targets (best draft >= 2x transformers plain on chat,
+>= 2.5x on the grounded task, ahead of assisted generation on both), and writes
+benchmarks/results/speculative-<time>.json.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--lookup_tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens")
+    parser.add_argument("--compile", action="store_true", help="also plainlm plain, ngram and int8 compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,15 +93,17 @@ def main() -> None:
         "grounded": [llm.encode_prompt(text, chat=True) for text in GROUNDED],
     }
     drafts = {name: llm.draft_for(name) for name in PLAINLM_DRAFTS}  # made once, as LLM keeps them
-    totals = {name: SpeculativeStats() for name in PLAINLM_DRAFTS}  # each draft's stats, over every prompt
+    totals: dict[str, SpeculativeStats] = {}  # each drafted method's stats, over every prompt
 
-    def ours(prompts: list[list[int]], draft: str | None) -> list[list[int]]:
+    def ours(prompts: list[list[int]], draft: str | None, compile: bool = False) -> list[list[int]]:
         outputs = []
         for prompt in prompts:
             kwargs = {"draft": drafts[draft]} if draft else {}
-            outputs += generate(llm.model, [prompt], max_new_tokens=args.new_tokens, stop_ids=stop, **kwargs)
+            outputs += generate(
+                llm.model, [prompt], max_new_tokens=args.new_tokens, stop_ids=stop, compile=compile, **kwargs
+            )
             if draft:
-                totals[draft].add(drafts[draft].stats)
+                totals.setdefault(f"{draft}{compile}", SpeculativeStats()).add(drafts[draft].stats)
         return outputs
 
     def transformers_generate(prompts: list[list[int]], **assist: object) -> list[list[int]]:
@@ -121,6 +125,17 @@ def main() -> None:
     methods: dict[str, Callable[[list[list[int]]], list[list[int]]]] = {
         "plainlm plain": lambda prompts: ours(prompts, None),
         **{f"plainlm --draft {name}": (lambda prompts, name=name: ours(prompts, name)) for name in PLAINLM_DRAFTS},
+        **(
+            {
+                "plainlm plain --compile": lambda prompts: ours(prompts, None, compile=True),
+                **{
+                    f"plainlm --draft {name} --compile": (lambda prompts, name=name: ours(prompts, name, compile=True))
+                    for name in ("ngram", "int8")
+                },
+            }
+            if args.compile
+            else {}
+        ),
         "transformers generate": lambda prompts: transformers_generate(prompts),
         f"transformers prompt lookup ({args.lookup_tokens})": lambda prompts: transformers_generate(
             prompts, prompt_lookup_num_tokens=args.lookup_tokens
@@ -129,6 +144,9 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     for workload, prompts in workloads.items():
         ours(prompts[:1], None)  # warm-up: first-call allocations, the kernels' load
+        for name, method in methods.items():
+            if name.endswith("--compile"):  # compiled (or loaded from inductor's cache) before the clock runs
+                method(prompts[:1])
         transformers_generate(prompts[:1])
         best: dict[str, float] = {}
         tokens: dict[str, list[list[int]]] = {}
@@ -138,9 +156,10 @@ def main() -> None:
                 seconds, out = timed(method, prompts)
                 best[name] = min(best.get(name, float("inf")), seconds)
                 tokens[name] = out
-        for draft, stats in totals.items():
-            acceptance[f"plainlm --draft {draft}"] = stats.acceptance_rate
-            totals[draft] = SpeculativeStats()
+        for key, stats in totals.items():
+            draft, compiled = key.removesuffix("True").removesuffix("False"), key.endswith("True")
+            acceptance[f"plainlm --draft {draft}{' --compile' if compiled else ''}"] = stats.acceptance_rate
+        totals.clear()
         reference = tokens["plainlm plain"]
         count = sum(map(len, reference))
         results[workload] = {
