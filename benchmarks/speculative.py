@@ -6,9 +6,10 @@ The packaged GGUF model (SmolLM2-135M-Instruct or Gemma 3 270M) is converted onc
 directory (`plainlm convert from-gguf` + `to-hf`) that both load, in float32. Two workloads, each a few
 prompts in the model's chat template: chat questions, and an input-grounded task (rewrite a given paragraph
 in plain words), where the answer reuses its input. Each runs as: plainlm plain, plainlm with each draft
-(ngram, int8, int4: the model's own weights quantized by plainlm's kernels), transformers' plain `generate`,
-and transformers' assisted generation with prompt lookup (`prompt_lookup_num_tokens`); with --compile also
-plainlm plain, ngram and int8 with the steps compiled (`compile=True`, compiled in a warm-up first). Every
+(ngram, int8, int4: the model's own weights quantized by plainlm's kernels, ngram+int8: lookup, and the int8
+copy where lookup finds nothing), transformers' plain `generate`, and transformers' assisted generation with
+prompt lookup (`prompt_lookup_num_tokens`); with --compile also plainlm plain, ngram, int8 and ngram+int8 with
+the steps compiled (`compile=True`, compiled in a warm-up first). Every
 method must produce the same tokens as plainlm plain (checked, and printed when not). Tokens/s = all
 prompts' new tokens / their total time; methods alternate within a round and the best round counts. Prints a
 markdown table with acceptance rates and the issue-16 targets (best draft >= 2x transformers plain on chat,
@@ -55,7 +56,7 @@ PARAGRAPHS = [
 ]
 GROUNDED = [f"Rewrite this paragraph in plain words, keeping all its facts:\n\n{p}" for p in PARAGRAPHS]
 SPEED_TARGETS = {"chat": 2.0, "grounded": 2.5}
-PLAINLM_DRAFTS = ("ngram", "int8", "int4")
+PLAINLM_DRAFTS = ("ngram", "int8", "int4", "ngram+int8")
 
 
 def hf_directory(gguf_file: Path, scratch: Path) -> Path:
@@ -130,7 +131,7 @@ def main() -> None:
                 "plainlm plain --compile": lambda prompts: ours(prompts, None, compile=True),
                 **{
                     f"plainlm --draft {name} --compile": (lambda prompts, name=name: ours(prompts, name, compile=True))
-                    for name in ("ngram", "int8")
+                    for name in ("ngram", "int8", "ngram+int8")
                 },
             }
             if args.compile

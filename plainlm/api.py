@@ -31,7 +31,15 @@ from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, quantize_model
 from plainlm.sampling import SamplingParams, sampling_params
-from plainlm.speculative import DRAFT_KINDS, Draft, ModelDraft, SpeculativeStats, make_draft
+from plainlm.speculative import (
+    DRAFT_KINDS,
+    LOOKUP_FIRST,
+    Draft,
+    LookupFirstDraft,
+    ModelDraft,
+    SpeculativeStats,
+    make_draft,
+)
 from plainlm.tokenizer import Tokenizer
 
 
@@ -240,7 +248,8 @@ class LLM:
     def draft_for(self, draft: Draft | LLM | GPT | str | Path) -> Draft:
         """The speculative draft `draft` names (generate's draft=): "ngram" (prompt lookup), "int8" or "int4"
         (this model's own weights quantized, made once and kept), a checkpoint's path (loaded as LLM.load
-        does, onto this model's device and dtype, once), another LLM, a GPT, or a speculative.Draft.
+        does, onto this model's device and dtype, once), "ngram+" before one of the last three (lookup where
+        it finds a match, that model elsewhere), another LLM, a GPT, or a speculative.Draft.
         A draft model must share this model's tokens: its vocabulary, special tokens and the ids of a
         rendered chat turn must agree, or it is refused."""
         if isinstance(draft, (Draft, GPT)):
@@ -250,7 +259,15 @@ class LLM:
             return ModelDraft(draft.model)
         key = str(draft)
         if key not in self._drafts:
-            if key in DRAFT_KINDS:
+            if key.startswith(LOOKUP_FIRST):  # the model draft behind the lookup is the one its own name makes
+                behind = self.draft_for(key.removeprefix(LOOKUP_FIRST))
+                if not isinstance(behind, ModelDraft):
+                    raise InvalidInput(
+                        f"draft {key!r}: after {LOOKUP_FIRST!r} comes a model draft (int8, int4 or a checkpoint's "
+                        "path), where n-gram lookup finds no match"
+                    )
+                self._drafts[key] = LookupFirstDraft(behind)
+            elif key in DRAFT_KINDS:
                 self._drafts[key] = make_draft(self.model, key)
             elif not Path(key).exists():
                 raise InvalidInput(

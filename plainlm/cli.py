@@ -147,7 +147,8 @@ def generate(
             reduce-overhead: faster still per token, minutes to compile the first time (cached after).
         draft: Speculative decoding, the same tokens sooner: ngram (copy from earlier in the text: good for
             rewriting and summaries), int8 or int4 (the model's own weights quantized, held beside them), or the
-            path of a smaller model with the same tokenizer. The stats line says how many proposals were kept.
+            path of a smaller model with the same tokenizer; ngram+int8 (or +int4, +PATH): lookup where it finds
+            a match, that model elsewhere. The stats line says how many proposals were kept.
         draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
@@ -210,7 +211,8 @@ def chat(
         compile: torch.compile the decode step, as for generate (true or reduce-overhead).
         draft: Speculative decoding, the same tokens sooner: ngram (copy from earlier in the text: good for
             rewriting and summaries), int8 or int4 (the model's own weights quantized, held beside them), or the
-            path of a smaller model with the same tokenizer. The stats line says how many proposals were kept.
+            path of a smaller model with the same tokenizer; ngram+int8 (or +int4, +PATH): lookup where it finds
+            a match, that model elsewhere. The stats line says how many proposals were kept.
         draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
@@ -241,16 +243,16 @@ def _check_compile(compile: bool | str) -> None:
 
 def _check_draft(draft: str | None, draft_tokens: int | None) -> None:
     """A draft the model could never use fails before the model loads."""
-    from plainlm.speculative import DRAFT_KINDS
+    from plainlm.speculative import DRAFT_KINDS, LOOKUP_FIRST
 
     if draft_tokens is not None and draft is None:
         raise InvalidInput("--draft_tokens needs --draft: ngram, int8, int4 or a smaller model's path")
     if draft_tokens is not None and draft_tokens < 1:
         raise InvalidInput(f"--draft_tokens {draft_tokens} is not allowed: a draft proposes at least 1 token")
-    if draft is not None and draft not in DRAFT_KINDS and not Path(draft).exists():
+    if draft is not None and draft not in DRAFT_KINDS and not Path(draft.removeprefix(LOOKUP_FIRST)).exists():
         raise InvalidInput(
             f"--draft {draft}: no such file or directory, and not one of {', '.join(DRAFT_KINDS)}: pass one of "
-            "those, or the path of a smaller model that shares this one's tokenizer"
+            f"those, or the path of a smaller model that shares this one's tokenizer (after {LOOKUP_FIRST!r} or not)"
         )
 
 
@@ -315,8 +317,9 @@ def serve(
         max_seq_length: The longest prompt plus completion of a request (default: the model's context).
         kv_cache_gb: The KV cache's size in GB (default: what fits the machine, printed at start).
         draft: Speculative decoding for a request alone on the server (lower latency, the same tokens): ngram,
-            int8, int4 or a smaller model's path, as for generate. Several requests at once decode as without.
-            /health and each response's usage.completion_tokens_details say how many proposals were kept.
+            int8, int4, a smaller model's path or ngram+ one of those, as for generate. Several requests at once
+            decode as without. /health and each response's usage.completion_tokens_details say how many
+            proposals were kept.
         draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).

@@ -1,7 +1,8 @@
 """Speculative decoding: a cheap draft proposes the next few tokens and the model checks them all in one
 forward pass, so one read of the model's weights yields between one and k+1 tokens instead of one.
 
-    draft = ModelDraft(small_model)           # or quantized_draft(model, "int4"), or NgramDraft()
+    draft = ModelDraft(small_model)           # or quantized_draft(model, "int4"), NgramDraft(),
+                                              # or LookupFirstDraft(quantized_draft(model, "int8"))
     for token in speculative_tokens(model, prompt_ids, params, draft, cache_length=len(prompt_ids) + 100):
         ...
     draft.stats.acceptance_rate, draft.stats.tokens_per_verification
@@ -51,7 +52,8 @@ from plainlm.sampling import SamplingParams, distribution, sample
 # after one that did not (transformers' "heuristic" schedule), within [1, MAX_DRAFT_TOKENS].
 FIRST_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 8
-DRAFT_KINDS = ("ngram", "int8", "int4")  # besides another model: what `draft=` takes as a name
+DRAFT_KINDS = ("ngram", "int8", "int4", "ngram+int8", "ngram+int4")  # besides a model: what `draft=` takes as a name
+LOOKUP_FIRST = "ngram+"  # "ngram+int8", "ngram+PATH": n-gram lookup, and where it finds nothing that model draft
 
 
 @dataclass
@@ -140,6 +142,10 @@ class Draft:
     def finish(self) -> None:
         """The sequence is over: free what start() allocated."""
 
+    def check_fits(self, model: GPT, cache_length: int) -> None:
+        """Refuse (InvalidInput) to draft for `model` over sequences of up to `cache_length` tokens where this
+        draft cannot; a draft without a model of its own always can."""
+
 
 class ModelDraft(Draft):
     """A smaller model with the same vocabulary, or the model itself quantized (quantized_draft), proposing
@@ -156,7 +162,7 @@ class ModelDraft(Draft):
 
     def start(self, model: GPT, prompt: Sequence[int], cache_length: int, compile_mode: str | None) -> None:
         super().start(model, prompt, cache_length, compile_mode)
-        check_draft_model(model, self.model, cache_length)
+        self.check_fits(model, cache_length)
         self.model.set_kv_cache(1, cache_length)
         self._fed, self._fed_proposals, self._step, self._compile_mode = 0, 0, None, compile_mode
 
@@ -204,6 +210,9 @@ class ModelDraft(Draft):
         if self._compile_mode is None:  # a compiled step keeps its cache for the next call (generate.py)
             self.model.clear_kv_cache()
 
+    def check_fits(self, model: GPT, cache_length: int) -> None:
+        check_draft_model(model, self.model, cache_length)
+
 
 class NgramDraft(Draft):
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last
@@ -235,6 +244,44 @@ class NgramDraft(Draft):
                 follow = ends[-2]
                 return sequence[follow : follow + k], None
         return [], None
+
+
+class LookupFirstDraft(Draft):
+    """N-gram lookup where it finds a match, and a model draft where it finds none ("ngram+int8", "ngram+PATH").
+
+    Lookup costs nothing and proposes long runs where the output copies its input; the model proposes the
+    rest, where lookup would leave the verification with nothing to check. The model draft catches up on
+    the tokens lookup's proposals added in one pass when it is next asked (ModelDraft.propose feeds whatever
+    it has not seen), so each keeps its state whichever proposed last."""
+
+    def __init__(self, model_draft: ModelDraft, lookup: NgramDraft | None = None) -> None:
+        self.model_draft, self.lookup = model_draft, lookup or NgramDraft()
+        self.stats = SpeculativeStats()
+        self._proposer: Draft = self.lookup  # the draft that made the last proposals
+
+    def start(self, model: GPT, prompt: Sequence[int], cache_length: int, compile_mode: str | None) -> None:
+        super().start(model, prompt, cache_length, compile_mode)
+        self.lookup.start(model, prompt, cache_length, compile_mode)
+        self.model_draft.start(model, prompt, cache_length, compile_mode)
+        self.model_draft.stats = self.stats  # its compile time counts with the rest of this sequence's
+        self._proposer = self.lookup
+
+    def propose(
+        self, sequence: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
+        proposals, drawn_from = self.lookup.propose(sequence, k, params, generator)
+        self._proposer = self.lookup if proposals else self.model_draft
+        return (proposals, drawn_from) if proposals else self.model_draft.propose(sequence, k, params, generator)
+
+    def accepted(self, kept: int) -> None:
+        self._proposer.accepted(kept)
+
+    def finish(self) -> None:
+        self.lookup.finish()
+        self.model_draft.finish()
+
+    def check_fits(self, model: GPT, cache_length: int) -> None:
+        self.model_draft.check_fits(model, cache_length)
 
 
 def quantized_draft(model: GPT, mode: str) -> ModelDraft:
@@ -407,7 +454,8 @@ def verify(
 
 def make_draft(model: GPT, draft: Draft | GPT | str) -> Draft:
     """The Draft `draft` names for `model`: a Draft as it is, another GPT as a ModelDraft, or one of
-    DRAFT_KINDS ("ngram", "int8", "int4": the model quantized). A checkpoint's path is LLM's to load (api.py)."""
+    DRAFT_KINDS ("ngram", "int8", "int4": the model quantized, "ngram+int8", "ngram+int4": lookup first,
+    then the quantized model). A checkpoint's path is LLM's to load (api.py)."""
     if isinstance(draft, Draft):
         return draft
     if isinstance(draft, GPT):
@@ -416,6 +464,8 @@ def make_draft(model: GPT, draft: Draft | GPT | str) -> Draft:
         return NgramDraft()
     if draft in ("int8", "int4"):
         return quantized_draft(model, draft)
+    if draft in (LOOKUP_FIRST + "int8", LOOKUP_FIRST + "int4"):
+        return LookupFirstDraft(quantized_draft(model, draft.removeprefix(LOOKUP_FIRST)))
     raise InvalidInput(
         f"unknown draft {draft!r}: pass a model, a Draft, or one of {', '.join(DRAFT_KINDS)} "
         "(LLM and the command line also take a checkpoint's path)"

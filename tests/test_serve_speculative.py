@@ -23,7 +23,7 @@ from plainlm.serve.engine import BLOCK_SIZE, Engine, Request
 from plainlm.speculative import ModelDraft, NgramDraft
 
 LOGPROB_TOLERANCE = 1e-4  # fp32: a verification's forward and a plain one differ by summation order only
-DRAFT_KINDS = ("ngram", "int8", "int4", "other")
+DRAFT_KINDS = ("ngram", "int8", "int4", "other", "ngram+int8")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def llm(tiny_hf_dir: Path) -> LLM:
 
 
 def make_draft(llm: LLM, kind: str):
-    """A fresh draft of `kind`: n-gram lookup, the model quantized, or another (one-layer) model."""
+    """A fresh draft of `kind`: n-gram lookup, the model quantized, another (one-layer) model, or lookup first."""
     if kind == "other":
         return ModelDraft(tiny_gpt(dataclasses.replace(llm.model.config, n_layer=1), seed=1).eval())
     return NgramDraft() if kind == "ngram" else llm.draft_for(kind)

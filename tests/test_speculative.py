@@ -25,6 +25,7 @@ from plainlm.generate import generate, generate_tokens
 from plainlm.quantize import quantize_model
 from plainlm.sampling import SamplingParams
 from plainlm.speculative import (
+    LookupFirstDraft,
     ModelDraft,
     NgramDraft,
     SpeculativeStats,
@@ -36,7 +37,7 @@ from plainlm.speculative import (
 # n_embd 64: int4's groups of 64 fit. Weights drawn with std 0.3 give peaked logits, so greedy tokens do not
 # near-tie and two decoders' outputs can be compared token for token.
 SPEC = {**TINY, "n_embd": 64, "intermediate_size": 128, "block_size": 96}
-DRAFT_KINDS = ("ngram", "self", "other", "int8", "int4")
+DRAFT_KINDS = ("ngram", "self", "other", "int8", "int4", "ngram+other", "ngram+int8")
 
 
 def model_and_drafts() -> tuple:
@@ -47,6 +48,8 @@ def model_and_drafts() -> tuple:
         "other": ModelDraft(tiny_gpt(seed=1, std=0.3, **{**SPEC, "n_layer": 1}).eval()),  # almost none kept
         "int8": quantized_draft(model, "int8"),
         "int4": quantized_draft(model, "int4"),
+        "ngram+other": LookupFirstDraft(ModelDraft(tiny_gpt(seed=1, std=0.3, **{**SPEC, "n_layer": 1}).eval())),
+        "ngram+int8": LookupFirstDraft(quantized_draft(model, "int8")),
     }
     return model, drafts
 
@@ -76,7 +79,7 @@ def test_named_drafts_and_streaming() -> None:
     model = tiny_gpt(std=0.3, **SPEC).eval()
     prompt = prompts_for_tests()[-1]
     expected = reference_greedy(model, prompt, 20)
-    for name in ("ngram", "int8", "int4"):
+    for name in ("ngram", "int8", "int4", "ngram+int8", "ngram+int4"):
         assert generate(model, [prompt], max_new_tokens=20, draft=name) == [expected], name
     steps = list(generate_tokens(model, [prompt], max_new_tokens=20, draft="ngram"))
     assert steps == [[token] for token in expected]  # one token a step, as without a draft
@@ -134,6 +137,43 @@ def test_the_next_verification_after_a_refusal_sees_a_cache_like_a_fresh_pass() 
         torch.testing.assert_close(logits, fresh, atol=1e-5, rtol=1e-5)
 
 
+def test_lookup_first_asks_the_model_draft_only_where_lookup_finds_nothing() -> None:
+    """Behind the lookup, a model with the model's own weights: its proposals must all be kept, which they
+    are only if its cache caught up on the tokens that lookup's proposals added in between."""
+    model = tiny_gpt(std=0.3, **SPEC).eval()
+    draft = LookupFirstDraft(ModelDraft(tiny_gpt(std=0.3, **SPEC).eval()))
+    log: list[tuple[str, int, int]] = []  # (which draft proposed, how many, how many were kept)
+    lookup_propose, model_propose, accepted = draft.lookup.propose, draft.model_draft.propose, draft.accepted
+
+    def spy(name, propose):
+        def call(sequence, k, params, generator):
+            proposals, drawn_from = propose(sequence, k, params, generator)
+            if proposals:
+                log.append((name, len(proposals), -1))
+            return proposals, drawn_from
+
+        return call
+
+    def kept(count):
+        if log and log[-1][2] == -1:  # not after a step with nothing to check (no room left for proposals)
+            log[-1] = (*log[-1][:2], count)
+        accepted(count)
+
+    draft.lookup.propose, draft.model_draft.propose = spy("lookup", lookup_propose), spy("model", model_propose)
+    draft.accepted = kept
+    total = SpeculativeStats()  # a draft's stats are one sequence's
+    for prompt in prompts_for_tests():
+        assert generate(model, [prompt], max_new_tokens=40, draft=draft) == [reference_greedy(model, prompt, 40)]
+        total.add(draft.stats)
+    by_lookup = [entry for entry in log if entry[0] == "lookup"]
+    by_model = [entry for entry in log if entry[0] == "model"]
+    assert len(by_lookup) > 5 and len(by_model) > 5  # both took turns
+    assert any(count < proposed for _, proposed, count in by_lookup)  # lookup was refused at times
+    assert all(count == proposed for _, proposed, count in by_model)
+    assert total.proposed == sum(proposed for _, proposed, _ in log)
+    assert total.accepted == sum(count for _, _, count in log)
+
+
 def test_verify_keeps_proposals_while_they_are_the_argmax() -> None:
     logits = torch.full((4, 10), -5.0)
     for row, best in enumerate([3, 7, 2, 9]):
@@ -185,7 +225,7 @@ def test_compiled_speculative_decoding_matches_eager() -> None:
     model, drafts = model_and_drafts()
     prompts = prompts_for_tests()
     expected = [reference_greedy(model, prompt, 30) for prompt in prompts]
-    for kind in ("ngram", "other"):
+    for kind in ("ngram", "other", "ngram+other"):
         got = generate(model, prompts, max_new_tokens=30, draft=drafts[kind], compile=True)
         assert got == expected, kind
 
@@ -239,12 +279,14 @@ def test_llm_generates_the_same_text_with_each_named_draft_and_reports_it(tiny_h
     for prompt in prompts:
         expected.append(llm.generate(prompt, max_new_tokens=16))
         new_tokens += llm.last_stats.new_tokens
-    for draft in ("ngram", "int8", str(tiny_hf_dir)):
+    for draft in ("ngram", "int8", str(tiny_hf_dir), "ngram+int8", f"ngram+{tiny_hf_dir}"):
         assert llm.generate(prompts, max_new_tokens=16, draft=draft) == expected, draft
         assert llm.last_stats.new_tokens == new_tokens  # both prompts' stats, summed
         assert llm.last_stats.draft is not None and llm.last_stats.draft.verifications > 0
         assert "proposed tokens accepted" in llm.last_stats.line()
     assert llm.draft_for(str(tiny_hf_dir)) is llm.draft_for(str(tiny_hf_dir))  # loaded once, kept
+    assert llm.draft_for("ngram+int8").model_draft is llm.draft_for("int8")  # one quantized copy for both
+    llm.generate(prompts[0], max_new_tokens=16, draft=str(tiny_hf_dir))
     assert llm.last_stats.draft.acceptance_rate == 1.0  # the model itself as its draft
     assert "".join(llm.stream(prompts[1], max_new_tokens=16, draft="ngram")) == expected[1]
 
@@ -258,8 +300,10 @@ def test_a_draft_with_other_token_ids_is_refused_and_one_with_the_same_ids_is_no
     other_template = LLM.load(tiny_hf_dir, chat_template="llama2")
     with pytest.raises(InvalidInput, match="does not share the model's tokens: its ids of a chat turn"):
         llm.generate("Hi", max_new_tokens=4, draft=other_template)
-    with pytest.raises(InvalidInput, match="neither ngram, int8, int4 nor an existing checkpoint"):
+    with pytest.raises(InvalidInput, match="neither ngram, int8, int4, ngram\\+int8, ngram\\+int4 nor an existing"):
         llm.generate("Hi", max_new_tokens=4, draft="no/such/model")
+    with pytest.raises(InvalidInput, match="after 'ngram\\+' comes a model draft"):
+        llm.generate("Hi", max_new_tokens=4, draft="ngram+ngram")
 
 
 @pytest.mark.slow  # fresh processes
@@ -268,7 +312,7 @@ def test_the_command_line_switch(tiny_hf_dir: Path) -> None:
         "generate", "--checkpoint_dir", str(tiny_hf_dir), "--prompt", "a b a b a b", "--max_new_tokens", "12"
     )
     assert plain.returncode == 0, plain.stderr
-    for draft in ("ngram", "int4"):
+    for draft in ("ngram", "int4", "ngram+int8"):
         fast = run_cli(
             "generate", "--checkpoint_dir", str(tiny_hf_dir), "--prompt", "a b a b a b", "--max_new_tokens", "12",
             "--draft", draft, "--draft_tokens", "3",
@@ -279,6 +323,7 @@ def test_the_command_line_switch(tiny_hf_dir: Path) -> None:
     for options, message in [
         (["--draft", "ngram", "--draft_tokens", "0"], "--draft_tokens 0 is not allowed"),
         (["--draft", "no/such/model"], "--draft no/such/model: no such file or directory"),
+        (["--draft", "ngram+no/such"], "--draft ngram+no/such: no such file or directory"),
         (["--draft_tokens", "3"], "--draft_tokens needs --draft"),
     ]:
         result = run_cli("generate", "--checkpoint_dir", str(tiny_hf_dir), *options)
@@ -308,17 +353,19 @@ def test_real_models_give_plain_greedy_tokens_with_every_draft(real_llm: LLM) ->
     logit, where a different but equally right summation order may pick the other token); such ties must be
     rare, so at least 90% of the tokens are compared."""
     llm, compared, total = real_llm, 0, 0
+    drafted = {kind: SpeculativeStats() for kind in ("ngram", "int8", "int4", "ngram+int8")}
     for text in [*CHAT_PROMPTS[:2], GROUNDED]:
         prompt = llm.encode_prompt(text, chat=True)
         (plain,) = generate(llm.model, [prompt], max_new_tokens=32)
         margins = greedy_margins(llm.model, prompt, plain)
         sure = next((i for i, margin in enumerate(margins) if margin < 1e-3), len(plain))
-        for kind in ("ngram", "int8", "int4"):
+        for kind, stats in drafted.items():
             (got,) = generate(llm.model, [prompt], max_new_tokens=32, draft=llm.draft_for(kind))
             assert got[:sure] == plain[:sure], (kind, text)
+            stats.add(llm.draft_for(kind).stats)
         compared, total = compared + sure, total + len(plain)
     assert compared >= 0.9 * total
-    assert llm.draft_for("int8").stats.acceptance_rate > 0.5  # the quantized copy agrees with its model
+    assert drafted["int8"].acceptance_rate > 0.5  # the quantized copy agrees with its model
 
 
 @pytest.mark.slow  # compiles the real model's verification step

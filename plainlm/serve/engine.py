@@ -49,7 +49,7 @@ from plainlm.errors import InvalidInput, NotFound, QueueFull
 from plainlm.kernel_layers import reads_paged_pool
 from plainlm.sampling import SamplingParams, sample
 from plainlm.serve.kv_pool import BlockPool, PagedKVCache
-from plainlm.speculative import Draft, ModelDraft, ProposalLength, SpeculativeStats, check_draft_model, verify
+from plainlm.speculative import Draft, ProposalLength, SpeculativeStats, verify
 
 if TYPE_CHECKING:
     from plainlm.api import LLM
@@ -239,8 +239,8 @@ class Engine:
         self.adapters, self.structured = adapters, structured
         if draft_tokens is not None and draft is None:
             raise InvalidInput("--draft_tokens needs --draft: ngram, int8, int4 or a smaller model's path")
-        if isinstance(draft, ModelDraft):  # a draft whose context is too short fails now, not per request
-            check_draft_model(self.model, draft.model, self.max_seq_length)
+        if draft is not None:  # a draft whose context is too short fails now, not per request
+            draft.check_fits(self.model, self.max_seq_length)
         self.draft, self.draft_tokens = draft, draft_tokens
         self.speculation = SpeculativeStats()  # every request's verifications, summed
         self._drafting: Sequence | None = None  # the sequence the draft's state is about
