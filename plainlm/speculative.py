@@ -44,7 +44,7 @@ import torch
 
 from plainlm.compiled_step import compile_decode_step
 from plainlm.errors import InvalidInput
-from plainlm.model import GPT
+from plainlm.model import GPT, KVCache
 from plainlm.quantize import quantize_model
 from plainlm.sampling import SamplingParams, distribution, sample
 
@@ -150,13 +150,23 @@ class Draft:
 class ModelDraft(Draft):
     """A smaller model with the same vocabulary, or the model itself quantized (quantized_draft), proposing
     with its own KV cache: the tokens of the sequence it has not seen yet go in as one forward pass, then
-    each proposal is one decode step."""
+    each proposal is one decode step.
 
-    def __init__(self, model: GPT) -> None:
+    A draft of the model's own structure (`reads_model_cache`: quantized_draft's) skips that pass: the
+    model has already computed those tokens' keys and values, in full precision, so the draft copies them
+    from the model's cache (a few kilobytes a token) and feeds only the sequence's last token, which the
+    model has not. On SmolLM2 that spares the draft its own prompt pass (170 ms for 100 tokens, as long as
+    the model's) and a multi-token pass after every verification. Where the model's cache is not a
+    model.KVCache (the serving engine's paged pool), it feeds the tokens as any draft does."""
+
+    def __init__(self, model: GPT, reads_model_cache: bool = False) -> None:
         self.model = model
+        self.reads_model_cache = reads_model_cache
         self.stats = SpeculativeStats()
         self._fed = 0  # tokens of the sequence in the draft's cache, at slots 0.._fed-1
         self._fed_proposals = 0  # proposals of the last call in the cache, after the sequence
+        self._copied = 0  # slots 0.._copied-1 hold the model's own keys and values
+        self._target: GPT | None = None  # the model whose cache this draft reads, for this sequence
         self._step: Callable[..., torch.Tensor] | None = None
         self._compile_mode: str | None = None
 
@@ -164,12 +174,18 @@ class ModelDraft(Draft):
         super().start(model, prompt, cache_length, compile_mode)
         self.check_fits(model, cache_length)
         self.model.set_kv_cache(1, cache_length)
-        self._fed, self._fed_proposals, self._step, self._compile_mode = 0, 0, None, compile_mode
+        self._fed, self._fed_proposals, self._copied, self._step, self._compile_mode = 0, 0, 0, None, compile_mode
+        self._target = model if self.reads_model_cache and _same_caches(model, self.model) else None
 
     def propose(
         self, sequence: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> tuple[list[int], torch.Tensor | None]:
         device = self.model.embed.weight.device
+        if self._target is not None and len(sequence) - 1 > self._copied:
+            # The model's cache holds every token but the last (its own pick, not yet fed): copy what is new,
+            # over the draft's own keys and values of the proposals it kept.
+            _copy_slots(self._target, self.model, self._copied, len(sequence) - 1)
+            self._copied = self._fed = len(sequence) - 1
         new = sequence[self._fed :]
         slots = torch.arange(self._fed, len(sequence), device=device)
         if len(new) == 1:
@@ -246,6 +262,25 @@ class NgramDraft(Draft):
         return [], None
 
 
+def _same_caches(model: GPT, draft: GPT) -> bool:
+    """Whether every layer of both has a model.KVCache of one shape, so that slots copy across."""
+    if len(model.blocks) != len(draft.blocks):
+        return False
+    pairs = [(a.attn.kv_cache, b.attn.kv_cache) for a, b in zip(model.blocks, draft.blocks, strict=True)]
+    return all(
+        isinstance(a, KVCache) and isinstance(b, KVCache) and a.k.shape == b.k.shape and a.k.dtype == b.k.dtype
+        for a, b in pairs
+    )
+
+
+def _copy_slots(model: GPT, draft: GPT, start: int, end: int) -> None:
+    """The keys and values of slots start..end-1, from the model's cache into the draft's."""
+    for ours, theirs in zip(model.blocks, draft.blocks, strict=True):
+        source, target = ours.attn.kv_cache, theirs.attn.kv_cache
+        target.k[:, :, start:end] = source.k[:, :, start:end]
+        target.v[:, :, start:end] = source.v[:, :, start:end]
+
+
 class LookupFirstDraft(Draft):
     """N-gram lookup where it finds a match, and a model draft where it finds none ("ngram+int8", "ngram+PATH").
 
@@ -302,7 +337,7 @@ def quantized_draft(model: GPT, mode: str) -> ModelDraft:
     finally:
         for block, kept in zip(model.blocks, cache, strict=True):
             block.attn.kv_cache = kept
-    return ModelDraft(quantize_model(twin, mode).eval())
+    return ModelDraft(quantize_model(twin, mode).eval(), reads_model_cache=True)
 
 
 def check_draft_model(model: GPT, draft: GPT, cache_length: int) -> None:

@@ -174,6 +174,33 @@ def test_lookup_first_asks_the_model_draft_only_where_lookup_finds_nothing() -> 
     assert total.accepted == sum(count for _, _, count in log)
 
 
+def test_a_draft_of_the_models_own_structure_reads_the_models_cache_instead_of_feeding_tokens() -> None:
+    """quantized_draft's drafts (reads_model_cache) copy the keys and values the model computed and feed only
+    the sequence's last token: the draft runs one-token steps only, holds the model's own keys and values
+    for the accepted tokens, and (with the model's own weights here) is always right."""
+    model = tiny_gpt(std=0.3, **SPEC).eval()
+    twin = tiny_gpt(std=0.3, **SPEC).eval()
+    draft = ModelDraft(twin, reads_model_cache=True)
+    widths: list[int] = []
+    twin.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    accepted = draft.accepted
+
+    def compare_caches(kept: int) -> None:  # before the next call: the slots the model filled, both caches
+        accepted(kept)
+        end = draft._copied
+        ours, theirs = model.blocks[0].attn.kv_cache, twin.blocks[0].attn.kv_cache
+        seen.append((ours.k[0, :, :end].clone(), theirs.k[0, :, :end].clone()))
+
+    draft.accepted = compare_caches
+    for prompt in prompts_for_tests():
+        assert generate(model, [prompt], max_new_tokens=30, draft=draft) == [reference_greedy(model, prompt, 30)]
+        assert draft.stats.acceptance_rate == 1.0
+    assert set(widths) == {1}
+    assert len(seen) > 10 and all(torch.equal(ours, theirs) for ours, theirs in seen)
+    assert quantized_draft(model, "int8").reads_model_cache and not ModelDraft(twin).reads_model_cache
+
+
 def test_verify_keeps_proposals_while_they_are_the_argmax() -> None:
     logits = torch.full((4, 10), -5.0)
     for row, best in enumerate([3, 7, 2, 9]):
