@@ -22,7 +22,7 @@ The tokens are the model's own, not the draft's:
   follows p exactly. A draft that picks its tokens without sampling (n-gram lookup, a greedy draft) has
   q = 1 at its token, and the rule reduces to: keep x with probability p(x), else draw from p without x.
 
-The KV caches are never copied or cut back. Attention spans a cache's whole preallocated length and a
+The KV caches are never cut back or restored. Attention spans a cache's whole preallocated length and a
 query sees only the slots up to its own (model.GPT._attention_masks), so slots past the accepted tokens,
 which hold refused proposals, are invisible until the next verification overwrites them: rolling back is
 moving the next write position. That keeps every shape fixed, so a compiled verification step serves
@@ -286,8 +286,9 @@ class LookupFirstDraft(Draft):
 
     Lookup costs nothing and proposes long runs where the output copies its input; the model proposes the
     rest, where lookup would leave the verification with nothing to check. The model draft catches up on
-    the tokens lookup's proposals added in one pass when it is next asked (ModelDraft.propose feeds whatever
-    it has not seen), so each keeps its state whichever proposed last."""
+    the tokens lookup's proposals added when it is next asked (ModelDraft.propose feeds whatever it has not
+    seen in one pass, or a quantized copy copies their keys and values from the model's cache), so each
+    keeps its state whichever proposed last."""
 
     def __init__(self, model_draft: ModelDraft, lookup: NgramDraft | None = None) -> None:
         self.model_draft, self.lookup = model_draft, lookup or NgramDraft()
