@@ -243,12 +243,9 @@ def _check_compile(compile: bool | str) -> None:
 
 def _check_draft(draft: str | None, draft_tokens: int | None) -> None:
     """A draft the model could never use fails before the model loads."""
-    from plainlm.speculative import DRAFT_KINDS, LOOKUP_FIRST
+    from plainlm.speculative import DRAFT_KINDS, LOOKUP_FIRST, check_draft_tokens
 
-    if draft_tokens is not None and draft is None:
-        raise InvalidInput("--draft_tokens needs --draft: ngram, int8, int4 or a smaller model's path")
-    if draft_tokens is not None and draft_tokens < 1:
-        raise InvalidInput(f"--draft_tokens {draft_tokens} is not allowed: a draft proposes at least 1 token")
+    check_draft_tokens(draft_tokens, has_draft=draft is not None)
     if draft is not None and draft not in DRAFT_KINDS and not Path(draft.removeprefix(LOOKUP_FIRST)).exists():
         raise InvalidInput(
             f"--draft {draft}: no such file or directory, and not one of {', '.join(DRAFT_KINDS)}: pass one of "

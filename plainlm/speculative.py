@@ -102,13 +102,23 @@ class SpeculativeStats:
         )
 
 
+def check_draft_tokens(draft_tokens: int | None, has_draft: bool = True) -> None:
+    """Refuse a number of proposals a verification checks that no draft can use: one given without a draft
+    (`has_draft` False), or below 1."""
+    if draft_tokens is None:
+        return
+    if not has_draft:
+        raise InvalidInput("--draft_tokens needs --draft: ngram, int8, int4 or a smaller model's path")
+    if draft_tokens < 1:
+        raise InvalidInput(f"--draft_tokens {draft_tokens} is not allowed: a draft proposes at least 1 token")
+
+
 class ProposalLength:
     """How many tokens the next verification asks the draft for: `fixed` every time, or, when None, the
     adaptive schedule (FIRST_DRAFT_TOKENS, up by 2 after a clean sweep, down by 1 after a refusal)."""
 
     def __init__(self, fixed: int | None = None) -> None:
-        if fixed is not None and fixed < 1:
-            raise InvalidInput(f"--draft_tokens {fixed} is not allowed: a draft proposes at least 1 token")
+        check_draft_tokens(fixed)
         self.fixed = fixed
         self.k = fixed or FIRST_DRAFT_TOKENS
 

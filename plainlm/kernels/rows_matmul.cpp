@@ -115,13 +115,14 @@ at::Tensor rows_matmul(const at::Tensor& x, const at::Tensor& w) {
   // pay more in thread handoffs than they read.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * kRows, 1));
   const int64_t blocks = (N + kRows - 1) / kRows;
+  // At most kMaxRowsAtOnce rows of x a pass, in passes of equal size: 16 rows run as two passes of 8.
+  const int64_t passes = (M + kMaxRowsAtOnce - 1) / kMaxRowsAtOnce;
+  const int64_t rows_a_pass = (M + passes - 1) / passes;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = b * kRows;
-      // At most kMaxRowsAtOnce rows of x a pass: 16 rows run as two passes of 8.
-      const int64_t passes = (M + kMaxRowsAtOnce - 1) / kMaxRowsAtOnce;
       for (int64_t m = 0; m < M;) {
-        const int64_t count = std::min(M - m, (M + passes - 1) / passes);
+        const int64_t count = std::min(M - m, rows_a_pass);
         kBlocks[count](W + n * K, std::min(kRows, N - n), X + m * K, K, Y + m * N + n, N);
         m += count;
       }

@@ -49,7 +49,7 @@ from plainlm.errors import InvalidInput, NotFound, QueueFull
 from plainlm.kernel_layers import reads_paged_pool
 from plainlm.sampling import SamplingParams, sample
 from plainlm.serve.kv_pool import BlockPool, PagedKVCache
-from plainlm.speculative import Draft, ProposalLength, SpeculativeStats, verify
+from plainlm.speculative import Draft, ProposalLength, SpeculativeStats, check_draft_tokens, verify
 
 if TYPE_CHECKING:
     from plainlm.api import LLM
@@ -237,8 +237,7 @@ class Engine:
         self.device = self.model.embed.weight.device
         self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, prefill_chunk, max_queue
         self.adapters, self.structured = adapters, structured
-        if draft_tokens is not None and draft is None:
-            raise InvalidInput("--draft_tokens needs --draft: ngram, int8, int4 or a smaller model's path")
+        check_draft_tokens(draft_tokens, has_draft=draft is not None)
         if draft is not None:  # a draft whose context is too short fails now, not per request
             draft.check_fits(self.model, self.max_seq_length)
         self.draft, self.draft_tokens = draft, draft_tokens
