@@ -339,7 +339,10 @@ def _load_quantized(
     """Build the quantized layers of a meta-device model straight from their saved tensors (no re-quantizing)."""
     mode = quantization["mode"]
     nf4_layers = quantize.quantized_linear_names(model, mode) if mode == "nf4" else []
-    quantize.empty_quantized_model(model, mode, quantization.get("group_size"), dtype or torch.float32)
+    if quantization.get("packed"):  # a GPTQ or AWQ checkpoint's layers, as its loader made them
+        quantize.empty_packed_model(model, {k: source.shape(k) for k in source.keys()}, quantization)
+    else:
+        quantize.empty_quantized_model(model, mode, quantization.get("group_size"), dtype or torch.float32)
     nf4_keys = {k for k in source.keys() if k.startswith(tuple(f"{name}." for name in nf4_layers))}
 
     def cast(key: str) -> torch.Tensor:

@@ -62,7 +62,8 @@ def convert_from_hf(src_dir: Path, dst_dir: Path, dtype: str | None = None) -> N
     Args:
         src_dir: A directory with config.json and safetensors or .bin weights.
         dst_dir: The plainlm checkpoint directory to write.
-        dtype: Store the weights in this dtype (float32, bfloat16, float16); default as they are.
+        dtype: Store the weights in this dtype (float32, bfloat16, float16); default as they are. A GPTQ
+            or AWQ model stays quantized without it (plainlm's int4 layers) and is dequantized with it.
     """
     from plainlm.convert.hf import convert_from_hf as run
     from plainlm.device import resolve_dtype

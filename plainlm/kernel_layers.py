@@ -129,12 +129,20 @@ def _project_bases_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> Seq
     first = layers[0]
     kernel = getattr(first, "kernel", None)  # quantize.Int8Linear / Int4Linear say which kernel they run
     group_size = getattr(first, "group_size", None)
-    shared = kernel == "plainlm" and all(
-        type(layer) is type(first) and layer.kernel == "plainlm" and getattr(layer, "group_size", None) == group_size
-        for layer in layers[1:]
+    shared = (
+        kernel == "plainlm"
+        and all(
+            type(layer) is type(first)
+            and layer.kernel == "plainlm"
+            and getattr(layer, "group_size", None) == group_size
+            and layer.input_order is first.input_order  # GPTQ act order: one tensor where the layers' orders agree
+            for layer in layers[1:]
+        )
     )
     if not shared or (torch.is_grad_enabled() and x.requires_grad):
         return [layer(x) for layer in layers]
+    if first.input_order is not None:
+        x = x.index_select(-1, first.input_order)
     x2 = kernel_input(x, first.in_features)
     tiles = [layer.weight for layer in layers]
     if first.weight.dtype == torch.uint8:  # int4: two weights per byte

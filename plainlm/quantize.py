@@ -175,6 +175,9 @@ class QuantizedLinear(TiledWeight):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
+        # The inputs in the order the stored matrix reads them (a GPTQ act-order checkpoint's groups are not
+        # contiguous: its loader sorts the inputs by group once), or None for their own order.
+        self.register_buffer("input_order", None)
 
     def pack(self, kernel: str | None = None) -> None:
         """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and lay `weight` out for it."""
@@ -192,6 +195,8 @@ class QuantizedLinear(TiledWeight):
         """x @ W^T, without the bias and without a backward (see QuantizedMatmul)."""
         if self.kernel is None:
             self.pack()
+        if self.input_order is not None:
+            x = x.index_select(-1, self.input_order)
         if self.kernel == "plainlm":
             y = self.matmul_plainlm(kernel_input(x, self.in_features))
         else:  # PyTorch's kernels read bf16 activations (int8's fp32 path is ~8x slower)
@@ -230,7 +235,9 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """int4 weights in groups of `group_size` inputs.
 
-    `weight` (nibble rows) and `scales_and_zeros` are what is saved. plainlm's own kernel
+    `weight` (nibble rows) and `scales_and_zeros` are what is saved: bf16 pairs for plainlm's own int4,
+    float32 (`pairs_dtype`) for a GPTQ or AWQ checkpoint's, which hold its fp16 scales and zero points
+    exactly (convert/hf_quantized.py); with `ordered_inputs`, also `input_order`. plainlm's own kernel
     (plainlm/kernels/int4_matmul.cpp) reads `weight` tiled in place by `pack()`; it needs AVX512-VNNI,
     groups of a multiple of 16 and a multiple of 16 output rows. Otherwise PyTorch's kernel runs on
     `packed`, its own layout for this CPU, made by `pack()` and never saved; it needs a multiple of 16
@@ -240,7 +247,14 @@ class Int4Linear(QuantizedLinear):
     mode = "int4"
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, group_size: int, device: torch.device | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int,
+        device: torch.device | None = None,
+        pairs_dtype: torch.dtype = torch.bfloat16,
+        ordered_inputs: bool = False,
     ) -> None:
         if in_features % group_size:
             raise InvalidInput(
@@ -251,9 +265,9 @@ class Int4Linear(QuantizedLinear):
         self.group_size = group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         groups = in_features // group_size
-        self.register_buffer(
-            "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=torch.bfloat16, device=device)
-        )
+        self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=pairs_dtype, device=device))
+        if ordered_inputs:
+            self.register_buffer("input_order", torch.empty(in_features, dtype=torch.int64, device=device))
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("packed_scales_and_zeros", None, persistent=False)
 
@@ -266,7 +280,9 @@ class Int4Linear(QuantizedLinear):
         pad = -self.out_features % 16
         q = unpack_nibbles(self.weight).to(torch.int32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nn.functional.pad(q, (0, 0, 0, pad)), 8)
-        self.packed_scales_and_zeros = nn.functional.pad(self.scales_and_zeros, (0, 0, 0, pad)) if pad else None
+        sz = self.scales_and_zeros.to(torch.bfloat16)  # PyTorch's kernel reads bf16 pairs only
+        if pad or sz is not self.scales_and_zeros:
+            self.packed_scales_and_zeros = nn.functional.pad(sz, (0, 0, 0, pad))
 
     def kernel_fits(self) -> bool:
         return int4_kernel_fits(self.out_features, self.in_features, self.group_size)
@@ -280,7 +296,10 @@ class Int4Linear(QuantizedLinear):
         return y[:, : self.out_features]  # without the padding rows
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_int4(row_order(self.weight), self.scales_and_zeros, self.group_size)
+        stored = dequantize_int4(row_order(self.weight), self.scales_and_zeros, self.group_size)
+        if self.input_order is None:
+            return stored
+        return torch.empty_like(stored).index_copy_(1, self.input_order, stored)  # back in the inputs' own order
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
@@ -479,12 +498,54 @@ def empty_quantized_model(model: GPT, mode: str, group_size: int | None, dtype: 
     return model
 
 
+def empty_packed_model(model: GPT, shapes: dict[str, tuple[int, ...]], quantization: dict) -> GPT:
+    """Swap a meta-device model's Linears for the empty int4 layers that a GPTQ or AWQ checkpoint's saved
+    tensors (their `shapes`, by name) describe: float32 pairs, an input order where one was saved. The
+    other layers, the embedding among them, stay in float, as the checkpoint's tools left them."""
+    for key, shape in shapes.items():
+        if key.endswith(".scales_and_zeros"):
+            name = key.removesuffix(".scales_and_zeros")
+            linear = model.get_submodule(name)
+            K, N, groups = linear.in_features, linear.out_features, shape[0]
+            layer = Int4Linear(
+                K, N, linear.bias is not None, K // groups, "meta", torch.float32, f"{name}.input_order" in shapes
+            )
+            set_module(model, name, layer)
+    model.quantization = quantization
+    return model
+
+
 def finish_loading(model: GPT) -> GPT:
-    """After the saved tensors are in: choose each int8/int4 layer's kernel and pack for it, and swap in
-    the modules that call several layers' kernels at once, as quantize_model does."""
+    """After the saved tensors are in: choose each int8/int4 layer's kernel and pack for it, let layers with
+    equal input orders share one tensor, and swap in the modules that call several layers' kernels at once,
+    as quantize_model does."""
+    orders: dict[bytes, torch.Tensor] = {}
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.pack()
+            if module.input_order is not None:  # GPTQ's q, k and v share it: then they run in one kernel call
+                module.input_order = orders.setdefault(module.input_order.numpy().tobytes(), module.input_order)
+    return use_cpu_kernels(model)
+
+
+def dequantize_model(model: GPT, dtype: torch.dtype = torch.float32) -> GPT:
+    """Every int8/int4 layer of `model` (and a quantized embedding) back to a float nn.Linear (nn.Embedding)
+    of `dtype` holding its dequantized weights, in place; returns it. What `convert --dtype` writes for a
+    quantized checkpoint, and the float path its tests compare with references."""
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantizedLinear):
+                linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, dtype=dtype)
+                linear.weight.copy_(module.dequantized_weight())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+                set_module(model, name, linear.requires_grad_(False).train(module.training))
+        if isinstance(model.embed, (Int8Embedding, Int4Embedding)):
+            rows = model.embed(torch.arange(model.config.vocab_size, device=model.embed.weight.device))
+            model.embed = nn.Embedding.from_pretrained(rows.to(dtype), freeze=True)
+        if model.config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+    model.quantization = None
     return use_cpu_kernels(model)
 
 

@@ -86,6 +86,9 @@ def test_int4_matmul_computes_its_math(M: int, N: int, K: int, group: int) -> No
     assert y.dtype == torch.float32 and y.shape == (M, N)
     # Only the order of fp32 sums differs from the float64 reference.
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # float32 pairs (a GPTQ or AWQ checkpoint's) of the same values: the same arithmetic, the same bits
+    y32 = torch.ops.plainlm.int4_matmul(x, tiles, scales_and_zeros.float(), group)
+    torch.testing.assert_close(y32, y, rtol=0, atol=0)
     y16 = torch.ops.plainlm.int4_matmul(x.bfloat16(), tiles, scales_and_zeros, group)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(

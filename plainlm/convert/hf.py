@@ -22,24 +22,34 @@ from plainlm.checkpoint import (
     check_output_path,
     checked_tensors,
     load_state,
+    read_quantization,
+    save_checkpoint,
     save_tensors,
 )
 from plainlm.config import Config
 from plainlm.convert.hf_config import config_from_hf, config_to_hf
+from plainlm.convert.hf_quantized import PackedLayers, gptq_config, gptq_tensors, read_packed_format
 from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
+from plainlm.quantize import dequantize_model, finish_loading
 from plainlm.tokenizer import copy_tokenizer_files
 
 
-def read_hf_config(directory: str | Path) -> Config:
+def read_hf_json(directory: str | Path) -> dict:
+    """A Hugging Face directory's config.json, as it is."""
     path = Path(directory) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json; is this a Hugging Face model directory?")
     try:
-        hf = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_hf_config(directory: str | Path) -> Config:
+    path = Path(directory) / "config.json"
+    hf = read_hf_json(directory)
     try:
         return config_from_hf(hf, name=Path(directory).name)
     except ValueError as e:
@@ -49,13 +59,20 @@ def read_hf_config(directory: str | Path) -> Config:
 
 
 def hf_to_plainlm_tensors(
-    config: Config, source: TensorSource, read: Callable[[str], torch.Tensor] | None = None
+    config: Config,
+    source: TensorSource,
+    read: Callable[[str], torch.Tensor] | None = None,
+    packed: PackedLayers | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Our tensors, produced one Hugging Face tensor at a time, read through `read` (default source.get;
-    source.meta gives the shapes alone)."""
+    source.meta gives the shapes alone). `packed`: a GPTQ or AWQ checkpoint's layers (hf_quantized.py)."""
     read = read or source.get
     used: set[str] = set()
     for rule in weight_rules(config):
+        if packed is not None and rule.hf in packed:
+            used.update(packed.source_keys(rule.hf))
+            yield from packed.tensors(rule.hf, read)
+            continue
         key = _find_key(source, rule.hf)
         if key is None:
             raise CheckpointError(
@@ -90,10 +107,21 @@ def _find_key(source: TensorSource, name: str) -> str | None:
     return None
 
 
-def plainlm_to_hf_tensors(config: Config, get: callable) -> Iterator[tuple[str, torch.Tensor]]:
-    """Hugging Face tensors from ours, read through `get(name)` one rule at a time."""
+def plainlm_to_hf_tensors(
+    config: Config, get: Callable[[str], torch.Tensor], packed: dict[str, bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face tensors from ours, read through `get(name)` one rule at a time. `packed`: the layers held
+    as a GPTQ or AWQ checkpoint's int4 (hf_quantized.py), and whether each has an input order: written as
+    GPTQ layers."""
+    packed = packed or {}
     for rule in weight_rules(config):
-        yield rule.hf, rule.join([get(name) for name in rule.ours])
+        layer = rule.ours[0].removesuffix(".weight")
+        if layer in packed:
+            order = get(f"{layer}.input_order") if packed[layer] else None
+            tensors = gptq_tensors(get(rule.ours[0]), get(f"{layer}.scales_and_zeros"), order, layer)
+            yield from ((f"{rule.hf.removesuffix('.weight')}.{suffix}", t) for suffix, t in tensors.items())
+        else:
+            yield rule.hf, rule.join([get(name) for name in rule.ours])
 
 
 def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
@@ -102,17 +130,30 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dty
     source = TensorSource(directory)
     with torch.device("meta"):
         model = GPT(config)
+    packed = packed_layers(model, directory, source)
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        keep = not t.is_floating_point() or dtype is None or name.endswith(".scales_and_zeros")
+        return t.to(device=device, dtype=t.dtype if keep else dtype)
 
-    tensors = ((k, cast(t)) for k, t in hf_to_plainlm_tensors(config, source))
-    return load_state(model, tensors, directory).to(device)
+    tensors = ((k, cast(k, t)) for k, t in hf_to_plainlm_tensors(config, source, packed=packed))
+    model = load_state(model, tensors, directory).to(device)
+    return model if packed is None else finish_loading(packed.finish(model))
+
+
+def packed_layers(model: GPT, directory: str | Path, source: TensorSource) -> PackedLayers | None:
+    """A GPTQ or AWQ checkpoint's layers, made empty in `model` (meta device), or None for a float one."""
+    packed = read_packed_format(read_hf_json(directory), Path(directory) / "config.json")
+    return None if packed is None else PackedLayers(model, weight_rules(model.config), source, packed)
 
 
 def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Hugging Face directory -> native checkpoint (weights, config.yaml, tokenizer files)."""
     src, dst = Path(src), check_output_path(dst, "dst_dir")
+    if read_packed_format(read_hf_json(src), src / "config.json") is not None:
+        # GPTQ or AWQ: kept as plainlm's int4 layers (a quantized checkpoint), or dequantized to `dtype`
+        model = load_hf_model(src)
+        return save_checkpoint(model if dtype is None else dequantize_model(model, dtype), dst, tokenizer_dir=src)
     config = read_hf_config(src)
     source = TensorSource(src)
     with torch.device("meta"):
@@ -138,19 +179,33 @@ def convert_to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAU
         raise CheckpointError(f"{src}: no {CONFIG_FILE}; is this a plainlm checkpoint?")
     config = Config.from_file(src / CONFIG_FILE)
     source = TensorSource(src)
+    quantization = read_quantization(src)
+    if quantization is not None and not quantization.get("packed"):
+        raise CheckpointError(
+            f"{src} is quantized as plainlm's {quantization['mode']}, which Hugging Face has no format for; convert "
+            "the float checkpoint it came from (models loaded from GPTQ or AWQ are written back as GPTQ)"
+        )
+    packed = {
+        name: f"{name}.input_order" in source
+        for name in (k.removesuffix(".scales_and_zeros") for k in source.keys() if k.endswith(".scales_and_zeros"))
+    }
     dst.mkdir(parents=True, exist_ok=True)
-    save_tensors(plainlm_to_hf_tensors(config, source.get), dst, max_shard_bytes=max_shard_bytes)
+    save_tensors(plainlm_to_hf_tensors(config, source.get, packed), dst, max_shard_bytes=max_shard_bytes)
     hf_config = config_to_hf(config)
     dtype = _dtype_name(source)
     if dtype and "torch_dtype" not in hf_config and "dtype" not in hf_config:
         hf_config["torch_dtype"] = dtype
+    if packed:
+        hf_config["quantization_config"] = gptq_config(quantization, any(packed.values()))
     atomic_write_text(dst / "config.json", json.dumps(hf_config, indent=2))
     copy_tokenizer_files(src, dst)
     return dst
 
 
 def _dtype_name(source: TensorSource) -> str | None:
-    keys = source.keys()
-    if not keys:
-        return None
-    return str(source.get(keys[0]).dtype).removeprefix("torch.")
+    """The float weights' dtype (a packed layer's integers and float32 pairs aside)."""
+    for key in source.keys():
+        tensor = source.meta(key)
+        if tensor.is_floating_point() and not key.endswith(".scales_and_zeros"):
+            return str(tensor.dtype).removeprefix("torch.")
+    return None

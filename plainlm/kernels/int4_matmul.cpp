@@ -4,7 +4,9 @@
 // a layer picks this kernel; checkpoints keep the portable row order):
 //   tiles              (N/16, K/8, 64) uint8: block b of 16 output rows, inputs 8j..8j+7; byte 4r + i
 //                      holds row 16b + r's input 8j + i in its low nibble and input 8j + 4 + i in its high
-//   scales_and_zeros   (K/G, N, 2) bf16: per group of G inputs and output row, w = (q - 8) * scale + zero
+//   scales_and_zeros   (K/G, N, 2) bf16 or fp32: per group of G inputs and output row,
+//                      w = (q - 8) * scale + zero. fp32 holds a GPTQ or AWQ checkpoint's fp16 scales and
+//                      zero points exactly (quantized_checkpoints.py); bf16 is plainlm's own int4.
 //
 // Batch-1 decoding reads every weight once per token, so speed is bytes per token over memory
 // bandwidth: the kernel has to keep up with memory while doing the arithmetic. As llama.cpp does, it
@@ -45,12 +47,28 @@ constexpr int64_t kInputsPerStep = 16;  // two 64-byte tiles per step of the inn
 // the end of the weights is harmless: prefetches never fault.
 constexpr int64_t kPrefetchAhead = 2048;  // bytes
 
+// The 16 rows' (scale, zero) pairs of one group, from `pairs` (32 values: scale, zero, scale, ...).
+// bf16: 64 contiguous bytes, and bf16 -> fp32 is a shift.
+inline void load_pairs(const uint16_t* pairs, __m512& scale, __m512& zero) {
+  const __m512i raw = _mm512_loadu_si512(pairs);
+  scale = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  zero = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000))));
+}
+// fp32: 128 bytes, the even values the scales and the odd ones the zeros.
+inline void load_pairs(const float* pairs, __m512& scale, __m512& zero) {
+  const __m512 first = _mm512_loadu_ps(pairs), second = _mm512_loadu_ps(pairs + 16);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  scale = _mm512_permutex2var_ps(first, even, second);
+  zero = _mm512_permutex2var_ps(first, _mm512_add_epi32(even, _mm512_set1_epi32(1)), second);
+}
+
 // y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs; y's rows are row_stride apart.
-void rows_block(const uint8_t* tiles, const uint16_t* scales_and_zeros, const plainlm_vnni::QuantizedInputs& in,
+// Pair: uint16_t (bf16 scales_and_zeros) or float.
+template <typename Pair>
+void rows_block(const uint8_t* tiles, const Pair* scales_and_zeros, const plainlm_vnni::QuantizedInputs& in,
                 int64_t M, int64_t N, int64_t K, int64_t G, int64_t n0, float* y, int64_t row_stride) {
   const uint8_t* block = tiles + n0 * (K / 2);
   const __m512i low_nibble = _mm512_set1_epi8(0x0F);
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000));
   const int64_t groups = K / G;
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* xq = in.values.data() + m * K;
@@ -72,10 +90,8 @@ void rows_block(const uint8_t* tiles, const uint16_t* scales_and_zeros, const pl
       }
       const __m512i sums = _mm512_add_epi32(_mm512_add_epi32(acc0, acc1), _mm512_add_epi32(acc2, acc3));
       const __m512 dots = _mm512_cvtepi32_ps(sums);
-      // The 16 rows' (scale, zero) pairs of group g are 64 contiguous bytes: bf16 -> fp32 is a shift.
-      const __m512i pairs = _mm512_loadu_si512(scales_and_zeros + (g * N + n0) * 2);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+      __m512 scale, zero;
+      load_pairs(scales_and_zeros + (g * N + n0) * 2, scale, zero);
       const __m512 min = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  // zero - 8 * scale
       const float d = in.scales[m * groups + g];
       result = _mm512_fmadd_ps(dots, _mm512_mul_ps(scale, _mm512_set1_ps(d)), result);
@@ -90,10 +106,10 @@ void check_weights(const at::Tensor& tiles, const at::Tensor& scales_and_zeros, 
               "int4_matmul: the weights must be contiguous uint8 tiles (N/16, K/8, 64); see quantize.tile_nibbles");
   TORCH_CHECK(tiles.size(1) * 8 == K, "int4_matmul: the tiles hold ", tiles.size(1) * 8, " inputs, x has ", K);
   TORCH_CHECK(G > 0 && G % kInputsPerStep == 0 && K % G == 0, "int4_matmul: needs groups of a multiple of 16 inputs");
-  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
-                  scales_and_zeros.dim() == 3 && scales_and_zeros.size(0) == K / G &&
-                  scales_and_zeros.size(1) == tiles.size(0) * kRows,
-              "int4_matmul: scales_and_zeros must be contiguous bf16 (K/G, N, 2)");
+  TORCH_CHECK((scales_and_zeros.scalar_type() == at::kBFloat16 || scales_and_zeros.scalar_type() == at::kFloat) &&
+                  scales_and_zeros.is_contiguous() && scales_and_zeros.dim() == 3 &&
+                  scales_and_zeros.size(0) == K / G && scales_and_zeros.size(1) == tiles.size(0) * kRows,
+              "int4_matmul: scales_and_zeros must be contiguous bf16 or fp32 (K/G, N, 2)");
 }
 
 // x @ W_i^T for every weight i, all reading the same x (a layer's q, k and v; gate and up), side by side
@@ -110,8 +126,14 @@ at::Tensor int4_matmuls(const at::Tensor& x, at::TensorList tiles, at::TensorLis
   return plainlm_vnni::multiply_each(
       x, tiles, G, kRows * K / 2,
       [&](size_t i, int64_t n0, const plainlm_vnni::QuantizedInputs& in, float* y, int64_t row_stride) {
-        const auto* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros[i].data_ptr<c10::BFloat16>());
-        rows_block(tiles[i].data_ptr<uint8_t>(), sz, in, M, tiles[i].size(0) * kRows, K, G, n0, y, row_stride);
+        const int64_t N = tiles[i].size(0) * kRows;
+        if (scales_and_zeros[i].scalar_type() == at::kFloat) {
+          rows_block(tiles[i].data_ptr<uint8_t>(), scales_and_zeros[i].data_ptr<float>(), in, M, N, K, G, n0, y,
+                     row_stride);
+        } else {
+          const auto* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros[i].data_ptr<c10::BFloat16>());
+          rows_block(tiles[i].data_ptr<uint8_t>(), sz, in, M, N, K, G, n0, y, row_stride);
+        }
       });
 }
 

@@ -1,0 +1,288 @@
+"""GPTQ and AWQ checkpoints of the Hugging Face hub, read onto plainlm's int4 layers.
+
+    model = load_hf_model("Qwen2.5-0.5B-Instruct-GPTQ-Int4")   # hf.py finds `quantization_config` and comes here
+
+A directory whose config.json has a `quantization_config` of `quant_method` "gptq" or "awq" stores each
+quantized Linear `P` as packed integers instead of `P.weight`. The layouts, with K inputs, N outputs,
+groups of G inputs (G = K when the config says -1) and f = 32 / bits values per int32 word, lowest bits first:
+
+GPTQ (AutoGPTQ / gptqmodel; the hub's checkpoints are `checkpoint_format` "gptq", the v1 format):
+    P.qweight  (K / f, N) int32     input k of output n: word k // f of column n
+    P.qzeros   (K / G, N / f) int32 the zero point of each group and output, packed along the outputs;
+                                     v1 stores z - 1, "gptq_v2" stores z
+    P.scales   (K / G, N) fp16
+    P.g_idx    (K,) int32           the group of each input: k // G, or any order with act order (desc_act)
+    w[n, k] = scales[g, n] * (q[k, n] - z[g, n]),  g = g_idx[k]
+AWQ, GEMM version (AutoAWQ, llm-awq):
+    P.qweight  (K, N / f) int32     packed along the outputs, each word's 8 values in the order 0 2 4 6 1 3 5 7
+    P.qzeros   (K / G, N / f) int32 the same packing; z as it is
+    P.scales   (K / G, N) fp16
+    w[n, k] = scales[k // G, n] * (q[k, n] - z[k // G, n])
+
+gptqmodel and transformers compute that product in fp16. plainlm keeps the integers and turns each group's
+(scale, zero point) into its int4 layer's pair, w = (q - 8) * scale + zero with zero = (8 - z) * scale, in
+float32 (quantize.Int4Linear, pairs_dtype): both terms are exact there, so the dequantized weight is the exact
+product, and rounded to fp16 it is the reference's fp16 weight bit for bit. Act-order inputs are sorted by
+group once here (`input_order`), so the kernel reads contiguous groups and each call gathers its input once.
+The embedding, the norms and (as these tools leave it) the head stay in float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from plainlm.checkpoint import TensorSource
+from plainlm.convert.hf_weights import Rule
+from plainlm.errors import CheckpointError
+from plainlm.model import GPT
+from plainlm.quantize import Int4Linear, pack_nibbles, set_module, unpack_nibbles
+
+METHODS = {"gptq": (4,), "awq": (4,)}  # quant_method -> the bit widths plainlm loads
+PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ word holds, lowest first
+
+
+@dataclass(frozen=True)
+class PackedFormat:
+    """What a config.json's `quantization_config` says about its packed layers."""
+
+    method: str  # "gptq" or "awq"
+    bits: int
+    group_size: int  # -1: one group over all inputs
+    zero_offset: int  # added to a stored zero point: 1 for GPTQ's v1 format, else 0
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return PACKED_SUFFIXES[self.method]
+
+
+def read_packed_format(hf: dict, origin: object) -> PackedFormat | None:
+    """The packed format a config.json (as a dict) declares, None for a float model, or one error naming what
+    is not supported and what is."""
+    quantization = hf.get("quantization_config")
+    if quantization is None:
+        return None
+    method = str(quantization.get("quant_method", "")).lower()
+    supported = "; ".join(f"{name} with {'/'.join(map(str, bits))} bits" for name, bits in METHODS.items())
+    if method not in METHODS:
+        raise CheckpointError(
+            f"{origin}: quantization_config.quant_method {method!r} is not one plainlm loads ({supported}); "
+            "load a float copy of the model, or a GGUF file"
+        )
+    bits = quantization.get("bits", quantization.get("w_bit"))
+    group_size = quantization.get("group_size", quantization.get("q_group_size", 128))
+    if bits not in METHODS[method]:
+        raise CheckpointError(f"{origin}: {method} with {bits} bits is not supported; plainlm loads {supported}")
+    if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise CheckpointError(f"{origin}: quantization_config.group_size {group_size!r} is not a size or -1")
+    if method == "awq":
+        version = str(quantization.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise CheckpointError(f"{origin}: AWQ version {version!r} is not supported; plainlm loads the GEMM layout")
+        if quantization.get("zero_point", True) is False:
+            raise CheckpointError(f"{origin}: AWQ without zero points is not supported; plainlm loads zero_point: true")
+        return PackedFormat(method, bits, group_size, zero_offset=0)
+    checkpoint_format = str(quantization.get("checkpoint_format", quantization.get("format", "gptq"))).lower()
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise CheckpointError(
+            f"{origin}: GPTQ checkpoint_format {checkpoint_format!r} is not supported; plainlm loads gptq and gptq_v2"
+        )
+    return PackedFormat(method, bits, group_size, zero_offset=1 if checkpoint_format == "gptq" else 0)
+
+
+class PackedLayers:
+    """A packed checkpoint's quantized layers: made empty (meta device) in a meta-device model in place of its
+    Linears, so that the checked loading (checkpoint.load_state) fills them like any other module; then
+    `tensors(rule.hf, read)` gives each one's tensors in plainlm's names, for hf.hf_to_plainlm_tensors."""
+
+    def __init__(self, model: GPT, rules: list[Rule], source: TensorSource, packed: PackedFormat) -> None:
+        self.source, self.format = source, packed
+        self.layers: dict[str, tuple[str, str, Int4Linear]] = {}  # rule.hf -> (its prefix, our name, layer)
+        for rule in rules:
+            prefix = rule.hf.removesuffix(".weight")
+            key = _packed_key(source, prefix, "qweight")
+            if not rule.hf.endswith(".weight") or key is None:
+                continue
+            if len(rule.ours) != 1:
+                raise CheckpointError(
+                    f"{source.directory}: {key!r} packs {', '.join(rule.ours)} together; plainlm loads packed "
+                    "layers that are one projection each, not fused ones: load a float copy of this model"
+                )
+            name = rule.ours[0].removesuffix(".weight")
+            layer = self._empty_layer(model.get_submodule(name), prefix)
+            set_module(model, name, layer)
+            self.layers[rule.hf] = (prefix, name, layer)
+        if not self.layers:
+            raise CheckpointError(
+                f"{source.directory}: config.json declares {packed.method} quantization, but no tensor ends in "
+                "'.qweight'; the weights are not a packed checkpoint"
+            )
+
+    def _empty_layer(self, linear: torch.nn.Module, prefix: str) -> Int4Linear:
+        K, N = linear.in_features, linear.out_features
+        group_size = K if self.format.group_size == -1 else self.format.group_size
+        if K % group_size:
+            raise CheckpointError(
+                f"{self.source.directory}: {prefix} has {K} inputs, which groups of {group_size} "
+                "(quantization_config.group_size) do not divide; the config and the weights disagree"
+            )
+        key = _packed_key(self.source, prefix, "g_idx") if self.format.method == "gptq" else None
+        g_idx = self.source.get(key).long() if key is not None else None
+        ordered = g_idx is not None and g_idx.shape == (K,) and not torch.equal(g_idx, torch.arange(K) // group_size)
+        bias = linear.bias is not None
+        return Int4Linear(K, N, bias, group_size, "meta", pairs_dtype=torch.float32, ordered_inputs=ordered)
+
+    def __contains__(self, hf_name: str) -> bool:
+        return hf_name in self.layers
+
+    def source_keys(self, hf_name: str) -> list[str]:
+        prefix = self.layers[hf_name][0]
+        return [key for suffix in self.format.suffixes if (key := _packed_key(self.source, prefix, suffix))]
+
+    def tensors(self, hf_name: str, read: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        prefix, name, layer = self.layers[hf_name]
+        return packed_layer_tensors(prefix, layer, name, self.source, self.format, read)
+
+    def finish(self, model: GPT) -> GPT:
+        """After loading: the model says how it is quantized (quantization.json, when it is saved)."""
+        model.quantization = {"mode": "int4", "group_size": self.format.group_size, "packed": self.format.method}
+        return model
+
+
+def _packed_key(source: TensorSource, prefix: str, suffix: str) -> str | None:
+    for candidate in (prefix, prefix.removeprefix("model."), f"model.{prefix}"):
+        if f"{candidate}.{suffix}" in source:
+            return f"{candidate}.{suffix}"
+    return None
+
+
+def packed_layer_tensors(
+    prefix: str,
+    layer: Int4Linear,
+    ours: str,
+    source: TensorSource,
+    packed: PackedFormat,
+    read: Callable[[str], torch.Tensor],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """One packed layer's tensors (Hugging Face prefix `prefix`) as plainlm's int4 `layer` (named `ours`) holds
+    them: its `weight` nibbles, `scales_and_zeros`, and `input_order` for act order. Every packed shape is
+    checked against the layer's first; `read` may give meta tensors (shapes only), and then so does this."""
+    keys = {}
+    for suffix in packed.suffixes:
+        key = _packed_key(source, prefix, suffix)
+        if key is None:
+            raise CheckpointError(
+                f"{source.directory}: the {packed.method} layer {prefix!r} has no {suffix!r} tensor "
+                f"({', '.join(packed.suffixes)} are all needed); the checkpoint is incomplete"
+            )
+        keys[suffix] = key
+    tensors = {suffix: read(key) for suffix, key in keys.items()}
+    K, N, G, per_word = layer.in_features, layer.out_features, layer.group_size, 32 // packed.bits
+    expected = {"scales": (K // G, N), "qzeros": (K // G, N // per_word), "g_idx": (K,)}
+    expected["qweight"] = (K // per_word, N) if packed.method == "gptq" else (K, N // per_word)
+    for suffix, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[suffix] or N % per_word:
+            raise CheckpointError(
+                f"{source.directory}: {keys[suffix]} has shape {tuple(tensor.shape)}, but {packed.method} with "
+                f"{packed.bits} bits in groups of {G} needs {expected[suffix]} for this layer's {K} inputs and "
+                f"{N} outputs; the packed tensors and config.json disagree"
+            )
+    if tensors["scales"].is_meta:
+        held = ("weight", "scales_and_zeros", "input_order")
+        yield from (
+            (f"{ours}.{n}", torch.empty_like(t, device="meta")) for n, t in layer.state_dict().items() if n in held
+        )
+        return
+    q, zeros, g_idx = unpack(packed, tensors, G)
+    order = input_order(g_idx, K // G, f"{source.directory}: {keys.get('g_idx')}")
+    if (order is not None) != (layer.input_order is not None):
+        raise CheckpointError(f"{source.directory}: {keys['g_idx']} changed while it was read")
+    yield f"{ours}.weight", pack_nibbles((q if order is None else q[order]).T.contiguous().to(torch.uint8))
+    scale = tensors["scales"].float()
+    yield f"{ours}.scales_and_zeros", torch.stack((scale, (8 - zeros).float() * scale), dim=-1)
+    if order is not None:
+        yield f"{ours}.input_order", order
+
+
+def unpack(
+    packed: PackedFormat, tensors: dict[str, torch.Tensor], group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed layer's integers q (K, N), zero points z (groups, N) and each input's group (K,), from its
+    tensors (shapes already checked)."""
+    if packed.method == "gptq":
+        q = _unpack_words(tensors["qweight"].T, packed.bits).T  # packed along the inputs
+        zeros = _unpack_words(tensors["qzeros"], packed.bits)
+        g_idx = tensors["g_idx"].long()
+    else:
+        reorder = torch.tensor(AWQ_ORDER).argsort()  # column c of a word is the nibble at reorder[c]
+        q = _unpack_words(tensors["qweight"], packed.bits, reorder)
+        zeros = _unpack_words(tensors["qzeros"], packed.bits, reorder)
+        g_idx = torch.arange(q.shape[0]) // group_size
+    return q, zeros + packed.zero_offset, g_idx
+
+
+def _unpack_words(words: torch.Tensor, bits: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, C) int32 words -> (R, C * 32 / bits) values, each word's lowest bits first (or in `order`)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    values = (words[..., None] >> shifts) & ((1 << bits) - 1)  # an arithmetic shift: the mask clears the sign
+    if order is not None:
+        values = values[..., order]
+    return values.flatten(-2)
+
+
+def input_order(g_idx: torch.Tensor, groups: int, origin: str) -> torch.Tensor | None:
+    """None when each input's group is k // G; else the inputs sorted by group (act order), after checking
+    that every group holds the same number of them."""
+    size = g_idx.numel() // groups
+    if torch.equal(g_idx, torch.arange(g_idx.numel()) // size):
+        return None
+    if not torch.equal(torch.bincount(g_idx, minlength=groups), torch.full((groups,), size)):
+        raise CheckpointError(f"{origin}: the groups of g_idx are not all {size} inputs; the tensor is damaged")
+    return torch.argsort(g_idx, stable=True)
+
+
+# --- writing GPTQ (convert to-hf of a model loaded from GPTQ or AWQ) ---
+def gptq_tensors(weight: torch.Tensor, scales_and_zeros: torch.Tensor, order: torch.Tensor | None, where: str) -> dict:
+    """A packed int4 layer's saved tensors (nibble rows (N, K/2), float32 pairs, input order or None) as a
+    GPTQ layer's qweight, qzeros (v2: zero points as they are), fp16 scales and g_idx: the same weights."""
+    q = unpack_nibbles(weight).long()  # (N, K), the inputs in group order
+    if order is not None:
+        q = torch.empty_like(q).index_copy_(1, order, q)
+    scale, zero = scales_and_zeros.unbind(-1)
+    zeros = 8 - zero / scale
+    if not (torch.equal(scale.half().float(), scale) and torch.equal(zeros, zeros.round())):
+        raise CheckpointError(
+            f"{where}: its scales are not fp16 with whole zero points, so GPTQ cannot hold them; write this "
+            "model as a float checkpoint (convert from-hf --dtype) or quantize it with `plainlm quantize`"
+        )
+    K, groups = q.shape[1], scale.shape[0]
+    sorted_groups = torch.arange(K) // (K // groups)
+    g_idx = sorted_groups if order is None else torch.empty_like(sorted_groups).index_copy_(0, order, sorted_groups)
+    return {
+        "qweight": pack_words(q, 4).T.contiguous(),  # (K / 8, N): packed along the inputs
+        "qzeros": pack_words(zeros.long(), 4),
+        "scales": scale.half(),
+        "g_idx": g_idx.to(torch.int32),
+    }
+
+
+def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, C) values -> (R, C * bits / 32) int32 words, lowest bits first: _unpack_words's inverse."""
+    grouped = values.reshape(values.shape[0], -1, 32 // bits).long()
+    words = (grouped << torch.arange(0, 32, bits)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+
+
+def gptq_config(quantization: dict, ordered: bool) -> dict:
+    """The quantization_config of a GPTQ directory written from a packed checkpoint's quantization.json."""
+    return {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": quantization["group_size"],
+        "desc_act": ordered,
+        "sym": False,
+        "checkpoint_format": "gptq_v2",
+    }
