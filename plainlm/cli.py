@@ -8,7 +8,7 @@ plainlm convert from-hf SRC_DIR DST_DIR
 plainlm convert from-gguf FILE DST_DIR
 plainlm convert to-hf SRC_DIR DST_DIR
 plainlm convert to-gguf SRC_DIR FILE [--dtype f16|q8_0|f32|bf16]
-plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4]
+plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4|fp4]
 plainlm chat --checkpoint_dir D
 plainlm finetune | pretrain --config RECIPE.yaml   (plainlm/finetune.py, plainlm/pretrain.py)
 plainlm estimate --config RECIPE.yaml              (plainlm/estimate.py)
@@ -153,7 +153,7 @@ def generate(
         draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
-        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
+        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels), nf4 or fp4 (bitsandbytes).
     """
     from plainlm.api import LLM
     from plainlm.sampling import SamplingParams
@@ -217,7 +217,7 @@ def chat(
         draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
-        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
+        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels), nf4 or fp4 (bitsandbytes).
     """
     from plainlm.api import LLM
     from plainlm.chat import chat_loop
@@ -321,7 +321,7 @@ def serve(
         draft_tokens: Draft tokens checked per forward pass (default: adaptive, 1 to 8).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
-        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
+        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels), nf4 or fp4 (bitsandbytes).
     """
     # Before torch loads OpenMP: its idle threads sleep instead of spinning, which on a CPU server would take
     # the cores the engine's and the HTTP loop's Python threads need (int4 SmolLM2 on 2 cores, 16 clients:
@@ -449,6 +449,9 @@ COMMANDS = {
     "chat": Command("Talk with a model in its chat template", "plainlm.cli:chat"),
     "finetune": Command("Finetune a model (full, lora, dora, qlora) from a recipe", "plainlm.finetune:finetune"),
     "pretrain": Command("Pretrain a model on a folder of text from a recipe", "plainlm.pretrain:pretrain"),
+    "quantize": Command(
+        "Quantize a model to 4-bit GPTQ or round-to-nearest, as a Hugging Face GPTQ directory", "plainlm.gptq:quantize"
+    ),
     "merge-lora": Command("Fold a LoRA or DoRA adapter into its base model", "plainlm.cli:merge_lora"),
     "serve": Command(
         "Serve a model over an OpenAI-compatible HTTP API, with a chat page", "plainlm.cli:serve", repeatable=("lora",)

@@ -7,7 +7,7 @@ The method decides only how the model is prepared:
     full   every weight trains
     lora   low-rank adapters on `lora.targets`; the base is frozen
     dora   LoRA plus a learned magnitude per output row
-    qlora  the frozen base quantized (`quantize`: nf4 or int4), LoRA adapters on top
+    qlora  the frozen base quantized (`quantize`: nf4, fp4 or int4), LoRA adapters on top
 
 The loss decides only what a batch holds and what is minimised (objectives.py):
     sft                      instruction or chat records, next-token loss on the responses
@@ -40,7 +40,7 @@ from plainlm.objectives import (
     reference_fingerprint,
     reference_table,
 )
-from plainlm.quantize import quantize_model
+from plainlm.quantize import dequantize_model, quantize_model
 from plainlm.train import (
     OptimizerFactory,
     SchedulerFactory,
@@ -62,7 +62,7 @@ def prepare_model(llm: LLM, method: Method, lora: LoRAConfig, quantize: str) -> 
         for p in model.parameters():
             p.requires_grad_(True)
         return None
-    if method == "qlora":
+    if method == "qlora" and model.quantization is None:  # a GPTQ, AWQ or quantized base stays as it was saved
         quantize_model(model, quantize)
     adapters = lora_for_method(lora, method)
     inject_lora(model, adapters)
@@ -81,7 +81,7 @@ def finetune(
     train: TrainArgs = TrainArgs(),
     optimizer: OptimizerFactory | None = None,
     scheduler: SchedulerFactory | None = None,
-    quantize: Literal["nf4", "int4"] = "nf4",
+    quantize: Literal["nf4", "fp4", "int4"] = "nf4",
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
     device: str | None = None,
@@ -107,7 +107,9 @@ def finetune(
         train: Steps, batch sizes, schedule, precision, intervals.
         optimizer: class_path + init_args of a torch optimizer (default AdamW, lr 2e-4).
         scheduler: class_path + init_args of a torch lr scheduler (default: warm-up then cosine).
-        quantize: How qlora stores the frozen base: nf4 (bitsandbytes) or int4.
+        quantize: How qlora stores the frozen base: nf4 or fp4 (bitsandbytes) or int4. A base saved quantized
+            (GPTQ, AWQ, a plainlm int8/int4 checkpoint) is kept as it is; the merged model is then its
+            dequantized weights plus the adapter.
         resume: Continue a run in out_dir: true (its newest checkpoint, which must exist), auto (the newest
             checkpoint if there is one, else start fresh) or the path of a step-NNNNNN checkpoint.
         overwrite: Replace the run out_dir already holds (without it, or --resume, such a run is refused).
@@ -214,10 +216,12 @@ def export_final(
     (qlora) or sharded model is not what gets merged: a fresh full-precision base gets the trained weights.
     """
     model = llm.model
-    if method == "qlora" or trained is not None:
+    if method == "qlora" or trained is not None or model.quantization is not None:
         if trained is None:
             trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
         model = LLM.load(checkpoint_dir, device="cpu", dtype=dtype).model
+        if model.quantization is not None:  # a GPTQ or AWQ base: the merge goes into its dequantized weights
+            dequantize_model(model, model.embed.weight.dtype)
         if lora is not None:
             inject_lora(model, lora)
         unexpected = model.load_state_dict(trained, strict=False).unexpected_keys

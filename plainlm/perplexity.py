@@ -43,10 +43,10 @@ class Perplexity:
         )
 
 
-def read_documents(path: Path) -> list[str]:
-    """The documents of a .txt file (one) or a .jsonl file (each line's "text")."""
+def read_documents(path: Path, flag: str = "--perplexity") -> list[str]:
+    """The documents of a .txt file (one) or a .jsonl file (each line's "text"); `flag` names it in errors."""
     if not path.is_file():
-        raise MissingInput(f"--perplexity {path}: no such file")
+        raise MissingInput(f"{flag} {path}: no such file")
     if path.suffix != ".jsonl":
         return [path.read_text(encoding="utf-8")]
     documents = []
