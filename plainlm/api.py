@@ -116,7 +116,7 @@ class LLM:
 
         device: default "cuda" when available, else "cpu". dtype: default float32 on the CPU (exact;
         batch-1 bf16 decoding measured no faster on this project's AMX CPUs), bfloat16 on a GPU that has it.
-        quantize: "int8", "int4" or "nf4" quantizes the weights as they load (see quantize.py);
+        quantize: "int8", "int4", "nf4" or "fp4" quantizes the weights as they load (see quantize.py);
         a checkpoint saved quantized loads as it was saved, without this.
         """
         device = resolve_device(device)

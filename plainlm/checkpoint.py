@@ -338,7 +338,7 @@ def _load_quantized(
 ) -> GPT:
     """Build the quantized layers of a meta-device model straight from their saved tensors (no re-quantizing)."""
     mode = quantization["mode"]
-    nf4_layers = quantize.quantized_linear_names(model, mode) if mode == "nf4" else []
+    nf4_layers = quantize.quantized_linear_names(model, mode) if mode in quantize.BITSANDBYTES_MODES else []
     if quantization.get("packed"):  # a GPTQ or AWQ checkpoint's layers, as its loader made them
         quantize.empty_packed_model(model, {k: source.shape(k) for k in source.keys()}, quantization)
     else:
@@ -359,7 +359,9 @@ def _load_quantized(
         prefix = f"{name}."
         tensors = {k.removeprefix(prefix): cast(k) for k in nf4_keys if k.startswith(prefix)}
         if "weight" not in tensors:
-            raise CheckpointError(f"{directory}: no tensors for the nf4 layer {name!r}; the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{directory}: no tensors for the {mode} layer {name!r}; the checkpoint is incomplete"
+            )
         quantize.set_module(model, name, quantize.nf4_from_tensors(tensors, device))
     return quantize.finish_loading(model)
 

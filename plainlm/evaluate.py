@@ -86,7 +86,7 @@ def evaluate(
         max_length: The context in tokens (default: the model's).
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         dtype: float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU).
-        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels) or nf4 (bitsandbytes).
+        quantize: Quantize the weights as they load: int8 or int4 (CPU kernels), nf4 or fp4 (bitsandbytes).
     """
     if (tasks is None) == (perplexity is None):
         raise InvalidInput("give --tasks (lm-eval tasks) or --perplexity FILE (a text file to score), one of them")

@@ -190,7 +190,7 @@ def weight_bytes(model: nn.Module, method: str, quantize: str, param_bytes: int)
         quantized = {f"{name}.weight" for name in quantized_linear_names(model, quantize)}
         if quantize == "int4":  # int4 packs the embedding too (a tied head shares it)
             quantized.add("embed.weight")
-    per_param = NF4_BYTES_PER_PARAM if quantize == "nf4" else INT4_BYTES_PER_PARAM
+    per_param = NF4_BYTES_PER_PARAM if quantize in ("nf4", "fp4") else INT4_BYTES_PER_PARAM
     adapters = method in ("lora", "dora", "qlora")
     total = 0.0
     for name, p in model.named_parameters():  # a tied head is listed once

@@ -12,6 +12,8 @@ int4  groups of `group_size` inputs (default 64), asymmetric: w = (q - 8) * scal
       products). Where it cannot run (no VNNI, groups not a multiple of 16, rows not a multiple of
       16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed for it at load time.
 nf4   bitsandbytes' Linear4bit (NF4 blocks of 64, double-quantized scales): it also trains (QLoRA).
+fp4   the same with bitsandbytes' FP4 values (a 4-bit float, 1 sign, 2 exponent and 1 mantissa bits)
+      instead of NF4's normal quantiles.
 
 plainlm's kernels read the same bytes in their own order, tiles of 16 rows (`tile_int8`,
 `tile_nibbles`): an int8/int4 layer that runs them rearranges its matrix in place, and saves rows.
@@ -35,8 +37,9 @@ from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.kernels import int4_kernel_fits, int8_kernel_fits, kernel_input
 from plainlm.model import GPT
 
-MODES = ("int8", "int4", "nf4")
-DEFAULT_GROUP_SIZE = {"int8": None, "int4": 64, "nf4": 64}
+MODES = ("int8", "int4", "nf4", "fp4")
+BITSANDBYTES_MODES = ("nf4", "fp4")  # bitsandbytes' Linear4bit, by its quant_type
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 64, "nf4": 64, "fp4": 64}
 
 
 # --- the math of what is stored ---
@@ -348,18 +351,19 @@ class Int4Embedding(TiledWeight):
         return rows.to(self.dtype)
 
 
-def nf4_linear(linear: nn.Linear, blocksize: int) -> nn.Module:
-    """A bitsandbytes Linear4bit holding `linear`'s weights in NF4 (double-quantized scales, as QLoRA)."""
+def nf4_linear(linear: nn.Linear, blocksize: int, quant_type: str = "nf4") -> nn.Module:
+    """A bitsandbytes Linear4bit holding `linear`'s weights in NF4 or FP4 (`quant_type`; double-quantized
+    scales, as QLoRA)."""
     bnb = _bitsandbytes()
     weight = linear.weight.detach()
     packed, state = bnb.functional.quantize_4bit(
-        weight.contiguous(), blocksize=blocksize, compress_statistics=True, quant_type="nf4"
+        weight.contiguous(), blocksize=blocksize, compress_statistics=True, quant_type=quant_type
     )
     layer = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type="nf4", device="meta"
+        linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type=quant_type, device="meta"
     )
     layer.weight = bnb.nn.Params4bit(
-        packed, quant_state=state, blocksize=blocksize, quant_type="nf4", bnb_quantized=True, module=layer
+        packed, quant_state=state, blocksize=blocksize, quant_type=quant_type, bnb_quantized=True, module=layer
     )
     layer.quant_state = state
     if linear.bias is not None:
@@ -373,7 +377,8 @@ def nf4_from_tensors(tensors: dict[str, torch.Tensor], device: torch.device) -> 
     stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k.startswith("weight.")}
     weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, device=device)
     out_features, in_features = weight.quant_state.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias="bias" in tensors, quant_type="nf4", device="meta")
+    quant_type = weight.quant_state.quant_type  # nf4 or fp4, as saved
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias="bias" in tensors, quant_type=quant_type, device="meta")
     layer.weight, layer.quant_state = weight, weight.quant_state
     weight.module = layer
     if "bias" in tensors:
@@ -390,10 +395,10 @@ def _without_cpu_repacking(layer: nn.Module) -> nn.Module:
 
 def _bitsandbytes():  # noqa: ANN202 (imported on use: an optional dependency)
     try:
-        # on use: bitsandbytes is optional, for nf4 only
+        # on use: bitsandbytes is optional, for nf4 and fp4 only
         import bitsandbytes
     except ImportError:
-        raise ImportError("nf4 needs bitsandbytes: pip install 'plainlm[quantize]'") from None
+        raise ImportError("nf4 and fp4 need bitsandbytes: pip install 'plainlm[quantize]'") from None
     return bitsandbytes
 
 
@@ -406,9 +411,9 @@ def quantized_linear_names(model: GPT, mode: str) -> list[str]:
         # The MoE router stays in float: it is tiny, and its top-k choice is what rounding would flip.
         if isinstance(module, nn.Linear) and not name.endswith("router")
     ]
-    # nf4 keeps a tied head in float, tied: bitsandbytes has no 4-bit embedding that saves,
+    # nf4/fp4 keep a tied head in float, tied: bitsandbytes has no 4-bit embedding that saves,
     # and QLoRA leaves the head in float anyway.
-    if not (mode == "nf4" and model.config.tie_embeddings):
+    if not (mode in BITSANDBYTES_MODES and model.config.tie_embeddings):
         names.append("lm_head")
     return names
 
@@ -416,14 +421,14 @@ def quantized_linear_names(model: GPT, mode: str) -> list[str]:
 def quantize_model(model: GPT, mode: str, group_size: int | None = None) -> GPT:
     """Quantize `model`'s weights in place, one layer at a time, and return it.
 
-    mode: "int8", "int4" or "nf4". group_size: int4's group (default 64) or nf4's block (64).
+    mode: "int8", "int4", "nf4" or "fp4". group_size: int4's group (default 64) or nf4/fp4's block (64).
     """
     group_size = check_mode(mode, group_size, model.embed.weight.device)
     with torch.no_grad():
         for name in quantized_linear_names(model, mode):
             linear = model.get_submodule(name)
             set_module(model, name, _quantize_linear(linear, mode, group_size).train(linear.training))
-        if mode != "nf4":
+        if mode not in BITSANDBYTES_MODES:
             model.embed = _quantize_embedding(model, mode, group_size)
     model.quantization = {"mode": mode, "group_size": group_size}
     return use_cpu_kernels(model)  # q/k/v and gate/up in one kernel call each
@@ -442,8 +447,8 @@ def check_mode(mode: str, group_size: int | None, device: torch.device) -> int |
 
 
 def _quantize_linear(linear: nn.Linear, mode: str, group_size: int | None) -> nn.Module:
-    if mode == "nf4":
-        return nf4_linear(linear, group_size)
+    if mode in BITSANDBYTES_MODES:
+        return nf4_linear(linear, group_size, quant_type=mode)
     layer = _empty_linear(linear, mode, group_size)
     if mode == "int8":
         layer.weight, layer.scales = quantize_int8(linear.weight)
@@ -491,8 +496,9 @@ def empty_quantized_model(model: GPT, mode: str, group_size: int | None, dtype: 
     group_size = check_mode(mode, group_size, torch.device("meta"))
     for name in quantized_linear_names(model, mode):
         linear = model.get_submodule(name)
-        set_module(model, name, nn.Identity() if mode == "nf4" else _empty_linear(linear, mode, group_size))
-    if mode != "nf4":
+        bnb = mode in BITSANDBYTES_MODES
+        set_module(model, name, nn.Identity() if bnb else _empty_linear(linear, mode, group_size))
+    if mode not in BITSANDBYTES_MODES:
         model.embed = _empty_embedding(*model.embed.weight.shape, mode, group_size, dtype)
     model.quantization = {"mode": mode, "group_size": group_size}
     return model

@@ -205,7 +205,9 @@ def test_real_model_lora_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "quantize"), [("dora", "nf4"), ("qlora", "nf4"), ("qlora", "int4")])
+@pytest.mark.parametrize(
+    ("method", "quantize"), [("dora", "nf4"), ("qlora", "nf4"), ("qlora", "fp4"), ("qlora", "int4")]
+)
 def test_dora_and_qlora_train_and_export(tiny_hf_dir: Path, tmp_path: Path, method: str, quantize: str) -> None:
     extra = ("--train.save_interval", "2", "--quantize", quantize)
     result = run_cli(*finetune_args(tiny_hf_dir, tmp_path, method, 2, *extra))

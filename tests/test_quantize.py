@@ -34,7 +34,7 @@ from plainlm.quantize import (
 
 bnb = pytest.importorskip("bitsandbytes")
 
-MODES = ["int8", "int4", "nf4"]
+MODES = ["int8", "int4", "nf4", "fp4"]
 # vocab 250: not a multiple of 16, so the int4 head takes the padded path.
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128, vocab_size=250, block_size=128)
 
@@ -95,10 +95,11 @@ def test_int4_groups_span_their_weights() -> None:
     assert (error <= scales / 2 * 1.05).all()  # every weight within half a step of its group's grid
 
 
-def test_nf4_linear_matches_bitsandbytes_dequantized_weight() -> None:
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_and_fp4_linear_match_bitsandbytes_dequantized_weight(quant_type: str) -> None:
     fp = linear(128, 64)
-    layer = quantize.nf4_linear(fp, 64)
-    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == "nf4"
+    layer = quantize.nf4_linear(fp, 64, quant_type)
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == quant_type
     w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert 0 < (w - fp.weight).abs().max() < 0.2 * fp.weight.abs().max()
     x = torch.randn(4, 128)
@@ -136,7 +137,8 @@ def test_int8_and_int4_pass_gradients_to_the_input(mode: str) -> None:
 # Random weights leave near-ties among 250 logits, so 4-bit modes flip some top-1 choices (0.56-0.95
 # over five seeds); int8 stays within rounding (cosine 0.9999, top-1 0.95-0.99).
 @pytest.mark.parametrize(
-    ("mode", "min_cosine", "min_top1"), [("int8", 0.9995, 0.9), ("int4", 0.975, 0.5), ("nf4", 0.975, 0.5)]
+    ("mode", "min_cosine", "min_top1"),
+    [("int8", 0.9995, 0.9), ("int4", 0.975, 0.5), ("nf4", 0.975, 0.5), ("fp4", 0.97, 0.5)],
 )
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_stay_close_to_fp32(mode: str, min_cosine: float, min_top1: float, tie: bool) -> None:
@@ -150,7 +152,7 @@ def test_logits_stay_close_to_fp32(mode: str, min_cosine: float, min_top1: float
     top1 = (logits.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert cosine > min_cosine and top1 >= min_top1, (cosine, top1)
     assert model.quantization == {"mode": mode, "group_size": quantize.DEFAULT_GROUP_SIZE[mode]}
-    if mode != "nf4" and tie:  # one quantized matrix serves the lookup and the head
+    if mode not in quantize.BITSANDBYTES_MODES and tie:  # one quantized matrix serves the lookup and the head
         assert model.lm_head.weight is model.embed.weight
 
 
@@ -239,7 +241,7 @@ def test_save_and_load_are_exact_and_never_requantize(
     with torch.no_grad():
         assert torch.equal(model(idx), loaded(idx))
     assert loaded.quantization == model.quantization
-    if tie and mode != "nf4":
+    if tie and mode not in quantize.BITSANDBYTES_MODES:
         assert loaded.lm_head.weight is loaded.embed.weight
 
 
