@@ -450,7 +450,7 @@ COMMANDS = {
     "finetune": Command("Finetune a model (full, lora, dora, qlora) from a recipe", "plainlm.finetune:finetune"),
     "pretrain": Command("Pretrain a model on a folder of text from a recipe", "plainlm.pretrain:pretrain"),
     "quantize": Command(
-        "Quantize a model to 4-bit GPTQ or round-to-nearest, as a Hugging Face GPTQ directory", "plainlm.gptq:quantize"
+        "Quantize a model to 4 bits (GPTQ, AWQ, round-to-nearest) as a Hugging Face directory", "plainlm.gptq:quantize"
     ),
     "merge-lora": Command("Fold a LoRA or DoRA adapter into its base model", "plainlm.cli:merge_lora"),
     "serve": Command(

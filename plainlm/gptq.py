@@ -1,5 +1,5 @@
-"""`plainlm quantize`: a model's Linear layers to 4-bit GPTQ or round-to-nearest, written as a Hugging Face
-GPTQ directory that plainlm (convert/hf_quantized.py) and transformers' GPTQ integration load.
+"""`plainlm quantize`: a model's Linear layers to 4 bits by GPTQ, AWQ or round-to-nearest, written as a
+Hugging Face GPTQ (AWQ) directory that plainlm (convert/hf_quantized.py) and transformers' integrations load.
 
     plainlm quantize SmolLM2-135M-Instruct.gguf out/smollm2-gptq --method gptq --group_size 128 \\
         --calibration data/pretrain/stories-1.txt
@@ -19,6 +19,8 @@ gptq  Frantar et al. (2022): the columns of W (N, K) are rounded one at a time, 
       factor of the inverse drives the updates, 128 columns a block with the error carried to the rest in
       one product. `--act_order` takes the columns in decreasing order of H's diagonal (the inputs with the
       largest activations first); the groups are then formed in that order, and g_idx records it.
+awq   AWQ's activation-aware scales (awq.py) searched and folded into the layers before them, then
+      round-to-nearest; written in AWQ's GEMM layout.
 
 The model goes through the calibration text block by block: the inputs of one transformer block for every
 sample are kept (samples x length x width floats), its Linear layers' Hessians gathered in one pass (layers
@@ -37,13 +39,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from plainlm import awq
 from plainlm.errors import InvalidInput
 from plainlm.model import GPT
 from plainlm.perplexity import read_documents
 from plainlm.quantize import Int4Linear, pack_nibbles, set_module
 from plainlm.tokenizer import Tokenizer
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 MAX_Q = 15  # 4 bits
 BLOCK_COLUMNS = 128  # GPTQ's lazy batch: columns rounded before their error is carried to the rest at once
 
@@ -250,15 +253,16 @@ def quantize_blocks(
     batch_size: int = 8,
     log: callable = print,
 ) -> GPT:
-    """Quantize every Linear in `model`'s blocks with `method` ("rtn" or "gptq", which needs `calibration`
-    ids (samples, length)), in place, block by block; they become int4 layers in GPTQ's layout (float32 pairs,
-    an input order with act_order). group_size -1: one group a row."""
+    """Quantize every Linear in `model`'s blocks with `method` ("rtn", or "gptq" and "awq", which need
+    `calibration` ids (samples, length)), in place, block by block; they become int4 layers in GPTQ's layout
+    (float32 pairs, an input order with act_order). group_size -1: one group a row."""
     if model.config.n_expert:
         raise InvalidInput("plainlm quantize does not handle mixture-of-experts models yet; use --quantize int4")
     batches = [] if calibration is None else list(calibration.split(batch_size))
+    calibrated = method in ("gptq", "awq")
     with torch.no_grad():
-        arguments = block_arguments(model, batches[0]) if method == "gptq" else []
-        inputs = [first_block_input(model, batch) for batch in batches] if method == "gptq" else []
+        arguments = block_arguments(model, batches[0]) if calibrated else []
+        inputs = [first_block_input(model, batch) for batch in batches] if calibrated else []
         for index, block in enumerate(model.blocks):
             started = time.perf_counter()
             layers = {
@@ -266,18 +270,25 @@ def quantize_blocks(
                 for name, module in block.named_modules()
                 if isinstance(module, nn.Linear) and not name.endswith("router")
             }
-            sums = HessianSums(layers) if method == "gptq" else None
-            for x in inputs:
-                block(x, *arguments[index])
-                sums.end_pass()
-            results = {}
             for name, linear in layers.items():
-                G = linear.in_features if group_size == -1 else group_size
-                if linear.in_features % G:
+                if group_size != -1 and linear.in_features % group_size:
                     raise InvalidInput(
                         f"--group_size {group_size} does not divide the {linear.in_features} inputs of "
                         f"blocks.{index}.{name}; pass one that does (32, 64 and 128 divide most models), or -1"
                     )
+            sums = HessianSums(layers) if method == "gptq" else None
+            samples = awq.InputSamples(block, len(inputs)) if method == "awq" else None
+            for x in inputs:
+                block(x, *arguments[index])
+                if sums is not None:
+                    sums.end_pass()
+            if samples is not None:
+                awq.scale_block(
+                    block, samples.remove(), group_size, sym, _rounded, not model.config.shared_attention_norm
+                )
+            results = {}
+            for name, linear in layers.items():
+                G = linear.in_features if group_size == -1 else group_size
                 if method == "gptq":
                     results[name] = gptq(linear.weight, sums.hessian(name), G, sym, act_order, damp)
                 else:
@@ -289,8 +300,13 @@ def quantize_blocks(
             for name, result in results.items():
                 set_module(block, name, result.int4_linear(layers[name].bias))
             log(f"block {index}: {len(layers)} layers, {time.perf_counter() - started:.1f} s")
-    model.quantization = {"mode": "int4", "group_size": group_size, "packed": "gptq"}
+    model.quantization = {"mode": "int4", "group_size": group_size, "packed": "awq" if method == "awq" else "gptq"}
     return model
+
+
+def _rounded(weight: torch.Tensor, group_size: int, sym: bool) -> torch.Tensor:
+    """A weight rounded to nearest on GPTQ's grid, as floats (AWQ's search rounds its candidates so)."""
+    return rtn(weight, weight.shape[1] if group_size == -1 else group_size, sym).dequantized()
 
 
 # --- the command ---
@@ -320,20 +336,21 @@ def quantize(
     length: int = 512,
     damp: float = 0.01,
 ) -> None:
-    """Quantize a model's Linear layers to 4 bits and write a Hugging Face GPTQ directory.
+    """Quantize a model's Linear layers to 4 bits and write a Hugging Face GPTQ (or AWQ) directory.
 
     Args:
         model: A plainlm checkpoint, a Hugging Face model directory or a .gguf file, in float.
-        out_dir: The GPTQ directory to write (config.json with its quantization_config, safetensors,
+        out_dir: The GPTQ (AWQ) directory to write (config.json with its quantization_config, safetensors,
             tokenizer); `LLM.load` and transformers' GPTQ integration load it.
-        method: gptq (error-compensated rounding from calibration text) or rtn (round to nearest).
+        method: gptq (error-compensated rounding from calibration text), awq (activation-aware scales
+            from calibration text, then round to nearest) or rtn (round to nearest).
         bits: Bits a weight: 4.
         group_size: Inputs sharing one scale and zero point; -1 for one group a row.
         act_order: gptq: round the inputs with the largest activations first (desc_act).
         sym: A grid symmetric about 0 (zero point 8) instead of one fitted to each group's range.
-        calibration: gptq: a .txt file, or .jsonl with a "text" field a line, of text like the model's use.
-        samples: gptq: windows of calibration text.
-        length: gptq: tokens a window.
+        calibration: gptq, awq: a .txt file, or .jsonl with a "text" field a line, of text like the model's use.
+        samples: gptq, awq: windows of calibration text.
+        length: gptq, awq: tokens a window.
         damp: gptq: added to the Hessian's diagonal, as a fraction of its mean.
     """
     from plainlm.api import LLM  # on use: the command loads a model, the module's functions do not
@@ -346,15 +363,15 @@ def quantize(
         raise InvalidInput(f"--bits {bits} is not supported; plainlm quantize writes 4 bits")
     if group_size != -1 and group_size < 1:
         raise InvalidInput(f"--group_size {group_size} is not a size; pass a positive size, or -1 for whole rows")
-    if method == "gptq" and calibration is None:
-        raise InvalidInput("--method gptq needs --calibration FILE (.txt or .jsonl) of text like the model's use")
+    if method != "rtn" and calibration is None:
+        raise InvalidInput(f"--method {method} needs --calibration FILE (.txt or .jsonl) of text like the model's use")
     if samples < 1 or length < 2 or damp < 0:
         raise InvalidInput("--samples must be >= 1, --length >= 2 and --damp >= 0")
     out = check_output_path(out_dir, "out_dir")
     llm = LLM.load(model, dtype="float32")
     if llm.model.quantization is not None:
         raise InvalidInput(f"{model} is already quantized ({llm.model.quantization['mode']}); quantize a float model")
-    ids = calibration_ids(llm.tokenizer, calibration, samples, length) if method == "gptq" else None
+    ids = calibration_ids(llm.tokenizer, calibration, samples, length) if method != "rtn" else None
     started = time.perf_counter()
     quantize_blocks(llm.model, method, group_size, sym, act_order, damp, ids)
     with tempfile.TemporaryDirectory(prefix="plainlm-quantize-") as scratch:

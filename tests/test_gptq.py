@@ -64,8 +64,32 @@ def test_the_grid_is_gptqs_and_the_int4_layer_holds_it_exactly() -> None:
     assert layer_result.q.min() >= 0 and layer_result.q.max() <= 15
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_awqs_scales_leave_the_float_block_unchanged(family: str) -> None:
+    """Scaling a layer's input channels and dividing what produces them (a norm, v_proj's or up_proj's rows)
+    is exact in float: the block computes what it did; only the rounding then sees other weights."""
+    from plainlm.awq import InputSamples, scale_block
+    from plainlm.gptq import block_arguments, first_block_input
+    from tests.helpers import tiny_gpt
+
+    fields = dict(n_head=4, n_kv_head=4)  # one key/value head a query head: o_proj is scaled too
+    if family == "gemma3":
+        fields.update(norm_unit_offset=True, post_attention_norm=True, post_mlp_norm=True, qk_norm="head")
+    model = tiny_gpt(seed=3, std=0.3, **fields).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        arguments, x = block_arguments(model, ids), first_block_input(model, ids)
+        block = model.blocks[0]
+        expected = block(x, *arguments[0])
+        samples = InputSamples(block, 1)
+        block(x, *arguments[0])
+        scaled = scale_block(block, samples.remove(), 16, False, lambda w, g, s: w.round(decimals=1))
+        assert sorted(scaled) == ["down_proj", "gate_proj", "o_proj", "q_proj"]
+        torch.testing.assert_close(block(x, *arguments[0]), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_quantize_writes_a_gptq_directory_that_loads_back(tiny_hf_dir: Path, tmp_path: Path) -> None:
-    for method, act_order in (("rtn", False), ("gptq", True)):
+    for method, act_order in (("rtn", False), ("gptq", True), ("awq", False)):
         out = tmp_path / method
         quantize(
             tiny_hf_dir,
@@ -78,7 +102,8 @@ def test_quantize_writes_a_gptq_directory_that_loads_back(tiny_hf_dir: Path, tmp
             length=32,
         )
         config = json.loads((out / "config.json").read_text())["quantization_config"]
-        assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["desc_act"] == act_order
+        assert config["quant_method"] == ("awq" if method == "awq" else "gptq") and config["bits"] == 4
+        assert config.get("desc_act", False) == act_order
         llm = LLM.load(out)
         layer = llm.model.blocks[0].mlp.down_proj
         assert isinstance(layer, Int4Linear) and (layer.input_order is not None) == act_order
@@ -89,7 +114,7 @@ def test_quantize_writes_a_gptq_directory_that_loads_back(tiny_hf_dir: Path, tmp
 def test_quantize_refuses_bad_settings_naming_them(tiny_hf_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cases = [
-        (dict(method="awq2"), "--method 'awq2' is not one of rtn, gptq"),
+        (dict(method="awq2"), "--method 'awq2' is not one of rtn, gptq, awq"),
         (dict(bits=8), "--bits 8 is not supported"),
         (dict(group_size=0), "--group_size 0 is not a size"),
         (dict(method="gptq"), "--method gptq needs --calibration FILE"),

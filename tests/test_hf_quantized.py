@@ -262,26 +262,44 @@ def unpacked(words_: torch.Tensor) -> torch.Tensor:
     return ((words_[..., None] >> (4 * torch.arange(8, dtype=torch.int32))) & 15).flatten(-2).long()
 
 
+def awq_unpacked(words_: torch.Tensor) -> torch.Tensor:
+    """AWQ's words (R, W) -> (R, 8 * W) values in column order: nibble i of a word is column AWQ_ORDER[i]."""
+    nibbles = unpacked(words_)
+    return nibbles.view(nibbles.shape[0], -1, 8)[..., torch.tensor(AWQ_ORDER).argsort()].flatten(-2)
+
+
 @pytest.mark.parametrize("scheme", [Scheme("gptq", 32, act_order=True), Scheme("awq", 32), Scheme("gptq", -1)], ids=str)
-def test_to_hf_writes_the_same_weights_back_as_gptq(scheme: Scheme, tmp_path: Path) -> None:
+def test_to_hf_writes_the_same_weights_back_in_their_format(scheme: Scheme, tmp_path: Path) -> None:
     _, layers = write_packed_model(tmp_path / "in", scheme)
     convert_from_hf(tmp_path / "in", tmp_path / "plainlm")
     convert_to_hf(tmp_path / "plainlm", tmp_path / "out")
     quantization = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert quantization == {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": scheme.group_size,
-        "desc_act": scheme.act_order,
-        "sym": False,
-        "checkpoint_format": "gptq_v2",
-    }
+    if scheme.method == "awq":
+        assert quantization == {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": 32,
+            "zero_point": True,
+            "version": "gemm",
+        }
+    else:  # written as v2: zero points as they are
+        assert quantization == {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": scheme.group_size,
+            "desc_act": scheme.act_order,
+            "sym": False,
+            "checkpoint_format": "gptq_v2",
+        }
     state = load_file(tmp_path / "out" / "model.safetensors")
-    for prefix, packed in layers.items():  # read back by GPTQ's definition, not by plainlm's reader
-        q = unpacked(state[f"{prefix}.qweight"].T).T
-        written = PackedLinear(
-            q, unpacked(state[f"{prefix}.qzeros"]), state[f"{prefix}.scales"], state[f"{prefix}.g_idx"]
-        )
+    for prefix, packed in layers.items():  # read back by the format's definition, not by plainlm's reader
+        if scheme.method == "awq":
+            q, zeros = awq_unpacked(state[f"{prefix}.qweight"]), awq_unpacked(state[f"{prefix}.qzeros"])
+            g_idx = torch.arange(q.shape[0]) // scheme.group_size
+        else:
+            q, zeros = unpacked(state[f"{prefix}.qweight"].T).T, unpacked(state[f"{prefix}.qzeros"])
+            g_idx = state[f"{prefix}.g_idx"]
+        written = PackedLinear(q, zeros, state[f"{prefix}.scales"], g_idx)
         assert torch.equal(written.exact(), packed.exact()), prefix
     again = load_hf_model(tmp_path / "out")
     for name, tensor in load_hf_model(tmp_path / "in").state_dict().items():

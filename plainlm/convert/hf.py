@@ -28,7 +28,7 @@ from plainlm.checkpoint import (
 )
 from plainlm.config import Config
 from plainlm.convert.hf_config import config_from_hf, config_to_hf
-from plainlm.convert.hf_quantized import PackedLayers, gptq_config, gptq_tensors, read_packed_format
+from plainlm.convert.hf_quantized import PackedLayers, packed_config, packed_tensors, read_packed_format
 from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
@@ -108,17 +108,20 @@ def _find_key(source: TensorSource, name: str) -> str | None:
 
 
 def plainlm_to_hf_tensors(
-    config: Config, get: Callable[[str], torch.Tensor], packed: dict[str, bool] | None = None
+    config: Config,
+    get: Callable[[str], torch.Tensor],
+    packed: dict[str, bool] | None = None,
+    method: str = "gptq",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Hugging Face tensors from ours, read through `get(name)` one rule at a time. `packed`: the layers held
     as a GPTQ or AWQ checkpoint's int4 (hf_quantized.py), and whether each has an input order: written as
-    GPTQ layers."""
+    `method`'s layers ("gptq" or "awq")."""
     packed = packed or {}
     for rule in weight_rules(config):
         layer = rule.ours[0].removesuffix(".weight")
         if layer in packed:
             order = get(f"{layer}.input_order") if packed[layer] else None
-            tensors = gptq_tensors(get(rule.ours[0]), get(f"{layer}.scales_and_zeros"), order, layer)
+            tensors = packed_tensors(method, get(rule.ours[0]), get(f"{layer}.scales_and_zeros"), order, layer)
             yield from ((f"{rule.hf.removesuffix('.weight')}.{suffix}", t) for suffix, t in tensors.items())
         else:
             yield rule.hf, rule.join([get(name) for name in rule.ours])
@@ -190,13 +193,15 @@ def convert_to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAU
         for name in (k.removesuffix(".scales_and_zeros") for k in source.keys() if k.endswith(".scales_and_zeros"))
     }
     dst.mkdir(parents=True, exist_ok=True)
-    save_tensors(plainlm_to_hf_tensors(config, source.get, packed), dst, max_shard_bytes=max_shard_bytes)
+    written = packed_config(quantization, any(packed.values())) if packed else None
+    method = written["quant_method"] if written else "gptq"
+    save_tensors(plainlm_to_hf_tensors(config, source.get, packed, method), dst, max_shard_bytes=max_shard_bytes)
     hf_config = config_to_hf(config)
     dtype = _dtype_name(source)
     if dtype and "torch_dtype" not in hf_config and "dtype" not in hf_config:
         hf_config["torch_dtype"] = dtype
-    if packed:
-        hf_config["quantization_config"] = gptq_config(quantization, any(packed.values()))
+    if written:
+        hf_config["quantization_config"] = written
     atomic_write_text(dst / "config.json", json.dumps(hf_config, indent=2))
     copy_tokenizer_files(src, dst)
     return dst

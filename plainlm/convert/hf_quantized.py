@@ -244,10 +244,13 @@ def input_order(g_idx: torch.Tensor, groups: int, origin: str) -> torch.Tensor |
     return torch.argsort(g_idx, stable=True)
 
 
-# --- writing GPTQ (convert to-hf of a model loaded from GPTQ or AWQ) ---
-def gptq_tensors(weight: torch.Tensor, scales_and_zeros: torch.Tensor, order: torch.Tensor | None, where: str) -> dict:
-    """A packed int4 layer's saved tensors (nibble rows (N, K/2), float32 pairs, input order or None) as a
-    GPTQ layer's qweight, qzeros (v2: zero points as they are), fp16 scales and g_idx: the same weights."""
+# --- writing GPTQ and AWQ (convert to-hf of a model loaded from them or made by `plainlm quantize`) ---
+def packed_tensors(
+    method: str, weight: torch.Tensor, scales_and_zeros: torch.Tensor, order: torch.Tensor | None, where: str
+) -> dict[str, torch.Tensor]:
+    """A packed int4 layer's saved tensors (nibble rows (N, K/2), float32 pairs, input order or None) as a GPTQ
+    layer's (qweight, qzeros with the zero points as they are (v2), fp16 scales, g_idx) or, for "awq", an AWQ
+    GEMM layer's (qweight, qzeros, scales): the same weights."""
     q = unpack_nibbles(weight).long()  # (N, K), the inputs in group order
     if order is not None:
         q = torch.empty_like(q).index_copy_(1, order, q)
@@ -255,9 +258,15 @@ def gptq_tensors(weight: torch.Tensor, scales_and_zeros: torch.Tensor, order: to
     zeros = 8 - zero / scale
     if not (torch.equal(scale.half().float(), scale) and torch.equal(zeros, zeros.round())):
         raise CheckpointError(
-            f"{where}: its scales are not fp16 with whole zero points, so GPTQ cannot hold them; write this "
+            f"{where}: its scales are not fp16 with whole zero points, so {method} cannot hold them; write this "
             "model as a float checkpoint (convert from-hf --dtype) or quantize it with `plainlm quantize`"
         )
+    if method == "awq":  # packed along the outputs, in AWQ's order within each word
+        return {
+            "qweight": pack_words(q.T[..., _awq_columns(q.shape[0])], 4),
+            "qzeros": pack_words(zeros.long()[..., _awq_columns(q.shape[0])], 4),
+            "scales": scale.half(),
+        }
     K, groups = q.shape[1], scale.shape[0]
     sorted_groups = torch.arange(K) // (K // groups)
     g_idx = sorted_groups if order is None else torch.empty_like(sorted_groups).index_copy_(0, order, sorted_groups)
@@ -269,6 +278,11 @@ def gptq_tensors(weight: torch.Tensor, scales_and_zeros: torch.Tensor, order: to
     }
 
 
+def _awq_columns(outputs: int) -> torch.Tensor:
+    """The column order that packs into AWQ's words: each eight in the order 0 2 4 6 1 3 5 7."""
+    return (torch.arange(outputs).view(-1, 8)[:, list(AWQ_ORDER)]).flatten()
+
+
 def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
     """(R, C) values -> (R, C * bits / 32) int32 words, lowest bits first: _unpack_words's inverse."""
     grouped = values.reshape(values.shape[0], -1, 32 // bits).long()
@@ -276,8 +290,17 @@ def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
 
 
-def gptq_config(quantization: dict, ordered: bool) -> dict:
-    """The quantization_config of a GPTQ directory written from a packed checkpoint's quantization.json."""
+def packed_config(quantization: dict, ordered: bool) -> dict:
+    """The quantization_config of a GPTQ or AWQ directory written from a packed checkpoint's quantization.json
+    (an AWQ one stays AWQ unless an input order asks for GPTQ's g_idx)."""
+    if quantization.get("packed") == "awq" and not ordered:
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": quantization["group_size"],
+            "zero_point": True,
+            "version": "gemm",
+        }
     return {
         "quant_method": "gptq",
         "bits": 4,
