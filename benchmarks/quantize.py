@@ -13,6 +13,10 @@ utilisation (against the read bandwidth measured as benchmarks/inference.py does
 thread count), agreement with our fp32 over the AGREE_PROMPTS, and the issue-3 targets, met or not.
 `--compile` adds fp32, int8 and int4 with the decode step under torch.compile (`generate(compile=True)`),
 and int8 and int4 with `compile="reduce-overhead"` (the first run of those compiles for minutes).
+`--gptq` adds int4 made by `plainlm quantize`'s methods in GPTQ's layout at group size 64: round-to-nearest
+on GPTQ's grid, GPTQ with act order and AWQ (both calibrated on 32 windows of 256 tokens of
+data/pretrain/stories-1.txt), with the seconds each took, and a held-out perplexity table (data/pretrain/
+tales.txt, never calibrated on) with the share of the round-to-nearest gap to fp32 each closes.
 
 Agreement is measured two ways. Free-running: each side generates greedily and positions are
 compared one by one, so one early flip between two near-equal logits fails every later position.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,6 +42,7 @@ from inference import memory_bandwidth_gbs  # benchmarks/inference.py, beside th
 
 from plainlm.convert.gguf import load_gguf_model, read_gguf
 from plainlm.generate import generate, generate_tokens
+from plainlm.gptq import calibration_ids, quantize_blocks
 from plainlm.kernel_layers import use_cpu_kernels
 from plainlm.packaged_models import smollm2_gguf
 from plainlm.quantize import Int4Linear, quantize_model, weight_bytes
@@ -49,6 +55,7 @@ PROMPTS = [
     "List three uses of a hash table in programming.",
 ]
 AGREE_TOKENS = 30
+DATA = Path(__file__).resolve().parents[1] / "data" / "pretrain"
 AGREE_PROMPTS = PROMPTS + [
     "What is the capital of France?",
     "How do I reverse a list in Python?",
@@ -163,6 +170,18 @@ def forced_argmax(model: torch.nn.Module, ids: list[int], continuation: list[int
     return logits[0, len(ids) - 1 :].argmax(-1).tolist()
 
 
+def heldout_perplexity(model: torch.nn.Module, ids: list[int], window: int = 512) -> float:
+    """exp of the mean next-token loss over `ids` in consecutive windows (each starts afresh)."""
+    losses, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window + 1]])
+            logits = model(chunk[:, :-1])
+            losses += torch.nn.functional.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+    return math.exp(losses / count)
+
+
 def read_bytes_per_token(model: torch.nn.Module) -> int:
     """Resident weight bytes less the nibble rows of int4 layers run by PyTorch's kernel (it reads `packed`);
     plainlm's int4 kernel reads its tiles, the same bytes as the rows in its own order, and there is no copy."""
@@ -178,6 +197,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time compiled decode steps (see above)")
     parser.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python)")
     parser.add_argument("--lcpp_venv", type=Path, default=Path("/tmp/lcpp"))
+    parser.add_argument("--gptq", action="store_true", help="also plainlm quantize's rtn, gptq and awq (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gguf = smollm2_gguf()
@@ -188,6 +208,8 @@ def main() -> None:
         tokenizer = Tokenizer(tmp)
         chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in AGREE_PROMPTS]
         prompts = [tokenizer.encode(chat, bos=False) for chat in chats]
+        calibration = calibration_ids(tokenizer, DATA / "stories-1.txt", 32, 256) if args.gptq else None
+        held_out = tokenizer.encode((DATA / "tales.txt").read_text(encoding="utf-8"))
     state = {k: v.clone() for k, v in base.state_dict().items()}  # quantize_model works in place
 
     def fresh() -> torch.nn.Module:
@@ -197,6 +219,13 @@ def main() -> None:
 
     ours = {"fp32": base, "bf16": fresh().to(torch.bfloat16)}
     ours |= {mode: quantize_model(fresh(), mode) for mode in ("int8", "int4", "nf4")}
+    quantize_seconds = {}
+    for method in ("rtn", "gptq", "awq") if args.gptq else ():
+        started = time.perf_counter()
+        ours[f"int4 {method}"] = quantize_blocks(
+            fresh(), method, 64, act_order=method == "gptq", calibration=calibration, log=lambda line: None
+        )
+        quantize_seconds[method] = time.perf_counter() - started
     runners = {f"plainlm {k}": (lambda ids, n, m=m: run_ours(m, ids, n)) for k, m in ours.items()}
     forward = {f"plainlm {k}": m for k, m in ours.items()}
     read_bytes = {f"plainlm {k}": read_bytes_per_token(m) for k, m in ours.items()}
@@ -276,6 +305,18 @@ def main() -> None:
             f"| {resident[name] / 1e6:.1f} | {resident[name] / resident['plainlm fp32']:.3f} | {mbu:.0%} "
             f"| {agree[name]:.0%} / {forced[name]:.0%} |"
         )
+
+    if args.gptq:
+        print(f"\nseconds to quantize (plainlm quantize's methods, group size 64): {quantize_seconds}")
+        scores = {
+            name: heldout_perplexity(ours[name], held_out)
+            for name in ("fp32", "int4", *map("int4 {}".format, quantize_seconds))
+        }
+        gap = scores["int4 rtn"] - scores["fp32"]
+        print(f"\nheld-out perplexity (tales.txt, {len(held_out)} tokens)\n")
+        print("| model | perplexity | gap to round-to-nearest closed |\n|---|---|---|")
+        for name, score in scores.items():
+            print(f"| plainlm {name} | {score:.3f} | {(scores['int4 rtn'] - score) / gap:.0%} |")
 
     fp32 = tps["plainlm fp32"]
     best_quantized = max(

@@ -43,7 +43,7 @@ from plainlm import awq
 from plainlm.errors import InvalidInput
 from plainlm.model import GPT
 from plainlm.perplexity import read_documents
-from plainlm.quantize import Int4Linear, pack_nibbles, set_module
+from plainlm.quantize import Int4Linear, finish_loading, pack_nibbles, set_module, zero_point_pairs
 from plainlm.tokenizer import Tokenizer
 
 METHODS = ("rtn", "gptq", "awq")
@@ -76,8 +76,7 @@ class QuantizedLayer:
             K, N, bias is not None, K // self.scales.shape[0], "meta", torch.float32, self.order is not None
         )
         layer.weight = pack_nibbles(self.q.to(torch.uint8))
-        scale = self.scales.float()
-        layer.scales_and_zeros = torch.stack((scale, (8 - self.zeros).float() * scale), dim=-1)
+        layer.scales_and_zeros = zero_point_pairs(self.scales, self.zeros)
         if self.order is not None:
             layer.input_order = self.order
         if bias is not None:
@@ -301,7 +300,7 @@ def quantize_blocks(
                 set_module(block, name, result.int4_linear(layers[name].bias))
             log(f"block {index}: {len(layers)} layers, {time.perf_counter() - started:.1f} s")
     model.quantization = {"mode": "int4", "group_size": group_size, "packed": "awq" if method == "awq" else "gptq"}
-    return model
+    return finish_loading(model)  # as a loaded one: q, k and v of one act order share it and one kernel call
 
 
 def _rounded(weight: torch.Tensor, group_size: int, sym: bool) -> torch.Tensor:

@@ -68,6 +68,14 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return pack_nibbles(q), torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
 
 
+def zero_point_pairs(scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    """GPTQ's and AWQ's groups, w = scale * (q - z) with fp16 scales and whole zero points z (groups, N), as
+    int4 layers' float32 (scale, zero) pairs (groups, N, 2), w = (q - 8) * scale + zero: zero = (8 - z) * scale,
+    exact in float32, as is every weight they give."""
+    scale = scales.float()
+    return torch.stack((scale, (8 - zero_points).float() * scale), dim=-1)
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """(..., K) values 0..15 -> (..., K/2) bytes, the even column in the low nibble."""
     return q[..., 0::2] | (q[..., 1::2] << 4)

@@ -38,7 +38,7 @@ from plainlm.checkpoint import TensorSource
 from plainlm.convert.hf_weights import Rule
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
-from plainlm.quantize import Int4Linear, pack_nibbles, set_module, unpack_nibbles
+from plainlm.quantize import Int4Linear, pack_nibbles, set_module, unpack_nibbles, zero_point_pairs
 
 METHODS = {"gptq": (4,), "awq": (4,)}  # quant_method -> the bit widths plainlm loads
 PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
@@ -201,8 +201,7 @@ def packed_layer_tensors(
     if (order is not None) != (layer.input_order is not None):
         raise CheckpointError(f"{source.directory}: {keys['g_idx']} changed while it was read")
     yield f"{ours}.weight", pack_nibbles((q if order is None else q[order]).T.contiguous().to(torch.uint8))
-    scale = tensors["scales"].float()
-    yield f"{ours}.scales_and_zeros", torch.stack((scale, (8 - zeros).float() * scale), dim=-1)
+    yield f"{ours}.scales_and_zeros", zero_point_pairs(tensors["scales"], zeros)
     if order is not None:
         yield f"{ours}.input_order", order
 
