@@ -373,3 +373,9 @@ def test_a_packed_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path: 
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=rf"{key} has shape \(128, 16\), but awq .* needs \(128, 32\)"):
         load_hf_model(tmp_path)
+
+
+def test_a_packed_model_on_a_gpu_is_refused_before_loading(tmp_path: Path) -> None:
+    write_packed_model(tmp_path, Scheme("gptq", 32))
+    with pytest.raises(NotImplementedError, match="int4 runs PyTorch's CPU kernels; on cuda"):
+        load_hf_model(tmp_path, device="cuda")

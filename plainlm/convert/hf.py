@@ -32,7 +32,7 @@ from plainlm.convert.hf_quantized import PackedLayers, packed_config, packed_ten
 from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
-from plainlm.quantize import dequantize_model, finish_loading
+from plainlm.quantize import check_mode, dequantize_model, finish_loading
 from plainlm.tokenizer import copy_tokenizer_files
 
 
@@ -134,6 +134,8 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dty
     with torch.device("meta"):
         model = GPT(config)
     packed = packed_layers(model, directory, source)
+    if packed is not None:
+        check_mode("int4", None, torch.device(device))  # plainlm's int4 runs on the CPU: one clear refusal
 
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
         keep = not t.is_floating_point() or dtype is None or name.endswith(".scales_and_zeros")
@@ -186,7 +188,7 @@ def convert_to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAU
     if quantization is not None and not quantization.get("packed"):
         raise CheckpointError(
             f"{src} is quantized as plainlm's {quantization['mode']}, which Hugging Face has no format for; convert "
-            "the float checkpoint it came from (models loaded from GPTQ or AWQ are written back as GPTQ)"
+            "the float checkpoint it came from (models loaded from GPTQ or AWQ are written back in their format)"
         )
     packed = {
         name: f"{name}.input_order" in source

@@ -169,7 +169,7 @@ def packed_layer_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """One packed layer's tensors (Hugging Face prefix `prefix`) as plainlm's int4 `layer` (named `ours`) holds
     them: its `weight` nibbles, `scales_and_zeros`, and `input_order` for act order. Every packed shape is
-    checked against the layer's first; `read` may give meta tensors (shapes only), and then so does this."""
+    checked against the layer's first."""
     keys = {}
     for suffix in packed.suffixes:
         key = _packed_key(source, prefix, suffix)
@@ -190,12 +190,6 @@ def packed_layer_tensors(
                 f"{packed.bits} bits in groups of {G} needs {expected[suffix]} for this layer's {K} inputs and "
                 f"{N} outputs; the packed tensors and config.json disagree"
             )
-    if tensors["scales"].is_meta:
-        held = ("weight", "scales_and_zeros", "input_order")
-        yield from (
-            (f"{ours}.{n}", torch.empty_like(t, device="meta")) for n, t in layer.state_dict().items() if n in held
-        )
-        return
     q, zeros, g_idx = unpack(packed, tensors, G)
     order = input_order(g_idx, K // G, f"{source.directory}: {keys.get('g_idx')}")
     if (order is not None) != (layer.input_order is not None):
