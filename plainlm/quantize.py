@@ -6,11 +6,15 @@
 int8  one scale per output row, symmetric: w = q * scale, q in -127..127.
       Forward: plainlm's own kernel (kernels/int8_matmul.cpp: int8 activations, AVX512-VNNI dot
       products), or where it cannot run PyTorch's `aten._weight_int8pack_mm` (bf16 activations).
+      On a GPU: PyTorch's CUDA `_weight_int8pack_mm` for a few rows (a decode step reads the int8
+      matrix once), a bf16 matmul over the matrix cast for the call for more (a prompt: compute-bound).
 int4  groups of `group_size` inputs (default 64), asymmetric: w = (q - 8) * scale + zero, q in 0..15,
       stored as two values per byte (low nibble first) and bf16 (scale, zero) pairs.
       Forward: plainlm's own kernel (kernels/int4_matmul.cpp: int8 activations, AVX512-VNNI dot
       products). Where it cannot run (no VNNI, groups not a multiple of 16, rows not a multiple of
-      16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed for it at load time.
+      16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed for it at load time. On a GPU,
+      PyTorch's CUDA `_weight_int4pack_mm` (tinygemm: bf16 activations, groups of 32 to 256) runs on a
+      copy packed for it likewise (`cuda_int4_operands`).
 nf4   bitsandbytes' Linear4bit (NF4 blocks of 64, double-quantized scales): it also trains (QLoRA).
 fp4   the same with bitsandbytes' FP4 values (a 4-bit float, 1 sign, 2 exponent and 1 mantissa bits)
       instead of NF4's normal quantiles.
@@ -135,6 +139,33 @@ def set_tiled(weight: torch.Tensor, tiled: bool) -> None:
         weight.set_(tiles(weight) if tiled else tile_rows(weight))
 
 
+# --- PyTorch's CUDA int4 kernel (tinygemm) ---
+CUDA_INT4_GROUP_SIZES = (32, 64, 128, 256)
+CUDA_INT8_KERNEL_ROWS = 16  # up to this many rows (decode steps) int8 runs PyTorch's CUDA kernel; more, a matmul
+
+
+def cuda_int4_operands(
+    rows: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What `aten._convert_weight_to_int4pack` and `aten._weight_int4pack_mm` on CUDA take for nibble rows
+    (N, K/2) and their pairs (K/group_size, N, 2): the nibbles with the even input in the HIGH nibble (the
+    opposite of ours), outputs padded with zero rows to a multiple of 8, bf16 pairs padded alike, and the
+    inner k-tiles (2, 4 or 8) that the inputs allow. Refuses what the kernel cannot run."""
+    N, K = rows.shape[0], rows.shape[1] * 2
+    if group_size not in CUDA_INT4_GROUP_SIZES or K % 32:
+        raise InvalidInput(
+            f"int4 on CUDA runs PyTorch's kernel, which takes groups of {'/'.join(map(str, CUDA_INT4_GROUP_SIZES))} "
+            f"inputs and a multiple of 32 inputs; this layer has groups of {group_size} and {K} inputs: "
+            "quantize with one of those group sizes, or use nf4 on the GPU"
+        )
+    inner_k_tiles = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+    pad = -N % 8
+    swapped = (rows >> 4) | ((rows & 15) << 4)
+    nibbles = nn.functional.pad(swapped, (0, 0, 0, pad)).contiguous()
+    pairs = nn.functional.pad(scales_and_zeros.to(torch.bfloat16), (0, 0, 0, pad)).contiguous()
+    return nibbles, pairs, inner_k_tiles
+
+
 class TiledWeight(nn.Module):
     """What the int8/int4 layers share: `weight` may be tiled in memory, and is rows everywhere else."""
 
@@ -173,11 +204,12 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 class QuantizedLinear(TiledWeight):
     """What Int8Linear and Int4Linear share: y = x @ W^T + bias through one of two CPU kernels, plainlm's own
-    ("plainlm", on `weight` tiled by pack()) where it fits, PyTorch's ("aten") elsewhere.
+    ("plainlm", on `weight` tiled by pack()) where it fits, PyTorch's ("aten") elsewhere, or on a GPU through
+    PyTorch's CUDA kernels ("cuda").
 
     Each subclass holds its quantized tensors and defines what differs: `kernel_fits()` (whether plainlm's
-    kernel takes this layer), `matmul_plainlm(x2)` and `matmul_aten(x2)` (one kernel call on a (M, K)
-    input, returning (M, out_features)) and `dequantized_weight()`."""
+    kernel takes this layer), `matmul_plainlm(x2)`, `matmul_aten(x2)` and `matmul_cuda(x2)` (one kernel call
+    on a (M, K) input, returning (M, out_features)) and `dequantized_weight()`."""
 
     mode: str  # "int8" or "int4", for messages
 
@@ -191,11 +223,13 @@ class QuantizedLinear(TiledWeight):
         self.register_buffer("input_order", None)
 
     def pack(self, kernel: str | None = None) -> None:
-        """Choose the kernel ("plainlm", "aten"; default: plainlm's where it fits) and lay `weight` out for it."""
-        fits = self.kernel_fits()
+        """Choose the kernel ("plainlm" or "aten" on the CPU, default plainlm's where it fits; "cuda" on a GPU)
+        and lay `weight` out for it."""
+        on_gpu = self.weight.device.type == "cuda"
+        fits = not on_gpu and self.kernel_fits()
         if kernel == "plainlm" and not fits:
             raise InvalidInput(f"plainlm's {self.mode} kernel cannot run this layer or this CPU: {self!r}")
-        self.kernel = kernel or ("plainlm" if fits else "aten")
+        self.kernel = kernel or ("cuda" if on_gpu else "plainlm" if fits else "aten")
         set_tiled(self.weight, self.kernel == "plainlm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,12 +238,14 @@ class QuantizedLinear(TiledWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T, without the bias and without a backward (see QuantizedMatmul)."""
-        if self.kernel is None:
-            self.pack()
+        if self.kernel is None or (self.kernel == "cuda") != (self.weight.device.type == "cuda"):
+            self.pack()  # the first call, or the layer moved between the CPU and a GPU since it packed
         if self.input_order is not None:
             x = x.index_select(-1, self.input_order)
         if self.kernel == "plainlm":
             y = self.matmul_plainlm(kernel_input(x, self.in_features))
+        elif self.kernel == "cuda":
+            y = self.matmul_cuda(x.reshape(-1, self.in_features))
         else:  # PyTorch's kernels read bf16 activations (int8's fp32 path is ~8x slower)
             y = self.matmul_aten(x.reshape(-1, self.in_features).to(torch.bfloat16))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -238,6 +274,12 @@ class Int8Linear(QuantizedLinear):
 
     def matmul_aten(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+
+    def matmul_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= CUDA_INT8_KERNEL_ROWS:  # PyTorch's CUDA kernel reads float32 inputs and scales
+            return torch.ops.aten._weight_int8pack_mm(x2.float(), self.weight, self.scales.float())
+        dtype = torch.bfloat16 if x2.dtype == torch.float32 else x2.dtype
+        return nn.functional.linear(x2.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8(row_order(self.weight), self.scales)
@@ -283,10 +325,16 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("packed_scales_and_zeros", None, persistent=False)
 
     def pack(self, kernel: str | None = None) -> None:
-        """As QuantizedLinear.pack; for PyTorch's kernel, also make its packed copy."""
+        """As QuantizedLinear.pack; for PyTorch's kernels, also make their packed copy."""
         self.packed = self.packed_scales_and_zeros = None
         super().pack(kernel)
         if self.kernel == "plainlm":
+            return
+        if self.kernel == "cuda":
+            nibbles, self.packed_scales_and_zeros, inner_k_tiles = cuda_int4_operands(
+                self.weight, self.scales_and_zeros, self.group_size
+            )
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles)
             return
         pad = -self.out_features % 16
         q = unpack_nibbles(self.weight).to(torch.int32)
@@ -305,6 +353,11 @@ class Int4Linear(QuantizedLinear):
         sz = self.scales_and_zeros if self.packed_scales_and_zeros is None else self.packed_scales_and_zeros
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
         return y[:, : self.out_features]  # without the padding rows
+
+    def matmul_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        x2 = x2.to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.packed_scales_and_zeros)
+        return y[:, : self.out_features]
 
     def dequantized_weight(self) -> torch.Tensor:
         stored = dequantize_int4(row_order(self.weight), self.scales_and_zeros, self.group_size)
@@ -446,10 +499,10 @@ def check_mode(mode: str, group_size: int | None, device: torch.device) -> int |
     """The group size to use, or an error for an unknown mode or a device without kernels."""
     if mode not in MODES:
         raise InvalidInput(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
-    if mode in ("int8", "int4") and device.type not in ("cpu", "meta"):
+    if mode in ("int8", "int4") and device.type not in ("cpu", "cuda", "meta"):
         raise NotImplementedError(
-            f"{mode} runs PyTorch's CPU kernels; on {device.type} their packing differs and is not implemented: "
-            "use nf4 there, or quantize on the CPU"
+            f"{mode} runs on the CPU (plainlm's or PyTorch's kernels) and on CUDA (PyTorch's); not on "
+            f"{device.type}: use nf4 there, or the CPU"
         )
     return group_size or DEFAULT_GROUP_SIZE[mode]
 
@@ -538,7 +591,8 @@ def finish_loading(model: GPT) -> GPT:
         if isinstance(module, QuantizedLinear):
             module.pack()
             if module.input_order is not None:  # GPTQ's q, k and v share it: then they run in one kernel call
-                module.input_order = orders.setdefault(module.input_order.numpy().tobytes(), module.input_order)
+                key = module.input_order.cpu().numpy().tobytes()
+                module.input_order = orders.setdefault(key, module.input_order)
     return use_cpu_kernels(model)
 
 
@@ -549,7 +603,10 @@ def dequantize_model(model: GPT, dtype: torch.dtype = torch.float32) -> GPT:
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if isinstance(module, QuantizedLinear):
-                linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, dtype=dtype)
+                linear = nn.Linear(
+                    module.in_features, module.out_features, module.bias is not None, dtype=dtype,
+                    device=module.weight.device,
+                )  # fmt: skip
                 linear.weight.copy_(module.dequantized_weight())
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)

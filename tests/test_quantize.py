@@ -329,8 +329,65 @@ def test_bad_modes_and_devices_fail_clearly() -> None:
         quantize_model(tiny_model(), "int3")
     with pytest.raises(ValueError, match="groups of 48 do not divide"):
         quantize_model(tiny_model(), "int4", group_size=48)
-    with pytest.raises(NotImplementedError, match="CPU kernels"):
-        quantize.check_mode("int8", None, torch.device("cuda"))
+    quantize.check_mode("int8", None, torch.device("cuda"))  # PyTorch's CUDA kernels
+    with pytest.raises(NotImplementedError, match="on the CPU .* and on CUDA .*; not on mps"):
+        quantize.check_mode("int8", None, torch.device("mps"))
+    with pytest.raises(ValueError, match="int4 on CUDA .* groups of 32/64/128/256 .* groups of 16"):
+        quantize.cuda_int4_operands(torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(4, 16, 2), 16)
+
+
+# --- the CUDA path, run here up to PyTorch's kernel calls (benchmarks/gpu_check.py runs the kernels) ---
+def tinygemm_int4_mm(x: torch.Tensor, nibbles: torch.Tensor, group_size: int, pairs: torch.Tensor) -> torch.Tensor:
+    """`aten._weight_int4pack_mm` on CUDA, by its definition, over the nibbles its convert op was given (the
+    even input in the high nibble): w = (q - 8) * scale + zero from bf16 pairs (groups, N, 2), bf16 in and out."""
+    q = torch.stack((nibbles >> 4, nibbles & 15), dim=-1).flatten(-2).float()
+    groups = q.reshape(q.shape[0], -1, group_size)
+    sz = pairs.float().transpose(0, 1)  # (N, groups, 2)
+    w = ((groups - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
+    return (x.float() @ w.T).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "group_size"), [(96, 128, 64), (40, 96, 32), (24, 256, 256)])
+def test_int4_on_cuda_gives_pytorchs_kernel_the_layout_it_reads(
+    monkeypatch: pytest.MonkeyPatch, out_features: int, in_features: int, group_size: int
+) -> None:
+    """The packing, padding and call of the CUDA path, with PyTorch's two CUDA ops replaced by their
+    definitions: the product equals the layer's dequantized weights' (bf16 activations: 1% of the largest)."""
+    inner_k_tiles = []
+    monkeypatch.setattr(
+        torch.ops.aten, "_convert_weight_to_int4pack", lambda n, tiles: inner_k_tiles.append(tiles) or n.clone()
+    )
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm", tinygemm_int4_mm)
+    layer = quantize._quantize_linear(linear(in_features, out_features), "int4", group_size)
+    layer.pack("cuda")
+    assert layer.packed.shape == (out_features + -out_features % 8, in_features // 2)  # padded to 8 rows
+    assert inner_k_tiles == [next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)]
+    x = torch.randn(5, in_features)
+    with torch.no_grad():
+        y = layer.matmul_cuda(x)
+    assert y.shape == (5, out_features)
+    assert close(y.float(), x @ layer.dequantized_weight().T, 1e-2)
+
+
+def test_int8_on_cuda_reads_float32_for_a_few_rows_and_bf16_for_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step's rows go to PyTorch's CUDA int8 kernel (float32 inputs and scales, as it reads them);
+    a prompt's many rows to a bf16 matmul over the matrix cast for the call."""
+    calls = []
+
+    def int8pack_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        calls.append((x.dtype, scales.dtype))
+        return x @ (w.float() * scales[:, None]).T
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", int8pack_mm)
+    layer = quantize._quantize_linear(linear(128, 48), "int8", None)
+    layer.pack("cuda")
+    w = layer.dequantized_weight()
+    few, many = torch.randn(quantize.CUDA_INT8_KERNEL_ROWS, 128), torch.randn(quantize.CUDA_INT8_KERNEL_ROWS + 1, 128)
+    with torch.no_grad():
+        assert close(layer.matmul_cuda(few), few @ w.T, 1e-5)
+        assert calls == [(torch.float32, torch.float32)]
+        y = layer.matmul_cuda(many)
+    assert y.dtype == torch.bfloat16 and close(y.float(), many @ w.T, 1e-2) and len(calls) == 1
 
 
 def test_a_quantized_model_is_not_the_float_one(tmp_path: Path) -> None:

@@ -135,7 +135,7 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dty
         model = GPT(config)
     packed = packed_layers(model, directory, source)
     if packed is not None:
-        check_mode("int4", None, torch.device(device))  # plainlm's int4 runs on the CPU: one clear refusal
+        check_mode("int4", None, torch.device(device))  # int4 runs on the CPU and CUDA: elsewhere, one refusal
 
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
         keep = not t.is_floating_point() or dtype is None or name.endswith(".scales_and_zeros")
