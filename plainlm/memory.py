@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from plainlm.config import Config
 from plainlm.distributed import Wrapping
+from plainlm.gpus import GPUSpec
 from plainlm.lora import LoRAConfig, inject_lora, lora_for_method
 from plainlm.metrics import flops_per_token
 from plainlm.model import GPT
@@ -109,8 +110,8 @@ class MemoryEstimate:
     def peak(self) -> int:
         return max(self.step_peak, self.export_peak)
 
-    def format(self, available: int | None = None) -> str:
-        """A table of the terms, the peak and, given the available bytes, whether it fits."""
+    def format(self, available: int | None = None, where: str = "available") -> str:
+        """A table of the terms, the peak and, given the available bytes, whether it fits (`where`: whose bytes)."""
         ac = "with activation checkpointing" if self.activation_checkpointing else "without activation checkpointing"
         other = self.activations_full if self.activation_checkpointing else self.activations_checkpointed
         lines = [
@@ -142,7 +143,7 @@ class MemoryEstimate:
         lines.append(f"KV cache for generation: {format_bytes(self.kv_cache)} at {self.kv_length} tokens, batch 1")
         lines += [f"note: {n}" for n in self.notes]
         if available is not None:
-            lines.append(fit_line(self.peak, self.processes_per_memory, available))
+            lines.append(fit_line(self.peak, self.processes_per_memory, available, where))
         return "\n".join(lines)
 
     @property
@@ -159,14 +160,14 @@ def _row(name: str, n: int, why: str = "") -> str:
     return f"  {name:22s}{format_bytes(n):>12s}" + (f"   {why}" if why else "")
 
 
-def fit_line(peak: int, processes: int, available: int) -> str:
+def fit_line(peak: int, processes: int, available: int, where: str = "available") -> str:
     needed = peak * processes
     what = format_bytes(needed)
     if processes > 1:
         what += f" ({processes} processes x {format_bytes(peak)})"
     if needed <= available:
-        return f"fits: {what} of {format_bytes(available)} available"
-    return f"does not fit: needs {what}, {format_bytes(available)} available"
+        return f"fits: {what} of {format_bytes(available)} {where}"
+    return f"does not fit: needs {what}, {format_bytes(available)} {where}"
 
 
 # --- the model, without its weights ---
@@ -443,8 +444,11 @@ def training_plan(
 
 
 # --- what the device has ---
-def available_bytes(device: str) -> int:
-    """Free memory of the device the run will use: CUDA's free memory, or the RAM Linux can hand out."""
+def available_bytes(device: str, target: GPUSpec | None = None) -> int:
+    """Free memory of the device the run will use: CUDA's free memory, or the RAM Linux can hand out; for a GPU
+    planned for without having it (`plainlm estimate --target`), that card's memory."""
+    if target is not None:
+        return target.memory_bytes
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
