@@ -3,6 +3,7 @@
 resolve_device(None)      -> cuda when available, else cpu
 resolve_device("cuda:1")  -> that GPU, or one error line when it is not there
 resolve_dtype("bf16", d)  -> torch.bfloat16; None: float32 on the CPU, bfloat16 on a GPU that has it
+move_to(module, d)        -> what of a module is not on d yet, moved there (a model that loads piece by piece)
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif resolved.type != "cpu":
         raise InvalidInput(f"--device {device}: plainlm runs on cpu or cuda")
     return resolved
+
+
+def move_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move the parameters and buffers of `module` that are not on `device` yet, in place; what is already there
+    is left untouched (bitsandbytes' 4-bit weights, quantized on the device, keep their quantization state)."""
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            if p.device != device:
+                p.data = p.data.to(device)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.device != device:
+                m._buffers[name] = b.to(device)
+    return module
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
