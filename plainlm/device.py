@@ -46,14 +46,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def move_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move the parameters and buffers of `module` that are not on `device` yet, in place; what is already there
     is left untouched (bitsandbytes' 4-bit weights, quantized on the device, keep their quantization state)."""
-    for m in module.modules():
-        for p in m.parameters(recurse=False):
-            if p.device != device:
-                p.data = p.data.to(device)
-        for name, b in m.named_buffers(recurse=False):
-            if b is not None and b.device != device:
-                m._buffers[name] = b.to(device)
-    return module
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == device else t.to(device)
+
+    return module._apply(moved)  # nn.Module.to's own walk (parameters kept as the same objects where torch can)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
