@@ -110,6 +110,7 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         chat_template: str | None = None,
         quantize: str | None = None,
+        cpu_kernels: bool = True,
     ) -> LLM:
         """A plainlm checkpoint directory, a Hugging Face model directory or a GGUF file (both converted
         in memory; a GGUF file's weights are dequantized).
@@ -117,7 +118,8 @@ class LLM:
         device: default "cuda" when available, else "cpu". dtype: default float32 on the CPU (exact;
         batch-1 bf16 decoding measured no faster on this project's AMX CPUs), bfloat16 on a GPU that has it.
         quantize: "int8", "int4", "nf4" or "fp4" quantizes the weights as they load (see quantize.py);
-        a checkpoint saved quantized loads as it was saved, without this.
+        a checkpoint saved quantized loads as it was saved, without this. cpu_kernels: swap in plainlm's CPU
+        kernel layers when the model is on the CPU (false for a model loaded there on its way to a GPU).
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -146,7 +148,7 @@ class LLM:
         tokenizer = Tokenizer(
             tokenizer_dir, chat_template, model_family=model.config.hf_model_type, model_name=model.config.name
         )
-        llm = cls(use_cpu_kernels(model).eval(), tokenizer, name=display_name(path))
+        llm = cls((use_cpu_kernels(model) if cpu_kernels else model).eval(), tokenizer, name=display_name(path))
         llm._tokenizer_files = temporary
         return llm
 

@@ -11,7 +11,7 @@ plainlm convert to-gguf SRC_DIR FILE [--dtype f16|q8_0|f32|bf16]
 plainlm generate --checkpoint_dir D --prompt "..." [--quantize int8|int4|nf4|fp4]
 plainlm chat --checkpoint_dir D
 plainlm finetune | pretrain --config RECIPE.yaml   (plainlm/finetune.py, plainlm/pretrain.py)
-plainlm estimate --config RECIPE.yaml              (plainlm/estimate.py)
+plainlm estimate --config RECIPE.yaml [--target GPU]   (plainlm/estimate.py)
 plainlm serve MODEL [--port 8000] [--lora NAME=PATH ...]   (plainlm/serve/app.py)
 plainlm evaluate MODEL --tasks T1,T2 [--include_path data/eval] | --perplexity FILE   (plainlm/evaluate.py)
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from plainlm.errors import InvalidInput, PlainlmError
+from plainlm.gpus import GPUS
 
 if TYPE_CHECKING:
     from plainlm.config import Config
@@ -562,7 +563,7 @@ def _function(name: str) -> Any:
 def _estimate_help() -> str:
     return "\n".join(
         [
-            "usage: plainlm estimate --config RECIPE.yaml [--KEY VALUE ...]",
+            "usage: plainlm estimate --config RECIPE.yaml [--target GPU] [--KEY VALUE ...]",
             "",
             COMMANDS["estimate"].summary + ":",
             "the peak per device, what makes it up, whether it fits the device the run will use,",
@@ -570,6 +571,9 @@ def _estimate_help() -> str:
             "",
             "options:",
             "  --config RECIPE.yaml  a finetune recipe (with checkpoint_dir) or a pretrain recipe (with tokenizer_dir)",
+            "  --target GPU          plan for that card without having it (CUDA, bf16 where the recipe says auto,",
+            f"                        its memory): {', '.join(GPUS)}",
+            "  --devices N           processes (one per GPU), as the run takes it",
             "  --KEY VALUE           any option of that recipe's command overrides the recipe, as it would the run:",
             "                        plainlm finetune --help, plainlm pretrain --help (or --config RECIPE.yaml --help)",
         ]

@@ -3,6 +3,7 @@
 resolve_device(None)      -> cuda when available, else cpu
 resolve_device("cuda:1")  -> that GPU, or one error line when it is not there
 resolve_dtype("bf16", d)  -> torch.bfloat16; None: float32 on the CPU, bfloat16 on a GPU that has it
+move_to(module, d)        -> what of a module is not on d yet, moved there (a model that loads piece by piece)
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif resolved.type != "cpu":
         raise InvalidInput(f"--device {device}: plainlm runs on cpu or cuda")
     return resolved
+
+
+def move_to(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move the parameters and buffers of `module` that are not on `device` yet, in place; what is already there
+    is left untouched (bitsandbytes' 4-bit weights, quantized on the device, keep their quantization state)."""
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == device else t.to(device)
+
+    return module._apply(moved)  # nn.Module.to's own walk (parameters kept as the same objects where torch can)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

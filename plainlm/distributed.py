@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from plainlm.device import resolve_device
+from plainlm.device import move_to, resolve_device
 from plainlm.errors import InvalidInput, PlainlmError, WorkerFailed
 
 Strategy = Literal["auto", "ddp", "fsdp"]  # what a user asks for
@@ -272,12 +272,15 @@ def wrap(model: nn.Module, world: World, precision: str) -> nn.Module:
             find_unused_parameters=model.config.n_expert > 0,  # a step may route no token to some expert
         )
     if world.strategy == "fsdp":
-        shard(model, precision)
+        shard(model, precision, world.device)
     return model
 
 
-def shard(model: nn.Module, precision: str) -> None:
+def shard(model: nn.Module, precision: str, device: torch.device) -> None:
     """FSDP2 on each block, the embedding and the head, then the root (which holds what is left).
+
+    Each part moves to `device` just before it is sharded: a model that waits on the CPU (finetune loads it there
+    for FSDP on GPUs) never stands whole on a GPU, which holds its shards and one whole block at a time.
 
     bf16-mixed is FSDP's MixedPrecisionPolicy: weights are gathered in bf16, gradients reduced in fp32.
     A tied head uses the embedding's weight: both stay in the root group, whose weights are gathered for the
@@ -292,12 +295,12 @@ def shard(model: nn.Module, precision: str) -> None:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     options = dict(mp_policy=policy) if precision == "bf16-mixed" else {}
     for block in model.blocks:
-        fully_shard(block, **options)
+        fully_shard(move_to(block, device), **options)
     if not model.config.tie_embeddings:
         for module in (model.embed, model.lm_head):
             if any(True for _ in module.parameters()):  # an int8/int4 embedding has buffers only
-                fully_shard(module, **options)
-    fully_shard(model, **options)
+                fully_shard(move_to(module, device), **options)
+    fully_shard(move_to(model, device), **options)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

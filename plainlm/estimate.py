@@ -1,18 +1,24 @@
 """`plainlm estimate`: the memory a finetune or pretrain recipe needs per device, read the way the run reads it.
 
     plainlm estimate --config recipes/finetune/smollm2-135m-instruct/lora.yaml --train.micro_batch_size 4
+    plainlm estimate --config recipes/finetune/llama-3.1-8b/full.yaml --target a100-80gb --devices 8
 
 The recipe is parsed by the training command's own parser (same keys, checks and overrides) and not
 run; the model is only its Config (config.yaml, config.json or a GGUF file's metadata, or the named
 config a missing checkpoint's folder is called after). The memory model itself is memory.py; this
 file turns a recipe into its arguments, prints the table and, when the run does not fit, what to change.
+`--target NAME` plans for one of gpus.py's cards instead of this machine's device: CUDA, bf16 where the
+recipe says auto, and that card's memory. A recipe names the hardware it is written for in a comment
+line `# target: NAME x N` (N processes, one per GPU), which the training commands do not read.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from plainlm.checkpoint import CONFIG_FILE, detect_format
@@ -22,8 +28,9 @@ from plainlm.convert.gguf_names import read_config
 from plainlm.convert.hf import read_hf_config
 from plainlm.device import resolve_device
 from plainlm.distributed import check_process_counts, resolve_strategy
-from plainlm.errors import MissingInput, RecipeError
+from plainlm.errors import InvalidInput, MissingInput, RecipeError
 from plainlm.finetune import finetune
+from plainlm.gpus import GPUS, GPUSpec, gpu_spec
 from plainlm.lora import LoRAConfig
 from plainlm.memory import PAIRS_NOTE, MemoryEstimate, available_bytes, estimate_memory, format_bytes
 from plainlm.named_configs import NAMED_CONFIGS, config_for_name
@@ -69,21 +76,66 @@ def suggestions(estimate: MemoryEstimate, micro_batch_size: int, rerun: Any) -> 
 
 # --- plainlm estimate ---
 def estimate_command(argv: list[str]) -> str:
-    """`plainlm estimate --config RECIPE.yaml [overrides]`: the estimate for a finetune or pretrain recipe,
-    whether it fits the device the run will use, and what to change when it does not."""
+    """`plainlm estimate --config RECIPE.yaml [--target GPU] [overrides]`: the estimate for a finetune or pretrain
+    recipe, whether it fits the device the run will use (or the --target card), and what to change when it does not."""
+    argv, target = target_option(argv)
     cfg, kind = parse_training_recipe(argv)
-    estimate, device = estimate_from_recipe(cfg, kind)
-    available = available_bytes(device)
-    text = estimate.format(available)
+    estimate, device = estimate_from_recipe(cfg, kind, target)
+    available = available_bytes(device, target)
+    lines = [target_line(target, estimate.world_size)] if target else []
+    lines.append(estimate.format(available, f"on one {target.name}" if target else "available"))
     if estimate.peak * estimate.processes_per_memory > available:
-        rerun = lambda **change: estimate_from_recipe(cfg, kind, **change)[0]  # noqa: E731
-        text += "\n" + "\n".join(f"  try: {s}" for s in suggestions(estimate, cfg.train.micro_batch_size, rerun))
-    return text
+        rerun = lambda **change: estimate_from_recipe(cfg, kind, target, **change)[0]  # noqa: E731
+        lines += [f"  try: {s}" for s in suggestions(estimate, cfg.train.micro_batch_size, rerun)]
+    stated = [t for path in config_paths(argv) if (t := recipe_target(path))]
+    if stated and target is None:
+        name, n = stated[-1]
+        lines.append(f"the recipe is written for {n} x {name}: --target {name} plans for that card here")
+    return "\n".join(lines)
 
 
 def estimate_command_result(argv: list[str]) -> MemoryEstimate:
     """The estimate `plainlm estimate ARGV` prints, as a MemoryEstimate."""
-    return estimate_from_recipe(*parse_training_recipe(argv))[0]
+    argv, target = target_option(argv)
+    return estimate_from_recipe(*parse_training_recipe(argv), target)[0]
+
+
+def target_option(argv: list[str]) -> tuple[list[str], GPUSpec | None]:
+    """`argv` without its --target NAME (estimate's own option, not the recipe's), and that card."""
+    rest, name = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--target":
+            name = next(args, None)
+            if name is None or name.startswith("--"):
+                raise InvalidInput(f"--target needs a GPU name; known: {', '.join(GPUS)}")
+        elif arg.startswith("--target="):
+            name = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, gpu_spec(name) if name is not None else None
+
+
+def target_line(target: GPUSpec, processes: int) -> str:
+    return (
+        f"target: {processes} x {target.name} ({target.product}: {format_bytes(target.memory_bytes)}, "
+        f"{target.bf16_flops / 1e12:.0f} TFLOP/s dense bf16, {target.memory_bandwidth / 1e12:.2f} TB/s), "
+        "planned without one: cuda, bf16 where the recipe says auto"
+    )
+
+
+TARGET_LINE = re.compile(r"#\s*target:\s*(\S+)\s+x\s+(\d+)\s*")
+
+
+def recipe_target(path: Path) -> tuple[str, int] | None:
+    """The (GPU name, processes) a recipe's leading comments say it is written for (`# target: a100-80gb x 8`),
+    or None. The training commands ignore the comment; `plainlm estimate --target` and the tests read it."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            return None  # the leading comment block only
+        if match := TARGET_LINE.fullmatch(line.strip()):
+            return match[1], int(match[2])
+    return None
 
 
 def parse_training_recipe(argv: list[str]) -> tuple[Any, str]:
@@ -111,11 +163,16 @@ def recipe_kind(argv: list[str]) -> str:
     )
 
 
-def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEstimate, str]:
-    """The estimate for a parsed (not instantiated) recipe; `change` overrides estimate_memory's arguments (its
-    micro_batch_size counts examples or pairs, as the recipe's does)."""
+def estimate_from_recipe(
+    cfg: Any, kind: str, target: GPUSpec | None = None, **change: Any
+) -> tuple[MemoryEstimate, str]:
+    """The estimate for a parsed (not instantiated) recipe, on this machine's device or a `target` card;
+    `change` overrides estimate_memory's arguments (its micro_batch_size counts examples or pairs, as the
+    recipe's does)."""
     check_process_counts(cfg.devices, cfg.num_nodes)
-    device = resolve_device(cfg.device)
+    # A target card is CUDA without this machine having one (resolve_device would refuse it), with bf16 units:
+    # every card in gpus.GPUS has them.
+    device = torch.device("cuda") if target else resolve_device(cfg.device)
     train, note = cfg.train, None
     if kind == "finetune":
         config, note = read_model_config(cfg.checkpoint_dir)
@@ -134,7 +191,7 @@ def estimate_from_recipe(cfg: Any, kind: str, **change: Any) -> tuple[MemoryEsti
         method=method,
         lora=lora,
         quantize=getattr(cfg, "quantize", "nf4"),
-        precision=resolve_precision(train.precision, device),
+        precision=resolve_precision(train.precision, device, cuda_bf16=True if target else None),
         micro_batch_size=train.micro_batch_size,
         seq_length=seq,
         strategy=strategy,

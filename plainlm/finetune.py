@@ -28,6 +28,7 @@ from plainlm.api import LLM
 from plainlm.checkpoint import save_checkpoint
 from plainlm.data.preference import PreferenceLoader, load_preference_data
 from plainlm.data.sft import SFTDataConfig, SFTLoader, load_sft_data
+from plainlm.device import move_to
 from plainlm.distributed import Strategy, World, inside_launcher
 from plainlm.errors import InvalidInput
 from plainlm.evaluate import EvalArgs, evaluate_after_training
@@ -55,15 +56,18 @@ from plainlm.training_run import Prepared, run_training
 Method = Literal["full", "lora", "dora", "qlora"]
 
 
-def prepare_model(llm: LLM, method: Method, lora: LoRAConfig, quantize: str) -> LoRAConfig | None:
-    """Set which parameters train; returns the LoRA config the model now carries (None for full)."""
+def prepare_model(
+    llm: LLM, method: Method, lora: LoRAConfig, quantize: str, device: torch.device | None = None
+) -> LoRAConfig | None:
+    """Set which parameters train; returns the LoRA config the model now carries (None for full). device: where
+    qlora quantizes each layer, which then stays there (default: where the model is)."""
     model = llm.model
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return None
     if method == "qlora" and model.quantization is None:  # a GPTQ, AWQ or quantized base stays as it was saved
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, device=device)
     adapters = lora_for_method(lora, method)
     inject_lora(model, adapters)
     return adapters
@@ -124,10 +128,15 @@ def finetune(
     objective = PreferenceObjective(loss, preference) if loss != "sft" else None  # a bad beta fails here, at once
 
     def prepare(world: World) -> Prepared:
-        dtype = "bfloat16" if train.precision == "bf16-true" else None
-        llm = LLM.load(checkpoint_dir, device=world.device, dtype=dtype)
+        # bf16-mixed keeps float32 weights (and optimizer state) and computes in bf16, on a GPU too.
+        dtype = "bfloat16" if train.precision == "bf16-true" else "float32"
+        full_reference = method == "full" and objective is not None and objective.needs_reference
+        staged = loads_on_cpu(world, method, full_reference)
+        llm = LLM.load(checkpoint_dir, device="cpu" if staged else world.device, dtype=dtype, cpu_kernels=not staged)
         model, tokenizer = llm.model, llm.tokenizer
-        lora_used = prepare_model(llm, method, lora, quantize)
+        lora_used = prepare_model(llm, method, lora, quantize, world.device)
+        if world.strategy != "fsdp":
+            move_to(model, world.device)  # what waited on the CPU; FSDP moves each part as it shards it
         if train.activation_checkpointing:
             model.activation_checkpointing = True
 
@@ -199,6 +208,17 @@ def finetune(
     if eval.tasks is not None and not inside_launcher():
         evaluate_after_training(final, eval, out_dir)
     return final
+
+
+def loads_on_cpu(world: World, method: str, full_reference: bool) -> bool:
+    """Whether a GPU run loads its model on the CPU first (memory-mapped where the files hold the run's dtype),
+    so that the float model never stands whole on a GPU: qlora quantizes each layer on the GPU as it goes, FSDP
+    moves each block to the GPU as it shards it (distributed.shard); a 70B model is 141 GB in bf16. Not a full
+    preference run under FSDP (`full_reference`): it computes its reference log-probabilities whole, before
+    training, on the GPU."""
+    if world.device.type == "cpu":
+        return False
+    return method == "qlora" or (world.strategy == "fsdp" and not full_reference)
 
 
 def export_final(

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from plainlm.config import Config
 from plainlm.distributed import Wrapping
+from plainlm.gpus import GPUSpec
 from plainlm.lora import LoRAConfig, inject_lora, lora_for_method
 from plainlm.metrics import flops_per_token
 from plainlm.model import GPT
@@ -109,8 +110,8 @@ class MemoryEstimate:
     def peak(self) -> int:
         return max(self.step_peak, self.export_peak)
 
-    def format(self, available: int | None = None) -> str:
-        """A table of the terms, the peak and, given the available bytes, whether it fits."""
+    def format(self, available: int | None = None, where: str = "available") -> str:
+        """A table of the terms, the peak and, given the available bytes, whether it fits (`where`: whose bytes)."""
         ac = "with activation checkpointing" if self.activation_checkpointing else "without activation checkpointing"
         other = self.activations_full if self.activation_checkpointing else self.activations_checkpointed
         lines = [
@@ -142,7 +143,7 @@ class MemoryEstimate:
         lines.append(f"KV cache for generation: {format_bytes(self.kv_cache)} at {self.kv_length} tokens, batch 1")
         lines += [f"note: {n}" for n in self.notes]
         if available is not None:
-            lines.append(fit_line(self.peak, self.processes_per_memory, available))
+            lines.append(fit_line(self.peak, self.processes_per_memory, available, where))
         return "\n".join(lines)
 
     @property
@@ -159,14 +160,14 @@ def _row(name: str, n: int, why: str = "") -> str:
     return f"  {name:22s}{format_bytes(n):>12s}" + (f"   {why}" if why else "")
 
 
-def fit_line(peak: int, processes: int, available: int) -> str:
+def fit_line(peak: int, processes: int, available: int, where: str = "available") -> str:
     needed = peak * processes
     what = format_bytes(needed)
     if processes > 1:
         what += f" ({processes} processes x {format_bytes(peak)})"
     if needed <= available:
-        return f"fits: {what} of {format_bytes(available)} available"
-    return f"does not fit: needs {what}, {format_bytes(available)} available"
+        return f"fits: {what} of {format_bytes(available)} {where}"
+    return f"does not fit: needs {what}, {format_bytes(available)} {where}"
 
 
 # --- the model, without its weights ---
@@ -359,7 +360,12 @@ def estimate_memory(
     else:
         runtime = CUDA_CONTEXT_BYTES
         allocator = int(CUDA_FRAGMENTATION * live)
-    export = export_bytes(model, method, param_bytes, activations + allocator, device)
+    sharded = strategy == "fsdp" and world_size > 1
+    fresh_base = method == "qlora" or (sharded and method in ("lora", "dora"))
+    export = export_bytes(model, method, param_bytes, activations + allocator, device, fresh_base)
+    if device != "cpu" and method != "pretrain":  # finetune's loading and export (pretrain builds its model)
+        staged = method == "qlora" or strategy == "fsdp"
+        notes += host_memory_notes(n_params * param_bytes, method, world_size, staged, fresh_base or sharded)
     kv_length = kv_length or config.block_size
     kv_cache = 2 * config.n_layer * config.n_kv_head * kv_length * config.head_dim * param_bytes
     return MemoryEstimate(
@@ -392,19 +398,25 @@ def estimate_memory(
     )
 
 
-def export_bytes(model: nn.Module, method: str, param_bytes: int, freed: int, device: str) -> int:
-    """What writing out_dir/final/ needs beside weights and optimizer state.
+def export_bytes(model: nn.Module, method: str, param_bytes: int, freed: int, device: str, fresh_base: bool) -> int:
+    """What writing out_dir/final/ needs on the device beside weights and optimizer state.
 
-    Adapters are merged into new float weights, one layer at a time (qlora first loads the float
-    base again). safetensors writes tensors from their own memory, without a copy. On the CPU
-    these allocations first take the heap memory the training step freed (`freed`).
+    Adapters are merged into new float weights, one layer at a time. A qlora or FSDP-sharded model is not what
+    gets merged (`fresh_base`): finetune.export_final merges into a fresh float base loaded on the CPU, which a
+    GPU run pays in host memory, not on the device. On the CPU the allocations first take the heap memory the
+    training step freed (`freed`). On a GPU each merged layer replaces its LoRA layer, whose freed memory the
+    caching allocator keeps for the next layer of that shape: one block's merged layers is what the reserve
+    grows by. safetensors writes tensors from their own memory, without a copy.
     """
     if method not in ("lora", "dora", "qlora"):
         return 0
+    if device != "cpu":
+        adapted = (m for m in model.blocks[0].modules() if hasattr(m, "lora_A"))
+        return 0 if fresh_base else sum(m.base.weight.numel() for m in adapted) * param_bytes
     merged = sum(m.base.weight.numel() for m in model.modules() if hasattr(m, "lora_A")) * param_bytes
     if method == "qlora":
         merged += sum(p.numel() for p in model.parameters() if not p.requires_grad) * param_bytes
-    return merged if device != "cpu" else max(0, merged - freed)
+    return max(0, merged - freed)
 
 
 def training_plan(
@@ -442,9 +454,34 @@ def training_plan(
     return plan.format(available_bytes(world.device.type))
 
 
+def host_memory_notes(float_bytes: int, method: str, world_size: int, staged: bool, export_on_host: bool) -> list[str]:
+    """What a GPU run holds in the machine's memory (RAM), not the GPU's: the float model while a qlora or FSDP run
+    loads it on the CPU first (finetune.loads_on_cpu) and, for a qlora or sharded run, the float model the final
+    export merges into."""
+    processes = f"each of the {world_size} processes" if world_size > 1 else "the process"
+    notes = []
+    if staged:
+        notes.append(
+            f"host memory while loading: {processes} reads the float model ({format_bytes(float_bytes)}) on the "
+            "CPU, shared when the checkpoint's files hold the run's dtype (memory-mapped), and moves it to the GPU "
+            + ("a layer at a time, quantizing each" if method == "qlora" else "a block at a time, sharding each")
+        )
+    if export_on_host:
+        gathered = f", beside the trained weights gathered there ({format_bytes(float_bytes)})"
+        gathered = gathered if method == "full" else ""
+        notes.append(
+            f"host memory at the final export: rank 0 writes final/ from a fresh float model it loads on the CPU "
+            f"({format_bytes(float_bytes)}){gathered}"
+        )
+    return notes
+
+
 # --- what the device has ---
-def available_bytes(device: str) -> int:
-    """Free memory of the device the run will use: CUDA's free memory, or the RAM Linux can hand out."""
+def available_bytes(device: str, target: GPUSpec | None = None) -> int:
+    """Free memory of the device the run will use: CUDA's free memory, or the RAM Linux can hand out; for a GPU
+    planned for without having it (`plainlm estimate --target`), that card's memory."""
+    if target is not None:
+        return target.memory_bytes
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:

@@ -479,20 +479,24 @@ def quantized_linear_names(model: GPT, mode: str) -> list[str]:
     return names
 
 
-def quantize_model(model: GPT, mode: str, group_size: int | None = None) -> GPT:
+def quantize_model(model: GPT, mode: str, group_size: int | None = None, device: torch.device | None = None) -> GPT:
     """Quantize `model`'s weights in place, one layer at a time, and return it.
 
     mode: "int8", "int4", "nf4" or "fp4". group_size: int4's group (default 64) or nf4/fp4's block (64).
+    device: quantize each layer there, where it then stays (a float model on the CPU on its way to a GPU that
+    could not hold it whole); default: where the model is.
     """
-    group_size = check_mode(mode, group_size, model.embed.weight.device)
+    device = device or model.embed.weight.device
+    group_size = check_mode(mode, group_size, device)
     with torch.no_grad():
         for name in quantized_linear_names(model, mode):
-            linear = model.get_submodule(name)
+            linear = model.get_submodule(name).to(device)
             set_module(model, name, _quantize_linear(linear, mode, group_size).train(linear.training))
         if mode not in BITSANDBYTES_MODES:
             model.embed = _quantize_embedding(model, mode, group_size)
     model.quantization = {"mode": mode, "group_size": group_size}
-    return use_cpu_kernels(model)  # q/k/v and gate/up in one kernel call each
+    # q/k/v and gate/up in one kernel call each, for a model that stays on the CPU
+    return use_cpu_kernels(model) if device.type == "cpu" else model
 
 
 def check_mode(mode: str, group_size: int | None, device: torch.device) -> int | None:

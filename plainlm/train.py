@@ -116,10 +116,14 @@ def micro_batches_per_rank(args: TrainArgs, world_size: int) -> int:
     return args.global_batch_size // per_pass
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> str:
+def resolve_precision(precision: Precision, device: torch.device, cuda_bf16: bool | None = None) -> str:
+    """auto -> bf16-mixed where the device has bf16 units, else 32-true. cuda_bf16: whether the GPU has them;
+    None asks this machine's (`plainlm estimate --target` plans for a GPU it does not have)."""
     if precision != "auto":
         return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if cuda_bf16 is None:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cuda" and cuda_bf16:
         return "bf16-mixed"
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16-mixed"

@@ -40,7 +40,7 @@ def print_nf4_shard_shapes(model_dir: str) -> None:
         prepare_model(llm, "qlora", LoRAConfig(r=4), "nf4")
         before = llm.model.blocks[0].attn.q_proj.base.weight
         shape = tuple(before.shape)
-        distributed.shard(llm.model, "32-true")
+        distributed.shard(llm.model, "32-true", world.device)
         after = llm.model.blocks[0].attn.q_proj.base.weight
         if world.is_main:
             print(f"{type(before).__name__} {shape} -> {type(after).__name__} local {tuple(after.to_local().shape)}")

@@ -43,3 +43,25 @@ def test_loading_and_joining_resolve_the_device_the_same_way(tmp_path) -> None:
         distributed.joined("auto", "meta").__enter__()
     with distributed.joined("auto", "cpu") as world:
         assert world.device == torch.device("cpu")
+
+
+class CountingParameter(torch.nn.Parameter):
+    """A parameter whose `.to` calls are counted: bitsandbytes' 4-bit weights wrap themselves again in theirs."""
+
+    calls = 0
+
+    def to(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        type(self).calls += 1
+        return super().to(*args, **kwargs)
+
+
+def test_move_to_moves_only_what_is_elsewhere() -> None:
+    from plainlm.device import move_to
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.register_buffer("table", torch.ones(3))
+    meta = torch.device("meta")  # another device that any machine has
+    there = model[0].weight = CountingParameter(torch.empty(4, 4, device=meta))  # as a layer quantized on the GPU
+    move_to(model, meta)
+    assert {p.device for p in model.parameters()} == {meta} and model.table.device == meta
+    assert model[0].weight is there and CountingParameter.calls == 0  # left as it was: not even asked to move

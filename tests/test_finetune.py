@@ -222,3 +222,70 @@ def test_dora_and_qlora_train_and_export(tiny_hf_dir: Path, tmp_path: Path, meth
     ids = torch.arange(12)[None]
     with torch.no_grad():
         torch.testing.assert_close(merged.model(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_gpu_run_loads_on_the_cpu_where_the_float_model_would_not_fit_its_gpu() -> None:
+    from plainlm.distributed import World
+    from plainlm.finetune import loads_on_cpu
+
+    gpu = torch.device("cuda", 0)  # only a device object: nothing runs on it
+
+    def loads(device: torch.device, strategy: str, method: str, full_reference: bool = False) -> bool:
+        return loads_on_cpu(World(device=device, strategy=strategy), method, full_reference)
+
+    assert loads(gpu, "none", "qlora") and loads(gpu, "ddp", "qlora")  # quantized a layer at a time on the GPU
+    assert loads(gpu, "fsdp", "lora") and loads(gpu, "fsdp", "full")  # sharded a block at a time
+    assert not loads(gpu, "none", "lora") and not loads(gpu, "ddp", "full")  # loaded on the GPU, as it fits there
+    assert not loads(gpu, "fsdp", "full", full_reference=True)  # a full DPO run's reference pass needs it whole
+    assert not any(loads(torch.device("cpu"), s, m) for s in ("none", "fsdp") for m in ("qlora", "full"))
+
+
+@pytest.mark.parametrize(
+    ("method", "precision"), [pytest.param("qlora", "32-true", marks=pytest.mark.slow), ("lora", "bf16-mixed")]
+)
+def test_a_model_loaded_on_the_cpu_first_trains_and_exports_as_one_loaded_in_place(
+    tiny_hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, precision: str
+) -> None:
+    """The path a qlora or FSDP run takes on a GPU (loads_on_cpu), taken on the CPU, where only the device it moves
+    to differs; and the dtype finetune loads in: float32 for bf16-mixed too (a GPU's default would be bf16)."""
+    import plainlm.finetune as finetune_module
+    from plainlm.data.sft import SFTDataConfig
+    from plainlm.lora import LoRAConfig
+    from plainlm.train import TrainArgs
+
+    loads, real_load = [], LLM.load
+    monkeypatch.setattr(finetune_module, "loads_on_cpu", lambda *args: True)
+    monkeypatch.setattr(
+        finetune_module.LLM, "load", lambda path, **kwargs: loads.append(kwargs) or real_load(path, **kwargs)
+    )
+    records = tmp_path / "records.jsonl"
+    records.write_text("\n".join((REPO / "data" / "finetune" / "pirate_train.jsonl").read_text().splitlines()[:8]))
+    final = finetune_module.finetune(
+        tiny_hf_dir,
+        out_dir=tmp_path / "run",
+        method=method,
+        data=SFTDataConfig(path=str(records), val_path=str(records), max_seq_length=64),
+        lora=LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"]),
+        train=TrainArgs(
+            max_steps=2,
+            global_batch_size=4,
+            micro_batch_size=4,
+            warmup_steps=1,
+            eval_interval=2,
+            eval_max_batches=1,
+            save_interval=None,
+            tensorboard=False,
+            peak_flops=1e11,
+            precision=precision,
+        ),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-2),
+    )
+    assert loads[0] == {"device": "cpu", "dtype": "float32", "cpu_kernels": False}
+    steps = losses(tmp_path / "run")
+    assert sorted(steps) == [1, 2] and float(steps[2]) < float(steps[1]), steps
+    merged = LLM.load(final)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(base, final / "adapter").eval()
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
