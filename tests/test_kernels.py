@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_gpt
 
-from plainlm import quantize
+from plainlm import gptq, quantize
 from plainlm.config import Config
 from plainlm.generate import generate
 from plainlm.kernel_layers import KernelAttention, project_together, use_cpu_kernels
@@ -203,16 +203,17 @@ def test_the_matmul_kernels_refuse_what_they_cannot_run() -> None:
         torch.ops.plainlm.int8_group_matmul(torch.randn(1, 64), tile_int8(grouped), pairs.bfloat16(), 32)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8_group"])
 def test_layers_that_read_one_input_share_one_kernel_call(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """kernel_layers.project_together (q, k, v; gate, up): one call of int8_matmuls / int4_matmuls, the same
-    outputs, biases included, as one call per layer; with a gradient to pass back, one call each (through
-    their backward)."""
+    """kernel_layers.project_together (q, k, v; gate, up): one call of int8_matmuls / int4_matmuls /
+    int8_group_matmuls (8-bit GPTQ's layers), the same outputs, biases included, as one call per layer; with a
+    gradient to pass back, one call each (through their backward)."""
     torch.manual_seed(0)
-    layers = [
-        quantize._quantize_linear(torch.nn.Linear(64, n, bias=bias), mode, 32 if mode == "int4" else None)
-        for n, bias in ((48, True), (16, False), (32, True))
-    ]
+    linears = [torch.nn.Linear(64, n, bias=bias) for n, bias in ((48, True), (16, False), (32, True))]
+    if mode == "int8_group":
+        layers = [gptq.rtn(linear.weight, 32, sym=False, bits=8).linear(linear.bias) for linear in linears]
+    else:
+        layers = [quantize._quantize_linear(linear, mode, 32 if mode == "int4" else None) for linear in linears]
     x = torch.randn(2, 3, 64)
     shared = getattr(torch.ops.plainlm, f"{mode}_matmuls")
     calls = []
