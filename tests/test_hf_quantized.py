@@ -118,7 +118,8 @@ def random_packed(K: int, N: int, scheme: Scheme, generator: torch.Generator) ->
     q = torch.randint(0, top, (K, N), generator=generator)
     low = 1 if scheme.method == "gptq" and scheme.checkpoint_format == "gptq" else 0  # v1 stores z - 1 >= 0
     z = torch.full((K // G, N), top // 2) if scheme.sym else torch.randint(low, top, (K // G, N), generator=generator)
-    scales = (torch.rand(K // G, N, generator=generator) * 0.03 + 0.005).half()
+    # Steps of a 4-bit grid over weights of about +-0.2, and 17 times finer ones at 8 bits over the same range.
+    scales = ((torch.rand(K // G, N, generator=generator) * 0.03 + 0.005) * 15 / (top - 1)).half()
     return PackedLinear(q, z, scales, g_idx)
 
 

@@ -140,7 +140,9 @@ def test_int8_group_matmul_computes_its_math(M: int, N: int, K: int, group: int)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # integer sums: fp32 scaling only
     exact = x @ w.T
-    assert (y - exact).norm() / exact.norm() < 0.01  # the int8 activations' cost
+    # The int8 activations' cost, 0.5-0.6% (1.3% over the one group of 64 inputs of the first shape): these
+    # zero points, any of 0..255, shift a row's weights by up to 128 steps, where rounding errors add up.
+    assert (y - exact).norm() / exact.norm() < 0.02
     y16 = torch.ops.plainlm.int8_group_matmul(x.bfloat16(), tile_int8(weight), scales_and_zeros, group)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y, rtol=2e-2, atol=2e-2 * y.abs().max().item())
