@@ -188,12 +188,13 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 class QuantizedLinear(TiledWeight):
-    """What Int8Linear and Int4Linear share: y = x @ W^T + bias through one of two CPU kernels, plainlm's own
-    ("plainlm", on `weight` tiled by pack()) where it fits, PyTorch's ("aten") elsewhere.
+    """What Int8Linear, Int4Linear and GroupedInt8Linear share: y = x @ W^T + bias through one of two CPU
+    kernels, plainlm's own ("plainlm", on `weight` tiled by pack()) where it fits, PyTorch's ("aten") elsewhere;
+    an optional input order (GPTQ's act order), gathered once a call.
 
     Each subclass holds its quantized tensors and defines what differs: `kernel_fits()` (whether plainlm's
-    kernel takes this layer), `matmul_plainlm(x2)` and `matmul_aten(x2)` (one kernel call on a (M, K)
-    input, returning (M, out_features)) and `dequantized_weight()`."""
+    kernel takes this layer), `matmul_plainlm(x2)` and `matmul_aten(x2)` (the kernel on a (M, K) input,
+    returning (M, out_features)) and `dequantized_weight()`."""
 
     mode: str  # "int8" or "int4", for messages
 
