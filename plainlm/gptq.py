@@ -1,15 +1,16 @@
-"""`plainlm quantize`: a model's Linear layers to 4 bits by GPTQ, AWQ or round-to-nearest, written as a
+"""`plainlm quantize`: a model's Linear layers to 4 or 8 bits by GPTQ, AWQ or round-to-nearest, written as a
 Hugging Face GPTQ (AWQ) directory that plainlm (convert/hf_quantized.py) and transformers' integrations load.
 
     plainlm quantize SmolLM2-135M-Instruct.gguf out/smollm2-gptq --method gptq --group_size 128 \\
         --calibration data/pretrain/stories-1.txt
-    llm = LLM.load("out/smollm2-gptq")                  # the integers, on plainlm's int4 kernel
+    llm = LLM.load("out/smollm2-gptq")                  # the integers, on plainlm's int4 kernel (int8: --bits 8)
 
-Both methods store what GPTQ's format holds: per group of G inputs and output row an fp16 scale and a whole
-zero point, w = scale * (q - z), q in 0..15. The grid is GPTQ's own (its `Quantizer`): the group's range
-widened to include 0, scale = (max - min) / 15 and z = round(-min / scale) (asymmetric), or z = 8 and a
-range symmetric about 0 (`--sym`). Scales are rounded to fp16 before any weight is rounded against them, so
-the stored weights are exactly the ones the error compensation saw.
+Every method stores what GPTQ's format holds: per group of G inputs and output row an fp16 scale and a whole
+zero point, w = scale * (q - z), q in 0..maxq (15 for 4 bits, 255 for 8). The grid is GPTQ's own (its
+`Quantizer`): the group's range widened to include 0, scale = (max - min) / maxq and z = round(-min / scale)
+(asymmetric), or z = (maxq + 1) / 2 and a range symmetric about 0 (`--sym`). Scales are rounded to fp16
+before any weight is rounded against them, so the stored weights are exactly the ones the error compensation
+saw. 8 bits change only the grid; the layers load as plainlm's int8 in groups (quantize.GroupedInt8Linear).
 
 rtn   each weight to its nearest grid point.
 gptq  Frantar et al. (2022): the columns of W (N, K) are rounded one at a time, and each one's rounding
@@ -20,7 +21,7 @@ gptq  Frantar et al. (2022): the columns of W (N, K) are rounded one at a time, 
       one product. `--act_order` takes the columns in decreasing order of H's diagonal (the inputs with the
       largest activations first); the groups are then formed in that order, and g_idx records it.
 awq   AWQ's activation-aware scales (awq.py) searched and folded into the layers before them, then
-      round-to-nearest; written in AWQ's GEMM layout.
+      round-to-nearest; written in AWQ's GEMM layout, which is 4-bit only.
 
 The model goes through the calibration text block by block: the inputs of one transformer block for every
 sample are kept (samples x length x width floats), its Linear layers' Hessians gathered in one pass (layers
@@ -43,23 +44,33 @@ from plainlm import awq
 from plainlm.errors import InvalidInput
 from plainlm.model import GPT
 from plainlm.perplexity import read_documents
-from plainlm.quantize import Int4Linear, finish_loading, pack_nibbles, set_module, zero_point_pairs
+from plainlm.quantize import (
+    GroupedInt8Linear,
+    Int4Linear,
+    finish_loading,
+    pack_nibbles,
+    set_module,
+    zero_point_linear,
+    zero_point_midpoint,
+    zero_point_pairs,
+)
 from plainlm.tokenizer import Tokenizer
 
 METHODS = ("rtn", "gptq", "awq")
-MAX_Q = 15  # 4 bits
+BITS = {"rtn": (4, 8), "gptq": (4, 8), "awq": (4,)}  # the widths each method writes (AWQ's GEMM layout: 4 only)
 BLOCK_COLUMNS = 128  # GPTQ's lazy batch: columns rounded before their error is carried to the rest at once
 
 
 @dataclass
 class QuantizedLayer:
-    """One layer's result: integers q (N, K) with the inputs in `order` (all of them in their own order when
-    None), and per group of G of those inputs an fp16 scale and a zero point (groups, N)."""
+    """One layer's result: `bits`-bit integers q (N, K) with the inputs in `order` (all of them in their own
+    order when None), and per group of G of those inputs an fp16 scale and a zero point (groups, N)."""
 
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     order: torch.Tensor | None
+    bits: int = 4
 
     def dequantized(self) -> torch.Tensor:
         """The float weights (N, K), in the inputs' own order."""
@@ -69,14 +80,16 @@ class QuantizedLayer:
         w = (self.q - zeros).float() * scales
         return w if self.order is None else torch.empty_like(w).index_copy_(1, self.order, w)
 
-    def int4_linear(self, bias: torch.Tensor | None) -> Int4Linear:
-        """plainlm's int4 layer holding these integers (float32 pairs: the fp16 scales and zeros exactly)."""
+    def linear(self, bias: torch.Tensor | None) -> Int4Linear | GroupedInt8Linear:
+        """plainlm's int4 or int8 layer holding these integers (float32 pairs: the fp16 scales and zeros
+        exactly), as a GPTQ checkpoint of this width loads."""
         N, K = self.q.shape
-        layer = Int4Linear(
-            K, N, bias is not None, K // self.scales.shape[0], "meta", torch.float32, self.order is not None
-        )
-        layer.weight = pack_nibbles(self.q.to(torch.uint8))
-        layer.scales_and_zeros = zero_point_pairs(self.scales, self.zeros)
+        layer = zero_point_linear(self.bits, K, N, bias is not None, K // self.scales.shape[0], self.order is not None)
+        if self.bits == 8:
+            layer.weight = (self.q - zero_point_midpoint(8)).to(torch.int8)
+        else:
+            layer.weight = pack_nibbles(self.q.to(torch.uint8))
+        layer.scales_and_zeros = zero_point_pairs(self.scales, self.zeros, self.bits)
         if self.order is not None:
             layer.input_order = self.order
         if bias is not None:
@@ -85,39 +98,48 @@ class QuantizedLayer:
         return layer
 
 
-def grid(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's grid for each row of a group of columns w (N, G): fp16 scales (N,) and zero points (N,)."""
+def grid(w: torch.Tensor, sym: bool, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's `bits`-bit grid for each row of a group of columns w (N, G): fp16 scales (N,) and zero points
+    (N,)."""
+    max_q = 2**bits - 1
     low, high = w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0)
     if sym:
         high = torch.maximum(low.abs(), high)
         low = torch.where(low < 0, -high, low)
     flat = low == high  # all zeros: any grid holds them
     low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
-    scales = ((high - low) / MAX_Q).half()
-    zeros = torch.full_like(low, (MAX_Q + 1) // 2) if sym else (-low / scales.float()).round()
+    scales = ((high - low) / max_q).half()
+    zeros = torch.full_like(low, zero_point_midpoint(bits)) if sym else (-low / scales.float()).round()
     return scales, zeros.long()
 
 
-def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Columns w (N, ...) rounded to integers 0..15 of their rows' grid."""
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Columns w (N, ...) rounded to integers 0..2^bits - 1 of their rows' grid."""
     shape = (-1,) + (1,) * (w.dim() - 1)
-    return ((w / scales.float().view(shape)).round() + zeros.view(shape)).clamp(0, MAX_Q).long()
+    return ((w / scales.float().view(shape)).round() + zeros.view(shape)).clamp(0, 2**bits - 1).long()
 
 
-def rtn(weight: torch.Tensor, group_size: int, sym: bool) -> QuantizedLayer:
+def rtn(weight: torch.Tensor, group_size: int, sym: bool, bits: int = 4) -> QuantizedLayer:
     """Each weight to its nearest point of its group's grid."""
     N, K = weight.shape
     groups = weight.float().reshape(N, K // group_size, group_size)
-    scales, zeros = grid(groups.transpose(0, 1).reshape(-1, group_size), sym)  # (groups * N,), group-major
+    scales, zeros = grid(groups.transpose(0, 1).reshape(-1, group_size), sym, bits)  # (groups * N,), group-major
     scales, zeros = scales.view(K // group_size, N), zeros.view(K // group_size, N)
-    q = torch.stack([round_to_grid(groups[:, g], scales[g], zeros[g]) for g in range(K // group_size)], dim=1)
-    return QuantizedLayer(q.reshape(N, K), scales, zeros, None)
+    q = torch.stack([round_to_grid(groups[:, g], scales[g], zeros[g], bits) for g in range(K // group_size)], dim=1)
+    return QuantizedLayer(q.reshape(N, K), scales, zeros, None, bits)
 
 
 def gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, group_size: int, sym: bool, act_order: bool, damp: float = 0.01
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    sym: bool,
+    act_order: bool,
+    damp: float = 0.01,
+    bits: int = 4,
 ) -> QuantizedLayer:
-    """GPTQ's rounding of one layer's weight (N, K) given its inputs' Hessian (K, K) (see the docstring)."""
+    """GPTQ's rounding of one layer's weight (N, K) to `bits` bits given its inputs' Hessian (K, K) (see the
+    docstring)."""
     W = weight.detach().float().clone()
     H = hessian.clone()
     N, K = W.shape
@@ -147,15 +169,15 @@ def gptq(
             column = start + i
             if column % group_size == 0:  # the group's grid from its weights as they are now, updates included
                 g = column // group_size
-                scales[g], zeros[g] = grid(block[:, i : i + group_size], sym)
+                scales[g], zeros[g] = grid(block[:, i : i + group_size], sym, bits)
             g = column // group_size
-            q = round_to_grid(block[:, i], scales[g], zeros[g])
+            q = round_to_grid(block[:, i], scales[g], zeros[g], bits)
             Q[:, column] = q
             error = (block[:, i] - (q - zeros[g]).float() * scales[g].float()) / U[column, column]
             block[:, i:] -= error[:, None] * U[column, column:end][None, :]
             errors[:, i] = error
         W[:, end:] -= errors @ U[start:end, end:]
-    return QuantizedLayer(Q, scales, zeros, order)
+    return QuantizedLayer(Q, scales, zeros, order, bits)
 
 
 # --- a whole model, block by block ---
@@ -251,12 +273,14 @@ def quantize_blocks(
     calibration: torch.Tensor | None = None,
     batch_size: int = 8,
     log: callable = print,
+    bits: int = 4,
 ) -> GPT:
     """Quantize every Linear in `model`'s blocks with `method` ("rtn", or "gptq" and "awq", which need
-    `calibration` ids (samples, length)), in place, block by block; they become int4 layers in GPTQ's layout
-    (float32 pairs, an input order with act_order). group_size -1: one group a row."""
+    `calibration` ids (samples, length)) to `bits` bits, in place, block by block; they become int4 or int8
+    layers in GPTQ's layout (float32 pairs, an input order with act_order). group_size -1: one group a row."""
     if model.config.n_expert:
         raise InvalidInput("plainlm quantize does not handle mixture-of-experts models yet; use --quantize int4")
+    check_bits(method, bits)
     batches = [] if calibration is None else list(calibration.split(batch_size))
     calibrated = method in ("gptq", "awq")
     with torch.no_grad():
@@ -289,18 +313,27 @@ def quantize_blocks(
             for name, linear in layers.items():
                 G = linear.in_features if group_size == -1 else group_size
                 if method == "gptq":
-                    results[name] = gptq(linear.weight, sums.hessian(name), G, sym, act_order, damp)
+                    results[name] = gptq(linear.weight, sums.hessian(name), G, sym, act_order, damp, bits)
                 else:
-                    results[name] = rtn(linear.weight, G, sym)
+                    results[name] = rtn(linear.weight, G, sym, bits)
                 linear.weight.copy_(results[name].dequantized().to(linear.weight.dtype))
             if sums is not None:
                 sums.remove()
             inputs = [block(x, *arguments[index]) for x in inputs]  # the next block sees the quantized weights
             for name, result in results.items():
-                set_module(block, name, result.int4_linear(layers[name].bias))
+                set_module(block, name, result.linear(layers[name].bias))
             log(f"block {index}: {len(layers)} layers, {time.perf_counter() - started:.1f} s")
-    model.quantization = {"mode": "int4", "group_size": group_size, "packed": "awq" if method == "awq" else "gptq"}
+    packed = "awq" if method == "awq" else "gptq"
+    model.quantization = {"mode": f"int{bits}", "group_size": group_size, "packed": packed}
     return finish_loading(model)  # as a loaded one: q, k and v of one act order share it and one kernel call
+
+
+def check_bits(method: str, bits: int) -> None:
+    """One error naming the widths `method` writes, unless it writes `bits`."""
+    if bits not in BITS.get(method, ()):
+        why = " (AWQ's GEMM layout is 4-bit only; --method gptq and rtn write 8)" if method == "awq" else ""
+        written = "/".join(map(str, BITS.get(method, ())))
+        raise InvalidInput(f"--bits {bits} is not supported by --method {method}, which writes {written} bits{why}")
 
 
 def _rounded(weight: torch.Tensor, group_size: int, sym: bool) -> torch.Tensor:
@@ -335,7 +368,7 @@ def quantize(
     length: int = 512,
     damp: float = 0.01,
 ) -> None:
-    """Quantize a model's Linear layers to 4 bits and write a Hugging Face GPTQ (or AWQ) directory.
+    """Quantize a model's Linear layers to 4 or 8 bits and write a Hugging Face GPTQ (or AWQ) directory.
 
     Args:
         model: A plainlm checkpoint, a Hugging Face model directory or a .gguf file, in float.
@@ -343,10 +376,11 @@ def quantize(
             tokenizer); `LLM.load` and transformers' GPTQ integration load it.
         method: gptq (error-compensated rounding from calibration text), awq (activation-aware scales
             from calibration text, then round to nearest) or rtn (round to nearest).
-        bits: Bits a weight: 4.
+        bits: Bits a weight: 4, or 8 (gptq and rtn; AWQ's format is 4-bit only).
         group_size: Inputs sharing one scale and zero point; -1 for one group a row.
         act_order: gptq: round the inputs with the largest activations first (desc_act).
-        sym: A grid symmetric about 0 (zero point 8) instead of one fitted to each group's range.
+        sym: A grid symmetric about 0 (zero point 8, or 128 for 8 bits) instead of one fitted to each group's
+            range.
         calibration: gptq, awq: a .txt file, or .jsonl with a "text" field a line, of text like the model's use.
         samples: gptq, awq: windows of calibration text.
         length: gptq, awq: tokens a window.
@@ -358,8 +392,7 @@ def quantize(
 
     if method not in METHODS:
         raise InvalidInput(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    if bits != 4:
-        raise InvalidInput(f"--bits {bits} is not supported; plainlm quantize writes 4 bits")
+    check_bits(method, bits)
     if group_size != -1 and group_size < 1:
         raise InvalidInput(f"--group_size {group_size} is not a size; pass a positive size, or -1 for whole rows")
     if method != "rtn" and calibration is None:
@@ -372,7 +405,7 @@ def quantize(
         raise InvalidInput(f"{model} is already quantized ({llm.model.quantization['mode']}); quantize a float model")
     ids = calibration_ids(llm.tokenizer, calibration, samples, length) if method != "rtn" else None
     started = time.perf_counter()
-    quantize_blocks(llm.model, method, group_size, sym, act_order, damp, ids)
+    quantize_blocks(llm.model, method, group_size, sym, act_order, damp, ids, bits=bits)
     with tempfile.TemporaryDirectory(prefix="plainlm-quantize-") as scratch:
         save_checkpoint(llm.model, scratch)
         llm.tokenizer.save(scratch)

@@ -111,9 +111,9 @@ def reads_paged_pool(model: GPT, dtype: torch.dtype) -> bool:
 
 def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     """x through layers that all read it (q, k, v; gate, up). When they are plainlm's int8 or int4 layers
-    running its kernel, with one group size, and no gradient flows, one call of int8_matmuls /
-    int4_matmuls computes them all: a small quantized model's decode step spends much of its time in
-    per-call overhead. Otherwise one call each. The outputs are the same either way.
+    of one kind running its kernel, with one group size, and no gradient flows, one call of int8_matmuls /
+    int8_group_matmuls / int4_matmuls computes them all: a small quantized model's decode step spends much of
+    its time in per-call overhead. Otherwise one call each. The outputs are the same either way.
 
     A served model's adapted layer (serve/adapters.py's MultiLoRALinear, which has `add_adapters`) takes
     part through its base layer, and adds its batch rows' adapter updates to that output after."""
@@ -127,8 +127,8 @@ def project_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
 
 def _project_bases_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> Sequence[torch.Tensor]:
     first = layers[0]
-    kernel = getattr(first, "kernel", None)  # quantize.Int8Linear / Int4Linear say which kernel they run
-    group_size = getattr(first, "group_size", None)
+    kernel = getattr(first, "kernel", None)  # quantize's int8/int4 layers say which kernel they run
+    group_size = getattr(first, "group_size", None)  # None: plainlm's int8, one scale a row
     shared = (
         kernel == "plainlm"
         and all(
@@ -147,6 +147,8 @@ def _project_bases_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> Seq
     tiles = [layer.weight for layer in layers]
     if first.weight.dtype == torch.uint8:  # int4: two weights per byte
         y = torch.ops.plainlm.int4_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
+    elif group_size is not None:  # int8 in groups with (scale, zero) pairs: an 8-bit GPTQ checkpoint's
+        y = torch.ops.plainlm.int8_group_matmuls(x2, tiles, [layer.scales_and_zeros for layer in layers], group_size)
     else:
         y = torch.ops.plainlm.int8_matmuls(x2, tiles, [layer.scales for layer in layers])
     y = y.to(x.dtype).view(*x.shape[:-1], -1)  # the layers' outputs side by side

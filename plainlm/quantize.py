@@ -8,8 +8,12 @@ int8  one scale per output row, symmetric: w = q * scale, q in -127..127.
       products), or where it cannot run PyTorch's `aten._weight_int8pack_mm` (bf16 activations).
       On a GPU: PyTorch's CUDA `_weight_int8pack_mm` for a few rows (a decode step reads the int8
       matrix once), a bf16 matmul over the matrix cast for the call for more (a prompt: compute-bound).
+      An 8-bit GPTQ checkpoint's layers (GroupedInt8Linear, made by its loader and `plainlm quantize`,
+      never by quantize_model) hold int8 in groups with float32 (scale, zero) pairs instead:
+      w = q * scale + zero; plainlm's int8_group_matmul, or PyTorch's int8 kernel once per group.
 int4  groups of `group_size` inputs (default 64), asymmetric: w = (q - 8) * scale + zero, q in 0..15,
-      stored as two values per byte (low nibble first) and bf16 (scale, zero) pairs.
+      stored as two values per byte (low nibble first) and bf16 (scale, zero) pairs (float32 for a 4-bit
+      GPTQ or AWQ checkpoint's).
       Forward: plainlm's own kernel (kernels/int4_matmul.cpp: int8 activations, AVX512-VNNI dot
       products). Where it cannot run (no VNNI, groups not a multiple of 16, rows not a multiple of
       16), `aten._weight_int4pack_mm_for_cpu` runs on a copy packed for it at load time. On a GPU,
@@ -72,12 +76,19 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return pack_nibbles(q), torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
 
 
-def zero_point_pairs(scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+def zero_point_pairs(scales: torch.Tensor, zero_points: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """GPTQ's and AWQ's groups, w = scale * (q - z) with fp16 scales and whole zero points z (groups, N), as
-    int4 layers' float32 (scale, zero) pairs (groups, N, 2), w = (q - 8) * scale + zero: zero = (8 - z) * scale,
-    exact in float32, as is every weight they give."""
+    float32 (scale, zero) pairs (groups, N, 2) of the layers that store q less its midpoint c = 2^(bits - 1)
+    (int4: q - 8 in 0..15's nibbles, w = (q - 8) * scale + zero; 8 bits: q - 128 as int8): zero = (c - z) * scale.
+    An fp16 scale has 11 significant bits and c - z at most 9, so the product is exact in float32's 24, as is
+    every weight the pair gives."""
     scale = scales.float()
-    return torch.stack((scale, (8 - zero_points).float() * scale), dim=-1)
+    return torch.stack((scale, (zero_point_midpoint(bits) - zero_points).float() * scale), dim=-1)
+
+
+def zero_point_midpoint(bits: int) -> int:
+    """What a layer with zero points subtracts from its integers 0..2^bits - 1 to store them: 8 or 128."""
+    return 1 << (bits - 1)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -91,10 +102,15 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """Float rows (..., K) from nibble rows (..., K/2) and their scales_and_zeros (K/group_size, ..., 2)."""
-    q = unpack_nibbles(packed).float()
+    return dequantize_groups(unpack_nibbles(packed).float() - 8, scales_and_zeros, group_size)
+
+
+def dequantize_groups(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Float rows (..., K) = q * scale + zero from stored integers q (..., K) as floats (int4's less 8) and
+    their groups' pairs scales_and_zeros (K/group_size, ..., 2)."""
     q = q.reshape(*q.shape[:-1], -1, group_size)  # (..., groups, group_size)
     sz = scales_and_zeros.float().movedim(0, -2)  # (..., groups, 2)
-    return ((q - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
+    return (q * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
 
 # --- the kernels' order of the same bytes ---
@@ -203,24 +219,28 @@ def quantized_matmul(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 class QuantizedLinear(TiledWeight):
-    """What Int8Linear and Int4Linear share: y = x @ W^T + bias through one of two CPU kernels, plainlm's own
-    ("plainlm", on `weight` tiled by pack()) where it fits, PyTorch's ("aten") elsewhere, or on a GPU through
-    PyTorch's CUDA kernels ("cuda").
+    """What Int8Linear, Int4Linear and GroupedInt8Linear share: y = x @ W^T + bias through one of two CPU
+    kernels, plainlm's own ("plainlm", on `weight` tiled by pack()) where it fits, PyTorch's ("aten") elsewhere,
+    or on a GPU through PyTorch's CUDA kernels ("cuda"); an optional input order (GPTQ's act order), gathered
+    once a call.
 
     Each subclass holds its quantized tensors and defines what differs: `kernel_fits()` (whether plainlm's
-    kernel takes this layer), `matmul_plainlm(x2)`, `matmul_aten(x2)` and `matmul_cuda(x2)` (one kernel call
-    on a (M, K) input, returning (M, out_features)) and `dequantized_weight()`."""
+    kernel takes this layer), `matmul_plainlm(x2)`, `matmul_aten(x2)` and `matmul_cuda(x2)` (the kernel on a
+    (M, K) input, returning (M, out_features)) and `dequantized_weight()`."""
 
     mode: str  # "int8" or "int4", for messages
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, device: torch.device | None, ordered_inputs: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
-        self.kernel: str | None = None  # "plainlm" or "aten", chosen by pack()
+        self.kernel: str | None = None  # "plainlm", "aten" or "cuda", chosen by pack()
         # The inputs in the order the stored matrix reads them (a GPTQ act-order checkpoint's groups are not
         # contiguous: its loader sorts the inputs by group once), or None for their own order.
-        self.register_buffer("input_order", None)
+        order = torch.empty(in_features, dtype=torch.int64, device=device) if ordered_inputs else None
+        self.register_buffer("input_order", order)
 
     def pack(self, kernel: str | None = None) -> None:
         """Choose the kernel ("plainlm" or "aten" on the CPU, default plainlm's where it fits; "cuda" on a GPU)
@@ -250,8 +270,22 @@ class QuantizedLinear(TiledWeight):
             y = self.matmul_aten(x.reshape(-1, self.in_features).to(torch.bfloat16))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def in_input_order(self, stored: torch.Tensor) -> torch.Tensor:
+        """A dequantized matrix (N, K) whose columns are in the stored order, in the inputs' own order."""
+        if self.input_order is None:
+            return stored
+        return torch.empty_like(stored).index_copy_(1, self.input_order, stored)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def check_groups(bits: int, in_features: int, group_size: int) -> None:
+    if group_size < 1 or in_features % group_size:
+        raise InvalidInput(
+            f"int{bits} groups of {group_size} do not divide this layer's {in_features} inputs; "
+            f"pass a group_size that does (32 and 64 divide most models)"
+        )
 
 
 class Int8Linear(QuantizedLinear):
@@ -309,18 +343,12 @@ class Int4Linear(QuantizedLinear):
         pairs_dtype: torch.dtype = torch.bfloat16,
         ordered_inputs: bool = False,
     ) -> None:
-        if in_features % group_size:
-            raise InvalidInput(
-                f"int4 groups of {group_size} do not divide this layer's {in_features} inputs; "
-                f"pass a group_size that does (32 and 64 divide most models)"
-            )
-        super().__init__(in_features, out_features, bias, device)
+        check_groups(4, in_features, group_size)
+        super().__init__(in_features, out_features, bias, device, ordered_inputs)
         self.group_size = group_size
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         groups = in_features // group_size
         self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=pairs_dtype, device=device))
-        if ordered_inputs:
-            self.register_buffer("input_order", torch.empty(in_features, dtype=torch.int64, device=device))
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("packed_scales_and_zeros", None, persistent=False)
 
@@ -360,13 +388,91 @@ class Int4Linear(QuantizedLinear):
         return y[:, : self.out_features]
 
     def dequantized_weight(self) -> torch.Tensor:
-        stored = dequantize_int4(row_order(self.weight), self.scales_and_zeros, self.group_size)
-        if self.input_order is None:
-            return stored
-        return torch.empty_like(stored).index_copy_(1, self.input_order, stored)  # back in the inputs' own order
+        return self.in_input_order(dequantize_int4(row_order(self.weight), self.scales_and_zeros, self.group_size))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+class GroupedInt8Linear(QuantizedLinear):
+    """int8 weights in groups of `group_size` inputs with float32 (scale, zero) pairs: w = q * scale + zero,
+    q in -128..127. An 8-bit GPTQ checkpoint's layer (convert/hf_quantized.py, gptq.py): its integers 0..255
+    less 128, and its fp16 scales and whole zero points z as zero = (128 - z) * scale, both exact in float32
+    (zero_point_pairs); with `ordered_inputs`, also `input_order`, as Int4Linear's.
+
+    `weight` (int8 rows) and `scales_and_zeros` are what is saved. plainlm's kernel (int8_group_matmul in
+    plainlm/kernels/int8_matmul.cpp) reads `weight` tiled in place by `pack()`; it needs AVX512-VNNI, groups
+    of a multiple of 16 and a multiple of 16 output rows. Elsewhere, and on a GPU, PyTorch's int8 kernel runs
+    once per group, on `packed`: the weight's groups one after another, (groups, N, group_size) int8, made by
+    `pack()` and never saved (the rows themselves when one group spans them). Each group's integer product
+    (bf16 activations on the CPU, float32 on a GPU, as PyTorch's kernels read them) is scaled and its zero
+    term added in float32, so no call makes a float copy of the weights.
+    """
+
+    mode = "int8"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int,
+        device: torch.device | None = None,
+        ordered_inputs: bool = False,
+    ) -> None:
+        check_groups(8, in_features, group_size)
+        super().__init__(in_features, out_features, bias, device, ordered_inputs)
+        self.group_size = group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        groups = in_features // group_size
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=torch.float32, device=device)
+        )
+        self.register_buffer("packed", None, persistent=False)
+
+    def pack(self, kernel: str | None = None) -> None:
+        """As QuantizedLinear.pack; for PyTorch's kernel, also lay the groups out one after another."""
+        self.packed = None
+        super().pack(kernel)
+        if self.kernel in ("aten", "cuda"):  # one group a row: a view of the rows, no copy
+            groups = self.in_features // self.group_size
+            self.packed = self.weight.view(self.out_features, groups, self.group_size).transpose(0, 1).contiguous()
+
+    def kernel_fits(self) -> bool:
+        return int8_kernel_fits(self.out_features, self.in_features, self.group_size)
+
+    def matmul_plainlm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.plainlm.int8_group_matmul(x2, self.weight, self.scales_and_zeros, self.group_size)
+
+    def matmul_aten(self, x2: torch.Tensor) -> torch.Tensor:
+        groups = self.packed.shape[0]
+        x_groups = x2.view(x2.shape[0], groups, self.group_size).transpose(0, 1).contiguous()  # (groups, M, G)
+        scale, zero = self.scales_and_zeros.unbind(-1)  # (groups, N) each
+        y = x_groups.float().sum(-1).T @ zero  # the zero points' term: each group's inputs summed, (M, N)
+        ones = torch.ones(self.out_features, dtype=x2.dtype, device=x2.device)  # the scales come after, in fp32
+        for g in range(groups):
+            y += torch.ops.aten._weight_int8pack_mm(x_groups[g], self.packed[g], ones).float() * scale[g]
+        return y
+
+    def matmul_cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.matmul_aten(x2.float())  # PyTorch's CUDA int8 kernel reads float32 inputs and scales
+
+    def dequantized_weight(self) -> torch.Tensor:
+        stored = dequantize_groups(row_order(self.weight).float(), self.scales_and_zeros, self.group_size)
+        return self.in_input_order(stored)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def zero_point_linear(
+    bits: int, in_features: int, out_features: int, bias: bool, group_size: int, ordered_inputs: bool
+) -> Int4Linear | GroupedInt8Linear:
+    """An empty (meta device) layer for a GPTQ or AWQ checkpoint's `bits`-bit groups with zero points: int4 or
+    int8 integers, float32 (scale, zero) pairs (zero_point_pairs), an input order with act order."""
+    if bits == 8:
+        return GroupedInt8Linear(in_features, out_features, bias, group_size, "meta", ordered_inputs)
+    return Int4Linear(in_features, out_features, bias, group_size, "meta", torch.float32, ordered_inputs)
 
 
 class Int8Embedding(TiledWeight):
@@ -570,18 +676,18 @@ def empty_quantized_model(model: GPT, mode: str, group_size: int | None, dtype: 
 
 
 def empty_packed_model(model: GPT, shapes: dict[str, tuple[int, ...]], quantization: dict) -> GPT:
-    """Swap a meta-device model's Linears for the empty int4 layers that a GPTQ or AWQ checkpoint's saved
-    tensors (their `shapes`, by name) describe: float32 pairs, an input order where one was saved. The
-    other layers, the embedding among them, stay in float, as the checkpoint's tools left them."""
+    """Swap a meta-device model's Linears for the empty int4 or int8 layers (quantization's mode) that a GPTQ
+    or AWQ checkpoint's saved tensors (their `shapes`, by name) describe: float32 pairs, an input order where
+    one was saved. The other layers, the embedding among them, stay in float, as the checkpoint's tools left
+    them."""
+    bits = 8 if quantization["mode"] == "int8" else 4
     for key, shape in shapes.items():
         if key.endswith(".scales_and_zeros"):
             name = key.removesuffix(".scales_and_zeros")
             linear = model.get_submodule(name)
             K, N, groups = linear.in_features, linear.out_features, shape[0]
-            layer = Int4Linear(
-                K, N, linear.bias is not None, K // groups, "meta", torch.float32, f"{name}.input_order" in shapes
-            )
-            set_module(model, name, layer)
+            ordered = f"{name}.input_order" in shapes
+            set_module(model, name, zero_point_linear(bits, K, N, linear.bias is not None, K // groups, ordered))
     model.quantization = quantization
     return model
 
@@ -625,11 +731,15 @@ def dequantize_model(model: GPT, dtype: torch.dtype = torch.float32) -> GPT:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights held in memory: the saved tensors plus int4's packed copies; shared ones count once."""
+    """Bytes of the weights held in memory: the saved tensors plus the copies packed for PyTorch's kernels;
+    shared ones count once."""
     tensors = list(model.state_dict(keep_vars=True).values())  # the tensors themselves: tied ones are one object
     for module in model.modules():
         if isinstance(module, Int4Linear):
             tensors += [t for t in (module.packed, module.packed_scales_and_zeros) if t is not None]
+        grouped = isinstance(module, GroupedInt8Linear) and module.packed is not None
+        if grouped and module.packed.untyped_storage().data_ptr() != module.weight.untyped_storage().data_ptr():
+            tensors.append(module.packed)  # (a view of the rows, one group a row, is no copy)
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 

@@ -3,6 +3,7 @@ SDPA, and in use: eager and compiled decoding give the tokens that PyTorch's ker
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_gpt
 
-from plainlm import quantize
+from plainlm import gptq, quantize
 from plainlm.config import Config
 from plainlm.generate import generate
 from plainlm.kernel_layers import KernelAttention, project_together, use_cpu_kernels
@@ -114,6 +115,39 @@ def test_int8_matmul_computes_its_math(M: int, N: int, K: int) -> None:
     torch.testing.assert_close(y16.float(), y, rtol=2e-2, atol=2e-2 * y.abs().max().item())
 
 
+def int8_groups(N: int, K: int, G: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8-bit GPTQ layer's weight as GroupedInt8Linear holds it: int8 rows q - 128 (N, K), float32 pairs."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (N, K), generator=generator)
+    z = torch.randint(0, 256, (K // G, N), generator=generator)
+    scales = (torch.rand(K // G, N, generator=generator) * 0.01 + 0.001).half()
+    return (q - 128).to(torch.int8), quantize.zero_point_pairs(scales, z, bits=8)
+
+
+@pytest.mark.parametrize(
+    ("M", "N", "K", "group"),
+    [(1, 16, 64, 64), (17, 48, 256, 32), (1, 32, 256, 128), (17, 16, 192, 192), (3, 576, 1536, 128), (2, 16, 48, 16)],
+)
+def test_int8_group_matmul_computes_its_math(M: int, N: int, K: int, group: int) -> None:
+    """int8 in groups with (scale, zero) pairs (8-bit GPTQ): the activations rounded per 64 inputs, or per
+    group below 64 (the whole row too, 192 inputs: three of 64), then an exact product."""
+    torch.manual_seed(0)
+    weight, scales_and_zeros = int8_groups(N, K, group)
+    x = torch.randn(M, K) * torch.linspace(0.1, 3, K)
+    y = torch.ops.plainlm.int8_group_matmul(x, tile_int8(weight), scales_and_zeros, group)
+    w = quantize.dequantize_groups(weight.float(), scales_and_zeros, group)
+    expected = rounded_inputs(x, math.gcd(group, 64)).double() @ w.double().T
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # integer sums: fp32 scaling only
+    exact = x @ w.T
+    # The int8 activations' cost, 0.5-0.6% (1.3% over the one group of 64 inputs of the first shape): these
+    # zero points, any of 0..255, shift a row's weights by up to 128 steps, where rounding errors add up.
+    assert (y - exact).norm() / exact.norm() < 0.02
+    y16 = torch.ops.plainlm.int8_group_matmul(x.bfloat16(), tile_int8(weight), scales_and_zeros, group)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y, rtol=2e-2, atol=2e-2 * y.abs().max().item())
+
+
 def test_int4_matmul_stays_within_one_percent_of_the_float_product() -> None:
     """The cost of int8 activations: with their sum taken from the rounded values too, the error is
     sum w_k e_k (about 0.6% of the output's size here), not sum (w_k - min) e_k (about 2%)."""
@@ -131,6 +165,7 @@ def test_the_matmul_kernels_give_the_same_bits_on_any_thread_count() -> None:
     w, x = torch.randn(4096, 576), torch.randn(3, 576)  # 1.2 MB of int4: several threads' shares
     nibbles, scales_and_zeros = quantize_int4(w, 64)
     weight, scales = quantize_int8(w)
+    grouped, pairs = int8_groups(4096, 576, 64)
     threads = torch.get_num_threads()
     outputs = []
     try:
@@ -140,6 +175,7 @@ def test_the_matmul_kernels_give_the_same_bits_on_any_thread_count() -> None:
                 (
                     torch.ops.plainlm.int4_matmul(x, tile_nibbles(nibbles), scales_and_zeros, 64),
                     torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales),
+                    torch.ops.plainlm.int8_group_matmul(x, tile_int8(grouped), pairs, 64),
                 )
             )
     finally:
@@ -162,18 +198,24 @@ def test_the_matmul_kernels_refuse_what_they_cannot_run() -> None:
     weight, scales = quantize_int8(torch.randn(16, 64))
     with pytest.raises(RuntimeError, match="must be contiguous int8 tiles"):
         torch.ops.plainlm.int8_matmul(torch.randn(1, 64), weight, scales)
+    grouped, pairs = int8_groups(16, 64, 32)
+    with pytest.raises(RuntimeError, match="needs groups of a multiple of 16 inputs that divide the 64 inputs"):
+        torch.ops.plainlm.int8_group_matmul(torch.randn(1, 64), tile_int8(grouped), int8_groups(16, 64, 8)[1], 8)
+    with pytest.raises(RuntimeError, match="scales_and_zeros must be contiguous fp32"):
+        torch.ops.plainlm.int8_group_matmul(torch.randn(1, 64), tile_int8(grouped), pairs.bfloat16(), 32)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8_group"])
 def test_layers_that_read_one_input_share_one_kernel_call(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """kernel_layers.project_together (q, k, v; gate, up): one call of int8_matmuls / int4_matmuls, the same
-    outputs, biases included, as one call per layer; with a gradient to pass back, one call each (through
-    their backward)."""
+    """kernel_layers.project_together (q, k, v; gate, up): one call of int8_matmuls / int4_matmuls /
+    int8_group_matmuls (8-bit GPTQ's layers), the same outputs, biases included, as one call per layer; with a
+    gradient to pass back, one call each (through their backward)."""
     torch.manual_seed(0)
-    layers = [
-        quantize._quantize_linear(torch.nn.Linear(64, n, bias=bias), mode, 32 if mode == "int4" else None)
-        for n, bias in ((48, True), (16, False), (32, True))
-    ]
+    linears = [torch.nn.Linear(64, n, bias=bias) for n, bias in ((48, True), (16, False), (32, True))]
+    if mode == "int8_group":
+        layers = [gptq.rtn(linear.weight, 32, sym=False, bits=8).linear(linear.bias) for linear in linears]
+    else:
+        layers = [quantize._quantize_linear(linear, mode, 32 if mode == "int4" else None) for linear in linears]
     x = torch.randn(2, 3, 64)
     shared = getattr(torch.ops.plainlm, f"{mode}_matmuls")
     calls = []

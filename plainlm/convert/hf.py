@@ -114,8 +114,8 @@ def plainlm_to_hf_tensors(
     method: str = "gptq",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Hugging Face tensors from ours, read through `get(name)` one rule at a time. `packed`: the layers held
-    as a GPTQ or AWQ checkpoint's int4 (hf_quantized.py), and whether each has an input order: written as
-    `method`'s layers ("gptq" or "awq")."""
+    as a GPTQ or AWQ checkpoint's int4 or int8 (hf_quantized.py), and whether each has an input order: written
+    as `method`'s layers ("gptq" or "awq")."""
     packed = packed or {}
     for rule in weight_rules(config):
         layer = rule.ours[0].removesuffix(".weight")
@@ -135,7 +135,7 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dty
         model = GPT(config)
     packed = packed_layers(model, directory, source)
     if packed is not None:
-        check_mode("int4", None, torch.device(device))  # int4 runs on the CPU and CUDA: elsewhere, one refusal
+        check_mode(packed.format.mode, None, torch.device(device))  # CPU and CUDA kernels: elsewhere, one refusal
 
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
         keep = not t.is_floating_point() or dtype is None or name.endswith(".scales_and_zeros")
@@ -156,7 +156,7 @@ def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None 
     """Hugging Face directory -> native checkpoint (weights, config.yaml, tokenizer files)."""
     src, dst = Path(src), check_output_path(dst, "dst_dir")
     if read_packed_format(read_hf_json(src), src / "config.json") is not None:
-        # GPTQ or AWQ: kept as plainlm's int4 layers (a quantized checkpoint), or dequantized to `dtype`
+        # GPTQ or AWQ: kept as plainlm's int4 / int8 layers (a quantized checkpoint), or dequantized to `dtype`
         model = load_hf_model(src)
         return save_checkpoint(model if dtype is None else dequantize_model(model, dtype), dst, tokenizer_dir=src)
     config = read_hf_config(src)

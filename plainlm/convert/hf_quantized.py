@@ -1,30 +1,32 @@
-"""GPTQ and AWQ checkpoints of the Hugging Face hub, read onto plainlm's int4 layers.
+"""GPTQ and AWQ checkpoints of the Hugging Face hub, read onto plainlm's int4 and int8 layers.
 
     model = load_hf_model("Qwen2.5-0.5B-Instruct-GPTQ-Int4")   # hf.py finds `quantization_config` and comes here
 
 A directory whose config.json has a `quantization_config` of `quant_method` "gptq" or "awq" stores each
 quantized Linear `P` as packed integers instead of `P.weight`. The layouts, with K inputs, N outputs,
-groups of G inputs (G = K when the config says -1) and f = 32 / bits values per int32 word, lowest bits first:
+groups of G inputs (G = K when the config says -1), q and z in 0..2^bits - 1 and f = 32 / bits values per
+int32 word, lowest bits first:
 
-GPTQ (AutoGPTQ / gptqmodel; the hub's checkpoints are `checkpoint_format` "gptq", the v1 format):
+GPTQ, 4 or 8 bits (AutoGPTQ / gptqmodel; the hub's checkpoints are `checkpoint_format` "gptq", the v1 format):
     P.qweight  (K / f, N) int32     input k of output n: word k // f of column n
     P.qzeros   (K / G, N / f) int32 the zero point of each group and output, packed along the outputs;
                                      v1 stores z - 1, "gptq_v2" stores z
     P.scales   (K / G, N) fp16
     P.g_idx    (K,) int32           the group of each input: k // G, or any order with act order (desc_act)
     w[n, k] = scales[g, n] * (q[k, n] - z[g, n]),  g = g_idx[k]
-AWQ, GEMM version (AutoAWQ, llm-awq):
-    P.qweight  (K, N / f) int32     packed along the outputs, each word's 8 values in the order 0 2 4 6 1 3 5 7
-    P.qzeros   (K / G, N / f) int32 the same packing; z as it is
+AWQ, GEMM version, 4 bits only (AutoAWQ's WQLinear_GEMM and llm-awq define no other width):
+    P.qweight  (K, N / 8) int32     packed along the outputs, each word's 8 values in the order 0 2 4 6 1 3 5 7
+    P.qzeros   (K / G, N / 8) int32 the same packing; z as it is
     P.scales   (K / G, N) fp16
     w[n, k] = scales[k // G, n] * (q[k, n] - z[k // G, n])
 
-gptqmodel and transformers compute that product in fp16. plainlm keeps the integers and turns each group's
-(scale, zero point) into its int4 layer's pair, w = (q - 8) * scale + zero with zero = (8 - z) * scale, in
-float32 (quantize.Int4Linear, pairs_dtype): both terms are exact there, so the dequantized weight is the exact
-product, and rounded to fp16 it is the reference's fp16 weight bit for bit. Act-order inputs are sorted by
-group once here (`input_order`), so the kernel reads contiguous groups and each call gathers its input once.
-The embedding, the norms and (as these tools leave it) the head stay in float.
+gptqmodel and transformers compute that product in fp16. plainlm keeps the integers, less their midpoint c
+(8 for 4 bits, in quantize.Int4Linear's nibbles; 128 for 8 bits, as quantize.GroupedInt8Linear's int8), and
+turns each group's (scale, zero point) into the layer's float32 pair, w = (q - c) * scale + zero with
+zero = (c - z) * scale (quantize.zero_point_pairs): both terms are exact in float32, so the dequantized weight
+is the exact product, and rounded to fp16 it is the reference's fp16 weight bit for bit. Act-order inputs are
+sorted by group once here (`input_order`), so the kernel reads contiguous groups and each call gathers its
+input once. The embedding, the norms and (as these tools leave it) the head stay in float.
 """
 
 from __future__ import annotations
@@ -38,9 +40,18 @@ from plainlm.checkpoint import TensorSource
 from plainlm.convert.hf_weights import Rule
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
-from plainlm.quantize import Int4Linear, pack_nibbles, set_module, unpack_nibbles, zero_point_pairs
+from plainlm.quantize import (
+    GroupedInt8Linear,
+    Int4Linear,
+    pack_nibbles,
+    set_module,
+    unpack_nibbles,
+    zero_point_linear,
+    zero_point_midpoint,
+    zero_point_pairs,
+)
 
-METHODS = {"gptq": (4,), "awq": (4,)}  # quant_method -> the bit widths plainlm loads
+METHODS = {"gptq": (4, 8), "awq": (4,)}  # quant_method -> the bit widths plainlm loads
 PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ word holds, lowest first
 
@@ -57,6 +68,11 @@ class PackedFormat:
     @property
     def suffixes(self) -> tuple[str, ...]:
         return PACKED_SUFFIXES[self.method]
+
+    @property
+    def mode(self) -> str:
+        """The plainlm quantization its layers have: "int4" or "int8"."""
+        return f"int{self.bits}"
 
 
 def read_packed_format(hf: dict, origin: object) -> PackedFormat | None:
@@ -75,7 +91,8 @@ def read_packed_format(hf: dict, origin: object) -> PackedFormat | None:
     bits = quantization.get("bits", quantization.get("w_bit"))
     group_size = quantization.get("group_size", quantization.get("q_group_size", 128))
     if bits not in METHODS[method]:
-        raise CheckpointError(f"{origin}: {method} with {bits} bits is not supported; plainlm loads {supported}")
+        why = " (AWQ's GEMM layout is 4-bit only)" if method == "awq" else ""
+        raise CheckpointError(f"{origin}: {method} with {bits} bits is not supported{why}; plainlm loads {supported}")
     if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
         raise CheckpointError(f"{origin}: quantization_config.group_size {group_size!r} is not a size or -1")
     if method == "awq":
@@ -100,7 +117,7 @@ class PackedLayers:
 
     def __init__(self, model: GPT, rules: list[Rule], source: TensorSource, packed: PackedFormat) -> None:
         self.source, self.format = source, packed
-        self.layers: dict[str, tuple[str, str, Int4Linear]] = {}  # rule.hf -> (its prefix, our name, layer)
+        self.layers: dict[str, tuple[str, str, Int4Linear | GroupedInt8Linear]] = {}  # rule.hf -> (prefix, ours, layer)
         for rule in rules:
             prefix = rule.hf.removesuffix(".weight")
             key = _packed_key(source, prefix, "qweight")
@@ -121,7 +138,7 @@ class PackedLayers:
                 "'.qweight'; the weights are not a packed checkpoint"
             )
 
-    def _empty_layer(self, linear: torch.nn.Module, prefix: str) -> Int4Linear:
+    def _empty_layer(self, linear: torch.nn.Module, prefix: str) -> Int4Linear | GroupedInt8Linear:
         K, N = linear.in_features, linear.out_features
         group_size = K if self.format.group_size == -1 else self.format.group_size
         if K % group_size:
@@ -132,8 +149,7 @@ class PackedLayers:
         key = _packed_key(self.source, prefix, "g_idx") if self.format.method == "gptq" else None
         g_idx = self.source.get(key).long() if key is not None else None
         ordered = g_idx is not None and g_idx.shape == (K,) and not torch.equal(g_idx, torch.arange(K) // group_size)
-        bias = linear.bias is not None
-        return Int4Linear(K, N, bias, group_size, "meta", pairs_dtype=torch.float32, ordered_inputs=ordered)
+        return zero_point_linear(self.format.bits, K, N, linear.bias is not None, group_size, ordered)
 
     def __contains__(self, hf_name: str) -> bool:
         return hf_name in self.layers
@@ -148,7 +164,8 @@ class PackedLayers:
 
     def finish(self, model: GPT) -> GPT:
         """After loading: the model says how it is quantized (quantization.json, when it is saved)."""
-        model.quantization = {"mode": "int4", "group_size": self.format.group_size, "packed": self.format.method}
+        packed = self.format
+        model.quantization = {"mode": packed.mode, "group_size": packed.group_size, "packed": packed.method}
         return model
 
 
@@ -161,15 +178,15 @@ def _packed_key(source: TensorSource, prefix: str, suffix: str) -> str | None:
 
 def packed_layer_tensors(
     prefix: str,
-    layer: Int4Linear,
+    layer: Int4Linear | GroupedInt8Linear,
     ours: str,
     source: TensorSource,
     packed: PackedFormat,
     read: Callable[[str], torch.Tensor],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """One packed layer's tensors (Hugging Face prefix `prefix`) as plainlm's int4 `layer` (named `ours`) holds
-    them: its `weight` nibbles, `scales_and_zeros`, and `input_order` for act order. Every packed shape is
-    checked against the layer's first."""
+    """One packed layer's tensors (Hugging Face prefix `prefix`) as plainlm's int4 or int8 `layer` (named `ours`)
+    holds them: its `weight` (nibbles, or int8 q - 128), `scales_and_zeros`, and `input_order` for act order.
+    Every packed shape is checked against the layer's first."""
     keys = {}
     for suffix in packed.suffixes:
         key = _packed_key(source, prefix, suffix)
@@ -194,8 +211,12 @@ def packed_layer_tensors(
     order = input_order(g_idx, K // G, f"{source.directory}: {keys.get('g_idx')}")
     if (order is not None) != (layer.input_order is not None):
         raise CheckpointError(f"{source.directory}: {keys['g_idx']} changed while it was read")
-    yield f"{ours}.weight", pack_nibbles((q if order is None else q[order]).T.contiguous().to(torch.uint8))
-    yield f"{ours}.scales_and_zeros", zero_point_pairs(tensors["scales"], zeros)
+    rows = (q if order is None else q[order]).T.contiguous()  # (N, K), the inputs in group order
+    if packed.bits == 8:
+        yield f"{ours}.weight", (rows - zero_point_midpoint(8)).to(torch.int8)
+    else:
+        yield f"{ours}.weight", pack_nibbles(rows.to(torch.uint8))
+    yield f"{ours}.scales_and_zeros", zero_point_pairs(tensors["scales"], zeros, packed.bits)
     if order is not None:
         yield f"{ours}.input_order", order
 
@@ -241,18 +262,26 @@ def input_order(g_idx: torch.Tensor, groups: int, origin: str) -> torch.Tensor |
 def packed_tensors(
     method: str, weight: torch.Tensor, scales_and_zeros: torch.Tensor, order: torch.Tensor | None, where: str
 ) -> dict[str, torch.Tensor]:
-    """A packed int4 layer's saved tensors (nibble rows (N, K/2), float32 pairs, input order or None) as a GPTQ
-    layer's (qweight, qzeros with the zero points as they are (v2), fp16 scales, g_idx) or, for "awq", an AWQ
-    GEMM layer's (qweight, qzeros, scales): the same weights."""
-    q = unpack_nibbles(weight).long()  # (N, K), the inputs in group order
+    """A packed layer's saved tensors (int4's nibble rows (N, K/2) or int8 rows (N, K), float32 pairs, input
+    order or None) as a GPTQ layer's (qweight, qzeros with the zero points as they are (v2), fp16 scales, g_idx)
+    or, for "awq" (int4 only), an AWQ GEMM layer's (qweight, qzeros, scales): the same weights."""
+    bits = 8 if weight.dtype == torch.int8 else 4
+    midpoint = zero_point_midpoint(bits)
+    q = (weight.long() + midpoint) if bits == 8 else unpack_nibbles(weight).long()  # (N, K), in group order
     if order is not None:
         q = torch.empty_like(q).index_copy_(1, order, q)
     scale, zero = scales_and_zeros.unbind(-1)
-    zeros = 8 - zero / scale
+    zeros = midpoint - zero / scale
     if not (torch.equal(scale.half().float(), scale) and torch.equal(zeros, zeros.round())):
         raise CheckpointError(
             f"{where}: its scales are not fp16 with whole zero points, so {method} cannot hold them; write this "
             "model as a float checkpoint (convert from-hf --dtype) or quantize it with `plainlm quantize`"
+        )
+    if zeros.min() < 0 or zeros.max() >= 2**bits:
+        raise CheckpointError(
+            f"{where}: a zero point is {int(zeros.min())} or {int(zeros.max())}, outside the {bits}-bit range "
+            f"0..{2**bits - 1} that {method}'s qzeros hold (a v1 checkpoint stores z - 1, so it can hold {2**bits}); "
+            "write this model as a float checkpoint (convert from-hf --dtype)"
         )
     if method == "awq":  # packed along the outputs, in AWQ's order within each word
         return {
@@ -264,8 +293,8 @@ def packed_tensors(
     sorted_groups = torch.arange(K) // (K // groups)
     g_idx = sorted_groups if order is None else torch.empty_like(sorted_groups).index_copy_(0, order, sorted_groups)
     return {
-        "qweight": pack_words(q, 4).T.contiguous(),  # (K / 8, N): packed along the inputs
-        "qzeros": pack_words(zeros.long(), 4),
+        "qweight": pack_words(q, bits).T.contiguous(),  # (K / f, N): packed along the inputs
+        "qzeros": pack_words(zeros.long(), bits),
         "scales": scale.half(),
         "g_idx": g_idx.to(torch.int32),
     }
@@ -286,7 +315,8 @@ def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
 def packed_config(quantization: dict, ordered: bool) -> dict:
     """The quantization_config of a GPTQ or AWQ directory written from a packed checkpoint's quantization.json
     (an AWQ one stays AWQ unless an input order asks for GPTQ's g_idx)."""
-    if quantization.get("packed") == "awq" and not ordered:
+    bits = 8 if quantization["mode"] == "int8" else 4
+    if quantization.get("packed") == "awq" and not ordered and bits == 4:
         return {
             "quant_method": "awq",
             "bits": 4,
@@ -296,7 +326,7 @@ def packed_config(quantization: dict, ordered: bool) -> dict:
         }
     return {
         "quant_method": "gptq",
-        "bits": 4,
+        "bits": bits,
         "group_size": quantization["group_size"],
         "desc_act": ordered,
         "sym": False,

@@ -5,6 +5,8 @@
         qkv = torch.ops.plainlm.int4_matmuls(x, [q_tiles, k_tiles, v_tiles], [q_sz, k_sz, v_sz], group_size)
     if int8_kernel_fits(out_features, in_features):
         y = torch.ops.plainlm.int8_matmul(x, tile_int8(weight), scales)
+    if int8_kernel_fits(out_features, in_features, group_size):  # (scale, zero) pairs per group: 8-bit GPTQ
+        y = torch.ops.plainlm.int8_group_matmul(x, tile_int8(weight), scales_and_zeros, group_size)
     if decode_attention_fits(head_dim) and decode_attention_takes(k_cache):
         y = torch.ops.plainlm.decode_attention(q, k_cache, v_cache, mask, scale)
         y = torch.ops.plainlm.paged_attention(q, k_pool, v_pool, rows, mask, scale)  # serve's pool
@@ -14,8 +16,10 @@ linear layers.
 
 int4_matmul.cpp       x @ W^T for int4 and int8 weights in 16-row tiles (quantize.tile_nibbles,
 int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activations rounded
-                      to int8: decoding at memory speed. The *_matmuls forms take several weights
-                      that read one input (q, k, v) in one call, their outputs side by side.
+                      to int8: decoding at memory speed. int8 comes with a scale per row
+                      (int8_matmul) or (scale, zero) pairs per group (int8_group_matmul). The
+                      *_matmuls forms take several weights that read one input (q, k, v) in one
+                      call, their outputs side by side.
 vnni_common.h         what the two share.
 decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots;
                       paged_attention reads the serving engine's paged pool in place, for one
@@ -57,8 +61,8 @@ BUILD_NOTICE = "compiling plainlm's CPU kernels, once, ~30 s"
 # -fopenmp: at::parallel_for (ATen/ParallelOpenMP.h) runs its loop on one thread without it.
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp"]
 ROWS_PER_BLOCK = 16  # the matmul kernels compute 16 output rows per register
-INT4_GROUP_MULTIPLE = 16  # int4_matmul reads 16 inputs per step, and a group holds whole steps
 INT8_INPUT_MULTIPLE = 64  # int8_matmul rounds its activations per 64 inputs
+GROUP_MULTIPLE = 16  # int4_matmul and int8_group_matmul read 16 inputs per step, and a group holds whole steps
 HEAD_DIM_MULTIPLE = 16  # decode_attention reads a head 16 floats at a time
 # rows_matmul.cpp: float32 x @ W^T for a few rows of x, on any CPU with AVX2 and FMA (its own library, so
 # that it builds where the AVX512 ones cannot).
@@ -70,16 +74,21 @@ ROWS_MATMUL_MAX_ROWS = 16  # beyond this many rows, PyTorch's gemm reuses what i
 
 def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bool:
     """True when torch.ops.plainlm.int4_matmul can run this layer's shape on this CPU."""
-    shape_fits = (
-        out_features % ROWS_PER_BLOCK == 0 and group_size % INT4_GROUP_MULTIPLE == 0 and in_features % group_size == 0
-    )
+    return _groups_fit(out_features, in_features, group_size) and kernels_loaded()
+
+
+def int8_kernel_fits(out_features: int, in_features: int, group_size: int | None = None) -> bool:
+    """True when torch.ops.plainlm.int8_matmul (one scale a row, group_size None) or int8_group_matmul (pairs
+    per group of group_size inputs) can run this layer's shape on this CPU."""
+    if group_size is None:
+        shape_fits = out_features % ROWS_PER_BLOCK == 0 and in_features % INT8_INPUT_MULTIPLE == 0
+    else:
+        shape_fits = _groups_fit(out_features, in_features, group_size)
     return shape_fits and kernels_loaded()
 
 
-def int8_kernel_fits(out_features: int, in_features: int) -> bool:
-    """True when torch.ops.plainlm.int8_matmul can run this layer's shape on this CPU."""
-    shape_fits = out_features % ROWS_PER_BLOCK == 0 and in_features % INT8_INPUT_MULTIPLE == 0
-    return shape_fits and kernels_loaded()
+def _groups_fit(out_features: int, in_features: int, group_size: int) -> bool:
+    return out_features % ROWS_PER_BLOCK == 0 and group_size % GROUP_MULTIPLE == 0 and in_features % group_size == 0
 
 
 def decode_attention_fits(head_dim: int) -> bool:
@@ -111,6 +120,8 @@ def kernels_loaded() -> bool:
     torch.library.register_fake("plainlm::int4_matmuls")(_int4_matmuls_shape)
     torch.library.register_fake("plainlm::int8_matmul")(_int8_matmul_shape)
     torch.library.register_fake("plainlm::int8_matmuls")(_int8_matmuls_shape)
+    torch.library.register_fake("plainlm::int8_group_matmul")(_int4_matmul_shape)  # the same arguments and shape
+    torch.library.register_fake("plainlm::int8_group_matmuls")(_int4_matmuls_shape)
     torch.library.register_fake("plainlm::decode_attention")(_decode_attention_shape)
     torch.library.register_fake("plainlm::paged_attention")(_paged_attention_shape)
     return True

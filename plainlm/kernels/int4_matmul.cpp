@@ -6,7 +6,7 @@
 //                      holds row 16b + r's input 8j + i in its low nibble and input 8j + 4 + i in its high
 //   scales_and_zeros   (K/G, N, 2) bf16 or fp32: per group of G inputs and output row,
 //                      w = (q - 8) * scale + zero. fp32 holds a GPTQ or AWQ checkpoint's fp16 scales and
-//                      zero points exactly (quantized_checkpoints.py); bf16 is plainlm's own int4.
+//                      zero points exactly (convert/hf_quantized.py); bf16 is plainlm's own int4.
 //
 // Batch-1 decoding reads every weight once per token, so speed is bytes per token over memory
 // bandwidth: the kernel has to keep up with memory while doing the arithmetic. As llama.cpp does, it
@@ -41,26 +41,12 @@ namespace {
 
 using plainlm_vnni::broadcast_four;
 using plainlm_vnni::kRows;
+using plainlm_vnni::load_pairs;
 
 constexpr int64_t kInputsPerStep = 16;  // two 64-byte tiles per step of the inner loop
 // The hardware prefetcher alone left 3-8% of memory speed unused on SmolLM2's layers. A prefetch past
 // the end of the weights is harmless: prefetches never fault.
 constexpr int64_t kPrefetchAhead = 2048;  // bytes
-
-// The 16 rows' (scale, zero) pairs of one group, from `pairs` (32 values: scale, zero, scale, ...).
-// bf16: 64 contiguous bytes, and bf16 -> fp32 is a shift.
-inline void load_pairs(const uint16_t* pairs, __m512& scale, __m512& zero) {
-  const __m512i raw = _mm512_loadu_si512(pairs);
-  scale = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-  zero = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000))));
-}
-// fp32: 128 bytes, the even values the scales and the odd ones the zeros.
-inline void load_pairs(const float* pairs, __m512& scale, __m512& zero) {
-  const __m512 first = _mm512_loadu_ps(pairs), second = _mm512_loadu_ps(pairs + 16);
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  scale = _mm512_permutex2var_ps(first, even, second);
-  zero = _mm512_permutex2var_ps(first, _mm512_add_epi32(even, _mm512_set1_epi32(1)), second);
-}
 
 // y[m, n0:n0+16] for one block of 16 rows and every row m of the inputs; y's rows are row_stride apart.
 // Pair: uint16_t (bf16 scales_and_zeros) or float.

@@ -1,6 +1,6 @@
 // What plainlm's integer matmul kernels share (int4_matmul.cpp, int8_matmul.cpp): activations rounded to
-// int8 per group once per call, the broadcast of four of them against a tile of 16 rows, and the loop
-// that runs every 16-row block of every matrix of a call.
+// int8 per group once per call, the broadcast of four of them against a tile of 16 rows, a group's 16
+// (scale, zero) pairs, and the loop that runs every 16-row block of every matrix of a call.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -34,6 +34,21 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* bf16) {  // bf16 -> fp32 is a shift into the upper 16 bits
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bf16));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// The 16 rows' (scale, zero) pairs of one group, from `pairs` (32 values: scale, zero, scale, ...).
+// bf16: 64 contiguous bytes, and bf16 -> fp32 is a shift.
+inline void load_pairs(const uint16_t* pairs, __m512& scale, __m512& zero) {
+  const __m512i raw = _mm512_loadu_si512(pairs);
+  scale = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  zero = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000))));
+}
+// fp32: 128 bytes, the even values the scales and the odd ones the zeros.
+inline void load_pairs(const float* pairs, __m512& scale, __m512& zero) {
+  const __m512 first = _mm512_loadu_ps(pairs), second = _mm512_loadu_ps(pairs + 16);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  scale = _mm512_permutex2var_ps(first, even, second);
+  zero = _mm512_permutex2var_ps(first, _mm512_add_epi32(even, _mm512_set1_epi32(1)), second);
 }
 
 // x rounded per group of G inputs (G a multiple of 16), in order. T: float, or uint16_t holding bf16.
