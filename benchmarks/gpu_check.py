@@ -14,7 +14,8 @@ Sections (each runs on its own; a failure is reported with its error and the nex
                  bf16-true and bf16-mixed, eager and compiled, as the commands run: tokens/s, MFU against the
                  measured and the datasheet peak, the CUDA peak against `plainlm estimate` for the same run
     fsdp         FSDP2 over NCCL on one process (the code paths of many), activation checkpointing, and a run
-                 resumed from its middle checkpoint against the uninterrupted one
+                 resumed from its middle checkpoint against the uninterrupted one; LoRA and QLoRA finetunes under
+                 FSDP2, loaded on the CPU and moved to the GPU a block at a time
     inference    batch-1 decode tokens/s and bandwidth use, eager, compiled and reduce-overhead (CUDA graphs);
                  NF4 and FP4 (bitsandbytes), int8 and int4 (PyTorch's CUDA kernels) against their float model;
                  the serving engine's throughput at several concurrencies
@@ -616,6 +617,10 @@ def section_fsdp(run: Run) -> list[Row]:
     diffs = [abs(first[step] - second.get(step, float("nan"))) for step in later]
     exact = all(d == 0 for d in diffs)
     worst = max(diffs) if diffs else float("nan")
+    finetunes = [
+        attempt(run, f"finetune {method} under FSDP2", lambda m=method: fsdp_finetune_row(run, m))
+        for method in ("lora", "qlora")
+    ]
     return [
         Row(
             "FSDP2 + activation checkpointing, one process",
@@ -629,7 +634,32 @@ def section_fsdp(run: Run) -> list[Row]:
             bool(diffs) and worst <= 1e-3,
             {"whole": first, "resumed": second},
         ),
+        *finetunes,
     ]
+
+
+def fsdp_finetune_row(run: Run, method: str) -> Row:
+    """`plainlm finetune --strategy fsdp` (on a GPU the model loads on the CPU and each block moves to the GPU as
+    it is sharded; qlora quantizes each layer on the GPU): the loss falls; the CUDA peak against the estimate."""
+    from plainlm.estimate import estimate_command_result
+
+    s = run.shapes
+    checkpoint = random_checkpoint(run, s.fsdp_model, "fsdp-checkpoint")
+    records = long_records(run.work / "records.jsonl")
+    case = TrainingCase(method, "bf16-mixed")
+    args = training_args(run, case, checkpoint, records, run.work / f"fsdp-{method}", 1e12)
+    args += flags({"method": method, "strategy": "fsdp", "train.activation_checkpointing": True})
+    if method == "qlora" and run.device.type != "cuda":
+        args += flags({"quantize": "int4"})  # bitsandbytes' nf4 under FSDP is the GPU's case; int4 on the CPU
+    cuda_peak = run_command(run, args)
+    losses = [float(r["loss"]) for r in read_metrics(run.work / f"fsdp-{method}" / "metrics.csv")]
+    result = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    raw = {"losses": losses}
+    if cuda_peak is not None:
+        predicted = estimate_command_result(args[1:]).peak
+        raw.update(cuda_peak=cuda_peak, predicted_peak=predicted)
+        result += f"; peak {cuda_peak / GiB:.2f} GiB, estimate {predicted / GiB:.2f} GiB"
+    return Row(f"finetune {method} under FSDP2", result, losses[-1] < losses[0] and all(map(finite, losses)), raw)
 
 
 # --- inference ---
