@@ -343,5 +343,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = get_model_state_dict(model, options=options)
     # Buffers come too, and a frozen int8/int4 base (qlora --quantize int4) holds its integers in buffers.
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    # remove_duplicate=False: a tied head's weight is the embedding's, and the state names it under both.
+    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return {name: tensor for name, tensor in state.items() if name in trainable}
