@@ -29,8 +29,6 @@ What the saved step holds, and what it does not:
   config, its modules' classes, each tensor's name, shape, dtype and device, the KV cache's size among them)
   and the example call's shapes. The saved guards then check the model and the inputs at every call, as
   torch.compile's do; a saved step whose guards refuse this model is compiled again and overwritten.
-- A mixture-of-experts model's forward is not one graph (its routing reads token ids on the host), and only
-  one graph can be saved whole: it gets plain torch.compile, whose on-disk caches still spare the inductor compile.
 - GPUs keep plain torch.compile too ("reduce-overhead" there means CUDA graphs, which a saved step does not
   capture); this file's saving is measured on the CPU only.
 """
@@ -88,8 +86,6 @@ def compile_decode_step(model: GPT, mode: str, *example: Any, **example_kwargs: 
             return torch.compile(model, mode="reduce-overhead", dynamic=False)
         return torch.compile(model, dynamic=False, options=COMPILE_OPTIONS)
     options = {**COMPILE_OPTIONS, "cpp_wrapper": mode == "reduce-overhead"}
-    if model.config.n_expert:  # routing reads token ids on the host: not one graph, so not saved whole
-        return torch.compile(model, dynamic=False, options=options)
     path = saved_step_path(model, mode, example, example_kwargs)
     step = _loaded.get(path) or _load(path, model, example, example_kwargs)
     if step is None:

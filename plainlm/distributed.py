@@ -269,7 +269,6 @@ def wrap(model: nn.Module, world: World, precision: str) -> nn.Module:
             model,
             device_ids=[world.device.index] if world.device.type == "cuda" else None,
             forward_sync_buffers=False,  # the only buffers are RoPE tables and frozen quantized weights: never changed
-            find_unused_parameters=model.config.n_expert > 0,  # a step may route no token to some expert
         )
     if world.strategy == "fsdp":
         shard(model, precision, world.device)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from plainlm.config import Config
 from plainlm.errors import InvalidInput
+from plainlm.grouped_mm import grouped_mm
 
 
 class GPT(nn.Module):
@@ -342,10 +343,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # SwiGLU (silu) / GeGLU (gelu)
-            gate, up = self.project_gate_up(x)
-            if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-                return self.down_proj(GatedActivation.apply(gate, up, self.activation))
-            return self.down_proj(activate(gate, self.activation) * up)
+            return self.down_proj(gated_activation(*self.project_gate_up(x), self.activation))
         return self.down_proj(activate(self.up_proj(x), self.activation))
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,24 +357,51 @@ class MoE(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        size = config.moe_intermediate_size or config.intermediate_size
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(config, size, bias=False) for _ in range(config.n_expert))
+        self.experts = Experts(config, config.moe_intermediate_size or config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C) tokens
+        weights, chosen = self.route(x)
+        return self.experts(x, weights.to(x.dtype), chosen).view(shape)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's k experts (N, k) and the weights (N, k) their outputs are summed with."""
         probs = self.router(x).softmax(dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)  # (N, k)
+        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        # Loop over experts, not tokens: each expert runs once on the tokens routed to it.
-        for e in chosen.unique().tolist():
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
-        return out.view(shape)
+        return weights, chosen
+
+
+class Experts(nn.Module):
+    """n_expert gated MLPs in two 3-D weights, each expert's slice an nn.Linear weight (out, in):
+    gate_up_proj (E, 2I, C), gate rows first, and down_proj (E, C, I), as transformers 5 holds them.
+
+    Token slots are sorted by expert and every expert multiplies its own rows (grouped_mm): no count is
+    read on the host, so the layer compiles whole, and each expert's weights are read once per step."""
+
+    def __init__(self, config: Config, intermediate_size: int) -> None:
+        super().__init__()
+        E, C, size = config.n_expert, config.n_embd, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * size, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, size))
+        for weight in (self.gate_up_proj, self.down_proj):  # as nn.Linear initialises each expert's
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.activation = config.mlp_activation
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        k = chosen.shape[1]
+        chosen = chosen.reshape(-1)
+        order = chosen.argsort(stable=True)  # slots grouped by expert, each expert's tokens in order
+        token = order // k
+        counts = chosen.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, chosen, torch.ones_like(chosen))
+        ends = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_mm(x[token], self.gate_up_proj, ends).chunk(2, dim=-1)
+        y = grouped_mm(gated_activation(gate, up, self.activation), self.down_proj, ends)
+        # index_add_ sums a token's k outputs in expert order, as a loop over experts would
+        return torch.zeros_like(x).index_add_(0, token, y * weights.reshape(-1)[order, None])
 
 
 # --- building blocks ---
@@ -413,6 +438,12 @@ def activate(x: torch.Tensor, name: str) -> torch.Tensor:
     if name == "relu":
         return F.relu(x)
     raise InvalidInput(f"unknown activation {name!r}")
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, name: str) -> torch.Tensor:
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return GatedActivation.apply(gate, up, name)
+    return activate(gate, name) * up
 
 
 class GatedActivation(torch.autograd.Function):

@@ -81,8 +81,13 @@ def test_the_saved_step_file_changes_with_what_its_guards_cannot_see() -> None:
 
 
 @pytest.mark.slow
-def test_a_model_that_is_not_one_graph_still_compiles() -> None:
-    """Mixture-of-experts routing breaks the graph, so its step is not saved whole: plain torch.compile."""
+def test_a_mixture_of_experts_step_is_saved_whole_too() -> None:
+    """Its routing is one graph (grouped_mm.py), so its step is saved and loaded like any other."""
     model = tiny_gpt(Config(**{**TINY, "block_size": 512}, n_expert=4, n_expert_per_token=2), std=0.2).eval()
+    path = saved_path(model)
+    path.unlink(missing_ok=True)
     forget_loaded_steps()
+    assert generate(model, [PROMPT], max_new_tokens=4, compile=True) == generate(model, [PROMPT], max_new_tokens=4)
+    assert path.exists()
+    forget_loaded_steps()  # a new process loads the saved step
     assert generate(model, [PROMPT], max_new_tokens=4, compile=True) == generate(model, [PROMPT], max_new_tokens=4)

@@ -73,19 +73,20 @@ def hf_to_plainlm_tensors(
             used.update(packed.source_keys(rule.hf))
             yield from packed.tensors(rule.hf, read)
             continue
-        key = _find_key(source, rule.hf)
-        if key is None:
+        keys = [_find_key(source, name) for name in rule.hf_names]
+        if None in keys:
             raise CheckpointError(
-                f"{source.directory}: the weights have no tensor {rule.hf!r}, which a {config.hf_model_type} "
-                f"model with this config.json needs; the config and the weights do not match"
+                f"{source.directory}: the weights have no tensor {rule.hf_names[keys.index(None)]!r}, which a "
+                f"{config.hf_model_type} model with this config.json needs; the config and the weights do not match"
             )
-        used.add(key)
-        tensor = read(key)
+        used.update(keys)
+        tensors = [read(key) for key in keys]
         try:
-            parts = rule.split(tensor)
+            parts = rule.split(tensors if rule.parts else tensors[0])
         except RuntimeError:  # a fused tensor (q/k/v, gate/up) whose size this config cannot split
+            shapes = ", ".join(f"{key!r} has shape {tuple(t.shape)}" for key, t in zip(keys, tensors, strict=True))
             raise CheckpointError(
-                f"{source.directory}: tensor {key!r} has shape {tuple(tensor.shape)}, which does not split into "
+                f"{source.directory}: tensor {shapes[:300]}, which does not split into "
                 f"{', '.join(rule.ours)} for this config.json; the config and the weights are of different models"
             ) from None
         yield from zip(rule.ours, parts, strict=True)
@@ -124,7 +125,8 @@ def plainlm_to_hf_tensors(
             tensors = packed_tensors(method, get(rule.ours[0]), get(f"{layer}.scales_and_zeros"), order, layer)
             yield from ((f"{rule.hf.removesuffix('.weight')}.{suffix}", t) for suffix, t in tensors.items())
         else:
-            yield rule.hf, rule.join([get(name) for name in rule.ours])
+            joined = rule.join([get(name) for name in rule.ours])
+            yield from zip(rule.hf_names, joined if rule.parts else [joined], strict=True)
 
 
 def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:

@@ -123,7 +123,7 @@ class PackedLayers:
             key = _packed_key(source, prefix, "qweight")
             if not rule.hf.endswith(".weight") or key is None:
                 continue
-            if len(rule.ours) != 1:
+            if len(rule.ours) != 1 or rule.parts:
                 raise CheckpointError(
                     f"{source.directory}: {key!r} packs {', '.join(rule.ours)} together; plainlm loads packed "
                     "layers that are one projection each, not fused ones: load a float copy of this model"

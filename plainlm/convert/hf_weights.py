@@ -26,10 +26,17 @@ def _identity_join(ts: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class Rule:
-    hf: str  # one Hugging Face tensor
+    hf: str  # one Hugging Face tensor (the first of `parts` where there are several)
     ours: list[str]  # the plainlm tensors it holds, several when Hugging Face fuses them
-    split: Callable[[torch.Tensor], list[torch.Tensor]] = field(default=_identity_split)
-    join: Callable[[list[torch.Tensor]], torch.Tensor] = field(default=_identity_join)
+    split: Callable = field(default=_identity_split)  # hf tensor (or the list of `parts`) -> ours
+    join: Callable = field(default=_identity_join)  # ours -> hf tensor (or the list of `parts`)
+    # Where one of ours is made of several Hugging Face tensors (MoE experts, which checkpoints keep one
+    # tensor per expert and we stack into one 3-D weight): their names, in the order split takes them.
+    parts: list[str] | None = None
+
+    @property
+    def hf_names(self) -> list[str]:
+        return self.parts or [self.hf]
 
 
 # Buffers some checkpoints carry that are recomputed, not learned.
@@ -110,19 +117,13 @@ def _llama_like_rules(c: Config) -> list[Rule]:
 def _mlp_rules(c: Config, p: str, o: str) -> list[Rule]:
     t = c.hf_model_type
     if t == "mixtral":
-        rules = _one(p + "block_sparse_moe.gate", o + "mlp.router")
-        for e in range(c.n_expert):
-            hp, op = p + f"block_sparse_moe.experts.{e}.", o + f"mlp.experts.{e}."
-            rules += (
-                _one(hp + "w1", op + "gate_proj") + _one(hp + "w3", op + "up_proj") + _one(hp + "w2", op + "down_proj")
-            )
-        return rules
+        return _one(p + "block_sparse_moe.gate", o + "mlp.router") + _experts(
+            c, p + "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"), o + "mlp.experts."
+        )
     if t == "qwen3_moe":
-        rules = _one(p + "mlp.gate", o + "mlp.router")
-        for e in range(c.n_expert):
-            for x in ("gate", "up", "down"):
-                rules += _one(p + f"mlp.experts.{e}.{x}_proj", o + f"mlp.experts.{e}.{x}_proj")
-        return rules
+        return _one(p + "mlp.gate", o + "mlp.router") + _experts(
+            c, p + "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"), o + "mlp.experts."
+        )
     if t == "phi3":
         size = c.intermediate_size
         return [
@@ -205,6 +206,31 @@ def _gpt2_rules(c: Config) -> list[Rule]:
 
 
 # --- fused tensors ---
+def _experts(c: Config, hf: str, names: tuple[str, str, str], ours: str) -> list[Rule]:
+    """Experts kept one Linear per expert (`hf` formats with {e}; names: gate, up, down) <-> our stacked
+    gate_up_proj (E, 2I, C) and down_proj (E, C, I)."""
+    E = c.n_expert
+    gate, up, down = ([f"{hf.format(e=e)}{name}.weight" for e in range(E)] for name in names)
+
+    def split_gate_up(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat((torch.stack(ts[:E]), torch.stack(ts[E:])), dim=1)]
+
+    def join_gate_up(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        gate_rows, up_rows = ts[0].chunk(2, dim=1)
+        return [w.clone() for w in (*gate_rows.unbind(), *up_rows.unbind())]
+
+    return [
+        Rule(gate[0], [ours + "gate_up_proj"], split_gate_up, join_gate_up, parts=gate + up),
+        Rule(
+            down[0],
+            [ours + "down_proj"],
+            lambda ts: [torch.stack(ts)],
+            lambda ts: [w.clone() for w in ts[0].unbind()],
+            parts=down,
+        ),
+    ]
+
+
 def _qkv_sizes(c: Config) -> list[int]:
     return [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
 
