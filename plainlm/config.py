@@ -83,6 +83,12 @@ class Config:
     n_expert_per_token: int = 0
     moe_intermediate_size: int | None = None  # None = intermediate_size
     moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
+    # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
+    moe_shared_intermediate_size: int = 0
+    moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))
+    # Layers with a dense MLP of intermediate_size instead of experts (DeepSeek-V3's first_k_dense_replace,
+    # Qwen2-MoE's mlp_only_layers, Llama 4's interleave_moe_layer_step)
+    moe_dense_layers: list[int] = field(default_factory=list)
 
     # Everything Hugging Face's config.json says that we carry through conversion unchanged
     # (token ids, dtype, ...), so that to-hf writes back what from-hf read.
@@ -101,6 +107,9 @@ class Config:
             raise InvalidInput(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
 
     # --- derived values ---
+    def is_moe(self, layer: int) -> bool:
+        return self.n_expert > 0 and layer not in self.moe_dense_layers
+
     @property
     def rope_dim(self) -> int:
         """How many dimensions of each head rotate (the rest pass through unchanged)."""

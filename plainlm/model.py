@@ -209,7 +209,7 @@ class Block(nn.Module):
         self.post_attn_norm = make_norm(config, config.n_embd) if config.post_attention_norm else nn.Identity()
         needs_mlp_norm = config.pre_mlp_norm and not config.shared_attention_norm
         self.mlp_norm = make_norm(config, config.n_embd) if needs_mlp_norm else nn.Identity()
-        self.mlp = MoE(config) if config.n_expert else MLP(config, config.intermediate_size)
+        self.mlp = MoE(config) if config.is_moe(layer) else MLP(config, config.intermediate_size)
         self.post_mlp_norm = make_norm(config, config.n_embd) if config.post_mlp_norm else nn.Identity()
 
     def forward(
@@ -359,12 +359,22 @@ class MoE(nn.Module):
         self.config = config
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = Experts(config, config.moe_intermediate_size or config.intermediate_size)
+        if config.moe_shared_intermediate_size:
+            self.shared_expert = MLP(config, config.moe_shared_intermediate_size, bias=False)
+        if config.moe_shared_gate:  # Qwen2-MoE
+            self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C) tokens
         weights, chosen = self.route(x)
-        return self.experts(x, weights.to(x.dtype), chosen).view(shape)
+        out = self.experts(x, weights.to(x.dtype), chosen)
+        if self.config.moe_shared_intermediate_size:
+            shared = self.shared_expert(x)
+            if self.config.moe_shared_gate:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.view(shape)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's k experts (N, k) and the weights (N, k) their outputs are summed with."""

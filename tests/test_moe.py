@@ -23,6 +23,9 @@ SHAPES = {
     "mixtral": dict(n_expert=8, n_expert_per_token=2, intermediate_size=48),
     "qwen3-moe": dict(n_expert=16, n_expert_per_token=4, moe_intermediate_size=24, moe_normalize_topk=False),
     "one-expert-per-token": dict(n_expert=4, n_expert_per_token=1, intermediate_size=40),
+    "qwen2-moe-shared": dict(
+        n_expert=8, n_expert_per_token=2, moe_intermediate_size=16, moe_shared_intermediate_size=40, moe_shared_gate=1
+    ),
 }
 
 
@@ -39,6 +42,11 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
         y = F.linear(activate(gate, experts.activation) * up, experts.down_proj[e])
         out.index_add_(0, token, y * weights[token, slot, None])
+    if moe.config.moe_shared_intermediate_size:
+        shared = moe.shared_expert(x)
+        if moe.config.moe_shared_gate:
+            shared = torch.sigmoid(moe.shared_expert_gate(x)) * shared
+        out = out + shared
     return out.view(shape)
 
 
@@ -82,6 +90,11 @@ def test_an_expert_without_tokens_gets_a_zero_gradient() -> None:
     idle = sorted(set(range(8)) - set(chosen.flatten().tolist()))
     assert torch.equal(moe.experts.down_proj.grad[idle], torch.zeros_like(moe.experts.down_proj.grad[idle]))
     assert moe.experts.down_proj.grad[chosen[0, 0]].abs().sum() > 0
+
+
+def test_dense_layers_keep_a_plain_mlp() -> None:
+    model = tiny_gpt(n_expert=4, n_expert_per_token=2, moe_dense_layers=[0])
+    assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
 
 
 @pytest.mark.slow
