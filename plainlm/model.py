@@ -282,7 +282,11 @@ class Attention(nn.Module):
         any), is for kernel_layers.KernelAttention, which then may take its decode kernel."""
         c = self.config
         if c.attention_logit_softcap is None:
-            is_causal = mask is None and q.shape[2] > 1
+            # A branch, not an expression: under dynamic shapes `q.shape[2] > 1` is symbolic, which SDPA does not
+            # take, and an `if` makes the compiler guard on it and pass a plain bool.
+            is_causal = False
+            if mask is None and q.shape[2] > 1:
+                is_causal = True
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=c.n_kv_head != c.n_head
             )
