@@ -73,6 +73,10 @@ class Config:
     # {"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...} as in Hugging Face's rope_scaling
     rope_scaling: dict[str, Any] | None = None
     rope_local_theta: float | None = None  # Gemma 3: sliding layers use their own base, unscaled
+    # Pairs (2i, 2i+1) rotate together instead of (i, i + d/2): Cohere, ERNIE 4.5
+    rope_interleaved: bool = False
+    # Layers without any position encoding (NoPE): SmolLM3, Cohere 2 and EXAONE 4's global layers, Llama 4
+    nope_layers: list[int] = field(default_factory=list)
 
     # --- MLP ---
     mlp_class: Literal["gated", "plain"] = "gated"  # gated: act(gate(x)) * up(x); plain: act(up(x))
@@ -83,6 +87,8 @@ class Config:
     n_expert_per_token: int = 0
     moe_intermediate_size: int | None = None  # None = intermediate_size
     moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
+    # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k
+    moe_router: Literal["softmax"] = "softmax"
     # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
     moe_shared_intermediate_size: int = 0
     moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))
@@ -114,6 +120,9 @@ class Config:
     def rope_dim(self) -> int:
         """How many dimensions of each head rotate (the rest pass through unchanged)."""
         return int(self.head_dim * self.rotary_fraction)
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.position_embedding == "rope" and layer not in self.nope_layers
 
     def is_sliding(self, layer: int) -> bool:
         if self.sliding_window is None:

@@ -147,10 +147,11 @@ class GPT(nn.Module):
         ropes = self._ropes(position_ids, x.dtype)
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
+            rope = ropes[sliding] if c.uses_rope(i) else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, ropes[sliding], masks[sliding], input_pos, use_reentrant=False)
+                x = checkpoint(block, x, rope, masks[sliding], input_pos, use_reentrant=False)
             else:
-                x = block(x, ropes[sliding], masks[sliding], input_pos)  # input_pos None: no cache
+                x = block(x, rope, masks[sliding], input_pos)  # input_pos None: no cache
         if logit_positions is not None:
             x = x.gather(1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))
         x = self.final_norm(x)
@@ -264,7 +265,7 @@ class Attention(nn.Module):
         if c.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope, c.rope_interleaved), apply_rope(k, *rope, c.rope_interleaved)
         cache = self.kv_cache if input_pos is not None else None  # see GPT.forward
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
@@ -381,8 +382,10 @@ class MoE(nn.Module):
         return out.view(shape)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's k experts (N, k) and the weights (N, k) their outputs are summed with."""
-        probs = self.router(x).softmax(dim=-1, dtype=torch.float32)
+        """Each token's k experts (N, k) and the weights (N, k) their outputs are summed with.
+
+        One branch per Config.moe_router value; a family with its own routing adds one here."""
+        probs = self.router(x).softmax(dim=-1, dtype=torch.float32)  # "softmax": Mixtral, Qwen MoE
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -500,12 +503,21 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 # --- rotary position embedding ---
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of each head (halves layout); the rest pass through."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head; the rest pass through.
+
+    Pair i is (i, i + d/2) (halves layout) or, interleaved, (2i, 2i+1). The tables hold each frequency
+    twice, cat((f, f)), so the interleaved layout reads its first half and repeats each value."""
     d = cos.shape[-1]
     rot, rest = x[..., :d], x[..., d:]
-    x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
-    rotated = torch.cat((-x2, x1), dim=-1)
+    if interleaved:  # Cohere, ERNIE 4.5
+        cos = cos[..., : d // 2].repeat_interleave(2, dim=-1)
+        sin = sin[..., : d // 2].repeat_interleave(2, dim=-1)
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+        rotated = torch.cat((-x2, x1), dim=-1)
     out = rot * cos + rotated * sin
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
