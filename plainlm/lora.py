@@ -9,7 +9,9 @@ in the PEFT layout (so `peft`, `transformers` and serving engines read our adapt
 A LoRA layer adds scaling * B(A(dropout(x))) to the frozen base layer's output, with
 scaling = alpha / r. DoRA (use `dora=True`) also learns a magnitude per output row:
 output = m / ||W + scaling * B A||_row * (W x + scaling * B A x) + bias, the norm held constant
-in the backward pass as in the DoRA paper and in PEFT.
+in the backward pass as in the DoRA paper and in PEFT. The target `experts` adapts a mixture of experts'
+stacked weights (model.Experts: gate_up_proj and down_proj) with one A and B per expert, as peft's
+`target_parameters` does, and is saved and read in its layout.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import math
 import pickle
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from plainlm.config import Config
-from plainlm.convert.hf_weights import weight_rules
+from plainlm.convert.hf_weights import experts_module_name, weight_rules
 from plainlm.errors import CheckpointError, InvalidInput
+from plainlm.grouped_mm import grouped_mm
+from plainlm.model import Experts
 
 # Short target names -> the suffix of the module paths they select in `GPT`.
 TARGETS = {
@@ -43,7 +48,9 @@ TARGETS = {
     "up": "up_proj",
     "down": "down_proj",
     "lm_head": "lm_head",
+    "experts": "mlp.experts",  # both stacked weights of every expert (LoRAExperts)
 }
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # peft nests its wrappers in this order: the first innermost
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -57,7 +64,8 @@ class LoRAConfig:
         r: The rank of each adapter (its two matrices are r x in and out x r).
         alpha: Scales the adapter's output by alpha / r.
         dropout: Dropout on the adapter's input while training.
-        targets: The layers that get adapters: q, k, v, o (attention), gate, up, down (MLP), lm_head.
+        targets: The layers that get adapters: q, k, v, o (attention), gate, up, down (MLP), lm_head,
+            experts (a mixture of experts' stacked weights; not with dropout or DoRA, as in peft).
         dora: DoRA: also learn a magnitude per output row (method dora sets it).
     """
 
@@ -73,6 +81,9 @@ class LoRAConfig:
             raise InvalidInput(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
         if self.r < 1:
             raise InvalidInput(f"LoRA rank r must be >= 1, got {self.r}")
+        if "experts" in self.targets and (self.dropout or self.dora):
+            # x reaches each expert as a sorted copy: peft's expert adapters have neither either
+            raise InvalidInput("LoRA on experts takes no dropout and no DoRA: set dropout 0, or drop the target")
 
     @property
     def scaling(self) -> float:
@@ -148,11 +159,59 @@ class LoRALinear(nn.Module):
         return linear
 
 
+class ExpertAdapter(nn.Module):
+    """One stacked expert weight's adapter: lora_A (E, r, in) and lora_B (E, out, r), expert e's update
+    scaling * lora_B[e] @ lora_A[e]."""
+
+    def __init__(self, weight: torch.Tensor, r: int) -> None:
+        super().__init__()
+        E, out_features, in_features = weight.shape
+        self.lora_A = nn.Parameter(torch.empty(E, r, in_features, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(E, out_features, r, device=weight.device))
+        # as peft initialises its (E * r, in) matrix: kaiming over the stacked rows, B = 0 makes the start exact
+        nn.init.kaiming_uniform_(self.lora_A.data.view(E * r, in_features), a=math.sqrt(5))
+
+
+class LoRAExperts(nn.Module):
+    """model.Experts with a low-rank update on each expert's gate_up_proj and down_proj. The update runs
+    as two more grouped matmuls over the rows routed to each expert (never a merged (E, out, in) copy)."""
+
+    def __init__(self, base: Experts, r: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict({name: ExpertAdapter(getattr(base, name), r) for name in EXPERT_WEIGHTS})
+        self.scaling = alpha / r
+        self.enabled = True  # as LoRALinear.enabled
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return self.base(x, weights, chosen, project=self.project)
+
+    def project(self, name: str, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        out = self.base.project(name, rows, ends)
+        if not self.enabled:
+            return out
+        adapter = self.adapters[name]
+        down = grouped_mm(rows, adapter.lora_A.to(rows.dtype), ends)
+        return out + grouped_mm(down, (adapter.lora_B * self.scaling).to(rows.dtype), ends)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        adapter = self.adapters[name]
+        return torch.bmm(adapter.lora_B.float(), adapter.lora_A.float()) * self.scaling
+
+    def merged(self) -> Experts:
+        """The base Experts with every update folded into its weights."""
+        with torch.no_grad():
+            for name in EXPERT_WEIGHTS:
+                weight = getattr(self.base, name)
+                weight.copy_((weight.float() + self.delta_weight(name)).to(weight.dtype))
+        return self.base
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run `model` as its base inside this block: every LoRA / DoRA layer adds nothing. The reference model of
     a preference loss, without a second copy of the weights."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAExperts))]
     for layer in layers:
         layer.enabled = False
     try:
@@ -180,7 +239,8 @@ def lora_module_names(model: nn.Module, targets: list[str]) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if name.endswith(suffixes) and not isinstance(module, LoRALinear) and hasattr(module, "in_features")
+        if name.endswith(suffixes)
+        and (isinstance(module, Experts) or (not isinstance(module, LoRALinear) and hasattr(module, "in_features")))
     ]
 
 
@@ -194,15 +254,19 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        if isinstance(module, Experts):
+            setattr(parent, child, LoRAExperts(module, config.r, config.alpha))
+            continue
         # A tied head keeps sharing its (frozen) base weight with the embedding; the adapter is the head's alone.
-        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.alpha, config.dropout, config.dora))
+        setattr(parent, child, LoRALinear(module, config.r, config.alpha, config.dropout, config.dora))
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by the plain Linear it equals."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, LoRAExperts)):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.merged())
@@ -226,6 +290,28 @@ def _hf_module_names(config: Config) -> dict[str, str]:
     return names
 
 
+def _hf_experts_names(config: Config) -> dict[str, str | None]:
+    """plainlm path of each layer's experts -> where transformers holds them (None: in another layout)."""
+    return {
+        f"blocks.{i}.mlp.experts": experts_module_name(config, i) for i in range(config.n_layer) if config.is_moe(i)
+    }
+
+
+# peft's factors of a stacked weight: A (E * r, in), expert e's rows e*r..e*r+r-1; B (out, r * E), expert e's
+# columns e, E + e, 2E + e, ... (its (out, r, E) view).
+def _to_peft(adapter: ExpertAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    E, r, in_features = adapter.lora_A.shape
+    lora_B = adapter.lora_B.detach().permute(1, 2, 0).reshape(-1, r * E)
+    return adapter.lora_A.detach().reshape(E * r, in_features).contiguous(), lora_B.contiguous()
+
+
+def _from_peft(lora_A: torch.Tensor, lora_B: torch.Tensor, n_expert: int) -> LayerAdapter:
+    E, out_features = n_expert, lora_B.shape[0]
+    return LayerAdapter(
+        lora_A.reshape(E, -1, lora_A.shape[-1]), lora_B.reshape(out_features, -1, E).permute(2, 0, 1), None
+    )
+
+
 def save_peft_adapter(model: nn.Module, lora: LoRAConfig, directory: str | Path, base_model: str | None = None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors with PEFT's key names."""
     config: Config = model.config
@@ -245,6 +331,21 @@ def save_peft_adapter(model: nn.Module, lora: LoRAConfig, directory: str | Path,
         if module.magnitude is not None:
             tensors[f"{hf}.lora_magnitude_vector"] = module.magnitude.detach().contiguous()
         target_modules.add(hf_names[name].rsplit(".", 1)[-1])
+    target_parameters = set()
+    experts_names = _hf_experts_names(config)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRAExperts):
+            continue
+        if experts_names[name] is None:
+            raise InvalidInput(
+                f"{name}: transformers holds {config.hf_model_type}'s experts in another layout than plainlm's, "
+                "which plainlm does not write as a PEFT adapter yet; merge the adapter instead (plainlm merge-lora)"
+            )
+        # peft wraps the targeted weights one inside the other, the first innermost (under .base_layer)
+        for depth, weight_name in enumerate(reversed(EXPERT_WEIGHTS)):
+            key = PEFT_PREFIX + experts_names[name] + ".base_layer" * depth
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = _to_peft(module.adapters[weight_name])
+            target_parameters.add(re.sub(r"^.*\.layers\.\d+\.", "", experts_names[name]) + "." + weight_name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -256,6 +357,7 @@ def save_peft_adapter(model: nn.Module, lora: LoRAConfig, directory: str | Path,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": sorted(target_modules),
+        **({"target_parameters": sorted(target_parameters)} if target_parameters else {}),
         "use_dora": lora.dora,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -280,6 +382,8 @@ class PeftAdapter:
 
     lora: LoRAConfig
     layers: dict[str, LayerAdapter]  # plainlm module path -> its tensors
+    # plainlm path of a layer's experts -> stacked weight name -> A (E, r, in), B (E, out, r)
+    experts: dict[str, dict[str, LayerAdapter]]
     weights_file: Path  # for messages
 
 
@@ -315,14 +419,22 @@ def read_peft_adapter(model: nn.Module, directory: str | Path) -> PeftAdapter:
         message = f"{weights_file}: cannot be read as adapter weights ({e}); save the adapter again"
         raise CheckpointError(message) from None
     ours_by_hf = {hf: ours for ours, hf in _hf_module_names(model.config).items()}
+    experts_by_hf = {hf: ours for ours, hf in _hf_experts_names(model.config).items() if hf is not None}
     model_type = model.config.hf_model_type
-    hf_by_ours = {}
+    hf_by_ours, expert_keys = {}, {}
     for key in tensors:
-        if ".base_layer." in key:  # peft's copy of a frozen base weight it may resize (lm_head, embeddings)
-            continue
-        if ".lora_" not in key:  # modules_to_save, trained biases: whole weights this reader would drop
+        if ".lora_" not in key:
+            if ".base_layer." in key:  # peft's copy of a frozen base weight it may resize (lm_head, embeddings)
+                continue
+            # modules_to_save, trained biases: whole weights this reader would drop
             raise CheckpointError(f"{weights_file}: {key} is not a LoRA weight; plainlm reads LoRA and DoRA only")
         hf = key.removeprefix(PEFT_PREFIX).split(".lora_")[0]
+        module, depth = hf, 0
+        while module.endswith(".base_layer"):  # peft's nested wrappers of one module's weights
+            module, depth = module.removesuffix(".base_layer"), depth + 1
+        if module in experts_by_hf:
+            expert_keys[experts_by_hf[module], depth] = hf
+            continue
         if hf not in ours_by_hf:
             raise CheckpointError(f"{weights_file}: {key} names no layer of this {model_type} model")
         hf_by_ours[ours_by_hf[hf]] = hf
@@ -350,11 +462,48 @@ def read_peft_adapter(model: nn.Module, directory: str | Path) -> PeftAdapter:
         layers[ours] = LayerAdapter(
             stored["lora_A.weight"], stored["lora_B.weight"], stored.get("lora_magnitude_vector")
         )
-    if not layers:
+    experts = _read_expert_adapters(model, tensors, expert_keys, raw.get("target_parameters") or [], r, weights_file)
+    if not layers and not experts:
         raise CheckpointError(f"{weights_file}: holds no LoRA weights")
-    targets = sorted({t for t, suffix in TARGETS.items() for m in layers if m.endswith(suffix)})
+    targets = sorted({t for t, suffix in TARGETS.items() for m in [*layers, *experts] if m.endswith(suffix)})
     lora = LoRAConfig(r=r, alpha=alpha, dropout=raw.get("lora_dropout", 0.0), targets=targets, dora=dora)
-    return PeftAdapter(lora, layers, weights_file)
+    return PeftAdapter(lora, layers, experts, weights_file)
+
+
+def _read_expert_adapters(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    expert_keys: dict[tuple[str, int], str],
+    target_parameters: list[str],
+    r: int,
+    weights_file: Path,
+) -> dict[str, dict[str, LayerAdapter]]:
+    """The expert adapters among `tensors` (expert_keys: (plainlm experts path, wrapper depth) -> peft's
+    module path), each checked against the stacked weight it adapts."""
+    # Which stacked weights the adapter targets, in peft's nesting order: the first targeted is the innermost.
+    targeted = [w for w in EXPERT_WEIGHTS if any(p.endswith("." + w) for p in target_parameters)]
+    experts: dict[str, dict[str, LayerAdapter]] = {}
+    for (ours, depth), hf in expert_keys.items():
+        if depth >= len(targeted):
+            raise CheckpointError(
+                f"{weights_file}: {hf} is one of more expert weights than adapter_config.json's target_parameters "
+                f"({target_parameters}) name"
+            )
+        weight_name = targeted[len(targeted) - 1 - depth]
+        lora_A, lora_B = (tensors.get(f"{PEFT_PREFIX}{hf}.lora_{part}.weight") for part in "AB")
+        if lora_A is None or lora_B is None:
+            raise CheckpointError(f"{weights_file}: {hf} needs both lora_A.weight and lora_B.weight")
+        E, out_features, in_features = model.get_submodule(ours).get_parameter(weight_name).shape
+        expected = {"lora_A": (E * r, in_features), "lora_B": (out_features, r * E)}
+        for part, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if tuple(tensor.shape) != expected[part]:
+                raise CheckpointError(
+                    f"{weights_file}: {hf}.{part}.weight has shape {tuple(tensor.shape)}, but rank {r} over this "
+                    f"model's {ours}.{weight_name} ({E} experts, {in_features} -> {out_features}) needs "
+                    f"{expected[part]}: was the adapter trained on another base model?"
+                )
+        experts.setdefault(ours, {})[weight_name] = _from_peft(lora_A, lora_B, E)
+    return experts
 
 
 def load_peft_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
@@ -362,11 +511,17 @@ def load_peft_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
     adapter = read_peft_adapter(model, directory)
     # inject_lora adapts every layer its targets select: the file must hold them all (PEFT's
     # layers_to_transform, which adapts only some, would leave the others at B = 0 silently).
-    missing = sorted(set(lora_module_names(model, adapter.lora.targets)) - set(adapter.layers))
+    missing = sorted(set(lora_module_names(model, adapter.lora.targets)) - set(adapter.layers) - set(adapter.experts))
     if missing:
         raise CheckpointError(f"{adapter.weights_file}: no adapter weights for {missing[:5]}")
     inject_lora(model, adapter.lora)
     with torch.no_grad():
+        for name, weights in adapter.experts.items():
+            # a stacked weight the adapter does not target keeps B = 0: it adds nothing
+            for weight_name, stored in weights.items():
+                module = model.get_submodule(name).adapters[weight_name]
+                module.lora_A.copy_(stored.lora_A)
+                module.lora_B.copy_(stored.lora_B)
         for name, stored in adapter.layers.items():
             module = model.get_submodule(name)
             module.lora_A.copy_(stored.lora_A)

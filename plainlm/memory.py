@@ -410,10 +410,12 @@ def export_bytes(model: nn.Module, method: str, param_bytes: int, freed: int, de
     """
     if method not in ("lora", "dora", "qlora"):
         return 0
+    # (LoRA on experts, lora.LoRAExperts, merges into the experts' own weights: nothing new to hold)
     if device != "cpu":
-        adapted = (m for m in model.blocks[0].modules() if hasattr(m, "lora_A"))
+        adapted = (m for m in model.blocks[0].modules() if hasattr(m, "lora_A") and hasattr(m, "base"))
         return 0 if fresh_base else sum(m.base.weight.numel() for m in adapted) * param_bytes
-    merged = sum(m.base.weight.numel() for m in model.modules() if hasattr(m, "lora_A")) * param_bytes
+    merged = sum(m.base.weight.numel() for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base"))
+    merged *= param_bytes
     if method == "qlora":
         merged += sum(p.numel() for p in model.parameters() if not p.requires_grad) * param_bytes
     return max(0, merged - freed)

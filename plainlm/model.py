@@ -12,6 +12,7 @@ Shapes: B batch, T new tokens, S key/value length, H heads, K key/value heads, D
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -408,17 +409,25 @@ class Experts(nn.Module):
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         self.activation = config.mlp_activation
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, project: Callable | None = None
+    ) -> torch.Tensor:
+        """`project(name, rows, ends)`: the per-expert matmul by the parameter `name`; lora.LoRAExperts passes
+        one that adds its adapters' updates."""
+        project = project or self.project
         k = chosen.shape[1]
         chosen = chosen.reshape(-1)
         order = chosen.argsort(stable=True)  # slots grouped by expert, each expert's tokens in order
         token = order // k
         counts = chosen.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, chosen, torch.ones_like(chosen))
         ends = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_mm(x[token], self.gate_up_proj, ends).chunk(2, dim=-1)
-        y = grouped_mm(gated_activation(gate, up, self.activation), self.down_proj, ends)
+        gate, up = project("gate_up_proj", x[token], ends).chunk(2, dim=-1)
+        y = project("down_proj", gated_activation(gate, up, self.activation), ends)
         # index_add_ sums a token's k outputs in expert order, as a loop over experts would
         return torch.zeros_like(x).index_add_(0, token, y * weights.reshape(-1)[order, None])
+
+    def project(self, name: str, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(rows, getattr(self, name), ends)
 
 
 # --- building blocks ---

@@ -35,7 +35,7 @@ from plainlm.data import IGNORE_INDEX
 from plainlm.data.preference import collate_pairs, completion_targets
 from plainlm.errors import CheckpointError, InvalidInput
 from plainlm.host_memory import release_free_memory
-from plainlm.lora import LoRALinear, adapters_disabled
+from plainlm.lora import LoRAExperts, LoRALinear, adapters_disabled
 from plainlm.losses import dpo_loss, hinge_loss, ipo_loss, needs_reference, orpo_loss, sequence_logps, simpo_loss
 
 Loss = Literal["sft", "dpo", "ipo", "hinge", "simpo", "orpo"]
@@ -222,7 +222,7 @@ def scored_positions(scored: torch.Tensor, targets: torch.Tensor) -> tuple[torch
 @torch.no_grad()
 def adapters_off_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reference's sequence log-probabilities: the same model with its LoRA / DoRA adapters switched off."""
-    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+    if not any(isinstance(m, (LoRALinear, LoRAExperts)) for m in model.modules()):
         raise InvalidInput(
             "this preference loss needs a reference model, and the model has no adapters to switch off: full "
             "finetuning takes its reference log-probabilities from a table computed before training (reference_table)"

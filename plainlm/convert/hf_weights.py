@@ -205,6 +205,16 @@ def _gpt2_rules(c: Config) -> list[Rule]:
     return rules
 
 
+def experts_module_name(c: Config, layer: int) -> str | None:
+    """Where transformers holds layer `layer`'s stacked experts in memory (the path peft's expert adapters
+    name), or None where its layout is not ours: gate_up_proj (E, 2I, C) gate rows first, down_proj (E, C, I).
+    Checkpoints kept one tensor per expert are stacked at load into model.layers.{layer}.mlp.experts."""
+    rule = next(r for r in weight_rules(c) if r.ours == [f"blocks.{layer}.mlp.experts.gate_up_proj"])
+    if rule.parts is not None:
+        return f"model.layers.{layer}.mlp.experts"
+    return rule.hf.removesuffix(".gate_up_proj") if rule.split is _identity_split else None
+
+
 # --- fused tensors ---
 def _experts(c: Config, hf: str, names: tuple[str, str, str], ours: str) -> list[Rule]:
     """Experts kept one Linear per expert (`hf` formats with {e}; names: gate, up, down) <-> our stacked

@@ -146,9 +146,11 @@ class AdapterSet:
         if name in self.configs:
             raise InvalidInput(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         adapter = read_peft_adapter(self.model, path)
-        experts = [layer for layer in adapter.layers if ".experts." in layer]
-        if experts:
-            raise CheckpointError(f"{path}: adapts MoE experts ({experts[0]}, ...), which cannot be served per row")
+        if adapter.experts:
+            raise CheckpointError(
+                f"{path}: adapts MoE experts ({next(iter(adapter.experts))}, ...), which are not served per row; "
+                "serve a merged model instead (plainlm merge-lora)"
+            )
         dtype, device = self._activations()
         served = {
             layer: ServedLayerAdapter.build(stored, adapter.lora, self._base(layer), dtype, device)
