@@ -201,6 +201,46 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo": ("OlmoConfig", dict(LLAMA, clip_qkv=0.5)),
     "olmo2": ("Olmo2Config", dict(LLAMA)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    # Three sliding layers with interleaved RoPE, then a global one without; 13 tokens pass the window of 5
+    "cohere2": (
+        "Cohere2Config",
+        dict(LLAMA, num_hidden_layers=4, sliding_window=5, logit_scale=0.25, tie_word_embeddings=True),
+    ),
+    "cohere2-untied-bias-pattern2": (
+        "Cohere2Config",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            sliding_window=5,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+        ),
+    ),
+    "exaone4": (
+        "Exaone4Config",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=24,
+            sliding_window=5,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 1000000.0,
+                "factor": 16.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    # EXAONE 4.0 1.2B: no sliding window, so every layer rotates
+    "exaone4-1.2b": (
+        "Exaone4Config",
+        dict(LLAMA, sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
+    ),
 }
 
 
