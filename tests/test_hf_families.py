@@ -17,6 +17,8 @@ from safetensors import safe_open
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
+from plainlm.convert.hf_config import config_from_hf, config_to_hf
+from plainlm.errors import UnsupportedModelError
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -345,3 +347,33 @@ def test_legacy_config_json_keys(tmp_path: Path) -> None:
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(reference, ids), atol=ATOL, rtol=RTOL)
+
+
+HYBRID = dict(LLAMA, num_hidden_layers=4, sliding_window=5)
+IRREGULAR = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize(
+    ("hf", "message"),
+    [
+        (dict(HYBRID, model_type="cohere2", rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "'dynamic'"),
+        (dict(HYBRID, model_type="cohere2", hidden_act="tanh"), "activation 'tanh'"),
+        (dict(HYBRID, model_type="cohere2", layer_types=IRREGULAR), "layer_types .* repeating"),
+        (dict(HYBRID, model_type="exaone4", layer_types=IRREGULAR[:3] + ["chunked_attention"]), "chunked_attention"),
+        (dict(HYBRID, model_type="exaone4", sliding_window_pattern=None), "sliding_window_pattern None"),
+        # "LLG" over 4 layers: EXAONE makes the last layer global too, which no repeating pattern gives
+        (dict(HYBRID, model_type="exaone4", sliding_window_pattern="LLG"), "layer_types .* repeating"),
+    ],
+)
+def test_hybrid_attention_configs_we_cannot_run_are_refused(hf: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(hf)
+
+
+def test_layers_without_rope_that_config_json_cannot_say_are_refused() -> None:
+    """Cohere 2 and EXAONE 4 derive their NoPE layers from layer_types: any other nope_layers has no config.json."""
+    config = config_from_hf(dict(HYBRID, model_type="exaone4"))
+    assert config.nope_layers == [3] and config.rope_interleaved is False
+    config.nope_layers = [1, 3]
+    with pytest.raises(UnsupportedModelError, match=r"nope_layers=\[1, 3\]"):
+        config_to_hf(config)
