@@ -19,6 +19,7 @@ from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
 from plainlm.convert.hf_config import config_from_hf, config_to_hf
 from plainlm.errors import UnsupportedModelError
+from plainlm.generate import generate
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -377,3 +378,18 @@ def test_layers_without_rope_that_config_json_cannot_say_are_refused() -> None:
     config.nope_layers = [1, 3]
     with pytest.raises(UnsupportedModelError, match=r"nope_layers=\[1, 3\]"):
         config_to_hf(config)
+
+
+@pytest.mark.parametrize("family", ["cohere2", "exaone4"])
+def test_hybrid_attention_decodes_as_transformers(family: str, tmp_path: Path) -> None:
+    """Through the KV cache too, past the window of 5, a left-padded batch: the RoPE-less global layers read keys
+    cached without rotation and the sliding ones rotated ones, as transformers' hybrid cache holds them."""
+    hf_model = make_hf_model(family)
+    hf_model.save_pretrained(tmp_path)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
+    ours = generate(load_hf_model(tmp_path).eval(), prompts, max_new_tokens=12)
+    for prompt, tokens in zip(prompts, ours, strict=True):
+        theirs = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        assert tokens == theirs[0, len(prompt) :].tolist()
