@@ -532,6 +532,7 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         out.update(_hf_hybrid_attention(c))
     if t == "cohere2":
         out.update(layer_norm_eps=c.norm_eps, logit_scale=c.logit_scale, attention_bias=c.qkv_bias)
+        out["rotary_pct"] = 1.0  # ignored by transformers (whole heads rotate), required by llama.cpp's converter
     return out
 
 
