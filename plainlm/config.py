@@ -42,6 +42,7 @@ class Config:
     tie_embeddings: bool = False
     lm_head_bias: bool = False  # Phi-1.5 / Phi-2
     final_logit_softcap: float | None = None  # Gemma 2
+    logit_scale: float | None = None  # Cohere multiplies the logits by it (Command R7B / Command A: 0.25)
 
     # --- normalisation ---
     norm_class: Literal["rmsnorm", "layernorm"] = "rmsnorm"

@@ -157,6 +157,8 @@ class GPT(nn.Module):
             x = x.gather(1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))
         x = self.final_norm(x)
         logits = self.lm_head(x)
+        if c.logit_scale is not None:  # Cohere 2: a fixed multiplier on the logits (its head is tied)
+            logits = logits * c.logit_scale
         if c.final_logit_softcap is not None:  # Gemma 2
             logits = softcap(logits, c.final_logit_softcap)
         return logits

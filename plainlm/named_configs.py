@@ -503,6 +503,38 @@ _GPT2 = dict(
     eos_token_id=50256,
 )
 
+# --- Cohere 2 (Command R7B, Command A): parallel attention and MLP on one LayerNorm, scaled logits; three
+# sliding 4k-token layers with interleaved RoPE, then a global one without position encoding ---
+_COHERE_2 = dict(
+    model_type="cohere2",
+    vocab_size=256000,
+    hidden_act="silu",
+    layer_norm_eps=1e-5,
+    logit_scale=0.25,
+    rope_theta=50000.0,
+    sliding_window=4096,
+    sliding_window_pattern=4,
+    attention_bias=False,
+    tie_word_embeddings=True,
+    bos_token_id=5,
+    eos_token_id=255001,
+    pad_token_id=0,
+)
+
+# --- LG AI EXAONE 4.0: norms after attention and MLP only, per-head q/k norms; the 32B has three sliding 4k-token
+# layers with RoPE per global one without position encoding, the 1.2B no window and RoPE everywhere ---
+_EXAONE_4 = dict(
+    model_type="exaone4",
+    vocab_size=102400,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=1000000.0,
+    **_llama3_rope(16.0),
+    bos_token_id=1,
+    eos_token_id=361,
+    pad_token_id=0,
+)
+
 # Repo id -> the architectural part of its config.json, as the hub has it.
 HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
     # Llama 2 and Code Llama
@@ -704,6 +736,53 @@ HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         eos_token_id=100257,
         pad_token_id=100277,
+    ),
+    # Cohere 2
+    "CohereLabs/c4ai-command-r7b-12-2024": dict(
+        _COHERE_2,
+        max_position_embeddings=132096,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "CohereLabs/c4ai-command-a-03-2025": dict(
+        _COHERE_2,
+        max_position_embeddings=131072,
+        hidden_size=12288,
+        intermediate_size=36864,
+        num_hidden_layers=64,
+        num_attention_heads=96,
+        num_key_value_heads=8,
+    ),
+    # EXAONE 4.0
+    "LGAI-EXAONE/EXAONE-4.0-1.2B": dict(
+        _EXAONE_4,
+        max_position_embeddings=65536,
+        hidden_size=2048,
+        intermediate_size=4096,
+        num_hidden_layers=30,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        sliding_window=None,
+        layer_types=["full_attention"] * 30,
+        tie_word_embeddings=True,
+    ),
+    "LGAI-EXAONE/EXAONE-4.0-32B": dict(
+        _EXAONE_4,
+        max_position_embeddings=131072,
+        hidden_size=5120,
+        intermediate_size=27392,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        head_dim=128,
+        sliding_window=4096,
+        sliding_window_pattern="LLLG",
+        layer_types=["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(64)],
+        tie_word_embeddings=False,
     ),
     # GPT-2
     "openai-community/gpt2": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),

@@ -77,6 +77,30 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
             },
         ),
     ),
+    # Three sliding layers with interleaved RoPE, then a global one without any position encoding
+    "cohere2": (
+        "cohere2",
+        "Cohere2Config",
+        dict(LLAMA, num_hidden_layers=4, sliding_window=5, logit_scale=0.25, pad_token_id=0, eos_token_id=2),
+    ),
+    "exaone4": (
+        "exaone4",
+        "Exaone4Config",
+        dict(
+            LLAMA,
+            max_position_embeddings=16384,
+            num_hidden_layers=4,
+            head_dim=24,
+            sliding_window=5,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            rope_parameters=dict(LLAMA31_ROPE, factor=16.0, rope_theta=1000000.0),
+        ),
+    ),
+    "exaone4-1.2b": (  # no window: every layer rotates
+        "exaone4",
+        "Exaone4Config",
+        dict(LLAMA, sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
+    ),
 }
 
 
@@ -180,9 +204,12 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "cohere2":
+        writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(full["rope_theta"])
-    if arch in ("qwen3", "gemma2", "gemma3"):
+    if arch in ("qwen3", "gemma2", "gemma3", "exaone4"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if arch == "llama":
@@ -203,6 +230,14 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
         if full.get("rope_type") == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(full["factor"])
+    if arch == "cohere2":  # convert_hf_to_gguf.py's Cohere2Model: no pattern, llama.cpp assumes every 4th layer global
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_logit_scale(cfg.logit_scale)
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_rope_dimension_count(head_dim)
+    if arch == "exaone4" and cfg.sliding_window is not None:  # Exaone4Model
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
 
 
 def _llama3_rope_factors(cfg: transformers.PretrainedConfig, rope: dict) -> np.ndarray:

@@ -25,7 +25,7 @@ import pytest
 import torch
 import transformers
 from gguf import GGMLQuantizationType
-from helpers import run_cli
+from helpers import run_cli, tiny_hf_model
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, round_trip
 
 import plainlm.convert.gguf
@@ -271,6 +271,27 @@ def test_inexpressible_model_is_refused_before_writing(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="sliding_window is 16, the file would give None"):
         convert_to_gguf(tmp_path / "checkpoint", tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists() and not (tmp_path / ".out.gguf.partial").exists()
+
+
+def test_cohere2_pattern_llama_cpp_would_not_assume_is_written(tmp_path: Path) -> None:
+    """llama.cpp takes every 4th Cohere 2 layer as global unless the file says otherwise: ours says so always."""
+    layer_types = ["sliding_attention", "full_attention"] * 2
+    config = transformers.Cohere2Config(**dict(BASE, num_hidden_layers=4, sliding_window=5, layer_types=layer_types))
+    reference = tiny_hf_model(config)
+    reimported = load_gguf_model(convert_to_gguf(tiny_checkpoint(reference, tmp_path), tmp_path / "c.gguf", "f32"))
+    assert reimported.config.nope_layers == [1, 3]
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reimported(ids), reference(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_untied_cohere2_is_refused(tmp_path: Path) -> None:
+    """llama.cpp's cohere2 reads its output projection from token_embd: an untied head has nowhere to go."""
+    config = transformers.Cohere2Config(**dict(BASE, num_hidden_layers=4, tie_word_embeddings=False))
+    checkpoint = tiny_checkpoint(tiny_hf_model(config), tmp_path)
+    with pytest.raises(CheckpointError, match="only a tied head"):
+        convert_to_gguf(checkpoint, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def test_crash_while_writing_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

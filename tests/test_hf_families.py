@@ -17,6 +17,9 @@ from safetensors import safe_open
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
+from plainlm.convert.hf_config import config_from_hf, config_to_hf
+from plainlm.errors import UnsupportedModelError
+from plainlm.generate import generate
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -201,6 +204,46 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo": ("OlmoConfig", dict(LLAMA, clip_qkv=0.5)),
     "olmo2": ("Olmo2Config", dict(LLAMA)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    # Three sliding layers with interleaved RoPE, then a global one without; 13 tokens pass the window of 5
+    "cohere2": (
+        "Cohere2Config",
+        dict(LLAMA, num_hidden_layers=4, sliding_window=5, logit_scale=0.25, tie_word_embeddings=True),
+    ),
+    "cohere2-untied-bias-pattern2": (
+        "Cohere2Config",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            sliding_window=5,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+        ),
+    ),
+    "exaone4": (
+        "Exaone4Config",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=24,
+            sliding_window=5,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 1000000.0,
+                "factor": 16.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    # EXAONE 4.0 1.2B: no sliding window, so every layer rotates
+    "exaone4-1.2b": (
+        "Exaone4Config",
+        dict(LLAMA, sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
+    ),
 }
 
 
@@ -305,3 +348,48 @@ def test_legacy_config_json_keys(tmp_path: Path) -> None:
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(reference, ids), atol=ATOL, rtol=RTOL)
+
+
+HYBRID = dict(LLAMA, num_hidden_layers=4, sliding_window=5)
+IRREGULAR = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize(
+    ("hf", "message"),
+    [
+        (dict(HYBRID, model_type="cohere2", rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "'dynamic'"),
+        (dict(HYBRID, model_type="cohere2", hidden_act="tanh"), "activation 'tanh'"),
+        (dict(HYBRID, model_type="cohere2", layer_types=IRREGULAR), "layer_types .* repeating"),
+        (dict(HYBRID, model_type="exaone4", layer_types=IRREGULAR[:3] + ["chunked_attention"]), "chunked_attention"),
+        (dict(HYBRID, model_type="exaone4", sliding_window_pattern=None), "sliding_window_pattern None"),
+        # "LLG" over 4 layers: EXAONE makes the last layer global too, which no repeating pattern gives
+        (dict(HYBRID, model_type="exaone4", sliding_window_pattern="LLG"), "layer_types .* repeating"),
+    ],
+)
+def test_hybrid_attention_configs_we_cannot_run_are_refused(hf: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(hf)
+
+
+def test_layers_without_rope_that_config_json_cannot_say_are_refused() -> None:
+    """Cohere 2 and EXAONE 4 derive their NoPE layers from layer_types: any other nope_layers has no config.json."""
+    config = config_from_hf(dict(HYBRID, model_type="exaone4"))
+    assert config.nope_layers == [3] and config.rope_interleaved is False
+    config.nope_layers = [1, 3]
+    with pytest.raises(UnsupportedModelError, match=r"nope_layers=\[1, 3\]"):
+        config_to_hf(config)
+
+
+@pytest.mark.parametrize("family", ["cohere2", "exaone4"])
+def test_hybrid_attention_decodes_as_transformers(family: str, tmp_path: Path) -> None:
+    """Through the KV cache too, past the window of 5, a left-padded batch: the RoPE-less global layers read keys
+    cached without rotation and the sliding ones rotated ones, as transformers' hybrid cache holds them."""
+    hf_model = make_hf_model(family)
+    hf_model.save_pretrained(tmp_path)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
+    ours = generate(load_hf_model(tmp_path).eval(), prompts, max_new_tokens=12)
+    for prompt, tokens in zip(prompts, ours, strict=True):
+        theirs = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        assert tokens == theirs[0, len(prompt) :].tolist()

@@ -64,6 +64,10 @@ PUBLISHED_BILLIONS = {
     "Falcon3-7B-Base": 7.46,
     "OLMo-1B-hf": 1.18,
     "OLMo-2-1124-7B": 7.3,
+    "c4ai-command-r7b-12-2024": 8.03,
+    "c4ai-command-a-03-2025": 111.0,
+    "EXAONE-4.0-1.2B": 1.28,  # the model card: 1.07B without embeddings
+    "EXAONE-4.0-32B": 32.0,  # the model card: 30.95B without embeddings
     "gpt2": 0.124,
     "gpt2-medium": 0.355,
     "gpt2-large": 0.774,

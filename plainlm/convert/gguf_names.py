@@ -38,11 +38,15 @@ GGUF_ARCHITECTURES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
+    "cohere2": "cohere2",
+    "exaone4": "exaone4",
 }
 HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}
 
 # What llama.cpp hard-codes instead of storing it in the file (src/llama-model.cpp, llm_load_hparams).
 GEMMA_SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}  # every k-th layer attends globally
+SLIDING_WINDOW_PATTERN = {**GEMMA_SLIDING_WINDOW_PATTERN, "cohere2": 4, "exaone4": 4}
+EXAONE4_32B_LAYERS = 64  # llama.cpp gives this EXAONE 4 (only) a 4096-token window when the file names none
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # unless the file has gemma3.rope.freq_base_swa
 GEMMA2_SOFTCAPS = (50.0, 30.0)  # attention, final logits: unless the file has the keys
 # Gemma 2 27B (46 layers) and Gemma 3 27B (62 layers) scale queries by n_embd / n_head instead of
@@ -136,7 +140,9 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         head_dim=head_dim,
         intermediate_size=meta.int("feed_forward_length"),
         tie_embeddings="output.weight" not in tensors,
-        norm_eps=meta.float("attention.layer_norm_rms_epsilon"),
+        norm_eps=meta.float(
+            "attention.layer_norm_epsilon" if arch == "cohere2" else "attention.layer_norm_rms_epsilon"
+        ),
         qkv_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
         attn_out_bias="blk.0.attn_output.bias" in tensors,
         mlp_bias="blk.0.ffn_up.bias" in tensors,
@@ -145,12 +151,21 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         rope_scaling=_rope_scaling(meta, tensors, rope_dims),
         hf_extra=_token_ids(meta),
     )
-    if arch in ("qwen3", "gemma3"):
+    if arch in ("qwen3", "gemma3", "exaone4"):
         fields["qk_norm"] = "head"
     if arch == "phi3":  # 0 marks Phi-4, which has no sliding window
         fields["sliding_window"] = meta.int("attention.sliding_window", default=0, minimum=0) or None
     if arch in ("gemma2", "gemma3"):
         fields.update(_gemma_fields(meta, n_layer, n_embd, n_head, head_dim))
+    if arch == "cohere2":  # attention and MLP read one bias-free LayerNorm; RoPE on adjacent pairs; scaled logits
+        fields.update(norm_class="layernorm", norm_bias=False, parallel_residual=True, shared_attention_norm=True)
+        fields.update(rope_interleaved=True, logit_scale=meta.float("logit_scale"))
+        fields.update(_hybrid_attention(meta, n_layer, meta.int("attention.sliding_window")))
+    if arch == "exaone4":  # norms after attention and MLP only
+        fields.update(pre_attention_norm=False, pre_mlp_norm=False, post_attention_norm=True, post_mlp_norm=True)
+        default = 4096 if n_layer == EXAONE4_32B_LAYERS else 0
+        window = meta.int("attention.sliding_window", default=default, minimum=0)
+        fields.update(_hybrid_attention(meta, n_layer, window) if window else {})
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -251,10 +266,20 @@ def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_
     return fields
 
 
+def _hybrid_attention(meta: _Metadata, n_layer: int, window: int) -> dict[str, Any]:
+    """Cohere 2's and EXAONE 4's sliding layers, which rotate, and their global layers, which have no RoPE.
+
+    llama.cpp reads EXAONE 4's window and pattern only in 64-layer files (the 32B); other files with them are
+    read here as transformers runs the config.json they were converted from."""
+    pattern = _sliding_pattern(meta, n_layer)
+    nope = [i for i in range(n_layer) if pattern and (i + 1) % pattern == 0]
+    return dict(sliding_window=window, sliding_window_pattern=pattern, nope_layers=nope)
+
+
 def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
     """llama.cpp's pattern: an int k (every k-th layer global, 0 = all sliding) or one bool per layer."""
     key = "attention.sliding_window_pattern"
-    default = GEMMA_SLIDING_WINDOW_PATTERN[meta.arch]
+    default = SLIDING_WINDOW_PATTERN[meta.arch]
     value = meta.get(key, _INTS | {int(GGUFValueType.ARRAY)}, default, "an integer or a list of booleans")
     if isinstance(value, int):
         return value or None
@@ -295,7 +320,10 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
     writer.add_value_length(c.head_dim)
     writer.add_rope_dimension_count(c.rope_dim)
     writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
+    if c.norm_class == "layernorm":  # Cohere 2
+        writer.add_layer_norm_eps(c.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(c.norm_eps)
     _write_rope_scaling(writer, c)
     gemma = arch in ("gemma2", "gemma3")
     if gemma or arch == "phi3":  # 0: no sliding window (Phi-4)
@@ -308,6 +336,11 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
         writer.add_final_logit_softcapping(c.final_logit_softcap)
     if arch == "gemma3" and c.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(c.rope_local_theta)
+    if c.logit_scale is not None:  # Cohere 2
+        writer.add_logit_scale(c.logit_scale)
+    if arch in ("cohere2", "exaone4") and c.sliding_window:
+        writer.add_sliding_window(c.sliding_window)
+        writer.add_sliding_window_pattern([c.is_sliding(i) for i in range(c.n_layer)])
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -362,15 +395,19 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
     arch = HF_TO_GGUF_ARCHITECTURE[c.hf_model_type]
     rules = [_plain("token_embd.weight", "embed.weight"), _norm(c, "output_norm.weight", "final_norm.weight")]
     if not c.tie_embeddings:
+        if arch == "cohere2":
+            raise CheckpointError(f"model {c.name!r}: llama.cpp's cohere2 has no output.weight, only a tied head")
         rules.append(_plain("output.weight", "lm_head.weight"))
     for i in range(c.n_layer):
         g, o = f"blk.{i}.", f"blocks.{i}."
-        rules.append(_norm(c, g + "attn_norm.weight", o + "attn_norm.weight"))
+        if c.pre_attention_norm:  # EXAONE 4 has none
+            rules.append(_norm(c, g + "attn_norm.weight", o + "attn_norm.weight"))
         rules += _attention_rules(c, arch, g, o + "attn.")
         if c.post_attention_norm:  # Gemma 2/3: "ffn_norm" is the pre-MLP norm, the post norms have their own names
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
-        rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
+        if c.pre_mlp_norm and not c.shared_attention_norm:  # Cohere 2's MLP reads attn_norm; EXAONE 4 has none
+            rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
         if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
             size = c.intermediate_size
             rules.append(
@@ -397,7 +434,7 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     else:
         rules = [r for x in "qkv" for r in _linear(g + f"attn_{x}", o + f"{x}_proj", c.qkv_bias)]
     rules += _linear(g + "attn_output", o + "o_proj", c.attn_out_bias)
-    if c.qk_norm == "head":  # Qwen3, Gemma 3
+    if c.qk_norm == "head":  # Qwen3, Gemma 3, EXAONE 4
         rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
         rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]
     return rules

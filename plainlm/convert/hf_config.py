@@ -15,7 +15,19 @@ from plainlm.errors import UnsupportedModelError
 # Keys copied through unchanged so that to-hf writes back what from-hf read.
 PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "initializer_range")
 
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo", "olmo2", "phi3")
+LLAMA_LIKE = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "olmo",
+    "olmo2",
+    "phi3",
+    "cohere2",
+    "exaone4",
+)
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2")
 
@@ -37,6 +49,8 @@ ARCHITECTURES = {
     "gpt_neox": "GPTNeoXForCausalLM",
     "falcon": "FalconForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "cohere2": "Cohere2ForCausalLM",
+    "exaone4": "Exaone4ForCausalLM",
 }
 
 ACTIVATIONS = {
@@ -191,7 +205,76 @@ def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         )
     if model_type in GEMMA_LIKE:
         fields.update(_gemma_fields(hf, model_type, fields["n_layer"]))
+    if model_type == "cohere2":
+        fields.update(_cohere2_fields(hf))
+    if model_type == "exaone4":
+        fields.update(_exaone4_fields(hf))
     return fields
+
+
+def _layer_types(hf: dict[str, Any], pattern: int | str | None) -> list[str]:
+    """HF's layer_types, or the list its sliding_window_pattern makes: an int k (every k-th layer global) or,
+    EXAONE 4's form, a string of L (local) and G (global) repeated over the layers, the last one global."""
+    n = hf["num_hidden_layers"]
+    if hf.get("layer_types"):
+        layer_types = list(hf["layer_types"])
+    elif isinstance(pattern, str):
+        layer_types = [
+            "sliding_attention" if pattern[i % len(pattern)] == "L" and i < n - 1 else "full_attention"
+            for i in range(n)
+        ]
+    elif isinstance(pattern, int) and pattern > 0:
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    else:
+        raise UnsupportedModelError(f"sliding_window_pattern {pattern!r} without layer_types is not supported")
+    if len(layer_types) != n or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise UnsupportedModelError(f"layer_types {layer_types} is not one sliding_attention/full_attention per layer")
+    return layer_types
+
+
+def _cohere2_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Cohere 2 (Command R7B, Command A): one bias-free LayerNorm read by attention and MLP side by side,
+    interleaved RoPE on the sliding-window layers only (the global ones have no position encoding),
+    logits scaled by logit_scale. Cohere2Config derives head_dim from the sizes, whatever config.json says."""
+    window = hf.get("sliding_window", 4096)
+    layer_types = _layer_types(hf, hf.get("sliding_window_pattern", 4))
+    return dict(
+        head_dim=hf["hidden_size"] // hf["num_attention_heads"],
+        norm_class="layernorm",
+        norm_bias=False,
+        norm_eps=hf.get("layer_norm_eps", 1e-5),
+        parallel_residual=True,
+        shared_attention_norm=True,
+        rope_interleaved=True,
+        logit_scale=float(hf.get("logit_scale", 0.0625)),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        sliding_window=window,
+        sliding_window_pattern=_sliding_pattern({**hf, "layer_types": layer_types}, hf["num_hidden_layers"], 4),
+        # Cohere2Attention rotates only where it has a window: with sliding_window null no layer does
+        nope_layers=[i for i, t in enumerate(layer_types) if not (window and t == "sliding_attention")],
+    )
+
+
+def _exaone4_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """EXAONE 4: norms after attention and MLP only (as OLMo-2), q/k RMSNorm per head. With a sliding window the
+    sliding layers rotate and the global ones have no position encoding; without one (1.2B) every layer rotates."""
+    window = hf.get("sliding_window", 4096)
+    layer_types = _layer_types(hf, hf.get("sliding_window_pattern", 4)) if window else []
+    if window and "sliding_attention" not in layer_types:
+        window = None  # a window no layer uses; the layers still skip RoPE below, as Exaone4Attention does
+    return dict(
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        pre_attention_norm=False,
+        pre_mlp_norm=False,
+        post_attention_norm=True,
+        post_mlp_norm=True,
+        qk_norm="head",
+        sliding_window=window,
+        sliding_window_pattern=_sliding_pattern({**hf, "layer_types": layer_types}, hf["num_hidden_layers"], 4)
+        if window
+        else None,
+        nope_layers=[i for i, t in enumerate(layer_types) if t != "sliding_attention"],
+    )
 
 
 def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str, Any]:
@@ -409,7 +492,7 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         out["attention_bias"] = c.qkv_bias
     if t == "llama":
         out["mlp_bias"] = c.mlp_bias
-    if t != "olmo" and t != "stablelm":
+    if t not in ("olmo", "stablelm", "cohere2"):
         out["rms_norm_eps"] = c.norm_eps
     if t in ("mistral", "mixtral", "phi3"):
         out["sliding_window"] = c.sliding_window
@@ -445,4 +528,27 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         )
     if t == "gemma3_text" and c.sliding_window_pattern:
         out["sliding_window_pattern"] = c.sliding_window_pattern
+    if t in ("cohere2", "exaone4"):
+        out.update(_hf_hybrid_attention(c))
+    if t == "cohere2":
+        out.update(layer_norm_eps=c.norm_eps, logit_scale=c.logit_scale, attention_bias=c.qkv_bias)
+        out["rotary_pct"] = 1.0  # ignored by transformers (whole heads rotate), required by llama.cpp's converter
+    return out
+
+
+def _hf_hybrid_attention(c: Config) -> dict[str, Any]:
+    """Cohere 2's and EXAONE 4's sliding window and layer_types, from which each derives its layers without
+    RoPE: only a nope_layers list that rule gives back can be written."""
+    types = ["sliding_attention" if c.is_sliding(i) else "full_attention" for i in range(c.n_layer)]
+    out: dict[str, Any] = {"sliding_window": c.sliding_window, "layer_types": types}
+    if c.hf_model_type == "exaone4" and c.sliding_window_pattern:  # EXAONE's own notation, e.g. "LLLG"
+        out["sliding_window_pattern"] = "L" * (c.sliding_window_pattern - 1) + "G"
+    rotating = [c.sliding_window is not None and c.is_sliding(i) for i in range(c.n_layer)]
+    if c.hf_model_type == "exaone4" and c.sliding_window is None:
+        rotating = [True] * c.n_layer
+    if c.nope_layers != [i for i, r in enumerate(rotating) if not r]:
+        raise UnsupportedModelError(
+            f"{c.hf_model_type} skips RoPE exactly on its global layers; nope_layers={c.nope_layers} "
+            "cannot be written to its config.json"
+        )
     return out
