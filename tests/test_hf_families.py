@@ -29,6 +29,7 @@ BASE = dict(
     max_position_embeddings=64,
 )
 LLAMA = dict(BASE, num_key_value_heads=2)
+SMOLLM3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # its defaults lie past the tiny vocabulary
 
 # family name -> (transformers config class, kwargs). Each entry carries the switches that make
 # the family what it is; sizes are tiny so the whole file runs in about a minute.
@@ -201,6 +202,45 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo": ("OlmoConfig", dict(LLAMA, clip_qkv=0.5)),
     "olmo2": ("Olmo2Config", dict(LLAMA)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    # every second layer without RoPE (1 in no_rope_layers means the layer rotates)
+    "smollm3": ("SmolLM3Config", dict(LLAMA, **SMOLLM3_TOKENS, num_hidden_layers=4, no_rope_layer_interval=2)),
+    "smollm3-list": ("SmolLM3Config", dict(LLAMA, **SMOLLM3_TOKENS, num_hidden_layers=3, no_rope_layers=[0, 1, 1])),
+    # sliding layers with their own unscaled RoPE beside YaRN-scaled global ones
+    "olmo3": (
+        "Olmo3Config",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            sliding_window=5,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 8,
+                    "attention_factor": 1.2,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            },
+        ),
+    ),
+    "olmo3-global": ("Olmo3Config", dict(LLAMA, layer_types=["full_attention", "full_attention"])),
+    "granite": (
+        "GraniteConfig",
+        dict(
+            LLAMA,
+            tie_word_embeddings=True,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.0625,
+            logits_scaling=8.0,
+        ),
+    ),
+    "seed-oss": ("SeedOssConfig", dict(LLAMA, head_dim=24)),
+    "ernie4.5": ("Ernie4_5Config", dict(LLAMA, head_dim=16)),
+    "ernie4.5-bias": ("Ernie4_5Config", dict(LLAMA, head_dim=16, use_bias=True, tie_word_embeddings=False)),
 }
 
 
