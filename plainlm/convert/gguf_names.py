@@ -38,13 +38,22 @@ GGUF_ARCHITECTURES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
+    "smollm3": "smollm3",
+    "olmo2": "olmo2",  # also OLMo 3: "olmo3" where the file has a sliding window (read_config)
+    "granite": "granite",
+    "seed_oss": "seed_oss",
+    "ernie4_5": "ernie4_5",
 }
-HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}
+HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()} | {"olmo3": "olmo2"}
+# Architectures whose q and k rows llama.cpp permutes (LlamaModel.permute) for its interleaved RoPE kernel.
+PERMUTED_QK = ("llama", "smollm3", "granite")
 
 # What llama.cpp hard-codes instead of storing it in the file (src/llama-model.cpp, llm_load_hparams).
 GEMMA_SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}  # every k-th layer attends globally
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # unless the file has gemma3.rope.freq_base_swa
 GEMMA2_SOFTCAPS = (50.0, 30.0)  # attention, final logits: unless the file has the keys
+SMOLLM3_NOPE_STEP = 4  # every 4th layer has no RoPE (n_no_rope_layer_step); the file has no key for it
+OLMO3_SLIDING_WINDOW_PATTERN = 4  # three sliding layers, then a global one, unless the file lists them
 # Gemma 2 27B (46 layers) and Gemma 3 27B (62 layers) scale queries by n_embd / n_head instead of
 # head_dim (query_pre_attn_scalar in their config.json); llama.cpp recognises them by layer count.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -151,6 +160,19 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         fields["sliding_window"] = meta.int("attention.sliding_window", default=0, minimum=0) or None
     if arch in ("gemma2", "gemma3"):
         fields.update(_gemma_fields(meta, n_layer, n_embd, n_head, head_dim))
+    if arch == "smollm3":
+        fields["nope_layers"] = [i for i in range(n_layer) if (i + 1) % SMOLLM3_NOPE_STEP == 0]
+    if arch == "olmo2":
+        fields.update(_olmo2_fields(meta, n_layer, fields["rope_theta"]))
+    if arch == "granite":  # llama.cpp's f_attention_scale 0 (no key) means 1/sqrt(head_dim)
+        fields.update(
+            embedding_multiplier=meta.float("embedding_scale", default=1.0),
+            residual_multiplier=meta.float("residual_scale", default=1.0),
+            logits_scaling=meta.float("logit_scale", default=1.0),
+            attention_scale=meta.float("attention.scale", default=None),
+        )
+    if arch == "ernie4_5":  # its RoPE rotates pairs (2i, 2i+1), as llama.cpp's does: the rows are as they were
+        fields["rope_interleaved"] = True
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -196,6 +218,8 @@ def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: 
         for name in ("beta_fast", "beta_slow"):
             if (value := meta.float(f"rope.scaling.yarn_{name}", default=None)) is not None:
                 scaling[name] = value
+        if (value := meta.float("rope.scaling.attn_factor", default=None)) is not None:  # OLMo 3
+            scaling["attention_factor"] = value
         return scaling
     if kind != "none":
         raise CheckpointError(f"{meta.path}: RoPE scaling {kind!r} is not supported; supported: linear, yarn")
@@ -251,10 +275,26 @@ def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_
     return fields
 
 
+def _olmo2_fields(meta: _Metadata, n_layer: int, rope_theta: float) -> dict[str, Any]:
+    """OLMo 2: norms after attention and MLP only, q/k norm over the whole projection. A file with a sliding
+    window is OLMo 3, whose sliding layers llama.cpp rotates with the unscaled base (as transformers does)."""
+    fields: dict[str, Any] = dict(
+        pre_attention_norm=False, pre_mlp_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"
+    )
+    window = meta.int("attention.sliding_window", default=None, minimum=0)
+    if window is None:
+        return fields
+    fields.update(hf_model_type="olmo3", rope_local_theta=meta.float("rope.freq_base_swa", default=rope_theta))
+    slides = meta.get("attention.sliding_window_pattern", {int(GGUFValueType.ARRAY)}, None, "a list of booleans")
+    if window and (slides is None or any(slides)):
+        fields.update(sliding_window=window, sliding_window_pattern=_sliding_pattern(meta, n_layer))
+    return fields
+
+
 def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
     """llama.cpp's pattern: an int k (every k-th layer global, 0 = all sliding) or one bool per layer."""
     key = "attention.sliding_window_pattern"
-    default = GEMMA_SLIDING_WINDOW_PATTERN[meta.arch]
+    default = {**GEMMA_SLIDING_WINDOW_PATTERN, "olmo2": OLMO3_SLIDING_WINDOW_PATTERN}[meta.arch]
     value = meta.get(key, _INTS | {int(GGUFValueType.ARRAY)}, default, "an integer or a list of booleans")
     if isinstance(value, int):
         return value or None
@@ -308,6 +348,18 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
         writer.add_final_logit_softcapping(c.final_logit_softcap)
     if arch == "gemma3" and c.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(c.rope_local_theta)
+    if c.hf_model_type == "olmo3":  # as convert_hf_to_gguf.py's Olmo2Model: the window and one bool per layer
+        writer.add_sliding_window(c.sliding_window or 0)
+        if c.sliding_window:
+            writer.add_sliding_window_pattern([c.is_sliding(i) for i in range(c.n_layer)])
+        if c.rope_local_theta not in (None, c.rope_theta):
+            writer.add_rope_freq_base_swa(c.rope_local_theta)
+    if arch == "granite":
+        writer.add_embedding_scale(c.embedding_multiplier)
+        writer.add_residual_scale(c.residual_multiplier)
+        writer.add_logit_scale(c.logits_scaling)
+        if c.attention_scale is not None:
+            writer.add_attention_scale(c.attention_scale)
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -323,6 +375,8 @@ def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
         for name in ("beta_fast", "beta_slow"):
             if name in scaling:
                 getattr(writer, f"add_rope_scaling_yarn_{name}")(scaling[name])
+        if "attention_factor" in scaling:
+            writer.add_rope_scaling_attn_factors(scaling["attention_factor"])
     elif kind not in ("default", "llama3"):
         raise CheckpointError(
             f"model {c.name!r}: RoPE scaling {kind!r} cannot be written to GGUF; supported: linear, llama3, yarn"
@@ -365,12 +419,15 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
         rules.append(_plain("output.weight", "lm_head.weight"))
     for i in range(c.n_layer):
         g, o = f"blk.{i}.", f"blocks.{i}."
-        rules.append(_norm(c, g + "attn_norm.weight", o + "attn_norm.weight"))
+        if c.pre_attention_norm:  # OLMo 2/3 have none
+            rules.append(_norm(c, g + "attn_norm.weight", o + "attn_norm.weight"))
         rules += _attention_rules(c, arch, g, o + "attn.")
         if c.post_attention_norm:  # Gemma 2/3: "ffn_norm" is the pre-MLP norm, the post norms have their own names
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
-        rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
+        if c.pre_mlp_norm:  # Seed-OSS's pre-MLP norm keeps Hugging Face's name, post_attention_layernorm
+            mlp_norm = "post_attention_norm" if arch == "seed_oss" else "ffn_norm"
+            rules.append(_norm(c, g + mlp_norm + ".weight", o + "mlp_norm.weight"))
         if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
             size = c.intermediate_size
             rules.append(
@@ -387,7 +444,7 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     if arch == "phi3":  # attn_qkv is Phi-3's qkv_proj as it is
         sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
         rules = [_fused(g + "attn_qkv.weight", [o + f"{x}_proj.weight" for x in "qkv"], sizes)]
-    elif arch == "llama":
+    elif arch in PERMUTED_QK:
         # llama.cpp permutes the rows of q and k (weights and biases) from Hugging Face's "halves" RoPE
         # layout to the interleaved pairs its RoPE kernel expects; undo it.
         rules = [_permuted(g + "attn_q" + s, o + "q_proj" + s, c.n_head) for s in _suffixes(c.qkv_bias)] + [
@@ -397,7 +454,7 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     else:
         rules = [r for x in "qkv" for r in _linear(g + f"attn_{x}", o + f"{x}_proj", c.qkv_bias)]
     rules += _linear(g + "attn_output", o + "o_proj", c.attn_out_bias)
-    if c.qk_norm == "head":  # Qwen3, Gemma 3
+    if c.qk_norm != "none":  # Qwen3, Gemma 3: one per head; OLMo 2/3: over the whole projection
         rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
         rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]
     return rules
