@@ -218,7 +218,8 @@ def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: 
         for name in ("beta_fast", "beta_slow"):
             if (value := meta.float(f"rope.scaling.yarn_{name}", default=None)) is not None:
                 scaling[name] = value
-        if (value := meta.float("rope.scaling.attn_factor", default=None)) is not None:  # OLMo 3
+        # Olmo2Model writes Hugging Face's attention_factor here; other converters give the key other meanings
+        if meta.arch == "olmo2" and (value := meta.float("rope.scaling.attn_factor", default=None)) is not None:
             scaling["attention_factor"] = value
         return scaling
     if kind != "none":
@@ -375,7 +376,7 @@ def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
         for name in ("beta_fast", "beta_slow"):
             if name in scaling:
                 getattr(writer, f"add_rope_scaling_yarn_{name}")(scaling[name])
-        if "attention_factor" in scaling:
+        if "attention_factor" in scaling and writer.arch == "olmo2":  # as _rope_scaling reads it
             writer.add_rope_scaling_attn_factors(scaling["attention_factor"])
     elif kind not in ("default", "llama3"):
         raise CheckpointError(
