@@ -514,7 +514,10 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         out["attention_out_bias"] = c.attn_out_bias
     if t == "ernie4_5":
         if not c.qkv_bias == c.attn_out_bias == c.mlp_bias or not c.rope_interleaved:
-            raise UnsupportedModelError("ernie4_5 has one use_bias for every projection and interleaved RoPE")
+            raise UnsupportedModelError(
+                f"ernie4_5 has one use_bias for every projection and interleaved RoPE, not qkv_bias={c.qkv_bias}, "
+                f"attn_out_bias={c.attn_out_bias}, mlp_bias={c.mlp_bias}, rope_interleaved={c.rope_interleaved}"
+            )
         out["use_bias"] = c.qkv_bias
     if t == "smollm3":
         out.update(no_rope_layers=[int(c.uses_rope(i)) for i in range(c.n_layer)], use_sliding_window=False)
