@@ -10,6 +10,7 @@ translation from any `config.json` of a supported architecture (`config_from_hf`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,12 @@ class Config:
     lm_head_bias: bool = False  # Phi-1.5 / Phi-2
     final_logit_softcap: float | None = None  # Gemma 2
     logit_scale: float | None = None  # Cohere multiplies the logits by it (Command R7B / Command A: 0.25)
+    # Granite: embeddings are multiplied by embedding_multiplier, each attention / MLP output by
+    # residual_multiplier before it joins the residual stream, and the logits divided by logits_scaling
+    # (its attention_multiplier is attention_scale)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     # --- normalisation ---
     norm_class: Literal["rmsnorm", "layernorm"] = "rmsnorm"
@@ -112,6 +119,22 @@ class Config:
             )
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise InvalidInput(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
+        self._check_multipliers()
+
+    def _check_multipliers(self) -> None:
+        """Granite's multipliers: positive, and never stacked on another family's version of the same switch,
+        where the order of the two would be a guess."""
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidInput(f"Config {self.name!r}: {name} must be a positive number, not {value!r}")
+        for name, other, clash in (
+            ("embedding_multiplier", "scale_embeddings", self.scale_embeddings),
+            ("residual_multiplier", "parallel_residual", self.parallel_residual),
+            ("logits_scaling", "final_logit_softcap", self.final_logit_softcap is not None),
+        ):
+            if getattr(self, name) != 1.0 and clash:
+                raise InvalidInput(f"Config {self.name!r}: {name} != 1 together with {other} is not supported")
 
     # --- derived values ---
     def is_moe(self, layer: int) -> bool:

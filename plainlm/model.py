@@ -138,6 +138,8 @@ class GPT(nn.Module):
         x = self.embed(idx)
         if c.scale_embeddings:  # Gemma: the normaliser is rounded to the activation dtype first
             x = x * torch.tensor(c.n_embd**0.5, dtype=x.dtype)
+        if c.embedding_multiplier != 1.0:  # Granite
+            x = x * c.embedding_multiplier
         if c.position_embedding == "learned":
             x = x + self.pos_embed(position_ids)
 
@@ -161,6 +163,8 @@ class GPT(nn.Module):
             logits = logits * c.logit_scale
         if c.final_logit_softcap is not None:  # Gemma 2
             logits = softcap(logits, c.final_logit_softcap)
+        if c.logits_scaling != 1.0:  # Granite divides its logits
+            logits = logits / c.logits_scaling
         return logits
 
     def _ropes(
@@ -228,8 +232,10 @@ class Block(nn.Module):
         if self.config.parallel_residual:  # GPT-NeoX, Phi-1.5/2, Falcon: both branches read x
             mlp_in = h if self.config.shared_attention_norm else self.mlp_norm(x)
             return x + attn_out + self.post_mlp_norm(self.mlp(mlp_in))
-        x = x + attn_out
-        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        r = self.config.residual_multiplier  # Granite scales both outputs before they join the residual
+        x = x + (attn_out * r if r != 1.0 else attn_out)
+        mlp_out = self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        return x + (mlp_out * r if r != 1.0 else mlp_out)
 
 
 class Attention(nn.Module):

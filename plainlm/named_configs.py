@@ -492,6 +492,74 @@ _OLMO = dict(
     pad_token_id=1,
 )
 
+# --- Hugging Face SmolLM3: a Llama whose every fourth layer has no RoPE (NoPE) ---
+_SMOLLM3_3B = dict(
+    model_type="smollm3",
+    vocab_size=128256,
+    max_position_embeddings=65536,
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    rope_theta=5000000.0,
+    no_rope_layer_interval=4,
+    no_rope_layers=[int((i + 1) % 4 != 0) for i in range(36)],  # 1: the layer rotates
+    use_sliding_window=False,
+    sliding_window=None,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=True,
+    eos_token_id=128012,
+    pad_token_id=128004,
+)
+
+# --- Allen AI OLMo 3: OLMo 2 with three 4k sliding layers per global one; YaRN on the global layers only ---
+_OLMO_3 = dict(
+    model_type="olmo3",
+    vocab_size=100278,
+    max_position_embeddings=65536,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    rope_theta=500000,
+    rope_scaling=dict(
+        rope_type="yarn",
+        factor=8.0,
+        original_max_position_embeddings=8192,
+        attention_factor=1.2079441541679836,
+        beta_fast=32,
+        beta_slow=1,
+    ),
+    sliding_window=4096,
+    attention_bias=False,
+    tie_word_embeddings=False,
+    eos_token_id=100257,
+    pad_token_id=100277,
+)
+
+# --- IBM Granite 3.3: a Llama with scaled embeddings, residual branches, attention and logits ---
+_GRANITE_3_3 = dict(
+    model_type="granite",
+    vocab_size=49159,
+    max_position_embeddings=131072,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    rope_theta=10000000.0,
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=True,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
 # --- OpenAI GPT-2: learned absolute positions, LayerNorm, biases everywhere, tied embeddings ---
 _GPT2 = dict(
     model_type="gpt2",
@@ -783,6 +851,70 @@ HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
         sliding_window_pattern="LLLG",
         layer_types=["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(64)],
         tie_word_embeddings=False,
+    ),
+    # SmolLM3, OLMo 3, Granite 3.3, Seed-OSS, ERNIE 4.5
+    "HuggingFaceTB/SmolLM3-3B": _SMOLLM3_3B,
+    "allenai/Olmo-3-1025-7B": dict(
+        _OLMO_3,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "allenai/Olmo-3-1125-32B": dict(
+        _OLMO_3,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+    ),
+    "ibm-granite/granite-3.3-2b-instruct": dict(
+        _GRANITE_3_3, hidden_size=2048, intermediate_size=8192, attention_multiplier=0.015625, logits_scaling=8.0
+    ),
+    "ibm-granite/granite-3.3-8b-instruct": dict(
+        _GRANITE_3_3, hidden_size=4096, intermediate_size=12800, attention_multiplier=0.0078125, logits_scaling=16.0
+    ),
+    "ByteDance-Seed/Seed-OSS-36B-Instruct": dict(
+        model_type="seed_oss",
+        vocab_size=155136,
+        max_position_embeddings=524288,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=80,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        rope_theta=10000000.0,
+        attention_bias=True,  # on q, k and v; not on the output projection
+        attention_out_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    ),
+    "baidu/ERNIE-4.5-0.3B-PT": dict(
+        model_type="ernie4_5",
+        vocab_size=103424,
+        max_position_embeddings=131072,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=18,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        rope_theta=500000.0,
+        use_bias=False,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     ),
     # GPT-2
     "openai-community/gpt2": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),

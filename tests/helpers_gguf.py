@@ -101,7 +101,47 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
         "Exaone4Config",
         dict(LLAMA, sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
     ),
+    # llama.cpp's fixed NoPE step: the fourth layer has no RoPE
+    "smollm3": (
+        "smollm3",
+        "SmolLM3Config",
+        dict(LLAMA, num_hidden_layers=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    ),
+    "olmo2": ("olmo2", "Olmo2Config", dict(LLAMA, pad_token_id=0, eos_token_id=2)),
+    # OLMo 3 is llama.cpp's "olmo2" with a sliding window: three sliding layers, then a YaRN-scaled global one
+    "olmo3": (
+        "olmo2",
+        "Olmo3Config",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            sliding_window=5,
+            pad_token_id=0,
+            eos_token_id=2,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 8,
+                    "attention_factor": 1.25,  # exact in float32, as GGUF stores it
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            },
+        ),
+    ),
+    "granite": (
+        "granite",
+        "GraniteConfig",
+        dict(
+            LLAMA, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0
+        ),
+    ),
+    "seed_oss": ("seed_oss", "SeedOssConfig", dict(LLAMA, head_dim=24)),
+    "ernie4_5": ("ernie4_5", "Ernie4_5Config", dict(LLAMA, head_dim=16, use_bias=True)),
 }
+# Architectures whose q and k rows convert_hf_to_gguf.py permutes (its LlamaModel and subclasses).
+PERMUTED_QK = ("llama", "smollm3", "granite")
 
 
 # Prompt ids as transformers' tokenizer for each packaged GGUF gives them (AutoTokenizer with gguf_file=...):
@@ -174,9 +214,9 @@ def write_gguf(
         name = name_map.get_name(stem)
         assert name is not None, hf_name
         data = tensor.float().numpy()
-        if arch == "llama" and ".attn_q" in name:
+        if arch in PERMUTED_QK and ".attn_q" in name and "norm" not in name:
             data = llama_cpp_permute(data, cfg.num_attention_heads)
-        if arch == "llama" and ".attn_k" in name:
+        if arch in PERMUTED_QK and ".attn_k" in name and "norm" not in name:
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
         if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1
@@ -209,12 +249,25 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     else:
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(full["rope_theta"])
-    if arch in ("qwen3", "gemma2", "gemma3", "exaone4"):
+    if arch in ("qwen3", "gemma2", "gemma3", "exaone4", "seed_oss", "ernie4_5"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if arch == "llama":
+    if arch in PERMUTED_QK:
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_rope_dimension_count(head_dim)
+    if arch == "granite":  # GraniteModel's multipliers, named as scales
+        writer.add_attention_scale(cfg.attention_multiplier)
+        writer.add_embedding_scale(cfg.embedding_multiplier)
+        writer.add_residual_scale(cfg.residual_multiplier)
+        writer.add_logit_scale(cfg.logits_scaling)
+    if arch == "olmo2" and full.get("rope_type") == "yarn":  # Olmo2Model.set_gguf_parameters
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(full["factor"])
+        writer.add_rope_scaling_attn_factors(full["attention_factor"])
+        writer.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
+    if arch == "olmo2" and getattr(cfg, "sliding_window", None) is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     if arch == "phi3":
         writer.add_rope_dimension_count(
             int(getattr(cfg, "partial_rotary_factor", 1.0) * cfg.hidden_size) // cfg.num_attention_heads

@@ -342,3 +342,13 @@ def test_to_gguf_command_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="choose one of f16, q8_0, f32, bf16"):
         convert_to_gguf(tmp_path / "neox", tmp_path / "out.gguf", "q4_0")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_smollm3_nope_layers_llama_cpp_cannot_place_are_refused(tmp_path: Path) -> None:
+    """llama.cpp fixes SmolLM3's NoPE layers at every fourth (no key in the file): other ones have no faithful file."""
+    config = Config(
+        name="nope", hf_model_type="smollm3", n_layer=4, n_embd=32, n_head=2, vocab_size=64, nope_layers=[1]
+    )
+    save_checkpoint(GPT(config), tmp_path / "checkpoint")
+    with pytest.raises(CheckpointError, match=r"nope_layers is \[1\], the file would give \[3\]"):
+        convert_to_gguf(tmp_path / "checkpoint", tmp_path / "out.gguf")

@@ -16,9 +16,10 @@ import transformers
 from safetensors import safe_open
 
 from plainlm.checkpoint import load_checkpoint
+from plainlm.config import Config
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
 from plainlm.convert.hf_config import config_from_hf, config_to_hf
-from plainlm.errors import UnsupportedModelError
+from plainlm.errors import InvalidInput, UnsupportedModelError
 from plainlm.generate import generate
 
 ATOL = RTOL = 1e-5
@@ -32,6 +33,7 @@ BASE = dict(
     max_position_embeddings=64,
 )
 LLAMA = dict(BASE, num_key_value_heads=2)
+SMOLLM3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # its defaults lie past the tiny vocabulary
 
 # family name -> (transformers config class, kwargs). Each entry carries the switches that make
 # the family what it is; sizes are tiny so the whole file runs in about a minute.
@@ -244,6 +246,45 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         "Exaone4Config",
         dict(LLAMA, sliding_window=None, layer_types=["full_attention"] * 2, tie_word_embeddings=True),
     ),
+    # every second layer without RoPE (1 in no_rope_layers means the layer rotates)
+    "smollm3": ("SmolLM3Config", dict(LLAMA, **SMOLLM3_TOKENS, num_hidden_layers=4, no_rope_layer_interval=2)),
+    "smollm3-list": ("SmolLM3Config", dict(LLAMA, **SMOLLM3_TOKENS, num_hidden_layers=3, no_rope_layers=[0, 1, 1])),
+    # sliding layers with their own unscaled RoPE beside YaRN-scaled global ones
+    "olmo3": (
+        "Olmo3Config",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            sliding_window=5,
+            rope_parameters={
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 8,
+                    "attention_factor": 1.2,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            },
+        ),
+    ),
+    "olmo3-global": ("Olmo3Config", dict(LLAMA, layer_types=["full_attention", "full_attention"])),
+    "granite": (
+        "GraniteConfig",
+        dict(
+            LLAMA,
+            tie_word_embeddings=True,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.0625,
+            logits_scaling=8.0,
+        ),
+    ),
+    "seed-oss": ("SeedOssConfig", dict(LLAMA, head_dim=24)),
+    "ernie4.5": ("Ernie4_5Config", dict(LLAMA, head_dim=16)),
+    "ernie4.5-bias": ("Ernie4_5Config", dict(LLAMA, head_dim=16, use_bias=True, tie_word_embeddings=False)),
 }
 
 
@@ -393,3 +434,74 @@ def test_hybrid_attention_decodes_as_transformers(family: str, tmp_path: Path) -
             torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )
         assert tokens == theirs[0, len(prompt) :].tolist()
+
+
+# config.json features of the 2025 dense families that plainlm does not run: refused, naming the field and value.
+REFUSED: dict[str, tuple[str, dict, str]] = {
+    "smollm3-sliding": (
+        "smollm3",
+        dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=8),
+        r"smollm3 with sliding-window layers \(use_sliding_window=True",
+    ),
+    "smollm3-short-no-rope-list": ("smollm3", dict(no_rope_layers=[1]), r"no_rope_layers \[1\] has fewer entries"),
+    "olmo3-irregular-layers": (
+        "olmo3",
+        dict(
+            num_hidden_layers=4,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        ),
+        "layer_types .* do not follow a repeating sliding/global pattern",
+    ),
+    "olmo3-scaled-sliding-rope": (
+        "olmo3",
+        dict(
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0},
+            }
+        ),
+        "rope_parameters.sliding_attention.rope_type 'linear' is not supported",
+    ),
+    "olmo3-no-window": (
+        "olmo3",
+        dict(sliding_window=None),
+        "olmo3 with sliding_attention layers and sliding_window=null",
+    ),
+    "granite-dynamic-rope": ("granite", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'dynamic'"),
+    "seed-oss-activation": ("seed_oss", dict(hidden_act="sigmoid"), "unsupported activation 'sigmoid'"),
+    "ernie4.5-longrope": ("ernie4_5", dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "'longrope'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_family_feature_is_refused(case: str) -> None:
+    model_type, changes, message = REFUSED[case]
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(dict(LLAMA, model_type=model_type, **changes))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(logits_scaling=0.0), "logits_scaling must be a positive number, not 0.0"),
+        (
+            dict(embedding_multiplier=2.0, scale_embeddings=True),
+            "embedding_multiplier != 1 together with scale_embeddings",
+        ),
+        (
+            dict(residual_multiplier=0.5, parallel_residual=True),
+            "residual_multiplier != 1 together with parallel_residual",
+        ),
+        (dict(logits_scaling=2.0, final_logit_softcap=30.0), "logits_scaling != 1 together with final_logit_softcap"),
+    ],
+)
+def test_granite_multipliers_that_make_no_sense_are_refused(changes: dict, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        Config(**changes)
+
+
+def test_granite_multipliers_do_not_export_as_another_family() -> None:
+    with pytest.raises(UnsupportedModelError, match="llama has no embedding_multiplier"):
+        config_to_hf(Config(hf_model_type="llama", embedding_multiplier=12.0))
+    config = config_from_hf(dict(LLAMA, model_type="granite", residual_multiplier=0.22))
+    assert config_to_hf(config)["residual_multiplier"] == 0.22

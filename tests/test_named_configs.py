@@ -68,6 +68,13 @@ PUBLISHED_BILLIONS = {
     "c4ai-command-a-03-2025": 111.0,
     "EXAONE-4.0-1.2B": 1.28,  # the model card: 1.07B without embeddings
     "EXAONE-4.0-32B": 32.0,  # the model card: 30.95B without embeddings
+    "SmolLM3-3B": 3.08,
+    "Olmo-3-1025-7B": 7.3,
+    "Olmo-3-1125-32B": 32.2,
+    "granite-3.3-2b-instruct": 2.53,
+    "granite-3.3-8b-instruct": 8.17,
+    "Seed-OSS-36B-Instruct": 36.15,
+    "ERNIE-4.5-0.3B-PT": 0.36,
     "gpt2": 0.124,
     "gpt2-medium": 0.355,
     "gpt2-large": 0.774,

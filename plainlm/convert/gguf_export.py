@@ -2,10 +2,10 @@
 
 `convert_to_gguf(src_dir, file, dtype)` writes the metadata (`gguf_names.write_config`), the tokenizer
 (`gguf_tokenizer.add_tokenizer_to_gguf`) and every tensor through `gguf_names.tensor_rules`' `to_gguf`, which
-redoes llama.cpp's layout (q/k rows permuted for "llama", +1 on Gemma's norm weights, Phi-3's fused qkv and
-gate_up). As in llama.cpp, 1-D tensors (norms, biases) stay float32 and 2-D weights take `dtype`; a q8_0
-weight whose rows are not whole 32-value blocks falls back to f16. The tensor infos are planned from shapes
-alone and the config a reader would get from them is checked first (GGUF cannot carry every switch plainlm
+redoes llama.cpp's layout (q/k rows permuted for "llama", "smollm3" and "granite", +1 on Gemma's norm weights,
+Phi-3's fused qkv and gate_up). As in llama.cpp, 1-D tensors (norms, biases) stay float32 and 2-D weights take
+`dtype`; a q8_0 weight whose rows are not whole 32-value blocks falls back to f16. The tensor infos are planned
+from shapes alone and the config a reader would get from them is checked first (GGUF cannot carry every switch plainlm
 has); then tensors are converted and written one at a time into a temporary file that takes FILE's name only
 when complete. Reading GGUF files is `gguf.py`'s business.
 """
@@ -60,7 +60,8 @@ class PlannedTensor:
 
 def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -> Path:
     """Native checkpoint -> a GGUF file for llama.cpp (or transformers' `gguf_file=`); `dtype` is f16, q8_0,
-    f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen3, phi3, gemma2, gemma3, cohere2, exaone4."""
+    f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen3, phi3, gemma2, gemma3, cohere2, exaone4,
+    smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss, ernie4_5."""
     src, file = Path(src_dir), check_output_path(file, "file", file=True)
     if dtype not in DTYPES:
         raise InvalidInput(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")

@@ -40,15 +40,29 @@ GGUF_ARCHITECTURES = {
     "gemma3": "gemma3_text",
     "cohere2": "cohere2",
     "exaone4": "exaone4",
+    "smollm3": "smollm3",
+    "olmo2": "olmo2",  # also OLMo 3: "olmo3" where the file has a sliding window (read_config)
+    "granite": "granite",
+    "seed_oss": "seed_oss",
+    "ernie4_5": "ernie4_5",
 }
-HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}
+HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()} | {"olmo3": "olmo2"}
+# Architectures whose q and k rows llama.cpp permutes (LlamaModel.permute) for its interleaved RoPE kernel.
+PERMUTED_QK = ("llama", "smollm3", "granite")
 
 # What llama.cpp hard-codes instead of storing it in the file (src/llama-model.cpp, llm_load_hparams).
 GEMMA_SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}  # every k-th layer attends globally
-SLIDING_WINDOW_PATTERN = {**GEMMA_SLIDING_WINDOW_PATTERN, "cohere2": 4, "exaone4": 4}
 EXAONE4_32B_LAYERS = 64  # llama.cpp gives this EXAONE 4 (only) a 4096-token window when the file names none
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # unless the file has gemma3.rope.freq_base_swa
 GEMMA2_SOFTCAPS = (50.0, 30.0)  # attention, final logits: unless the file has the keys
+SMOLLM3_NOPE_STEP = 4  # every 4th layer has no RoPE (n_no_rope_layer_step); the file has no key for it
+OLMO3_SLIDING_WINDOW_PATTERN = 4  # three sliding layers, then a global one, unless the file lists them
+SLIDING_WINDOW_PATTERN = {
+    **GEMMA_SLIDING_WINDOW_PATTERN,
+    "cohere2": 4,
+    "exaone4": 4,
+    "olmo2": OLMO3_SLIDING_WINDOW_PATTERN,
+}
 # Gemma 2 27B (46 layers) and Gemma 3 27B (62 layers) scale queries by n_embd / n_head instead of
 # head_dim (query_pre_attn_scalar in their config.json); llama.cpp recognises them by layer count.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -166,6 +180,19 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         default = 4096 if n_layer == EXAONE4_32B_LAYERS else 0
         window = meta.int("attention.sliding_window", default=default, minimum=0)
         fields.update(_hybrid_attention(meta, n_layer, window) if window else {})
+    if arch == "smollm3":
+        fields["nope_layers"] = [i for i in range(n_layer) if (i + 1) % SMOLLM3_NOPE_STEP == 0]
+    if arch == "olmo2":
+        fields.update(_olmo2_fields(meta, n_layer, fields["rope_theta"]))
+    if arch == "granite":  # llama.cpp's f_attention_scale 0 (no key) means 1/sqrt(head_dim)
+        fields.update(
+            embedding_multiplier=meta.float("embedding_scale", default=1.0),
+            residual_multiplier=meta.float("residual_scale", default=1.0),
+            logits_scaling=meta.float("logit_scale", default=1.0),
+            attention_scale=meta.float("attention.scale", default=None),
+        )
+    if arch == "ernie4_5":  # its RoPE rotates pairs (2i, 2i+1), as llama.cpp's does: the rows are as they were
+        fields["rope_interleaved"] = True
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -211,6 +238,9 @@ def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: 
         for name in ("beta_fast", "beta_slow"):
             if (value := meta.float(f"rope.scaling.yarn_{name}", default=None)) is not None:
                 scaling[name] = value
+        # Olmo2Model writes Hugging Face's attention_factor here; other converters give the key other meanings
+        if meta.arch == "olmo2" and (value := meta.float("rope.scaling.attn_factor", default=None)) is not None:
+            scaling["attention_factor"] = value
         return scaling
     if kind != "none":
         raise CheckpointError(f"{meta.path}: RoPE scaling {kind!r} is not supported; supported: linear, yarn")
@@ -274,6 +304,22 @@ def _hybrid_attention(meta: _Metadata, n_layer: int, window: int) -> dict[str, A
     pattern = _sliding_pattern(meta, n_layer)
     nope = [i for i in range(n_layer) if pattern and (i + 1) % pattern == 0]
     return dict(sliding_window=window, sliding_window_pattern=pattern, nope_layers=nope)
+
+
+def _olmo2_fields(meta: _Metadata, n_layer: int, rope_theta: float) -> dict[str, Any]:
+    """OLMo 2: norms after attention and MLP only, q/k norm over the whole projection. A file with a sliding
+    window is OLMo 3, whose sliding layers llama.cpp rotates with the unscaled base (as transformers does)."""
+    fields: dict[str, Any] = dict(
+        pre_attention_norm=False, pre_mlp_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"
+    )
+    window = meta.int("attention.sliding_window", default=None, minimum=0)
+    if window is None:
+        return fields
+    fields.update(hf_model_type="olmo3", rope_local_theta=meta.float("rope.freq_base_swa", default=rope_theta))
+    slides = meta.get("attention.sliding_window_pattern", {int(GGUFValueType.ARRAY)}, None, "a list of booleans")
+    if window and (slides is None or any(slides)):
+        fields.update(sliding_window=window, sliding_window_pattern=_sliding_pattern(meta, n_layer))
+    return fields
 
 
 def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
@@ -341,6 +387,18 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
     if arch in ("cohere2", "exaone4") and c.sliding_window:
         writer.add_sliding_window(c.sliding_window)
         writer.add_sliding_window_pattern([c.is_sliding(i) for i in range(c.n_layer)])
+    if c.hf_model_type == "olmo3":  # as convert_hf_to_gguf.py's Olmo2Model: the window and one bool per layer
+        writer.add_sliding_window(c.sliding_window or 0)
+        if c.sliding_window:
+            writer.add_sliding_window_pattern([c.is_sliding(i) for i in range(c.n_layer)])
+        if c.rope_local_theta not in (None, c.rope_theta):
+            writer.add_rope_freq_base_swa(c.rope_local_theta)
+    if arch == "granite":
+        writer.add_embedding_scale(c.embedding_multiplier)
+        writer.add_residual_scale(c.residual_multiplier)
+        writer.add_logit_scale(c.logits_scaling)
+        if c.attention_scale is not None:
+            writer.add_attention_scale(c.attention_scale)
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -356,6 +414,8 @@ def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
         for name in ("beta_fast", "beta_slow"):
             if name in scaling:
                 getattr(writer, f"add_rope_scaling_yarn_{name}")(scaling[name])
+        if "attention_factor" in scaling and writer.arch == "olmo2":  # as _rope_scaling reads it
+            writer.add_rope_scaling_attn_factors(scaling["attention_factor"])
     elif kind not in ("default", "llama3"):
         raise CheckpointError(
             f"model {c.name!r}: RoPE scaling {kind!r} cannot be written to GGUF; supported: linear, llama3, yarn"
@@ -400,14 +460,16 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
         rules.append(_plain("output.weight", "lm_head.weight"))
     for i in range(c.n_layer):
         g, o = f"blk.{i}.", f"blocks.{i}."
-        if c.pre_attention_norm:  # EXAONE 4 has none
+        if c.pre_attention_norm:  # OLMo 2/3 and EXAONE 4 have none
             rules.append(_norm(c, g + "attn_norm.weight", o + "attn_norm.weight"))
         rules += _attention_rules(c, arch, g, o + "attn.")
         if c.post_attention_norm:  # Gemma 2/3: "ffn_norm" is the pre-MLP norm, the post norms have their own names
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
         if c.pre_mlp_norm and not c.shared_attention_norm:  # Cohere 2's MLP reads attn_norm; EXAONE 4 has none
-            rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
+            # Seed-OSS's pre-MLP norm keeps Hugging Face's name, post_attention_layernorm
+            mlp_norm = "post_attention_norm" if arch == "seed_oss" else "ffn_norm"
+            rules.append(_norm(c, g + mlp_norm + ".weight", o + "mlp_norm.weight"))
         if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
             size = c.intermediate_size
             rules.append(
@@ -424,7 +486,7 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     if arch == "phi3":  # attn_qkv is Phi-3's qkv_proj as it is
         sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
         rules = [_fused(g + "attn_qkv.weight", [o + f"{x}_proj.weight" for x in "qkv"], sizes)]
-    elif arch == "llama":
+    elif arch in PERMUTED_QK:
         # llama.cpp permutes the rows of q and k (weights and biases) from Hugging Face's "halves" RoPE
         # layout to the interleaved pairs its RoPE kernel expects; undo it.
         rules = [_permuted(g + "attn_q" + s, o + "q_proj" + s, c.n_head) for s in _suffixes(c.qkv_bias)] + [
@@ -434,7 +496,7 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     else:
         rules = [r for x in "qkv" for r in _linear(g + f"attn_{x}", o + f"{x}_proj", c.qkv_bias)]
     rules += _linear(g + "attn_output", o + "o_proj", c.attn_out_bias)
-    if c.qk_norm == "head":  # Qwen3, Gemma 3, EXAONE 4
+    if c.qk_norm != "none":  # Qwen3, Gemma 3, EXAONE 4: one per head; OLMo 2/3: over the whole projection
         rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
         rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]
     return rules

@@ -27,6 +27,11 @@ LLAMA_LIKE = (
     "phi3",
     "cohere2",
     "exaone4",
+    "smollm3",
+    "olmo3",
+    "granite",
+    "seed_oss",
+    "ernie4_5",
 )
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2")
@@ -41,6 +46,11 @@ ARCHITECTURES = {
     "olmo": "OlmoForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "olmo3": "Olmo3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "seed_oss": "SeedOssForCausalLM",
+    "ernie4_5": "Ernie4_5ForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
@@ -52,6 +62,24 @@ ARCHITECTURES = {
     "cohere2": "Cohere2ForCausalLM",
     "exaone4": "Exaone4ForCausalLM",
 }
+
+# What these families' configuration classes (transformers 5) default to where the generic reading below
+# would take another value: config.json may leave any of them out.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smollm3": dict(rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=2000000.0, max_position_embeddings=32768),
+    "olmo3": dict(rms_norm_eps=1e-5, rope_theta=500000.0),
+    "granite": dict(rms_norm_eps=1e-6),
+    "seed_oss": dict(rms_norm_eps=1e-6, attention_bias=True, head_dim=128, max_position_embeddings=524288),
+    "ernie4_5": dict(
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        head_dim=128,
+        max_position_embeddings=131072,
+    ),
+}
+# Granite's scalars, named alike in config.json and Config (its attention_multiplier is attention_scale).
+GRANITE_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
 
 ACTIVATIONS = {
     "silu": "silu",
@@ -73,6 +101,7 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    hf = {**FAMILY_DEFAULTS.get(model_type, {}), **hf}
     if model_type == "gpt2":
         fields = _gpt2_fields(hf)
     elif model_type == "gpt_neox":
@@ -118,7 +147,10 @@ def _rope_fields(hf: dict[str, Any], default_theta: float = 10000.0) -> dict[str
         fields["rope_scaling"] = {"rope_type": kind, **params}
     if local is not None:
         if local.get("rope_type", "default") != "default":
-            raise UnsupportedModelError("scaled RoPE on sliding-window layers is not supported")
+            raise UnsupportedModelError(
+                f"rope_parameters.sliding_attention.rope_type {local['rope_type']!r} is not supported: "
+                "scaled RoPE on sliding-window layers"
+            )
         fields["rope_local_theta"] = float(local.get("rope_theta") or hf.get("rope_local_base_freq") or 10000.0)
     elif hf.get("rope_local_base_freq") is not None:
         fields["rope_local_theta"] = float(hf["rope_local_base_freq"])
@@ -187,10 +219,22 @@ def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         )
     if model_type == "olmo":  # OLMo-1: LayerNorm without any parameters
         fields.update(norm_class="layernorm", norm_affine=False, norm_eps=1e-5, clip_qkv=hf.get("clip_qkv"))
-    if model_type == "olmo2":  # OLMo-2: norms after attention and MLP only, q/k norm over the whole projection
+    if model_type in ("olmo2", "olmo3"):  # OLMo-2: norms after attention and MLP only, q/k norm over the projection
         fields.update(
             pre_attention_norm=False, pre_mlp_norm=False, post_attention_norm=True, post_mlp_norm=True, qk_norm="full"
         )
+    if model_type == "olmo3":
+        fields.update(_olmo3_fields(hf, fields))
+    if model_type == "smollm3":
+        fields["nope_layers"] = _smollm3_nope_layers(hf, fields["n_layer"])
+    if model_type == "granite":
+        fields.update({name: float(hf.get(name, 1.0)) for name in GRANITE_MULTIPLIERS})
+        fields["attention_scale"] = float(hf.get("attention_multiplier", 1.0))
+    if model_type == "seed_oss":  # biased q, k and v; the output projection has its own switch
+        fields["attn_out_bias"] = hf.get("attention_out_bias", False)
+    if model_type == "ernie4_5":  # one switch for every projection's bias; RoPE rotates pairs (2i, 2i+1)
+        bias = hf.get("use_bias", False)
+        fields.update(qkv_bias=bias, attn_out_bias=bias, mlp_bias=bias, rope_interleaved=True)
     if model_type == "stablelm":
         if hf.get("qk_layernorm"):
             raise UnsupportedModelError("stablelm with qk_layernorm=true (one norm per head) is not supported")
@@ -275,6 +319,45 @@ def _exaone4_fields(hf: dict[str, Any]) -> dict[str, Any]:
         else None,
         nope_layers=[i for i, t in enumerate(layer_types) if t != "sliding_attention"],
     )
+
+
+def _smollm3_nope_layers(hf: dict[str, Any], n_layer: int) -> list[int]:
+    """Our nope_layers from SmolLM3's no_rope_layers, where 1 means the layer *uses* RoPE (by default
+    every no_rope_layer_interval-th layer has none)."""
+    uses_rope = hf.get("no_rope_layers")
+    if uses_rope is None:
+        interval = hf.get("no_rope_layer_interval", 4)
+        uses_rope = [int((i + 1) % interval != 0) for i in range(n_layer)]
+    if len(uses_rope) < n_layer:
+        raise UnsupportedModelError(f"smollm3 no_rope_layers {uses_rope} has fewer entries than the {n_layer} layers")
+    # SmolLM3 slides a window over the NoPE layers where use_sliding_window says so, unlike our pattern
+    slides = hf.get("use_sliding_window") and hf.get("sliding_window") is not None
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if slides and not uses_rope[i] else "full_attention" for i in range(n_layer)
+    ]
+    if "sliding_attention" in layer_types:
+        raise UnsupportedModelError(
+            f"smollm3 with sliding-window layers (use_sliding_window={hf.get('use_sliding_window')}, "
+            f"layer_types={layer_types}) is not supported"
+        )
+    return [i for i in range(n_layer) if not uses_rope[i]]
+
+
+def _olmo3_fields(hf: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """OLMo 3: OLMo 2 with sliding-window layers (three of four by default), which rotate with the
+    unscaled base (RoPE scaling is for the global layers only)."""
+    n_layer = fields["n_layer"]
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n_layer)
+    ]
+    out: dict[str, Any] = {"rope_local_theta": fields.get("rope_local_theta", fields["rope_theta"])}
+    if "sliding_attention" not in layer_types:
+        return out
+    window = hf.get("sliding_window", 4096)
+    if window is None:
+        raise UnsupportedModelError("olmo3 with sliding_attention layers and sliding_window=null is not supported")
+    pattern = _sliding_pattern({"layer_types": layer_types}, n_layer, 4)
+    return {**out, "sliding_window": window, "sliding_window_pattern": pattern}
 
 
 def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str, Any]:
@@ -409,6 +492,8 @@ def config_to_hf(c: Config) -> dict[str, Any]:
     t = c.hf_model_type
     if t not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(f"cannot export hf_model_type {t!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if t != "granite" and any(getattr(c, name) != 1.0 for name in GRANITE_MULTIPLIERS):
+        raise UnsupportedModelError(f"{t} has no {', '.join(GRANITE_MULTIPLIERS)}: only granite exports them")
     hf: dict[str, Any] = {"architectures": [ARCHITECTURES[t]], "model_type": t, **c.hf_extra}
     hf["tie_word_embeddings"] = c.tie_embeddings
     if t == "gpt2":
@@ -475,6 +560,10 @@ def _hf_activation(c: Config, preferred: str) -> str:
 
 
 def _hf_rope(c: Config) -> dict[str, Any]:
+    if c.hf_model_type == "olmo3":  # one set per layer type: transformers applies rope_scaling to both otherwise
+        full = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
+        local = {"rope_type": "default", "rope_theta": c.rope_local_theta or c.rope_theta}
+        return {"rope_parameters": {"full_attention": full, "sliding_attention": local}}
     out: dict[str, Any] = {"rope_theta": c.rope_theta}
     if c.rope_scaling:
         out["rope_scaling"] = dict(c.rope_scaling)
@@ -490,8 +579,29 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"):
         out["attention_bias"] = c.qkv_bias
-    if t == "llama":
+    if t in ("smollm3", "olmo3", "granite", "seed_oss"):
+        out["attention_bias"] = c.qkv_bias
+    if t in ("llama", "smollm3", "granite", "seed_oss"):
         out["mlp_bias"] = c.mlp_bias
+    if t == "seed_oss":
+        out["attention_out_bias"] = c.attn_out_bias
+    if t == "ernie4_5":
+        if not c.qkv_bias == c.attn_out_bias == c.mlp_bias or not c.rope_interleaved:
+            raise UnsupportedModelError(
+                f"ernie4_5 has one use_bias for every projection and interleaved RoPE, not qkv_bias={c.qkv_bias}, "
+                f"attn_out_bias={c.attn_out_bias}, mlp_bias={c.mlp_bias}, rope_interleaved={c.rope_interleaved}"
+            )
+        out["use_bias"] = c.qkv_bias
+    if t == "smollm3":
+        out.update(no_rope_layers=[int(c.uses_rope(i)) for i in range(c.n_layer)], use_sliding_window=False)
+    if t == "olmo3":  # transformers builds the sliding mask even without sliding layers: it needs some window
+        out.update(
+            sliding_window=c.sliding_window or 4096,
+            layer_types=["sliding_attention" if c.is_sliding(i) else "full_attention" for i in range(c.n_layer)],
+        )
+    if t == "granite":
+        out.update({name: getattr(c, name) for name in GRANITE_MULTIPLIERS})
+        out["attention_multiplier"] = c.attention_scale if c.attention_scale is not None else c.head_dim**-0.5
     if t not in ("olmo", "stablelm", "cohere2"):
         out["rms_norm_eps"] = c.norm_eps
     if t in ("mistral", "mixtral", "phi3"):

@@ -105,7 +105,7 @@ def _llama_like_rules(c: Config) -> list[Rule]:
             rules += _norm(c, p + "post_attention_layernorm", o + "post_attn_norm")
             rules += _norm(c, p + "pre_feedforward_layernorm", o + "mlp_norm")
             rules += _norm(c, p + "post_feedforward_layernorm", o + "post_mlp_norm")
-        elif t in ("olmo2", "exaone4"):  # norms after attention and MLP only
+        elif t in ("olmo2", "olmo3", "exaone4"):  # norms after attention and MLP only
             rules += _norm(c, p + "post_attention_layernorm", o + "post_attn_norm")
             rules += _norm(c, p + "post_feedforward_layernorm", o + "post_mlp_norm")
         elif not c.shared_attention_norm:
