@@ -104,6 +104,38 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         "Qwen3MoeConfig",
         dict(LLAMA, num_experts=4, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False),
     ),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen2-moe-sparse-step": (
+        "Qwen2MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            num_experts=4,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # router_jitter_noise 0.3: near ties (logits within 60% of the best) share the softmax, as the masks allow
+    "phimoe": (
+        "PhimoeConfig",
+        dict(LLAMA, num_local_experts=4, attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3),
+    ),
+    "phimoe-sliding": ("PhimoeConfig", dict(LLAMA, num_local_experts=4, sliding_window=5)),
     "gemma": ("GemmaConfig", dict(LLAMA, head_dim=32)),
     "gemma-legacy-gelu": ("GemmaConfig", dict(LLAMA, head_dim=32, hidden_act="gelu")),
     "gemma2": (
