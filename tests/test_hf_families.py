@@ -17,6 +17,8 @@ from safetensors import safe_open
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
+from plainlm.convert.hf_config import config_from_hf
+from plainlm.errors import UnsupportedModelError
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -337,3 +339,29 @@ def test_legacy_config_json_keys(tmp_path: Path) -> None:
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(reference, ids), atol=ATOL, rtol=RTOL)
+
+
+# Phi-3.5-MoE-instruct's released RoPE: LongRoPE, whose factors switch with the sequence's length.
+_PHIMOE_LONGROPE = {
+    "type": "longrope",
+    "short_factor": [1.0] * 64,
+    "long_factor": [1.1] * 64,
+    "short_mscale": 1.243163121016122,
+    "long_mscale": 1.243163121016122,
+    "original_max_position_embeddings": 4096,
+}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "changes", "message"),
+    [
+        ("phimoe", {"rope_scaling": _PHIMOE_LONGROPE}, "unsupported rope scaling 'longrope'"),
+        ("phimoe", {"num_experts_per_tok": 4}, "phimoe with num_experts_per_tok=4 is not supported"),
+        ("qwen2_moe", {"use_sliding_window": True}, "qwen2_moe with use_sliding_window=true is not supported"),
+        ("qwen2_moe", {"decoder_sparse_step": 0}, "qwen2_moe with decoder_sparse_step=0 is not supported"),
+    ],
+)
+def test_unsupported_moe_options_are_refused(model_type: str, changes: dict, message: str) -> None:
+    hub = dict(LLAMA, model_type=model_type, rope_theta=10000.0, **changes)
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(hub)
