@@ -34,6 +34,7 @@ IGNORED_TENSORS = ("rope_freqs.weight",)  # Llama 3 RoPE factors: read into Conf
 GGUF_ARCHITECTURES = {
     "llama": "llama",  # also SmolLM2, Mistral 7B, TinyLlama: llama.cpp writes them all as "llama"
     "qwen2": "qwen2",
+    "qwen2moe": "qwen2_moe",
     "qwen3": "qwen3",
     "phi3": "phi3",
     "gemma2": "gemma2",
@@ -151,6 +152,8 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         fields["sliding_window"] = meta.int("attention.sliding_window", default=0, minimum=0) or None
     if arch in ("gemma2", "gemma3"):
         fields.update(_gemma_fields(meta, n_layer, n_embd, n_head, head_dim))
+    if arch == "qwen2moe":
+        fields.update(_qwen2moe_fields(meta))
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -251,6 +254,20 @@ def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_
     return fields
 
 
+def _qwen2moe_fields(meta: _Metadata) -> dict[str, Any]:
+    """llama.cpp's qwen2moe (llm_build_qwen2moe): experts in every layer, softmax top-k weights never
+    renormalised, and the shared expert behind its sigmoid gate; sizes from the expert metadata."""
+    n_expert = meta.int("expert_count", maximum=1 << 16)
+    return dict(
+        n_expert=n_expert,
+        n_expert_per_token=meta.int("expert_used_count", maximum=n_expert),
+        moe_intermediate_size=meta.int("expert_feed_forward_length"),
+        moe_normalize_topk=False,
+        moe_shared_intermediate_size=meta.int("expert_shared_feed_forward_length"),
+        moe_shared_gate=True,
+    )
+
+
 def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
     """llama.cpp's pattern: an int k (every k-th layer global, 0 = all sliding) or one bool per layer."""
     key = "attention.sliding_window_pattern"
@@ -308,6 +325,12 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
         writer.add_final_logit_softcapping(c.final_logit_softcap)
     if arch == "gemma3" and c.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(c.rope_local_theta)
+    if c.n_expert:
+        writer.add_expert_count(c.n_expert)
+        writer.add_expert_used_count(c.n_expert_per_token)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size or c.intermediate_size)
+    if c.moe_shared_intermediate_size:
+        writer.add_expert_shared_feed_forward_length(c.moe_shared_intermediate_size)
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -351,10 +374,25 @@ def write_token_ids(writer: GGUFWriter, c: Config) -> None:
 # --- tensors ---
 @dataclass
 class GGUFRule:
-    gguf: str  # one GGUF tensor
+    gguf: str  # one GGUF tensor (the first of `parts` where there are several)
     ours: list[str]  # the plainlm tensors it holds, several where llama.cpp fuses them
-    to_ours: Callable[[torch.Tensor], list[torch.Tensor]]
-    to_gguf: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_ours: Callable[[Any], list[torch.Tensor]]  # the GGUF tensor (or the list of `parts`) -> ours
+    to_gguf: Callable[[list[torch.Tensor]], Any]  # ours -> the GGUF tensor (or the list of `parts`)
+    # Where one of ours is several GGUF tensors (MoE experts: llama.cpp keeps gate and up apart, we stack
+    # them in one gate_up_proj): their names, in the order to_ours takes them.
+    parts: list[str] | None = None
+
+    @property
+    def gguf_names(self) -> list[str]:
+        return self.parts or [self.gguf]
+
+    def from_stored(self, stored: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Our tensors from the GGUF tensors named by gguf_names, in that order."""
+        return self.to_ours(stored if self.parts else stored[0])
+
+    def to_stored(self, ours: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The GGUF tensors named by gguf_names, from ours."""
+        return self.to_gguf(ours) if self.parts else [self.to_gguf(ours)]
 
 
 def tensor_rules(c: Config) -> list[GGUFRule]:
@@ -371,7 +409,9 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
         rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
-        if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
+        if c.is_moe(i):
+            rules += _moe_rules(c, g, o + "mlp.")
+        elif arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
             size = c.intermediate_size
             rules.append(
                 _fused(g + "ffn_up.weight", [o + "mlp.gate_proj.weight", o + "mlp.up_proj.weight"], [size] * 2)
@@ -380,6 +420,41 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
         else:
             for gguf_name, ours in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
                 rules += _linear(g + gguf_name, o + f"mlp.{ours}", c.mlp_bias)
+    return rules
+
+
+def _moe_rules(c: Config, g: str, o: str) -> list[GGUFRule]:
+    """Router, experts stacked as ffn_{gate,up,down}_exps (E, I, C) / (E, C, I), and the shared expert with
+    its gate (qwen2moe), as convert_hf_to_gguf.py writes them."""
+    rules = [
+        _plain(g + "ffn_gate_inp.weight", o + "router.weight"),
+        GGUFRule(
+            g + "ffn_gate_exps.weight",
+            [o + "experts.gate_up_proj"],
+            lambda ts: [torch.cat(ts, dim=1)],
+            lambda ts: [half.contiguous() for half in ts[0].chunk(2, dim=1)],
+            parts=[g + "ffn_gate_exps.weight", g + "ffn_up_exps.weight"],
+        ),
+        _plain(g + "ffn_down_exps.weight", o + "experts.down_proj"),
+    ]
+    if c.moe_shared_intermediate_size:
+        for gguf_name, ours in (
+            ("ffn_gate_shexp", "gate_proj"),
+            ("ffn_up_shexp", "up_proj"),
+            ("ffn_down_shexp", "down_proj"),
+        ):
+            rules.append(_plain(g + gguf_name + ".weight", o + f"shared_expert.{ours}.weight"))
+    if (
+        c.moe_shared_gate
+    ):  # (n_embd,) as llama.cpp loads it and the released files hold it (newer converters: (1, n_embd))
+        rules.append(
+            GGUFRule(
+                g + "ffn_gate_inp_shexp.weight",
+                [o + "shared_expert_gate.weight"],
+                lambda t: [t.reshape(1, -1)],
+                lambda ts: ts[0].reshape(-1),
+            )
+        )
     return rules
 
 
