@@ -90,7 +90,7 @@ class Config:
     # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k;
     # "sparsemixer" (PhiMoE) = the best expert, then the best of the rest, each weighted by a softmax over near ties
     moe_router: Literal["softmax", "sparsemixer"] = "softmax"
-    moe_jitter_eps: float = 0.01  # "sparsemixer": logits within 2 * eps (relative) of the best count as ties
+    moe_jitter_eps: float = 0.01  # "sparsemixer" (router_jitter_noise): logits within 2 * eps (relative) count as ties
     # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
     moe_shared_intermediate_size: int = 0
     moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))

@@ -444,9 +444,9 @@ def _moe_rules(c: Config, g: str, o: str) -> list[GGUFRule]:
             ("ffn_down_shexp", "down_proj"),
         ):
             rules.append(_plain(g + gguf_name + ".weight", o + f"shared_expert.{ours}.weight"))
-    if (
-        c.moe_shared_gate
-    ):  # (n_embd,) as llama.cpp loads it and the released files hold it (newer converters: (1, n_embd))
+    # The shared expert's gate as (n_embd,), as llama.cpp loads it and the released files hold it (newer
+    # converters write (1, n_embd), which reads back the same)
+    if c.moe_shared_gate:
         rules.append(
             GGUFRule(
                 g + "ffn_gate_inp_shexp.weight",
