@@ -110,8 +110,9 @@ def test_moe_model_compiles_as_one_graph(router: str) -> None:
 
 
 @pytest.mark.slow
-def test_moe_training_step_compiles_as_one_graph() -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, std=0.2)
+@pytest.mark.parametrize("router", ["softmax", "sparsemixer"])
+def test_moe_training_step_compiles_as_one_graph(router: str) -> None:
+    model = tiny_gpt(n_expert=4, n_expert_per_token=2, moe_router=router, std=0.2)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     explanation = torch._dynamo.explain(lambda i: model(i).logsumexp(-1).mean())(ids)
     assert explanation.graph_break_count == 0, explanation.break_reasons
