@@ -76,7 +76,8 @@ def convert_from_gguf(file: Path, dst_dir: Path, dtype: str | None = None) -> No
     """Convert a GGUF file (llama.cpp) into a plainlm checkpoint, dequantizing its weights.
 
     Args:
-        file: A .gguf file of a llama, qwen2, qwen3, phi3, gemma2, gemma3, cohere2 or exaone4 model.
+        file: A .gguf file of a llama, qwen2, qwen2moe, qwen3, phi3, gemma2, gemma3, cohere2, exaone4, smollm3, olmo2
+            (OLMo 2 and 3), granite, seed_oss or ernie4_5 model.
         dst_dir: The plainlm checkpoint directory to write (weights, config.yaml, tokenizer files).
         dtype: Store the weights in this dtype (float32, bfloat16, float16); default float32.
     """
@@ -103,7 +104,8 @@ def convert_to_gguf(src_dir: Path, file: Path, dtype: str = "f16") -> None:
     """Convert a plainlm checkpoint into a GGUF file that llama.cpp (and transformers' gguf_file=) loads.
 
     Args:
-        src_dir: A plainlm checkpoint of a llama, qwen2, qwen3, phi3, gemma2, gemma3, cohere2 or exaone4 model.
+        src_dir: A plainlm checkpoint of a llama, qwen2, qwen2moe, qwen3, phi3, gemma2, gemma3, cohere2, exaone4,
+            smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss or ernie4_5 model.
         file: The .gguf file to write: metadata, tokenizer and weights in llama.cpp's layout.
         dtype: The type of the 2-D weights: f16, q8_0 (8-bit blocks), f32 or bf16; norms and biases stay float32.
     """

@@ -95,8 +95,10 @@ class Config:
     n_expert_per_token: int = 0
     moe_intermediate_size: int | None = None  # None = intermediate_size
     moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
-    # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k
-    moe_router: Literal["softmax"] = "softmax"
+    # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k;
+    # "sparsemixer" (PhiMoE) = the best expert, then the best of the rest, each weighted by a softmax over near ties
+    moe_router: Literal["softmax", "sparsemixer"] = "softmax"
+    moe_jitter_eps: float = 0.01  # "sparsemixer" (router_jitter_noise): logits within 2 * eps (relative) count as ties
     # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
     moe_shared_intermediate_size: int = 0
     moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))

@@ -394,6 +394,8 @@ class MoE(nn.Module):
         """Each token's k experts (N, k) and the weights (N, k) their outputs are summed with.
 
         One branch per Config.moe_router value; a family with its own routing adds one here."""
+        if self.config.moe_router == "sparsemixer":  # PhiMoE
+            return sparsemixer(self.router(x), self.config.n_expert_per_token, self.config.moe_jitter_eps)
         probs = self.router(x).softmax(dim=-1, dtype=torch.float32)  # "softmax": Mixtral, Qwen MoE
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)
         if self.config.moe_normalize_topk:
@@ -513,6 +515,19 @@ def activation_backward(grad: torch.Tensor, x: torch.Tensor, name: str) -> torch
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, x, 0)
     raise InvalidInput(f"unknown activation {name!r}")
+
+
+def sparsemixer(logits: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's routing as transformers' modeling_phimoe.sparsemixer in eval mode (training too: no sampling): k times
+    the best expert left, weighted by its softmax (logits' dtype) over the logits left within 2 * eps of it."""
+    weights, chosen, left = [], [], logits
+    for _ in range(k):
+        best, expert = left.max(dim=-1, keepdim=True)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        weights.append(left.masked_fill(far, -math.inf).softmax(dim=-1).gather(-1, expert))
+        chosen.append(expert)
+        left = left.scatter(-1, expert, -math.inf)
+    return torch.cat(weights, dim=-1), torch.cat(chosen, dim=-1)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:

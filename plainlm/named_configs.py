@@ -227,6 +227,38 @@ _QWEN2_5_1_5B = dict(
     tie_word_embeddings=True,
 )
 
+# --- Alibaba Qwen1.5-MoE and Qwen2-MoE: routed experts (softmax top-k, not renormalised) beside a shared expert
+# behind a sigmoid gate, in every layer ---
+_QWEN2_MOE = dict(
+    _QWEN2, model_type="qwen2_moe", tie_word_embeddings=False, decoder_sparse_step=1, norm_topk_prob=False
+)
+_QWEN1_5_MOE_A2_7B = dict(
+    _QWEN2_MOE,
+    max_position_embeddings=8192,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    num_experts=60,
+    num_experts_per_tok=4,
+    moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632,
+)
+_QWEN2_57B_A14B = dict(
+    _QWEN2_MOE,
+    max_position_embeddings=131072,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    num_experts=64,
+    num_experts_per_tok=8,
+    moe_intermediate_size=2560,
+    shared_expert_intermediate_size=20480,
+)
+
 # --- Alibaba Qwen3: RMSNorm on each query and key head, head_dim 128 apart from the width; one MoE ---
 _QWEN3 = dict(
     model_type="qwen3",
@@ -643,6 +675,10 @@ HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-0.5B-Instruct": dict(_QWEN2_5_0_5B, eos_token_id=_QWEN_CHAT_EOS),
     "Qwen/Qwen2.5-1.5B": _QWEN2_5_1_5B,
     "Qwen/Qwen2.5-7B-Instruct": dict(_QWEN2_7B, max_position_embeddings=32768, eos_token_id=_QWEN_CHAT_EOS),
+    # Qwen1.5-MoE and Qwen2-MoE
+    "Qwen/Qwen1.5-MoE-A2.7B": _QWEN1_5_MOE_A2_7B,
+    "Qwen/Qwen2-57B-A14B": _QWEN2_57B_A14B,
+    "Qwen/Qwen2-57B-A14B-Instruct": dict(_QWEN2_57B_A14B, max_position_embeddings=32768, eos_token_id=_QWEN_CHAT_EOS),
     # Qwen3
     "Qwen/Qwen3-0.6B": _QWEN3_0_6B,
     "Qwen/Qwen3-1.7B": _QWEN3_1_7B,

@@ -47,6 +47,11 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
         dict(LLAMA, max_position_embeddings=16384, tie_word_embeddings=True, rope_parameters=LLAMA31_ROPE),
     ),
     "qwen2": ("qwen2", "Qwen2Config", dict(LLAMA)),
+    "qwen2moe": (
+        "qwen2moe",
+        "Qwen2MoeConfig",
+        dict(LLAMA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    ),
     "qwen3": ("qwen3", "Qwen3Config", dict(LLAMA, head_dim=24, tie_word_embeddings=True)),
     "phi3": ("phi3", "Phi3Config", dict(LLAMA, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=5)),
     "gemma2": (
@@ -180,12 +185,35 @@ def round_trip(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(array.astype(np.float32), qtype), qtype)
 
 
+# MoE routers: llama.cpp keeps them float32 (convert_hf_to_gguf.py's FFN_GATE_INP, FFN_GATE_INP_SHEXP).
+ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+
+
 def quantized_reference(model: transformers.PreTrainedModel, qtype: GGMLQuantizationType) -> None:
-    """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D weights round-tripped."""
+    """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D and 3-D weights round-tripped,
+    routers aside."""
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and not name.endswith(ROUTERS):
                 p.copy_(torch.from_numpy(round_trip(p.numpy(), qtype)))
+
+
+def llama_cpp_inputs(model: transformers.PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
+    """The model's tensors as convert_hf_to_gguf.py takes them: the experts transformers 5 holds stacked as
+    gate_up_proj (E, 2I, C) split into stacked gate and up (Qwen2MoeModel.modify_tensors does the same)."""
+    out = []
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            out += [
+                (name.replace("gate_up_proj", "gate_proj.weight"), gate),
+                (name.replace("gate_up_proj", "up_proj.weight"), up),
+            ]
+        elif name.endswith("mlp.experts.down_proj"):
+            out.append((name + ".weight", tensor))
+        else:
+            out.append((name, tensor))
+    return out
 
 
 def write_gguf(
@@ -207,20 +235,22 @@ def write_gguf(
         if isinstance(token_id := getattr(cfg, f"{kind}_token_id", None), int) and token_id < cfg.vocab_size:
             getattr(writer, f"add_{kind}_token_id")(token_id)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in llama_cpp_inputs(model):
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         stem, suffix = hf_name.rsplit(".", 1)
         name = name_map.get_name(stem)
         assert name is not None, hf_name
         data = tensor.float().numpy()
+        if name.endswith("ffn_gate_inp_shexp"):  # squeezed, as the converter did for the released Qwen1.5-MoE files
+            data = data.reshape(-1)
         if arch in PERMUTED_QK and ".attn_q" in name and "norm" not in name:
             data = llama_cpp_permute(data, cfg.num_attention_heads)
         if arch in PERMUTED_QK and ".attn_k" in name and "norm" not in name:
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
         if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1
-        if data.ndim == 2 and qtype != GGMLQuantizationType.F32:
+        if data.ndim >= 2 and qtype != GGMLQuantizationType.F32 and not hf_name.endswith(ROUTERS):
             writer.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(f"{name}.{suffix}", data.astype(np.float32))
@@ -249,6 +279,11 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     else:
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(full["rope_theta"])
+    if arch == "qwen2moe":  # TextModel and Qwen2MoeModel.set_gguf_parameters
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if arch in ("qwen3", "gemma2", "gemma3", "exaone4", "seed_oss", "ernie4_5"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)

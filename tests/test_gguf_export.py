@@ -193,6 +193,8 @@ BASE = dict(TINY_MODELS["qwen2"][2])  # 64 wide, 2 layers, 4 heads of 16, 2 KV h
 FOR_TRANSFORMERS = {
     "llama": ("LlamaConfig", dict(BASE, intermediate_size=80)),  # ffn_down rows of 80: q8_0 falls back to f16
     "qwen2": ("Qwen2Config", BASE),
+    # transformers reads no expert sizes from GGUF, so they are its defaults (1408, 5632) here
+    "qwen2moe": ("Qwen2MoeConfig", dict(BASE, num_experts=4, num_experts_per_tok=2)),
     "qwen3": ("Qwen3Config", dict(BASE, head_dim=128, tie_word_embeddings=True)),
     "phi3": ("Phi3Config", dict(BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gemma2": (
@@ -206,17 +208,21 @@ FOR_TRANSFORMERS = {
 }
 
 
+OUR_ROUTERS = ("mlp.router.weight", "mlp.shared_expert_gate.weight")
+
+
 def tiny_checkpoint(model: transformers.PreTrainedModel, directory: Path) -> Path:
     model.save_pretrained(directory / "hf")
     return convert_from_hf(directory / "hf", directory / "checkpoint")
 
 
 def as_exported(model: GPT, dtype: str) -> GPT:
-    """`model` with its 2-D weights as an exported file of `dtype` holds them (q8_0: f16 where rows don't fit)."""
+    """`model` with its 2-D and 3-D weights as an exported file of `dtype` holds them (q8_0: f16 where rows don't
+    fit; MoE routers stay float32)."""
     qtype = GGMLQuantizationType[dtype.upper()]
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2 and qtype != GGMLQuantizationType.F32:
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and qtype != GGMLQuantizationType.F32 and not name.endswith(OUR_ROUTERS):
                 fits = p.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0
                 p.copy_(torch.from_numpy(round_trip(p.numpy(), qtype if fits else GGMLQuantizationType.F16)))
     return model
@@ -291,6 +297,31 @@ def test_untied_cohere2_is_refused(tmp_path: Path) -> None:
     checkpoint = tiny_checkpoint(tiny_hf_model(config), tmp_path)
     with pytest.raises(CheckpointError, match="only a tied head"):
         convert_to_gguf(checkpoint, tmp_path / "out.gguf")
+
+
+def test_moe_llama_cpp_would_run_otherwise_is_refused(tmp_path: Path) -> None:
+    """llama.cpp's qwen2moe never renormalises the top-k weights and has experts in every layer."""
+    config = Config(
+        name="moe",
+        hf_model_type="qwen2_moe",
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        qkv_bias=True,
+        n_expert=4,
+        n_expert_per_token=2,
+        moe_intermediate_size=32,
+        moe_normalize_topk=True,
+        moe_shared_intermediate_size=32,
+        moe_shared_gate=True,
+        moe_dense_layers=[1],
+    )
+    save_checkpoint(GPT(config), tmp_path / "checkpoint")
+    with pytest.raises(
+        CheckpointError, match=r"moe_normalize_topk is True, the file would give False; moe_dense_layers"
+    ):
+        convert_to_gguf(tmp_path / "checkpoint", tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
 
 

@@ -222,7 +222,9 @@ def test_tensor_rules_invert_and_use_llama_cpp_names(name: str, tmp_path: Path) 
     config = read_config(reader, path)
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
     for rule in tensor_rules(config):
-        parts = rule.gguf.split(".")[:-1]  # "blk.3.attn_q.weight" -> "blk.{bid}.attn_q"
-        assert ".".join(["blk", "{bid}", *parts[2:]] if parts[0] == "blk" else parts) in known, rule.gguf
-        original = dequantize(tensors[rule.gguf], path)
-        torch.testing.assert_close(rule.to_gguf(rule.to_ours(original)), original, atol=1e-7, rtol=0)
+        for name in rule.gguf_names:
+            parts = name.split(".")[:-1]  # "blk.3.attn_q.weight" -> "blk.{bid}.attn_q"
+            assert ".".join(["blk", "{bid}", *parts[2:]] if parts[0] == "blk" else parts) in known, name
+        originals = [dequantize(tensors[name], path) for name in rule.gguf_names]
+        for back, original in zip(rule.to_stored(rule.from_stored(originals)), originals, strict=True):
+            torch.testing.assert_close(back, original, atol=1e-7, rtol=0)

@@ -109,6 +109,38 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         "Qwen3MoeConfig",
         dict(LLAMA, num_experts=4, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False),
     ),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=3,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen2-moe-sparse-step": (
+        "Qwen2MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            num_experts=4,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # router_jitter_noise 0.3: near ties (logits within 60% of the best) share the softmax, as the masks allow
+    "phimoe": (
+        "PhimoeConfig",
+        dict(LLAMA, num_local_experts=4, attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3),
+    ),
+    "phimoe-sliding": ("PhimoeConfig", dict(LLAMA, num_local_experts=4, sliding_window=5)),
     "gemma": ("GemmaConfig", dict(LLAMA, head_dim=32)),
     "gemma-legacy-gelu": ("GemmaConfig", dict(LLAMA, head_dim=32, hidden_act="gelu")),
     "gemma2": (
@@ -505,3 +537,29 @@ def test_granite_multipliers_do_not_export_as_another_family() -> None:
         config_to_hf(Config(hf_model_type="llama", embedding_multiplier=12.0))
     config = config_from_hf(dict(LLAMA, model_type="granite", residual_multiplier=0.22))
     assert config_to_hf(config)["residual_multiplier"] == 0.22
+
+
+# Phi-3.5-MoE-instruct's released RoPE: LongRoPE, whose factors switch with the sequence's length.
+_PHIMOE_LONGROPE = {
+    "type": "longrope",
+    "short_factor": [1.0] * 64,
+    "long_factor": [1.1] * 64,
+    "short_mscale": 1.243163121016122,
+    "long_mscale": 1.243163121016122,
+    "original_max_position_embeddings": 4096,
+}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "changes", "message"),
+    [
+        ("phimoe", {"rope_scaling": _PHIMOE_LONGROPE}, "unsupported rope scaling 'longrope'"),
+        ("phimoe", {"num_experts_per_tok": 4}, "phimoe with num_experts_per_tok=4 is not supported"),
+        ("qwen2_moe", {"use_sliding_window": True}, "qwen2_moe with use_sliding_window=true is not supported"),
+        ("qwen2_moe", {"decoder_sparse_step": 0}, "qwen2_moe with decoder_sparse_step=0 is not supported"),
+    ],
+)
+def test_unsupported_moe_options_are_refused(model_type: str, changes: dict, message: str) -> None:
+    hub = dict(LLAMA, model_type=model_type, rope_theta=10000.0, **changes)
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(hub)

@@ -26,6 +26,7 @@ SHAPES = {
     "qwen2-moe-shared": dict(
         n_expert=8, n_expert_per_token=2, moe_intermediate_size=16, moe_shared_intermediate_size=40, moe_shared_gate=1
     ),
+    "phimoe-sparsemixer": dict(n_expert=16, n_expert_per_token=2, intermediate_size=40, moe_router="sparsemixer"),
 }
 
 
@@ -98,8 +99,9 @@ def test_dense_layers_keep_a_plain_mlp() -> None:
 
 
 @pytest.mark.slow
-def test_moe_model_compiles_as_one_graph() -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, std=0.2).eval()
+@pytest.mark.parametrize("router", ["softmax", "sparsemixer"])
+def test_moe_model_compiles_as_one_graph(router: str) -> None:
+    model = tiny_gpt(n_expert=4, n_expert_per_token=2, moe_router=router, std=0.2).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     # dynamic=True as in a full run, where earlier compiles of the same forward have made the length symbolic.
     compiled = torch.compile(model, fullgraph=True, dynamic=True)  # a graph break raises
@@ -108,8 +110,9 @@ def test_moe_model_compiles_as_one_graph() -> None:
 
 
 @pytest.mark.slow
-def test_moe_training_step_compiles_as_one_graph() -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, std=0.2)
+@pytest.mark.parametrize("router", ["softmax", "sparsemixer"])
+def test_moe_training_step_compiles_as_one_graph(router: str) -> None:
+    model = tiny_gpt(n_expert=4, n_expert_per_token=2, moe_router=router, std=0.2)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     explanation = torch._dynamo.explain(lambda i: model(i).logsumexp(-1).mean())(ids)
     assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -42,6 +42,8 @@ PUBLISHED_BILLIONS = {
     "Qwen2-7B": 7.62,
     "Qwen2.5-0.5B": 0.49,
     "Qwen2.5-1.5B": 1.54,
+    "Qwen1.5-MoE-A2.7B": 14.3,
+    "Qwen2-57B-A14B": 57.41,
     "Qwen3-0.6B": 0.6,
     "Qwen3-8B": 8.19,
     "Qwen3-30B-A3B": 30.5,

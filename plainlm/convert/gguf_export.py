@@ -47,6 +47,8 @@ DTYPES = {
     "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# MoE routers stay float32, as convert_hf_to_gguf.py keeps them (FFN_GATE_INP, FFN_GATE_INP_SHEXP).
+ROUTERS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 # Config fields that do not change what the model computes: the file need not give them back.
 UNCHECKED_FIELDS = ("name", "hf_repo", "hf_extra")
 
@@ -54,14 +56,15 @@ UNCHECKED_FIELDS = ("name", "hf_repo", "hf_extra")
 @dataclasses.dataclass
 class PlannedTensor:
     rule: GGUFRule
+    name: str  # the GGUF tensor: rule.gguf, or one of its parts
     shape: tuple[int, ...]  # PyTorch's order
     qtype: GGMLQuantizationType
 
 
 def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -> Path:
     """Native checkpoint -> a GGUF file for llama.cpp (or transformers' `gguf_file=`); `dtype` is f16, q8_0,
-    f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen3, phi3, gemma2, gemma3, cohere2, exaone4,
-    smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss, ernie4_5."""
+    f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen2moe, qwen3, phi3, gemma2, gemma3, cohere2,
+    exaone4, smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss, ernie4_5."""
     src, file = Path(src_dir), check_output_path(file, "file", file=True)
     if dtype not in DTYPES:
         raise InvalidInput(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -75,7 +78,7 @@ def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -
     if (factors := llama3_rope_factors(config)) is not None:  # Llama 3.1+: RoPE scaling as llama.cpp stores it
         rules.append(GGUFRule("rope_freqs.weight", [], lambda t: [], lambda ts: factors))
 
-    plan = [_plan(rule, source, weight_type) for rule in rules]
+    plan = [planned for rule in rules for planned in _plan(rule, source, weight_type)]
     _check_expressible(config, plan, src)
 
     writer = _writer(config, plan)
@@ -95,7 +98,8 @@ def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -
         writer.write_ti_data_to_file()
         for planned in plan:
             # float32 first: Gemma's +1 on a bfloat16 norm weight would round.
-            tensor = planned.rule.to_gguf([source.get(name).float() for name in planned.rule.ours])
+            stored = planned.rule.to_stored([source.get(name).float() for name in planned.rule.ours])
+            tensor = stored[planned.rule.gguf_names.index(planned.name)]
             writer.write_tensor_data(gguf.quants.quantize(tensor.contiguous().numpy(), planned.qtype))
         writer.close()
         os.replace(partial, file)
@@ -133,13 +137,17 @@ def _check_tensor_names(source: TensorSource, rules: list[GGUFRule], src: Path) 
         raise CheckpointError(f"{src}: the checkpoint {problem}; its weights and config.yaml do not match")
 
 
-def _plan(rule: GGUFRule, source: TensorSource, weight_type: GGMLQuantizationType) -> PlannedTensor:
-    # The GGUF tensor's shape, from `to_gguf` on empty tensors: nothing is read yet.
-    shape = tuple(rule.to_gguf([torch.empty(source.shape(name), device="meta") for name in rule.ours]).shape)
-    if len(shape) == 1:
-        return PlannedTensor(rule, shape, GGMLQuantizationType.F32)
+def _plan(rule: GGUFRule, source: TensorSource, weight_type: GGMLQuantizationType) -> list[PlannedTensor]:
+    # The GGUF tensors' shapes, from `to_gguf` on empty tensors: nothing is read yet.
+    stored = rule.to_stored([torch.empty(source.shape(name), device="meta") for name in rule.ours])
+    return [_planned(rule, name, tuple(t.shape), weight_type) for name, t in zip(rule.gguf_names, stored, strict=True)]
+
+
+def _planned(rule: GGUFRule, name: str, shape: tuple[int, ...], weight_type: GGMLQuantizationType) -> PlannedTensor:
+    if len(shape) == 1 or name.endswith(ROUTERS):
+        return PlannedTensor(rule, name, shape, GGMLQuantizationType.F32)
     block = gguf.GGML_QUANT_SIZES[weight_type][0]
-    return PlannedTensor(rule, shape, weight_type if shape[-1] % block == 0 else GGMLQuantizationType.F16)
+    return PlannedTensor(rule, name, shape, weight_type if shape[-1] % block == 0 else GGMLQuantizationType.F16)
 
 
 def _writer(config: Config, plan: list[PlannedTensor]) -> gguf.GGUFWriter:
@@ -147,7 +155,7 @@ def _writer(config: Config, plan: list[PlannedTensor]) -> gguf.GGUFWriter:
     writer = gguf.GGUFWriter(None, HF_TO_GGUF_ARCHITECTURE[config.hf_model_type])
     write_config(writer, config)
     for planned in plan:
-        writer.add_tensor_info(planned.rule.gguf, planned.shape, np.dtype(np.float32), _nbytes(planned), planned.qtype)
+        writer.add_tensor_info(planned.name, planned.shape, np.dtype(np.float32), _nbytes(planned), planned.qtype)
     return writer
 
 

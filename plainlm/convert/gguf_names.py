@@ -34,6 +34,7 @@ IGNORED_TENSORS = ("rope_freqs.weight",)  # Llama 3 RoPE factors: read into Conf
 GGUF_ARCHITECTURES = {
     "llama": "llama",  # also SmolLM2, Mistral 7B, TinyLlama: llama.cpp writes them all as "llama"
     "qwen2": "qwen2",
+    "qwen2moe": "qwen2_moe",
     "qwen3": "qwen3",
     "phi3": "phi3",
     "gemma2": "gemma2",
@@ -193,6 +194,8 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         )
     if arch == "ernie4_5":  # its RoPE rotates pairs (2i, 2i+1), as llama.cpp's does: the rows are as they were
         fields["rope_interleaved"] = True
+    if arch == "qwen2moe":
+        fields.update(_qwen2moe_fields(meta))
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -322,6 +325,20 @@ def _olmo2_fields(meta: _Metadata, n_layer: int, rope_theta: float) -> dict[str,
     return fields
 
 
+def _qwen2moe_fields(meta: _Metadata) -> dict[str, Any]:
+    """llama.cpp's qwen2moe (llm_build_qwen2moe): experts in every layer, softmax top-k weights never
+    renormalised, and the shared expert behind its sigmoid gate; sizes from the expert metadata."""
+    n_expert = meta.int("expert_count", maximum=1 << 16)
+    return dict(
+        n_expert=n_expert,
+        n_expert_per_token=meta.int("expert_used_count", maximum=n_expert),
+        moe_intermediate_size=meta.int("expert_feed_forward_length"),
+        moe_normalize_topk=False,
+        moe_shared_intermediate_size=meta.int("expert_shared_feed_forward_length"),
+        moe_shared_gate=True,
+    )
+
+
 def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
     """llama.cpp's pattern: an int k (every k-th layer global, 0 = all sliding) or one bool per layer."""
     key = "attention.sliding_window_pattern"
@@ -399,6 +416,12 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
         writer.add_logit_scale(c.logits_scaling)
         if c.attention_scale is not None:
             writer.add_attention_scale(c.attention_scale)
+    if c.n_expert:
+        writer.add_expert_count(c.n_expert)
+        writer.add_expert_used_count(c.n_expert_per_token)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size or c.intermediate_size)
+    if c.moe_shared_intermediate_size:
+        writer.add_expert_shared_feed_forward_length(c.moe_shared_intermediate_size)
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -444,10 +467,25 @@ def write_token_ids(writer: GGUFWriter, c: Config) -> None:
 # --- tensors ---
 @dataclass
 class GGUFRule:
-    gguf: str  # one GGUF tensor
+    gguf: str  # one GGUF tensor (the first of `parts` where there are several)
     ours: list[str]  # the plainlm tensors it holds, several where llama.cpp fuses them
-    to_ours: Callable[[torch.Tensor], list[torch.Tensor]]
-    to_gguf: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_ours: Callable[[Any], list[torch.Tensor]]  # the GGUF tensor (or the list of `parts`) -> ours
+    to_gguf: Callable[[list[torch.Tensor]], Any]  # ours -> the GGUF tensor (or the list of `parts`)
+    # Where one of ours is several GGUF tensors (MoE experts: llama.cpp keeps gate and up apart, we stack
+    # them in one gate_up_proj): their names, in the order to_ours takes them.
+    parts: list[str] | None = None
+
+    @property
+    def gguf_names(self) -> list[str]:
+        return self.parts or [self.gguf]
+
+    def from_stored(self, stored: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Our tensors from the GGUF tensors named by gguf_names, in that order."""
+        return self.to_ours(stored if self.parts else stored[0])
+
+    def to_stored(self, ours: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The GGUF tensors named by gguf_names, from ours."""
+        return self.to_gguf(ours) if self.parts else [self.to_gguf(ours)]
 
 
 def tensor_rules(c: Config) -> list[GGUFRule]:
@@ -470,7 +508,9 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
             # Seed-OSS's pre-MLP norm keeps Hugging Face's name, post_attention_layernorm
             mlp_norm = "post_attention_norm" if arch == "seed_oss" else "ffn_norm"
             rules.append(_norm(c, g + mlp_norm + ".weight", o + "mlp_norm.weight"))
-        if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
+        if c.is_moe(i):
+            rules += _moe_rules(c, g, o + "mlp.")
+        elif arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
             size = c.intermediate_size
             rules.append(
                 _fused(g + "ffn_up.weight", [o + "mlp.gate_proj.weight", o + "mlp.up_proj.weight"], [size] * 2)
@@ -479,6 +519,41 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
         else:
             for gguf_name, ours in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
                 rules += _linear(g + gguf_name, o + f"mlp.{ours}", c.mlp_bias)
+    return rules
+
+
+def _moe_rules(c: Config, g: str, o: str) -> list[GGUFRule]:
+    """Router, experts stacked as ffn_{gate,up,down}_exps (E, I, C) / (E, C, I), and the shared expert with
+    its gate (qwen2moe), as convert_hf_to_gguf.py writes them."""
+    rules = [
+        _plain(g + "ffn_gate_inp.weight", o + "router.weight"),
+        GGUFRule(
+            g + "ffn_gate_exps.weight",
+            [o + "experts.gate_up_proj"],
+            lambda ts: [torch.cat(ts, dim=1)],
+            lambda ts: [half.contiguous() for half in ts[0].chunk(2, dim=1)],
+            parts=[g + "ffn_gate_exps.weight", g + "ffn_up_exps.weight"],
+        ),
+        _plain(g + "ffn_down_exps.weight", o + "experts.down_proj"),
+    ]
+    if c.moe_shared_intermediate_size:
+        for gguf_name, ours in (
+            ("ffn_gate_shexp", "gate_proj"),
+            ("ffn_up_shexp", "up_proj"),
+            ("ffn_down_shexp", "down_proj"),
+        ):
+            rules.append(_plain(g + gguf_name + ".weight", o + f"shared_expert.{ours}.weight"))
+    # The shared expert's gate as (n_embd,), as llama.cpp loads it and the released files hold it (newer
+    # converters write (1, n_embd), which reads back the same)
+    if c.moe_shared_gate:
+        rules.append(
+            GGUFRule(
+                g + "ffn_gate_inp_shexp.weight",
+                [o + "shared_expert_gate.weight"],
+                lambda t: [t.reshape(1, -1)],
+                lambda ts: ts[0].reshape(-1),
+            )
+        )
     return rules
 
 

@@ -20,6 +20,7 @@ LLAMA_LIKE = (
     "mistral",
     "mixtral",
     "qwen2",
+    "qwen2_moe",
     "qwen3",
     "qwen3_moe",
     "olmo",
@@ -32,6 +33,7 @@ LLAMA_LIKE = (
     "granite",
     "seed_oss",
     "ernie4_5",
+    "phimoe",
 )
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2")
@@ -41,6 +43,7 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmo": "OlmoForCausalLM",
@@ -51,6 +54,7 @@ ARCHITECTURES = {
     "granite": "GraniteForCausalLM",
     "seed_oss": "SeedOssForCausalLM",
     "ernie4_5": "Ernie4_5ForCausalLM",
+    "phimoe": "PhimoeForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
@@ -194,13 +198,13 @@ def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         attn_out_bias=hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False),
         mlp_activation=_activation(hf.get("hidden_act", "silu")),
-        **_rope_fields(hf),
+        **_rope_fields(hf, default_theta=1000000.0 if model_type == "phimoe" else 10000.0),
     )
     if model_type == "qwen2":  # Qwen2 always has q/k/v biases and no output bias
         fields.update(qkv_bias=True, attn_out_bias=False)
-    if model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
         raise UnsupportedModelError(f"{model_type} with use_sliding_window=true is not supported")
-    if model_type in ("mistral", "mixtral", "phi3") and hf.get("sliding_window"):
+    if model_type in ("mistral", "mixtral", "phi3", "phimoe") and hf.get("sliding_window"):
         fields["sliding_window"] = hf["sliding_window"]
     if model_type in ("qwen3", "qwen3_moe", "gemma3_text"):
         fields["qk_norm"] = "head"
@@ -217,6 +221,10 @@ def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
             moe_intermediate_size=hf["moe_intermediate_size"],
             moe_normalize_topk=hf.get("norm_topk_prob", False),
         )
+    if model_type == "qwen2_moe":
+        fields.update(_qwen2_moe_fields(hf))
+    if model_type == "phimoe":
+        fields.update(_phimoe_fields(hf))
     if model_type == "olmo":  # OLMo-1: LayerNorm without any parameters
         fields.update(norm_class="layernorm", norm_affine=False, norm_eps=1e-5, clip_qkv=hf.get("clip_qkv"))
     if model_type in ("olmo2", "olmo3"):  # OLMo-2: norms after attention and MLP only, q/k norm over the projection
@@ -358,6 +366,46 @@ def _olmo3_fields(hf: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError("olmo3 with sliding_attention layers and sliding_window=null is not supported")
     pattern = _sliding_pattern({"layer_types": layer_types}, n_layer, 4)
     return {**out, "sliding_window": window, "sliding_window_pattern": pattern}
+
+
+def _qwen2_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen1.5-MoE / Qwen2-MoE: q/k/v biases, routed experts beside a sigmoid-gated shared expert, and
+    dense layers where mlp_only_layers or decoder_sparse_step say so (Qwen2MoeDecoderLayer)."""
+    step = hf.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise UnsupportedModelError(f"qwen2_moe with decoder_sparse_step={step!r} is not supported; it must be >= 1")
+    dense = set(hf.get("mlp_only_layers") or [])
+    return dict(
+        block_size=hf.get("max_position_embeddings", 32768),
+        qkv_bias=hf.get("qkv_bias", True),
+        attn_out_bias=False,
+        n_expert=hf.get("num_experts", 60),
+        n_expert_per_token=hf.get("num_experts_per_tok", 4),
+        moe_intermediate_size=hf.get("moe_intermediate_size", 1408),
+        moe_normalize_topk=hf.get("norm_topk_prob", False),
+        moe_shared_intermediate_size=hf.get("shared_expert_intermediate_size", 5632),
+        moe_shared_gate=True,
+        moe_dense_layers=[i for i in range(hf["num_hidden_layers"]) if i in dense or (i + 1) % step],
+    )
+
+
+def _phimoe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3.5-MoE: LayerNorm with biases, biased attention and head, sparsemixer routing to 2 experts."""
+    if hf.get("num_experts_per_tok", 2) != 2:
+        raise UnsupportedModelError(
+            f"phimoe with num_experts_per_tok={hf['num_experts_per_tok']} is not supported: "
+            "its sparsemixer routing always picks 2 experts (transformers ignores the value)"
+        )
+    return dict(
+        block_size=hf.get("max_position_embeddings", 4096 * 32),
+        norm_class="layernorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-5),  # the LayerNorms' eps, under this name
+        lm_head_bias=hf.get("lm_head_bias", False),
+        n_expert=hf.get("num_local_experts", 16),
+        n_expert_per_token=2,
+        moe_router="sparsemixer",
+        moe_jitter_eps=hf.get("router_jitter_noise", 0.01),
+    )
 
 
 def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str, Any]:
@@ -577,7 +625,7 @@ def _hf_rope(c: Config) -> dict[str, Any]:
 def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     t = c.hf_model_type
     out: dict[str, Any] = {}
-    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"):
+    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "phimoe", "gemma", "gemma2", "gemma3_text"):
         out["attention_bias"] = c.qkv_bias
     if t in ("smollm3", "olmo3", "granite", "seed_oss"):
         out["attention_bias"] = c.qkv_bias
@@ -604,7 +652,7 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         out["attention_multiplier"] = c.attention_scale if c.attention_scale is not None else c.head_dim**-0.5
     if t not in ("olmo", "stablelm", "cohere2"):
         out["rms_norm_eps"] = c.norm_eps
-    if t in ("mistral", "mixtral", "phi3"):
+    if t in ("mistral", "mixtral", "phi3", "phimoe"):
         out["sliding_window"] = c.sliding_window
     if t == "mixtral":
         out.update(num_local_experts=c.n_expert, num_experts_per_tok=c.n_expert_per_token)
@@ -616,6 +664,25 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
             norm_topk_prob=c.moe_normalize_topk,
             decoder_sparse_step=1,
             mlp_only_layers=[],
+        )
+    if t == "qwen2_moe":
+        out.update(
+            qkv_bias=c.qkv_bias,
+            use_sliding_window=False,
+            num_experts=c.n_expert,
+            num_experts_per_tok=c.n_expert_per_token,
+            moe_intermediate_size=c.moe_intermediate_size or c.intermediate_size,
+            norm_topk_prob=c.moe_normalize_topk,
+            shared_expert_intermediate_size=c.moe_shared_intermediate_size,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(c.moe_dense_layers),
+        )
+    if t == "phimoe":
+        out.update(
+            num_local_experts=c.n_expert,
+            num_experts_per_tok=c.n_expert_per_token,
+            router_jitter_noise=c.moe_jitter_eps,
+            lm_head_bias=c.lm_head_bias,
         )
     if t == "olmo":
         out["clip_qkv"] = c.clip_qkv

@@ -110,20 +110,26 @@ def _llama_like_rules(c: Config) -> list[Rule]:
             rules += _norm(c, p + "post_feedforward_layernorm", o + "post_mlp_norm")
         elif not c.shared_attention_norm:
             rules += _norm(c, p + "post_attention_layernorm", o + "mlp_norm")
-        rules += _mlp_rules(c, p, o)
+        rules += _mlp_rules(c, p, o, c.is_moe(i))
     return rules
 
 
-def _mlp_rules(c: Config, p: str, o: str) -> list[Rule]:
+def _mlp_rules(c: Config, p: str, o: str, moe: bool) -> list[Rule]:
     t = c.hf_model_type
-    if t == "mixtral":
+    if moe and t in ("mixtral", "phimoe"):
         return _one(p + "block_sparse_moe.gate", o + "mlp.router") + _experts(
             c, p + "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"), o + "mlp.experts."
         )
-    if t == "qwen3_moe":
-        return _one(p + "mlp.gate", o + "mlp.router") + _experts(
+    if moe and t in ("qwen3_moe", "qwen2_moe"):
+        rules = _one(p + "mlp.gate", o + "mlp.router") + _experts(
             c, p + "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"), o + "mlp.experts."
         )
+        if c.moe_shared_intermediate_size:  # Qwen2-MoE's shared expert and its sigmoid gate
+            for x in ("gate_proj", "up_proj", "down_proj"):
+                rules += _one(p + "mlp.shared_expert." + x, o + "mlp.shared_expert." + x)
+        if c.moe_shared_gate:
+            rules += _one(p + "mlp.shared_expert_gate", o + "mlp.shared_expert_gate")
+        return rules
     if t == "phi3":
         size = c.intermediate_size
         return [
