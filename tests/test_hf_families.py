@@ -201,6 +201,29 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo": ("OlmoConfig", dict(LLAMA, clip_qkv=0.5)),
     "olmo2": ("Olmo2Config", dict(LLAMA)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    # sinks, biases, sliding/full layers, YaRN (truncate false), router bias, top-k then softmax, expert biases,
+    # clamped SwiGLU (a small limit, so that the clamps bite)
+    "gpt-oss": (
+        "GptOssConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=16,
+            sliding_window=5,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            swiglu_limit=0.3,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
 }
 
 
