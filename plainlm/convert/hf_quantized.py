@@ -52,6 +52,8 @@ from plainlm.quantize import (
 )
 
 METHODS = {"gptq": (4, 8), "awq": (4,)}  # quant_method -> the bit widths plainlm loads
+# quant_method whose weights hf.py dequantizes as it reads them (convert/mxfp4.py): no packed layers
+DEQUANTIZED_METHODS = ("mxfp4",)
 PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ word holds, lowest first
 
@@ -75,14 +77,21 @@ class PackedFormat:
         return f"int{self.bits}"
 
 
-def read_packed_format(hf: dict, origin: object) -> PackedFormat | None:
-    """The packed format a config.json (as a dict) declares, None for a float model, or one error naming what
-    is not supported and what is."""
+def quant_method(hf: dict) -> str | None:
+    """A config.json's `quantization_config.quant_method`, lower case; None for a float model."""
     quantization = hf.get("quantization_config")
-    if quantization is None:
+    return None if quantization is None else str(quantization.get("quant_method", "")).lower()
+
+
+def read_packed_format(hf: dict, origin: object) -> PackedFormat | None:
+    """The packed format a config.json (as a dict) declares, None for a float model or one dequantized as it is
+    read (MXFP4), or one error naming what is not supported and what is."""
+    method = quant_method(hf)
+    if method is None or method in DEQUANTIZED_METHODS:
         return None
-    method = str(quantization.get("quant_method", "")).lower()
+    quantization = hf["quantization_config"]
     supported = "; ".join(f"{name} with {'/'.join(map(str, bits))} bits" for name, bits in METHODS.items())
+    supported += "; mxfp4, dequantized to bfloat16 as it is read"
     if method not in METHODS:
         raise CheckpointError(
             f"{origin}: quantization_config.quant_method {method!r} is not one plainlm loads ({supported}); "
