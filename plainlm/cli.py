@@ -76,7 +76,7 @@ def convert_from_gguf(file: Path, dst_dir: Path, dtype: str | None = None) -> No
     """Convert a GGUF file (llama.cpp) into a plainlm checkpoint, dequantizing its weights.
 
     Args:
-        file: A .gguf file of a llama, qwen2, qwen3, phi3, gemma2 or gemma3 model.
+        file: A .gguf file of a llama, qwen2, qwen3, phi3, gemma2, gemma3 or gpt-oss model.
         dst_dir: The plainlm checkpoint directory to write (weights, config.yaml, tokenizer files).
         dtype: Store the weights in this dtype (float32, bfloat16, float16); default float32.
     """

@@ -77,6 +77,27 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
             },
         ),
     ),
+    "gpt-oss": (  # llama.cpp hard-codes swiglu_limit 7 and alpha 1.702, as GptOssConfig's defaults
+        "gpt-oss",
+        "GptOssConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=16,
+            sliding_window=5,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
 }
 
 
@@ -111,17 +132,28 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+# 2-D tensors llama.cpp keeps in float32 whatever the file's type: the router, and gpt-oss's expert biases (E, out).
+KEPT_IN_FLOAT32 = ("router.weight", "_bias")
+
+
 def round_trip(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """What a 2-D weight becomes after quantizing to `qtype` and back."""
     return gguf.quants.dequantize(gguf.quants.quantize(array.astype(np.float32), qtype), qtype)
 
 
-def quantized_reference(model: transformers.PreTrainedModel, qtype: GGMLQuantizationType) -> None:
-    """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D weights round-tripped."""
+def quantized_reference(
+    model: transformers.PreTrainedModel, qtype: GGMLQuantizationType, expert_qtype: GGMLQuantizationType | None = None
+) -> None:
+    """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D weights round-tripped, and gpt-oss's
+    3-D experts in `expert_qtype` (quantized along their inputs, dimension 1 in transformers' layout)."""
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
+            if name.endswith(KEPT_IN_FLOAT32):
+                continue
             if p.ndim == 2:
                 p.copy_(torch.from_numpy(round_trip(p.numpy(), qtype)))
+            if p.ndim == 3 and expert_qtype is not None:
+                p.copy_(torch.from_numpy(round_trip(p.transpose(1, 2).numpy(), expert_qtype)).transpose(1, 2))
 
 
 def write_gguf(
@@ -130,7 +162,9 @@ def write_gguf(
     path: Path,
     qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
     tokens: list[str] | None = None,
+    expert_qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
 ) -> Path:
+    """2-D weights in `qtype`, 3-D experts (gpt-oss) in `expert_qtype`, 1-D tensors in float32."""
     cfg = model.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(f"tiny-{arch}")
@@ -142,8 +176,8 @@ def write_gguf(
     for kind in ("bos", "eos", "pad"):
         if isinstance(token_id := getattr(cfg, f"{kind}_token_id", None), int) and token_id < cfg.vocab_size:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], cfg.num_hidden_layers)
+    for hf_name, tensor in _llama_cpp_tensors(model, arch):
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         stem, suffix = hf_name.rsplit(".", 1)
@@ -156,8 +190,11 @@ def write_gguf(
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
         if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1
-        if data.ndim == 2 and qtype != GGMLQuantizationType.F32:
-            writer.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        kind = {2: qtype, 3: expert_qtype}.get(data.ndim, GGMLQuantizationType.F32)
+        if hf_name.endswith(("ffn_gate_inp.weight", "router.weight")) or suffix == "bias":
+            kind = GGMLQuantizationType.F32
+        if kind != GGMLQuantizationType.F32:
+            writer.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(f"{name}.{suffix}", data.astype(np.float32))
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -168,6 +205,28 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _llama_cpp_tensors(model: transformers.PreTrainedModel, arch: str) -> list[tuple[str, torch.Tensor]]:
+    """The state dict under the names llama.cpp's tensor map takes. gpt-oss as GptOssModel.modify_tensors
+    writes it: sinks get ".weight"; the interleaved gate_up_proj (E, C, 2I) and its bias split into gate (even
+    columns) and up (odd), transposed to (E, I, C); down_proj (E, I, C) transposed to (E, C, I)."""
+    if arch != "gpt-oss":
+        return list(model.state_dict().items())
+    out = []
+    for name, t in model.state_dict().items():
+        stem = name.removesuffix("_bias").removesuffix(".weight")
+        if name.endswith("sinks"):
+            out.append((f"{name}.weight", t))
+        elif stem.endswith("gate_up_proj"):
+            suffix, rows = ("bias", t) if name.endswith("_bias") else ("weight", t.transpose(1, 2))
+            gate_up = stem.removesuffix("gate_up_proj")
+            out += [(f"{gate_up}gate_proj.{suffix}", rows[:, 0::2]), (f"{gate_up}up_proj.{suffix}", rows[:, 1::2])]
+        elif stem.endswith("down_proj") and "experts" in stem:
+            out.append((f"{stem}.bias", t) if name.endswith("_bias") else (f"{stem}.weight", t.transpose(1, 2)))
+        else:
+            out.append((name, t))
+    return [(name, t.contiguous()) for name, t in out]
 
 
 def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, arch: str) -> None:
@@ -182,7 +241,7 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(full["rope_theta"])
-    if arch in ("qwen3", "gemma2", "gemma3"):
+    if arch in ("qwen3", "gemma2", "gemma3", "gpt-oss"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if arch == "llama":
@@ -198,6 +257,14 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
         writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
         writer.add_sliding_window(cfg.sliding_window)
+    if arch == "gpt-oss":  # GptOssModel.set_gguf_parameters
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.intermediate_size)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(full["factor"])
+        writer.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
     if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
         if full.get("rope_type") == "linear":

@@ -38,10 +38,15 @@ GGUF_ARCHITECTURES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
+    "gpt-oss": "gpt_oss",
 }
 HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}
+# Read, not written: export writes one GGUF tensor per rule, and gpt-oss's gate and up experts are two GGUF
+# tensors of one of ours (GGUFRule.parts).
+IMPORT_ONLY_ARCHITECTURES = ("gpt-oss",)
 
 # What llama.cpp hard-codes instead of storing it in the file (src/llama-model.cpp, llm_load_hparams).
+GPT_OSS_SWIGLU = (7.0, 1.702)  # the experts' clamp limit and sigmoid gain (swiglu_limit, swiglu_alpha)
 GEMMA_SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}  # every k-th layer attends globally
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # unless the file has gemma3.rope.freq_base_swa
 GEMMA2_SOFTCAPS = (50.0, 30.0)  # attention, final logits: unless the file has the keys
@@ -151,6 +156,8 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         fields["sliding_window"] = meta.int("attention.sliding_window", default=0, minimum=0) or None
     if arch in ("gemma2", "gemma3"):
         fields.update(_gemma_fields(meta, n_layer, n_embd, n_head, head_dim))
+    if arch == "gpt-oss":
+        fields.update(_gpt_oss_fields(meta, fields["intermediate_size"], fields["rope_scaling"]))
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -249,6 +256,26 @@ def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_
         fields["final_logit_softcap"] = meta.float("final_logit_softcapping", default=None)
         fields["rope_local_theta"] = meta.float("rope.freq_base_swa", default=GEMMA3_LOCAL_ROPE_THETA)
     return fields
+
+
+def _gpt_oss_fields(meta: _Metadata, feed_forward: int, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
+    limit, alpha = GPT_OSS_SWIGLU
+    if rope_scaling is not None and rope_scaling["rope_type"] == "yarn":
+        rope_scaling["truncate"] = False  # gpt-oss's config.json says so; GGUF has no key for it
+    return dict(
+        attention_sinks=True,
+        sliding_window=meta.int("attention.sliding_window"),
+        sliding_window_pattern=2,  # llama.cpp: every other layer slides, from the first
+        n_expert=meta.int("expert_count"),
+        n_expert_per_token=meta.int("expert_used_count"),
+        intermediate_size=meta.int("expert_feed_forward_length", default=feed_forward),
+        moe_router="topk_softmax",
+        moe_router_bias=True,
+        moe_expert_bias=True,
+        mlp_activation="clamped_swiglu",
+        swiglu_limit=limit,
+        swiglu_alpha=alpha,
+    )
 
 
 def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
@@ -351,10 +378,16 @@ def write_token_ids(writer: GGUFWriter, c: Config) -> None:
 # --- tensors ---
 @dataclass
 class GGUFRule:
-    gguf: str  # one GGUF tensor
+    gguf: str  # one GGUF tensor (the first of `parts` where there are several)
     ours: list[str]  # the plainlm tensors it holds, several where llama.cpp fuses them
-    to_ours: Callable[[torch.Tensor], list[torch.Tensor]]
-    to_gguf: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_ours: Callable[[torch.Tensor], list[torch.Tensor]]  # (takes the list of `parts` where there are several)
+    to_gguf: Callable[[list[torch.Tensor]], torch.Tensor]  # (gives the list of `parts` where there are several)
+    # Where one of ours is several GGUF tensors (gpt-oss's gate and up experts, our gate_up_proj): their names.
+    parts: list[str] | None = None
+
+    @property
+    def gguf_names(self) -> list[str]:
+        return self.parts or [self.gguf]
 
 
 def tensor_rules(c: Config) -> list[GGUFRule]:
@@ -370,8 +403,12 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
         if c.post_attention_norm:  # Gemma 2/3: "ffn_norm" is the pre-MLP norm, the post norms have their own names
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
-        rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
-        if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
+        # gpt-oss's pre-MLP norm is Hugging Face's post_attention_layernorm, and llama.cpp keeps that name
+        mlp_norm = "post_attention_norm" if arch == "gpt-oss" else "ffn_norm"
+        rules.append(_norm(c, g + f"{mlp_norm}.weight", o + "mlp_norm.weight"))
+        if c.is_moe(i):
+            rules += _expert_rules(c, g, o + "mlp.")
+        elif arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
             size = c.intermediate_size
             rules.append(
                 _fused(g + "ffn_up.weight", [o + "mlp.gate_proj.weight", o + "mlp.up_proj.weight"], [size] * 2)
@@ -397,9 +434,34 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     else:
         rules = [r for x in "qkv" for r in _linear(g + f"attn_{x}", o + f"{x}_proj", c.qkv_bias)]
     rules += _linear(g + "attn_output", o + "o_proj", c.attn_out_bias)
+    if c.attention_sinks:  # gpt-oss
+        rules.append(_plain(g + "attn_sinks.weight", o + "sinks"))
     if c.qk_norm == "head":  # Qwen3, Gemma 3
         rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
         rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]
+    return rules
+
+
+def _expert_rules(c: Config, g: str, o: str) -> list[GGUFRule]:
+    """The router (ffn_gate_inp) and the experts as llama.cpp stores them: ffn_{gate,up,down}_exps (E, out, in),
+    each expert's slice a Linear weight, and (gpt-oss) their biases (E, out); gate and up are our gate_up_proj's
+    halves."""
+    rules = _linear(g + "ffn_gate_inp", o + "router", c.moe_router_bias)
+    for suffix, ours, dim in ((".weight", "gate_up_proj", 1), (".bias", "gate_up_proj_bias", -1)):
+        if suffix == ".bias" and not c.moe_expert_bias:
+            continue
+        rules.append(
+            GGUFRule(
+                g + "ffn_gate_exps" + suffix,
+                [o + "experts." + ours],
+                lambda ts, dim=dim: [torch.cat(ts, dim=dim)],
+                lambda ts, dim=dim: [x.contiguous() for x in ts[0].chunk(2, dim=dim)],
+                parts=[g + "ffn_gate_exps" + suffix, g + "ffn_up_exps" + suffix],
+            )
+        )
+    rules.append(_plain(g + "ffn_down_exps.weight", o + "experts.down_proj"))
+    if c.moe_expert_bias:
+        rules.append(_plain(g + "ffn_down_exps.bias", o + "experts.down_proj_bias"))
     return rules
 
 
