@@ -244,7 +244,7 @@ def _gpt_oss_fields(hf: dict[str, Any]) -> dict[str, Any]:
     n_layer = hf.get("num_hidden_layers", 36)
     if not (hf.get("rope_parameters") or hf.get("rope_scaling")):
         hf = {**hf, "rope_parameters": GPT_OSS_ROPE}
-    bias = hf.get("attention_bias", True)
+    bias, window = hf.get("attention_bias", True), hf.get("sliding_window", 128)
     return dict(
         vocab_size=hf.get("vocab_size", 201088),
         block_size=hf.get("max_position_embeddings", 131072),
@@ -259,8 +259,8 @@ def _gpt_oss_fields(hf: dict[str, Any]) -> dict[str, Any]:
         qkv_bias=bias,
         attn_out_bias=bias,
         attention_sinks=True,
-        sliding_window=hf.get("sliding_window", 128),
-        sliding_window_pattern=_sliding_pattern(hf, n_layer, 2),
+        sliding_window=window,
+        sliding_window_pattern=_sliding_pattern(hf, n_layer, 2) if window else None,
         n_expert=hf.get("num_local_experts", 128),
         n_expert_per_token=hf.get("num_experts_per_tok", 4),
         moe_router="topk_softmax",
