@@ -21,7 +21,7 @@ from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
 from plainlm.convert.hf_config import config_from_hf
 from plainlm.convert.mxfp4 import dequantize_mxfp4
-from plainlm.errors import UnsupportedModelError
+from plainlm.errors import CheckpointError, UnsupportedModelError
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -394,3 +394,15 @@ def test_gpt_oss_config_plainlm_cannot_run_is_refused(change: dict, message: str
     hf = {"model_type": "gpt_oss", "num_hidden_layers": 2, **change}
     with pytest.raises(UnsupportedModelError, match=message):
         config_from_hf(hf)
+
+
+def test_mxfp4_blocks_and_scales_that_do_not_pair_up_are_named(tmp_path: Path) -> None:
+    write_mxfp4_gpt_oss(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.mlp.experts.down_proj_scales"
+    state[key] = state[key][:, :, :1].contiguous()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for load in (load_hf_model, lambda src: convert_from_hf(src, tmp_path / "native")):
+        with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: blocks of shape"):
+            load(tmp_path)
+    assert not (tmp_path / "native").exists()  # refused before anything is written

@@ -27,6 +27,9 @@ zero = (c - z) * scale (quantize.zero_point_pairs): both terms are exact in floa
 is the exact product, and rounded to fp16 it is the reference's fp16 weight bit for bit. Act-order inputs are
 sorted by group once here (`input_order`), so the kernel reads contiguous groups and each call gathers its
 input once. The embedding, the norms and (as these tools leave it) the head stay in float.
+
+MXFP4 (gpt-oss's experts on the hub) is no packed layer of plainlm's: hf.py dequantizes it as it reads the
+weights (convert/mxfp4.py), and `read_packed_format` lets it through as a float model.
 """
 
 from __future__ import annotations

@@ -27,11 +27,7 @@ def dequantize_mxfp4(
 ) -> torch.Tensor:
     """blocks (E, N, G, 16) uint8 and scales (E, N, G) uint8 -> the weight (E, G * 32, N) in `dtype`: transformers'
     layout for gpt-oss's experts (inputs before outputs). One expert at a time, to bound the temporaries."""
-    if blocks.dim() != 4 or blocks.shape[:-1] != scales.shape:
-        raise CheckpointError(
-            f"{where}: blocks of shape {tuple(blocks.shape)} and scales of shape {tuple(scales.shape)} do not pair "
-            "up as MXFP4's (E, N, K / 32, 16) and (E, N, K / 32); the checkpoint is damaged"
-        )
+    check_pair(tuple(blocks.shape), tuple(scales.shape), where)
     values = torch.tensor(FP4_VALUES, dtype=torch.float32)
     E, N, G, B = blocks.shape
     out = torch.empty(E, G * B * 2, N, dtype=dtype)
@@ -41,6 +37,14 @@ def dequantize_mxfp4(
         weight = torch.ldexp(values[nibbles].view(N, G, B * 2), exponents)  # exact: fp4 times a power of two
         out[expert] = weight.view(N, G * B * 2).T.to(dtype)
     return out
+
+
+def check_pair(blocks: tuple[int, ...], scales: tuple[int, ...], where: str) -> None:
+    if len(blocks) != 4 or blocks[-1] != 16 or blocks[:-1] != scales:
+        raise CheckpointError(
+            f"{where}: blocks of shape {blocks} and scales of shape {scales} do not pair up as MXFP4's "
+            "(E, N, K / 32, 16) and (E, N, K / 32); the checkpoint is damaged"
+        )
 
 
 class Mxfp4Source(TensorSource):
@@ -64,7 +68,9 @@ class Mxfp4Source(TensorSource):
     def shape(self, key: str) -> tuple[int, ...]:
         if key not in self.packed:
             return super().shape(key)
-        E, N, G, B = super().shape(f"{key}_blocks")
+        blocks, scales = super().shape(f"{key}_blocks"), super().shape(f"{key}_scales")
+        check_pair(blocks, scales, f"{self.directory}: {key}")
+        E, N, G, B = blocks
         return (E, G * B * 2, N)
 
     def meta(self, key: str) -> torch.Tensor:
