@@ -77,7 +77,7 @@ def convert_from_gguf(file: Path, dst_dir: Path, dtype: str | None = None) -> No
 
     Args:
         file: A .gguf file of a llama, qwen2, qwen2moe, qwen3, phi3, gemma2, gemma3, cohere2, exaone4, smollm3, olmo2
-            (OLMo 2 and 3), granite, seed_oss or ernie4_5 model.
+            (OLMo 2 and 3), granite, seed_oss, ernie4_5 or gpt-oss model.
         dst_dir: The plainlm checkpoint directory to write (weights, config.yaml, tokenizer files).
         dtype: Store the weights in this dtype (float32, bfloat16, float16); default float32.
     """

@@ -71,6 +71,7 @@ class Config:
     attention_scale: float | None = None  # None = head_dim ** -0.5; Gemma 2/3 use query_pre_attn_scalar
     attention_logit_softcap: float | None = None  # Gemma 2
     clip_qkv: float | None = None  # OLMo-1 clamps q, k and v to [-clip, clip]
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each query's softmax denominator
     sliding_window: int | None = None
     # None: every layer slides (Mistral). k: every k-th layer attends globally (Gemma 2: 2, Gemma 3: 6).
     sliding_window_pattern: int | None = None
@@ -88,7 +89,11 @@ class Config:
 
     # --- MLP ---
     mlp_class: Literal["gated", "plain"] = "gated"  # gated: act(gate(x)) * up(x); plain: act(up(x))
-    mlp_activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
+    # "clamped_swiglu" (gpt-oss's experts): gate clamped above and up both sides at swiglu_limit, then
+    # gate * sigmoid(swiglu_alpha * gate) * (up + 1)
+    mlp_activation: Literal["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"] = "silu"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
     mlp_bias: bool = False
     # Mixture of experts: n_expert > 0 replaces every MLP with n_expert gated experts.
     n_expert: int = 0
@@ -96,9 +101,12 @@ class Config:
     moe_intermediate_size: int | None = None  # None = intermediate_size
     moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
     # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k;
-    # "sparsemixer" (PhiMoE) = the best expert, then the best of the rest, each weighted by a softmax over near ties
-    moe_router: Literal["softmax", "sparsemixer"] = "softmax"
+    # "sparsemixer" (PhiMoE) = the best expert, then the best of the rest, each weighted by a softmax over near ties;
+    # "topk_softmax" (gpt-oss) = top-k of the logits, then softmax over the k chosen
+    moe_router: Literal["softmax", "sparsemixer", "topk_softmax"] = "softmax"
     moe_jitter_eps: float = 0.01  # "sparsemixer" (router_jitter_noise): logits within 2 * eps (relative) count as ties
+    moe_router_bias: bool = False  # gpt-oss: the router Linear has a bias
+    moe_expert_bias: bool = False  # gpt-oss: every expert's gate/up and down projections have biases
     # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
     moe_shared_intermediate_size: int = 0
     moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))

@@ -27,6 +27,9 @@ TOKENIZER_PATTERNS = [
     "chat_template.json",
 ]
 BIN_PATTERNS = ["*.bin", "pytorch_model.bin.index.json"]
+# The patterns' "*" matches "/" too: files in folders are left out, as transformers never reads them (gpt-oss keeps
+# a second copy of its weights, 13 GB for 20b, in original/).
+IGNORE_PATTERNS = ["*/*"]
 
 
 def download(
@@ -50,7 +53,7 @@ def download(
         raise InvalidInput(f"expected a repository id like ORG/NAME, got {repo_id!r}")
     if convert:  # before downloading: the checkpoint must have somewhere to go
         check_output_path(Path(checkpoint_dir) / repo_id, "--checkpoint_dir")
-    kwargs = dict(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir)
+    kwargs = dict(repo_id=repo_id, revision=revision, token=token, cache_dir=cache_dir, ignore_patterns=IGNORE_PATTERNS)
     try:
         snapshot = Path(snapshot_download(allow_patterns=MODEL_PATTERNS + TOKENIZER_PATTERNS, **kwargs))
         if not list(snapshot.glob("*.safetensors")):

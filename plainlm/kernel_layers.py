@@ -39,7 +39,8 @@ from plainlm.model import GPT, MLP, Attention, KVCache
 
 class KernelAttention(Attention):
     # Set by use_cpu_kernels: this model's heads fit the decode-attention kernel and no logit softcap
-    # (Gemma 2) asks for the manual path. A plain attribute, read without a call: dynamo compiles it away.
+    # (Gemma 2) or sinks (gpt-oss) ask for the manual path. A plain attribute, read without a call: dynamo
+    # compiles it away.
     decode_kernel: bool = False
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +89,8 @@ def use_cpu_kernels(model: GPT) -> GPT:
     if model.embed.weight.device.type != "cpu":
         return model
     vnni, fp32 = kernels_loaded(), fp32_kernels_loaded()
-    decode_kernel = decode_attention_fits(model.config.head_dim) and model.config.attention_logit_softcap is None
+    c = model.config  # the decode kernel has no logit softcap (Gemma 2) nor sinks (gpt-oss)
+    decode_kernel = decode_attention_fits(c.head_dim) and c.attention_logit_softcap is None and not c.attention_sinks
     for module in model.modules():
         # The class changes, nothing else: the same parameters, buffers and state-dict keys
         # (torch.nn.utils.parametrize swaps classes the same way).

@@ -252,6 +252,8 @@ class Attention(nn.Module):
         elif config.qk_norm == "full":  # OLMo-2: one norm over the whole projection
             self.q_norm, self.k_norm = make_norm(config, H * D), make_norm(config, K * D)
         self.scale = config.attention_scale if config.attention_scale is not None else D**-0.5
+        if config.attention_sinks:  # gpt-oss
+            self.sinks = nn.Parameter(torch.zeros(H))
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -291,7 +293,7 @@ class Attention(nn.Module):
         """softmax(q k^T * scale) v over the visible keys. `cache`, the KV cache k and v were read from (if
         any), is for kernel_layers.KernelAttention, which then may take its decode kernel."""
         c = self.config
-        if c.attention_logit_softcap is None:
+        if c.attention_logit_softcap is None and not c.attention_sinks:
             # A branch, not an expression: under dynamic shapes `q.shape[2] > 1` is symbolic, which SDPA does not
             # take, and an `if` makes the compiler guard on it and pass a plain bool.
             is_causal = False
@@ -300,14 +302,20 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=c.n_kv_head != c.n_head
             )
-        # Gemma 2 caps the attention logits before softmax, which SDPA cannot express.
+        # Gemma 2 caps the attention logits before softmax, gpt-oss adds sinks to it: SDPA expresses neither.
         groups = c.n_head // c.n_kv_head
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = softcap((q @ k.transpose(-2, -1)) * self.scale, c.attention_logit_softcap)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if c.attention_logit_softcap is not None:
+            scores = softcap(scores, c.attention_logit_softcap)
         if mask is None:
             T, S = q.shape[2], k.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        if c.attention_sinks:  # gpt-oss: each head's sink logit joins the softmax as a key without a value
+            sinks = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            probs = torch.cat((scores, sinks), dim=-1).softmax(dim=-1, dtype=torch.float32)[..., :-1]
+            return probs.to(q.dtype) @ v
         return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
@@ -371,7 +379,7 @@ class MoE(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=config.moe_router_bias)
         self.experts = Experts(config, config.moe_intermediate_size or config.intermediate_size)
         if config.moe_shared_intermediate_size:
             self.shared_expert = MLP(config, config.moe_shared_intermediate_size, bias=False)
@@ -396,6 +404,11 @@ class MoE(nn.Module):
         One branch per Config.moe_router value; a family with its own routing adds one here."""
         if self.config.moe_router == "sparsemixer":  # PhiMoE
             return sparsemixer(self.router(x), self.config.n_expert_per_token, self.config.moe_jitter_eps)
+        # gpt-oss: top-k of the logits, softmax over those k. Equal in exact arithmetic to "softmax" renormalised,
+        # but it chooses on the logits as gpt-oss does, so no tie made by rounding the softmax picks another expert.
+        if self.config.moe_router == "topk_softmax":
+            logits, chosen = self.router(x).topk(self.config.n_expert_per_token, dim=-1)
+            return logits.softmax(dim=-1, dtype=torch.float32), chosen
         probs = self.router(x).softmax(dim=-1, dtype=torch.float32)  # "softmax": Mixtral, Qwen MoE
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)
         if self.config.moe_normalize_topk:
@@ -417,7 +430,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, C, size))
         for weight in (self.gate_up_proj, self.down_proj):  # as nn.Linear initialises each expert's
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        self.activation = config.mlp_activation
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * size)) if config.moe_expert_bias else None  # gpt-oss
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, C)) if config.moe_expert_bias else None
+        self.config, self.activation = config, config.mlp_activation
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, project: Callable | None = None
@@ -431,13 +446,25 @@ class Experts(nn.Module):
         token = order // k
         counts = chosen.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, chosen, torch.ones_like(chosen))
         ends = counts.cumsum(0).to(torch.int32)
-        gate, up = project("gate_up_proj", x[token], ends).chunk(2, dim=-1)
-        y = project("down_proj", gated_activation(gate, up, self.activation), ends)
+        expert = chosen[order]  # each sorted slot's expert, to gather its biases (gpt-oss)
+        gate_up = project("gate_up_proj", x[token], ends)
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias[expert]
+        y = project("down_proj", self.activate(*gate_up.chunk(2, dim=-1)), ends)
+        if self.down_proj_bias is not None:
+            y = y + self.down_proj_bias[expert]
         # index_add_ sums a token's k outputs in expert order, as a loop over experts would
         return torch.zeros_like(x).index_add_(0, token, y * weights.reshape(-1)[order, None])
 
     def project(self, name: str, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         return grouped_mm(rows, getattr(self, name), ends)
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.activation == "clamped_swiglu":  # gpt-oss; autograd's own backward (GatedActivation has none)
+            limit = self.config.swiglu_limit
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            return gate * torch.sigmoid(gate * self.config.swiglu_alpha) * (up + 1)
+        return gated_activation(gate, up, self.activation)
 
 
 # --- building blocks ---

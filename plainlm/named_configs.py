@@ -635,6 +635,42 @@ _EXAONE_4 = dict(
     pad_token_id=0,
 )
 
+# --- OpenAI gpt-oss: attention sinks, sliding (128) and full layers alternating, YaRN, 4 of 32 / 128 experts ---
+# (The hub's weights are MXFP4 experts, dequantized as they load: convert/mxfp4.py.)
+_GPT_OSS = dict(
+    model_type="gpt_oss",
+    vocab_size=201088,
+    max_position_embeddings=131072,
+    hidden_size=2880,
+    intermediate_size=2880,
+    head_dim=64,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    num_experts_per_tok=4,
+    rms_norm_eps=1e-5,
+    attention_bias=True,
+    sliding_window=128,
+    swiglu_limit=7.0,
+    rope_theta=150000,
+    rope_scaling={
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+    },
+    tie_word_embeddings=False,
+    eos_token_id=200002,
+    pad_token_id=199999,
+)
+
+
+def _gpt_oss(layers: int, experts: int) -> dict[str, Any]:
+    layer_types = ["sliding_attention", "full_attention"] * (layers // 2)
+    return dict(_GPT_OSS, num_hidden_layers=layers, num_local_experts=experts, layer_types=layer_types)
+
+
 # Repo id -> the architectural part of its config.json, as the hub has it.
 HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
     # Llama 2 and Code Llama
@@ -952,6 +988,9 @@ HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
         eos_token_id=2,
         pad_token_id=0,
     ),
+    # gpt-oss
+    "openai/gpt-oss-20b": _gpt_oss(24, 32),
+    "openai/gpt-oss-120b": _gpt_oss(36, 128),
     # GPT-2
     "openai-community/gpt2": dict(_GPT2, n_embd=768, n_layer=12, n_head=12),
     "openai-community/gpt2-medium": dict(_GPT2, n_embd=1024, n_layer=24, n_head=16),

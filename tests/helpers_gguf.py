@@ -144,6 +144,27 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
     ),
     "seed_oss": ("seed_oss", "SeedOssConfig", dict(LLAMA, head_dim=24)),
     "ernie4_5": ("ernie4_5", "Ernie4_5Config", dict(LLAMA, head_dim=16, use_bias=True)),
+    "gpt-oss": (  # llama.cpp hard-codes swiglu_limit 7 and alpha 1.702, as GptOssConfig's defaults
+        "gpt-oss",
+        "GptOssConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=16,
+            sliding_window=5,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
 }
 # Architectures whose q and k rows convert_hf_to_gguf.py permutes (its LlamaModel and subclasses).
 PERMUTED_QK = ("llama", "smollm3", "granite")
@@ -185,22 +206,33 @@ def round_trip(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(array.astype(np.float32), qtype), qtype)
 
 
-# MoE routers: llama.cpp keeps them float32 (convert_hf_to_gguf.py's FFN_GATE_INP, FFN_GATE_INP_SHEXP).
-ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+# What llama.cpp keeps in float32 whatever the file's type (convert_hf_to_gguf.py): MoE routers (FFN_GATE_INP,
+# FFN_GATE_INP_SHEXP) and gpt-oss's expert biases (E, out).
+KEPT_IN_FLOAT32 = ("mlp.gate.weight", "mlp.shared_expert_gate.weight", "router.weight", "_bias")
 
 
-def quantized_reference(model: transformers.PreTrainedModel, qtype: GGMLQuantizationType) -> None:
-    """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D and 3-D weights round-tripped,
-    routers aside."""
+def quantized_reference(
+    model: transformers.PreTrainedModel, qtype: GGMLQuantizationType, expert_qtype: GGMLQuantizationType | None = None
+) -> None:
+    """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D weights round-tripped, and 3-D experts
+    in `expert_qtype` (default qtype), quantized along their inputs (gpt-oss holds them transposed)."""
+    transposed = model.config.model_type == "gpt_oss"
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim >= 2 and not name.endswith(ROUTERS):
+            if name.endswith(KEPT_IN_FLOAT32):
+                continue
+            if p.ndim == 2:
                 p.copy_(torch.from_numpy(round_trip(p.numpy(), qtype)))
+            if p.ndim == 3:
+                rows = p.transpose(1, 2) if transposed else p
+                rows.copy_(torch.from_numpy(round_trip(rows.contiguous().numpy(), expert_qtype or qtype)))
 
 
-def llama_cpp_inputs(model: transformers.PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
+def llama_cpp_inputs(model: transformers.PreTrainedModel, arch: str) -> list[tuple[str, torch.Tensor]]:
     """The model's tensors as convert_hf_to_gguf.py takes them: the experts transformers 5 holds stacked as
     gate_up_proj (E, 2I, C) split into stacked gate and up (Qwen2MoeModel.modify_tensors does the same)."""
+    if arch == "gpt-oss":
+        return _gpt_oss_tensors(model)
     out = []
     for name, tensor in model.state_dict().items():
         if name.endswith("mlp.experts.gate_up_proj"):
@@ -216,13 +248,35 @@ def llama_cpp_inputs(model: transformers.PreTrainedModel) -> list[tuple[str, tor
     return out
 
 
+def _gpt_oss_tensors(model: transformers.PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
+    """gpt-oss's state dict as GptOssModel.modify_tensors writes it: sinks get ".weight"; the interleaved
+    gate_up_proj (E, C, 2I) and its bias split into gate (even columns) and up (odd), transposed to (E, I, C);
+    down_proj (E, I, C) transposed to (E, C, I)."""
+    out = []
+    for name, t in model.state_dict().items():
+        stem = name.removesuffix("_bias").removesuffix(".weight")
+        if name.endswith("sinks"):
+            out.append((f"{name}.weight", t))
+        elif stem.endswith("gate_up_proj"):
+            suffix, rows = ("bias", t) if name.endswith("_bias") else ("weight", t.transpose(1, 2))
+            gate_up = stem.removesuffix("gate_up_proj")
+            out += [(f"{gate_up}gate_proj.{suffix}", rows[:, 0::2]), (f"{gate_up}up_proj.{suffix}", rows[:, 1::2])]
+        elif stem.endswith("down_proj") and "experts" in stem:
+            out.append((f"{stem}.bias", t) if name.endswith("_bias") else (f"{stem}.weight", t.transpose(1, 2)))
+        else:
+            out.append((name, t))
+    return [(name, t.contiguous()) for name, t in out]
+
+
 def write_gguf(
     model: transformers.PreTrainedModel,
     arch: str,
     path: Path,
     qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
     tokens: list[str] | None = None,
+    expert_qtype: GGMLQuantizationType | None = None,
 ) -> Path:
+    """2-D weights in `qtype`, 3-D experts in `expert_qtype` (default qtype), 1-D tensors in float32."""
     cfg = model.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(f"tiny-{arch}")
@@ -234,8 +288,8 @@ def write_gguf(
     for kind in ("bos", "eos", "pad"):
         if isinstance(token_id := getattr(cfg, f"{kind}_token_id", None), int) and token_id < cfg.vocab_size:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    for hf_name, tensor in llama_cpp_inputs(model):
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], cfg.num_hidden_layers)
+    for hf_name, tensor in llama_cpp_inputs(model, arch):
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         stem, suffix = hf_name.rsplit(".", 1)
@@ -250,8 +304,11 @@ def write_gguf(
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
         if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1
-        if data.ndim >= 2 and qtype != GGMLQuantizationType.F32 and not hf_name.endswith(ROUTERS):
-            writer.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        kind = {2: qtype, 3: expert_qtype or qtype}.get(data.ndim, GGMLQuantizationType.F32)
+        if hf_name.endswith(KEPT_IN_FLOAT32) or suffix == "bias":
+            kind = GGMLQuantizationType.F32
+        if kind != GGMLQuantizationType.F32:
+            writer.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(f"{name}.{suffix}", data.astype(np.float32))
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -284,7 +341,7 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    if arch in ("qwen3", "gemma2", "gemma3", "exaone4", "seed_oss", "ernie4_5"):
+    if arch in ("qwen3", "gemma2", "gemma3", "exaone4", "seed_oss", "ernie4_5", "gpt-oss"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if arch in PERMUTED_QK:
@@ -313,6 +370,19 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
         writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
         writer.add_sliding_window(cfg.sliding_window)
+    if arch == "gpt-oss":  # GptOssModel.set_gguf_parameters
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.intermediate_size)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(full["factor"])
+        writer.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
+    if arch == "gemma3":
+        writer.add_sliding_window(cfg.sliding_window)
+        if full.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
     if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
         if full.get("rope_type") == "linear":

@@ -19,6 +19,7 @@ from helpers import REPO, run_cli
 
 from plainlm import LLM
 from plainlm.api import GenerationStats, display_name
+from plainlm.download import download
 from plainlm.generate import generate
 
 
@@ -241,6 +242,23 @@ def test_download_from_a_hub_laid_out_cache(tiny_hf_dir: Path, tmp_path: Path) -
     missing = run_cli("download", "tiny-org/not-there", "--checkpoint_dir", str(tmp_path / "c2"), env=env)
     assert missing.returncode == 2
     assert "tiny-org/not-there" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_download_leaves_out_the_files_in_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """gpt-oss keeps a second copy of its weights in original/ (13 GB for 20b), which transformers never reads."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: calls.append(kwargs) or str(tmp_path))
+    download("openai/gpt-oss-20b", convert=False)
+    files = ["config.json", "model-00000-of-00002.safetensors", "original/model.safetensors", "metal/model.bin"]
+    for call in calls:  # safetensors first, then (none found here) the .bin patterns too
+        kept = filter_repo_objects(
+            files, allow_patterns=call["allow_patterns"], ignore_patterns=call["ignore_patterns"]
+        )
+        assert list(kept) == ["config.json", "model-00000-of-00002.safetensors"]
+    assert len(calls) == 2
 
 
 def test_cli_help_lists_commands() -> None:

@@ -220,7 +220,7 @@ def test_tensor_rules_invert_and_use_llama_cpp_names(name: str, tmp_path: Path) 
     reader = read_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     config = read_config(reader, path)
-    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper().replace("-", "_")]]}
     for rule in tensor_rules(config):
         for name in rule.gguf_names:
             parts = name.split(".")[:-1]  # "blk.3.attn_q.weight" -> "blk.{bid}.attn_q"
@@ -228,3 +228,15 @@ def test_tensor_rules_invert_and_use_llama_cpp_names(name: str, tmp_path: Path) 
         originals = [dequantize(tensors[name], path) for name in rule.gguf_names]
         for back, original in zip(rule.to_stored(rule.from_stored(originals)), originals, strict=True):
             torch.testing.assert_close(back, original, atol=1e-7, rtol=0)
+
+
+def test_gpt_oss_mxfp4_experts_load_as_the_gguf_package_dequantizes_them(tmp_path: Path) -> None:
+    """llama.cpp stores gpt-oss's experts as its MXFP4 type; the gguf package dequantizes them."""
+    reference = make_tiny_model("gpt-oss")
+    mxfp4 = GGMLQuantizationType.MXFP4
+    path = write_gguf(reference, "gpt-oss", tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0, expert_qtype=mxfp4)
+    assert {t.tensor_type for t in read_gguf(path).tensors if t.name.endswith("_exps.weight")} == {mxfp4}
+    quantized_reference(reference, GGMLQuantizationType.Q8_0, expert_qtype=mxfp4)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf_model(path)(ids), reference(ids).logits, atol=ATOL, rtol=RTOL)

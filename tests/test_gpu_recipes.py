@@ -32,6 +32,7 @@ def test_the_gpu_recipes_name_their_target() -> None:
         "llama-3.3-70b/lora.yaml",
         "llama-3.3-70b/qlora.yaml",
         "qwen3-8b/lora.yaml",
+        "gpt-oss-20b/lora.yaml",
     }
 
 

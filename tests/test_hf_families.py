@@ -14,12 +14,15 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.config import Config
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
 from plainlm.convert.hf_config import config_from_hf, config_to_hf
-from plainlm.errors import InvalidInput, UnsupportedModelError
+from plainlm.convert.mxfp4 import dequantize_mxfp4
+from plainlm.errors import CheckpointError, InvalidInput, UnsupportedModelError
 from plainlm.generate import generate
 
 ATOL = RTOL = 1e-5
@@ -317,6 +320,29 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "seed-oss": ("SeedOssConfig", dict(LLAMA, head_dim=24)),
     "ernie4.5": ("Ernie4_5Config", dict(LLAMA, head_dim=16)),
     "ernie4.5-bias": ("Ernie4_5Config", dict(LLAMA, head_dim=16, use_bias=True, tie_word_embeddings=False)),
+    # sinks, biases, sliding/full layers, YaRN (truncate false), router bias, top-k then softmax, expert biases,
+    # clamped SwiGLU (a small limit, so that the clamps bite)
+    "gpt-oss": (
+        "GptOssConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=16,
+            sliding_window=5,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            swiglu_limit=0.3,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
 }
 
 
@@ -563,3 +589,76 @@ def test_unsupported_moe_options_are_refused(model_type: str, changes: dict, mes
     hub = dict(LLAMA, model_type=model_type, rope_theta=10000.0, **changes)
     with pytest.raises(UnsupportedModelError, match=message):
         config_from_hf(hub)
+
+
+# --- gpt-oss: the hub's MXFP4 checkpoints, and what its config.json may ask that plainlm does not do ---
+def test_mxfp4_dequantization_is_transformers_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(0, 255, (3, 10, 4), generator=g, dtype=torch.uint8)  # 255 is e8m0's NaN
+    scales[0, 0] = torch.tensor([0, 1, 127, 254])  # the smallest scales (subnormal in float32) and the largest
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+        expected = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        assert torch.equal(dequantize_mxfp4(blocks, scales, dtype).view(bits), expected.view(bits)), dtype
+
+
+def write_mxfp4_gpt_oss(directory: Path) -> None:
+    """The tiny gpt-oss with its experts as the hub stores them: MXFP4 blocks and scales (random), and
+    quantization_config {"quant_method": "mxfp4"}."""
+    make_hf_model("gpt-oss").save_pretrained(directory)
+    state = load_file(directory / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, K, N = state.pop(key).shape
+        state[f"{key}_blocks"] = torch.randint(0, 256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8)
+        state[f"{key}_scales"] = torch.randint(120, 126, (E, N, K // 32), generator=g, dtype=torch.uint8)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.slow
+def test_gpt_oss_mxfp4_checkpoint_loads_dequantized_like_transformers(tmp_path: Path) -> None:
+    hf_dir = tmp_path / "hf"
+    write_mxfp4_gpt_oss(hf_dir)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    ids = random_ids()
+    expected = hf_logits(reference, ids)
+    ours = load_hf_model(hf_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), expected, atol=ATOL, rtol=RTOL)
+    # to-hf writes the dequantized float weights: transformers' own, bit for bit, and its logits
+    exported = convert_to_hf(convert_from_hf(hf_dir, tmp_path / "native"), tmp_path / "exported")
+    assert "quantization_config" not in json.loads((exported / "config.json").read_text())
+    written, theirs = tensors_of(exported), reference.state_dict()
+    assert sorted(written) == sorted(theirs)
+    for key, tensor in written.items():
+        assert torch.equal(tensor, theirs[key]), key
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
+    torch.testing.assert_close(hf_logits(reloaded, ids), expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope scaling 'longrope'"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types .* do not follow"),
+    ],
+)
+def test_gpt_oss_config_plainlm_cannot_run_is_refused(change: dict, message: str) -> None:
+    hf = {"model_type": "gpt_oss", "num_hidden_layers": 2, **change}
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(hf)
+
+
+def test_mxfp4_blocks_and_scales_that_do_not_pair_up_are_named(tmp_path: Path) -> None:
+    write_mxfp4_gpt_oss(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.mlp.experts.down_proj_scales"
+    state[key] = state[key][:, :, :1].contiguous()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for load in (load_hf_model, lambda src: convert_from_hf(src, tmp_path / "native")):
+        with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: blocks of shape"):
+            load(tmp_path)
+    assert not (tmp_path / "native").exists()  # refused before anything is written

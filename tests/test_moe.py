@@ -27,7 +27,25 @@ SHAPES = {
         n_expert=8, n_expert_per_token=2, moe_intermediate_size=16, moe_shared_intermediate_size=40, moe_shared_gate=1
     ),
     "phimoe-sparsemixer": dict(n_expert=16, n_expert_per_token=2, intermediate_size=40, moe_router="sparsemixer"),
+    # a small swiglu_limit, so that both clamps bite
+    "gpt-oss": dict(
+        n_expert=8,
+        n_expert_per_token=4,
+        intermediate_size=24,
+        moe_router="topk_softmax",
+        moe_router_bias=True,
+        moe_expert_bias=True,
+        mlp_activation="clamped_swiglu",
+        swiglu_limit=0.5,
+    ),
 }
+
+
+def expert_activation(config: Config, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if config.mlp_activation == "clamped_swiglu":  # as transformers' GptOssExperts._apply_gate
+        gate, up = gate.clamp(min=None, max=config.swiglu_limit), up.clamp(-config.swiglu_limit, config.swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * config.swiglu_alpha))
+    return activate(gate, config.mlp_activation) * up
 
 
 def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +58,11 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     for e in chosen.unique().tolist():
         token, slot = (chosen == e).nonzero(as_tuple=True)
-        gate, up = F.linear(x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
-        y = F.linear(activate(gate, experts.activation) * up, experts.down_proj[e])
+        biases = (
+            (experts.gate_up_proj_bias[e], experts.down_proj_bias[e]) if moe.config.moe_expert_bias else (None,) * 2
+        )
+        gate, up = F.linear(x[token], experts.gate_up_proj[e], biases[0]).chunk(2, dim=-1)
+        y = F.linear(expert_activation(moe.config, gate, up), experts.down_proj[e], biases[1])
         out.index_add_(0, token, y * weights[token, slot, None])
     if moe.config.moe_shared_intermediate_size:
         shared = moe.shared_expert(x)
@@ -98,10 +119,25 @@ def test_dense_layers_keep_a_plain_mlp() -> None:
     assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
 
 
+# the models compiled whole: Mixtral's layout, and gpt-oss's (sinks, sliding layers, biased experts)
+COMPILED = {
+    "mixtral": dict(n_expert=4, n_expert_per_token=2),
+    "phimoe": dict(n_expert=4, n_expert_per_token=2, moe_router="sparsemixer"),
+    "gpt-oss": dict(
+        SHAPES["gpt-oss"],
+        n_expert=4,
+        n_expert_per_token=2,
+        attention_sinks=True,
+        sliding_window=4,
+        sliding_window_pattern=2,
+    ),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("router", ["softmax", "sparsemixer"])
-def test_moe_model_compiles_as_one_graph(router: str) -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, moe_router=router, std=0.2).eval()
+@pytest.mark.parametrize("shape", list(COMPILED))
+def test_moe_model_compiles_as_one_graph(shape: str) -> None:
+    model = tiny_gpt(**COMPILED[shape], std=0.2).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     # dynamic=True as in a full run, where earlier compiles of the same forward have made the length symbolic.
     compiled = torch.compile(model, fullgraph=True, dynamic=True)  # a graph break raises
@@ -110,9 +146,9 @@ def test_moe_model_compiles_as_one_graph(router: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router", ["softmax", "sparsemixer"])
-def test_moe_training_step_compiles_as_one_graph(router: str) -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, moe_router=router, std=0.2)
+@pytest.mark.parametrize("shape", list(COMPILED))
+def test_moe_training_step_compiles_as_one_graph(shape: str) -> None:
+    model = tiny_gpt(**COMPILED[shape], std=0.2)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     explanation = torch._dynamo.explain(lambda i: model(i).logsumexp(-1).mean())(ids)
     assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -29,6 +29,7 @@ from plainlm.config import Config
 from plainlm.convert.gguf import read_gguf
 from plainlm.convert.gguf_names import (
     HF_TO_GGUF_ARCHITECTURE,
+    IMPORT_ONLY_ARCHITECTURES,
     GGUFRule,
     llama3_rope_factors,
     read_config,
@@ -116,10 +117,15 @@ def _checkpoint_config(src: Path) -> Config:
             "(make one with `plainlm convert from-hf` or `plainlm convert from-gguf`)"
         )
     config = Config.from_file(src / CONFIG_FILE)
-    if config.hf_model_type not in HF_TO_GGUF_ARCHITECTURE:
+    arch = HF_TO_GGUF_ARCHITECTURE.get(config.hf_model_type)
+    if arch is None or arch in IMPORT_ONLY_ARCHITECTURES:
         raise CheckpointError(
             f"{src}: a {config.hf_model_type!r} model cannot be exported to GGUF; supported model types: "
-            + ", ".join(f"{hf} (GGUF {arch})" for hf, arch in HF_TO_GGUF_ARCHITECTURE.items())
+            + ", ".join(
+                f"{hf} (GGUF {name})"
+                for hf, name in HF_TO_GGUF_ARCHITECTURE.items()
+                if name not in IMPORT_ONLY_ARCHITECTURES
+            )
         )
     if (quantization := read_quantization(src)) is not None:
         raise CheckpointError(

@@ -46,12 +46,16 @@ GGUF_ARCHITECTURES = {
     "granite": "granite",
     "seed_oss": "seed_oss",
     "ernie4_5": "ernie4_5",
+    "gpt-oss": "gpt_oss",
 }
 HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()} | {"olmo3": "olmo2"}
 # Architectures whose q and k rows llama.cpp permutes (LlamaModel.permute) for its interleaved RoPE kernel.
 PERMUTED_QK = ("llama", "smollm3", "granite")
+# Read, not written (gpt-oss: llama.cpp's files hold its experts in MXFP4, which plainlm does not write).
+IMPORT_ONLY_ARCHITECTURES = ("gpt-oss",)
 
 # What llama.cpp hard-codes instead of storing it in the file (src/llama-model.cpp, llm_load_hparams).
+GPT_OSS_SWIGLU = (7.0, 1.702)  # the experts' clamp limit and sigmoid gain (swiglu_limit, swiglu_alpha)
 GEMMA_SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}  # every k-th layer attends globally
 EXAONE4_32B_LAYERS = 64  # llama.cpp gives this EXAONE 4 (only) a 4096-token window when the file names none
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # unless the file has gemma3.rope.freq_base_swa
@@ -196,6 +200,8 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         fields["rope_interleaved"] = True
     if arch == "qwen2moe":
         fields.update(_qwen2moe_fields(meta))
+    if arch == "gpt-oss":
+        fields.update(_gpt_oss_fields(meta, fields["intermediate_size"], fields["rope_scaling"]))
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -336,6 +342,26 @@ def _qwen2moe_fields(meta: _Metadata) -> dict[str, Any]:
         moe_normalize_topk=False,
         moe_shared_intermediate_size=meta.int("expert_shared_feed_forward_length"),
         moe_shared_gate=True,
+    )
+
+
+def _gpt_oss_fields(meta: _Metadata, feed_forward: int, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
+    limit, alpha = GPT_OSS_SWIGLU
+    if rope_scaling is not None and rope_scaling["rope_type"] == "yarn":
+        rope_scaling["truncate"] = False  # gpt-oss's config.json says so; GGUF has no key for it
+    return dict(
+        attention_sinks=True,
+        sliding_window=meta.int("attention.sliding_window"),
+        sliding_window_pattern=2,  # llama.cpp: every other layer slides, from the first
+        n_expert=meta.int("expert_count"),
+        n_expert_per_token=meta.int("expert_used_count"),
+        intermediate_size=meta.int("expert_feed_forward_length", default=feed_forward),
+        moe_router="topk_softmax",
+        moe_router_bias=True,
+        moe_expert_bias=True,
+        mlp_activation="clamped_swiglu",
+        swiglu_limit=limit,
+        swiglu_alpha=alpha,
     )
 
 
@@ -505,8 +531,8 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
         if c.pre_mlp_norm and not c.shared_attention_norm:  # Cohere 2's MLP reads attn_norm; EXAONE 4 has none
-            # Seed-OSS's pre-MLP norm keeps Hugging Face's name, post_attention_layernorm
-            mlp_norm = "post_attention_norm" if arch == "seed_oss" else "ffn_norm"
+            # Seed-OSS's and gpt-oss's pre-MLP norm keeps Hugging Face's name, post_attention_layernorm
+            mlp_norm = "post_attention_norm" if arch in ("seed_oss", "gpt-oss") else "ffn_norm"
             rules.append(_norm(c, g + mlp_norm + ".weight", o + "mlp_norm.weight"))
         if c.is_moe(i):
             rules += _moe_rules(c, g, o + "mlp.")
@@ -523,19 +549,25 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
 
 
 def _moe_rules(c: Config, g: str, o: str) -> list[GGUFRule]:
-    """Router, experts stacked as ffn_{gate,up,down}_exps (E, I, C) / (E, C, I), and the shared expert with
-    its gate (qwen2moe), as convert_hf_to_gguf.py writes them."""
-    rules = [
-        _plain(g + "ffn_gate_inp.weight", o + "router.weight"),
-        GGUFRule(
-            g + "ffn_gate_exps.weight",
-            [o + "experts.gate_up_proj"],
-            lambda ts: [torch.cat(ts, dim=1)],
-            lambda ts: [half.contiguous() for half in ts[0].chunk(2, dim=1)],
-            parts=[g + "ffn_gate_exps.weight", g + "ffn_up_exps.weight"],
-        ),
-        _plain(g + "ffn_down_exps.weight", o + "experts.down_proj"),
-    ]
+    """The router (ffn_gate_inp) and the experts as convert_hf_to_gguf.py writes them: ffn_{gate,up,down}_exps
+    (E, out, in), each expert's slice a Linear weight, gate and up our gate_up_proj's halves, and (gpt-oss) their
+    biases (E, out); the shared expert with its gate (qwen2moe)."""
+    rules = _linear(g + "ffn_gate_inp", o + "router", c.moe_router_bias)
+    for suffix, ours, dim in ((".weight", "gate_up_proj", 1), (".bias", "gate_up_proj_bias", -1)):
+        if suffix == ".bias" and not c.moe_expert_bias:
+            continue
+        rules.append(
+            GGUFRule(
+                g + "ffn_gate_exps" + suffix,
+                [o + "experts." + ours],
+                lambda ts, dim=dim: [torch.cat(ts, dim=dim)],
+                lambda ts, dim=dim: [x.contiguous() for x in ts[0].chunk(2, dim=dim)],
+                parts=[g + "ffn_gate_exps" + suffix, g + "ffn_up_exps" + suffix],
+            )
+        )
+    rules.append(_plain(g + "ffn_down_exps.weight", o + "experts.down_proj"))
+    if c.moe_expert_bias:
+        rules.append(_plain(g + "ffn_down_exps.bias", o + "experts.down_proj_bias"))
     if c.moe_shared_intermediate_size:
         for gguf_name, ours in (
             ("ffn_gate_shexp", "gate_proj"),
@@ -571,6 +603,8 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     else:
         rules = [r for x in "qkv" for r in _linear(g + f"attn_{x}", o + f"{x}_proj", c.qkv_bias)]
     rules += _linear(g + "attn_output", o + "o_proj", c.attn_out_bias)
+    if c.attention_sinks:  # gpt-oss
+        rules.append(_plain(g + "attn_sinks.weight", o + "sinks"))
     if c.qk_norm != "none":  # Qwen3, Gemma 3, EXAONE 4: one per head; OLMo 2/3: over the whole projection
         rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
         rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]

@@ -28,8 +28,16 @@ from plainlm.checkpoint import (
 )
 from plainlm.config import Config
 from plainlm.convert.hf_config import config_from_hf, config_to_hf
-from plainlm.convert.hf_quantized import PackedLayers, packed_config, packed_tensors, read_packed_format
+from plainlm.convert.hf_quantized import (
+    DEQUANTIZED_METHODS,
+    PackedLayers,
+    packed_config,
+    packed_tensors,
+    quant_method,
+    read_packed_format,
+)
 from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
+from plainlm.convert.mxfp4 import Mxfp4Source
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, dequantize_model, finish_loading
@@ -132,7 +140,7 @@ def plainlm_to_hf_tensors(
 def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
     """A `GPT` straight from a Hugging Face directory, converted in memory."""
     config = read_hf_config(directory)
-    source = TensorSource(directory)
+    source = hf_tensor_source(directory)
     with torch.device("meta"):
         model = GPT(config)
     packed = packed_layers(model, directory, source)
@@ -146,6 +154,16 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu", dty
     tensors = ((k, cast(k, t)) for k, t in hf_to_plainlm_tensors(config, source, packed=packed))
     model = load_state(model, tensors, directory).to(device)
     return model if packed is None else finish_loading(packed.finish(model))
+
+
+def hf_tensor_source(directory: str | Path) -> TensorSource:
+    """A Hugging Face directory's tensors; an MXFP4 checkpoint's (gpt-oss) dequantized as they are read, to
+    the dtype config.json gives the model (bfloat16 on the hub), so that every weight has one dtype."""
+    hf = read_hf_json(directory)
+    if quant_method(hf) not in DEQUANTIZED_METHODS:
+        return TensorSource(directory)
+    dtype = getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"), None)
+    return Mxfp4Source(directory, dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None)
 
 
 def packed_layers(model: GPT, directory: str | Path, source: TensorSource) -> PackedLayers | None:
@@ -162,7 +180,7 @@ def convert_from_hf(src: str | Path, dst: str | Path, dtype: torch.dtype | None 
         model = load_hf_model(src)
         return save_checkpoint(model if dtype is None else dequantize_model(model, dtype), dst, tokenizer_dir=src)
     config = read_hf_config(src)
-    source = TensorSource(src)
+    source = hf_tensor_source(src)
     with torch.device("meta"):
         model = GPT(config)
     # Every name and shape first, as loading checks them (from the files' headers: no data is read), so

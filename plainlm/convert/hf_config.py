@@ -36,7 +36,7 @@ LLAMA_LIKE = (
     "phimoe",
 )
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2", "gpt_oss")
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -65,6 +65,7 @@ ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "cohere2": "Cohere2ForCausalLM",
     "exaone4": "Exaone4ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 # What these families' configuration classes (transformers 5) default to where the generic reading below
@@ -114,6 +115,8 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
         fields = _falcon_fields(hf)
     elif model_type == "phi":
         fields = _phi_fields(hf)
+    elif model_type == "gpt_oss":
+        fields = _gpt_oss_fields(hf)
     else:
         fields = _llama_like_fields(hf, model_type)
     extra = {k: hf[k] for k in PASSTHROUGH_KEYS if k in hf}
@@ -438,6 +441,52 @@ def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str
     return fields
 
 
+# GptOssConfig's rope when config.json names none
+GPT_OSS_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+def _gpt_oss_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """gpt-oss: attention sinks and biases, sliding and full layers alternating, YaRN, and biased experts
+    with a clamped SwiGLU, chosen by a top-k of the router's logits (GptOssConfig's defaults throughout)."""
+    n_layer = hf.get("num_hidden_layers", 36)
+    if not (hf.get("rope_parameters") or hf.get("rope_scaling")):
+        hf = {**hf, "rope_parameters": GPT_OSS_ROPE}
+    bias, window = hf.get("attention_bias", True), hf.get("sliding_window", 128)
+    return dict(
+        vocab_size=hf.get("vocab_size", 201088),
+        block_size=hf.get("max_position_embeddings", 131072),
+        n_layer=n_layer,
+        n_embd=hf.get("hidden_size", 2880),
+        n_head=hf.get("num_attention_heads", 64),
+        n_kv_head=hf.get("num_key_value_heads") or hf.get("num_attention_heads", 64),
+        head_dim=hf.get("head_dim") or 64,
+        intermediate_size=hf.get("intermediate_size", 2880),
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=bias,
+        attn_out_bias=bias,
+        attention_sinks=True,
+        sliding_window=window,
+        sliding_window_pattern=_sliding_pattern(hf, n_layer, 2) if window else None,
+        n_expert=hf.get("num_local_experts", 128),
+        n_expert_per_token=hf.get("num_experts_per_tok", 4),
+        moe_router="topk_softmax",
+        moe_router_bias=True,
+        moe_expert_bias=True,
+        mlp_activation="clamped_swiglu",  # the experts ignore hidden_act
+        swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+        swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+        **_rope_fields(hf, default_theta=150000.0),
+    )
+
+
 def _phi_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise UnsupportedModelError("phi with qk_layernorm=true is not supported")
@@ -594,6 +643,20 @@ def config_to_hf(c: Config) -> dict[str, Any]:
             layer_norm_eps=c.norm_eps,
             partial_rotary_factor=c.rotary_fraction,
             qk_layernorm=False,
+        )
+    elif t == "gpt_oss":
+        hf.update(
+            num_key_value_heads=c.n_kv_head,
+            head_dim=c.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=c.norm_eps,
+            attention_bias=c.qkv_bias,
+            sliding_window=c.sliding_window,
+            layer_types=["sliding_attention" if c.is_sliding(i) else "full_attention" for i in range(c.n_layer)],
+            num_local_experts=c.n_expert,
+            num_experts_per_tok=c.n_expert_per_token,
+            swiglu_limit=c.swiglu_limit,
+            swiglu_alpha=c.swiglu_alpha,
         )
     else:
         hf.update(num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, hidden_act=_hf_activation(c, "silu"))

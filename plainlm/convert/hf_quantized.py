@@ -27,6 +27,9 @@ zero = (c - z) * scale (quantize.zero_point_pairs): both terms are exact in floa
 is the exact product, and rounded to fp16 it is the reference's fp16 weight bit for bit. Act-order inputs are
 sorted by group once here (`input_order`), so the kernel reads contiguous groups and each call gathers its
 input once. The embedding, the norms and (as these tools leave it) the head stay in float.
+
+MXFP4 (gpt-oss's experts on the hub) is no packed layer of plainlm's: hf.py dequantizes it as it reads the
+weights (convert/mxfp4.py), and `read_packed_format` lets it through as a float model.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ from plainlm.quantize import (
 )
 
 METHODS = {"gptq": (4, 8), "awq": (4,)}  # quant_method -> the bit widths plainlm loads
+# quant_method whose weights hf.py dequantizes as it reads them (convert/mxfp4.py): no packed layers
+DEQUANTIZED_METHODS = ("mxfp4",)
 PACKED_SUFFIXES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ word holds, lowest first
 
@@ -75,14 +80,21 @@ class PackedFormat:
         return f"int{self.bits}"
 
 
-def read_packed_format(hf: dict, origin: object) -> PackedFormat | None:
-    """The packed format a config.json (as a dict) declares, None for a float model, or one error naming what
-    is not supported and what is."""
+def quant_method(hf: dict) -> str | None:
+    """A config.json's `quantization_config.quant_method`, lower case; None for a float model."""
     quantization = hf.get("quantization_config")
-    if quantization is None:
+    return None if quantization is None else str(quantization.get("quant_method", "")).lower()
+
+
+def read_packed_format(hf: dict, origin: object) -> PackedFormat | None:
+    """The packed format a config.json (as a dict) declares, None for a float model or one dequantized as it is
+    read (MXFP4), or one error naming what is not supported and what is."""
+    method = quant_method(hf)
+    if method is None or method in DEQUANTIZED_METHODS:
         return None
-    method = str(quantization.get("quant_method", "")).lower()
+    quantization = hf["quantization_config"]
     supported = "; ".join(f"{name} with {'/'.join(map(str, bits))} bits" for name, bits in METHODS.items())
+    supported += "; mxfp4, dequantized to bfloat16 as it is read"
     if method not in METHODS:
         raise CheckpointError(
             f"{origin}: quantization_config.quant_method {method!r} is not one plainlm loads ({supported}); "

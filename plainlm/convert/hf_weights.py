@@ -97,6 +97,8 @@ def _llama_like_rules(c: Config) -> list[Rule]:
             for x in "qkv":
                 rules += _one(p + f"self_attn.{x}_proj", o + f"attn.{x}_proj", bias=c.qkv_bias)
         rules += _one(p + "self_attn.o_proj", o + "attn.o_proj", bias=c.attn_out_bias)
+        if c.attention_sinks:  # gpt-oss
+            rules.append(Rule(p + "self_attn.sinks", [o + "attn.sinks"]))
         if c.qk_norm != "none":
             rules += _norm(c, p + "self_attn.q_norm", o + "attn.q_norm") + _norm(
                 c, p + "self_attn.k_norm", o + "attn.k_norm"
@@ -130,6 +132,10 @@ def _mlp_rules(c: Config, p: str, o: str, moe: bool) -> list[Rule]:
         if c.moe_shared_gate:
             rules += _one(p + "mlp.shared_expert_gate", o + "mlp.shared_expert_gate")
         return rules
+    if moe and t == "gpt_oss":
+        return _one(p + "mlp.router", o + "mlp.router", bias=True) + _interleaved_experts(
+            p + "mlp.experts.", o + "mlp.experts."
+        )
     if t == "phi3":
         size = c.intermediate_size
         return [
@@ -244,6 +250,41 @@ def _experts(c: Config, hf: str, names: tuple[str, str, str], ours: str) -> list
             lambda ts: [w.clone() for w in ts[0].unbind()],
             parts=down,
         ),
+    ]
+
+
+def _interleaved_experts(hf: str, ours: str) -> list[Rule]:
+    """gpt-oss's experts: gate_up_proj (E, C, 2I) with gate and up interleaved along the last dimension (gate at
+    even columns), its bias (E, 2I) alike, down_proj (E, I, C) and its bias (E, C) <-> our gate_up_proj (E, 2I, C)
+    gate rows first, down_proj (E, C, I) and the biases as they are."""
+
+    def halves(t: torch.Tensor) -> torch.Tensor:  # (..., 2I) alternating -> gate half, then up half
+        return torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
+
+    def alternating(t: torch.Tensor) -> torch.Tensor:  # halves' inverse
+        gate, up = t.chunk(2, dim=-1)
+        return torch.stack((gate, up), dim=-1).flatten(-2)
+
+    return [
+        Rule(
+            hf + "gate_up_proj",
+            [ours + "gate_up_proj"],
+            lambda t: [halves(t).transpose(1, 2).contiguous()],
+            lambda ts: alternating(ts[0].transpose(1, 2)).contiguous(),
+        ),
+        Rule(
+            hf + "gate_up_proj_bias",
+            [ours + "gate_up_proj_bias"],
+            lambda t: [halves(t).contiguous()],
+            lambda ts: alternating(ts[0]).contiguous(),
+        ),
+        Rule(
+            hf + "down_proj",
+            [ours + "down_proj"],
+            lambda t: [t.transpose(1, 2).contiguous()],
+            lambda ts: ts[0].transpose(1, 2).contiguous(),
+        ),
+        Rule(hf + "down_proj_bias", [ours + "down_proj_bias"]),
     ]
 
 
