@@ -4,7 +4,7 @@
                              [--threads 2] [--precision fp32|bf16]
 
 For each small model shape (random weights drawn by transformers and saved once, loaded by both):
-  - training: tokens/s of a plain step (forward, summed token cross entropy over the batch, backward, AdamW)
+  - training: tokens/s of a plain step (forward, summed token cross entropy over the batch, backward, fused AdamW)
     on the same random batches, every weight trained; transformers runs its default experts kernel
     (`experts_implementation="grouped_mm"` where it can dispatch, as it picks by itself) and sdpa attention;
     plainlm runs eager and under `torch.compile` (the whole model, one graph);
@@ -107,7 +107,8 @@ class Side:
 
     def __init__(self, name: str, model: torch.nn.Module, logits: Callable) -> None:
         self.name, self.model, self.logits = name, model, logits
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        # fused AdamW: plainlm's default_optimizer, and transformers' Trainer default (adamw_torch_fused)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def train_step(self, ids: torch.Tensor, dtype: torch.dtype) -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):

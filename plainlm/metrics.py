@@ -21,11 +21,22 @@ from plainlm.config import Config
 
 def flops_per_token(config: Config, n_params: int, seq_len: int, trainable_fraction: float = 1.0) -> float:
     """Training FLOPs per token: forward 2N + attention, backward twice the forward for the
-    weights that train and once (activation gradients only) for frozen ones (PaLM appendix B style)."""
+    weights that train and once (activation gradients only) for frozen ones (PaLM appendix B style).
+    N counts the weights a token passes through: a mixture of experts' unchosen experts do not count."""
     attention = 2 * config.n_layer * config.n_head * config.head_dim * seq_len  # scores and values, forward
-    forward = 2 * n_params + attention
+    forward = 2 * (n_params - unchosen_expert_params(config)) + attention
     backward = 2 * forward * trainable_fraction + forward * (1 - trainable_fraction)
     return forward + backward
+
+
+def unchosen_expert_params(config: Config) -> int:
+    """The expert weights a token skips: n_expert - n_expert_per_token of the experts of every MoE layer."""
+    if not config.n_expert:
+        return 0
+    size = config.moe_intermediate_size or config.intermediate_size
+    per_expert = 3 * config.n_embd * size + (2 * size + config.n_embd if config.moe_expert_bias else 0)
+    moe_layers = sum(config.is_moe(i) for i in range(config.n_layer))
+    return moe_layers * (config.n_expert - config.n_expert_per_token) * per_expert
 
 
 def matmul_dtype(precision: str) -> torch.dtype:

@@ -14,6 +14,7 @@ from helpers import tiny_gpt
 
 from plainlm.config import Config
 from plainlm.grouped_mm import expert_loop, grouped_mm
+from plainlm.metrics import flops_per_token, unchosen_expert_params
 from plainlm.model import MoE, activate
 
 ATOL = RTOL = 1e-6
@@ -161,3 +162,16 @@ def test_grouped_mm_loop_path_equals_the_kernel() -> None:
     expected = torch.cat([x[:4] @ weight[0].T, x[4:] @ weight[2].T])
     torch.testing.assert_close(grouped_mm(x, weight, ends), expected, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(expert_loop(x, weight, ends), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_flops_count_only_the_chosen_experts() -> None:
+    """MFU's FLOPs per token: a token passes through k of the E experts, so the other experts' weights count
+    nothing (gated experts: 3 matrices of C x I each)."""
+    model = tiny_gpt(n_expert=8, n_expert_per_token=2, moe_dense_layers=[0])
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    moe_layers = c.n_layer - 1
+    unchosen = moe_layers * (8 - 2) * 3 * c.n_embd * c.intermediate_size
+    assert unchosen_expert_params(c) == unchosen
+    dense = flops_per_token(tiny_gpt().config, n_params - unchosen, 16)
+    assert flops_per_token(c, n_params, 16) == dense
