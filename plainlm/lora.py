@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from plainlm.config import Config
-from plainlm.convert.hf_weights import experts_module_name, weight_rules
+from plainlm.convert.hf_weights import peft_experts, weight_rules
 from plainlm.errors import CheckpointError, InvalidInput
 from plainlm.grouped_mm import grouped_mm
 from plainlm.model import Experts
@@ -290,22 +290,27 @@ def _hf_module_names(config: Config) -> dict[str, str]:
     return names
 
 
-def _hf_experts_names(config: Config) -> dict[str, str | None]:
-    """plainlm path of each layer's experts -> where transformers holds them (None: in another layout)."""
-    return {
-        f"blocks.{i}.mlp.experts": experts_module_name(config, i) for i in range(config.n_layer) if config.is_moe(i)
-    }
+def _hf_experts_names(config: Config) -> dict[str, tuple[str, bool] | None]:
+    """plainlm path of each layer's experts -> where transformers holds them and whether their gate_up_proj
+    alternates gate and up outputs (hf_weights.peft_experts; None: a layout plainlm does not map)."""
+    return {f"blocks.{i}.mlp.experts": peft_experts(config, i) for i in range(config.n_layer) if config.is_moe(i)}
 
 
 # peft's factors of a stacked weight: A (E * r, in), expert e's rows e*r..e*r+r-1; B (out, r * E), expert e's
-# columns e, E + e, 2E + e, ... (its (out, r, E) view).
-def _to_peft(adapter: ExpertAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+# columns e, E + e, 2E + e, ... (its (out, r, E) view). Where transformers' gate_up_proj alternates gate and up
+# outputs (gpt-oss), B's rows alternate too; ours come gate rows first.
+def _to_peft(adapter: ExpertAdapter, alternating: bool) -> tuple[torch.Tensor, torch.Tensor]:
     E, r, in_features = adapter.lora_A.shape
     lora_B = adapter.lora_B.detach().permute(1, 2, 0).reshape(-1, r * E)
+    if alternating:
+        gate, up = lora_B.chunk(2)
+        lora_B = torch.stack((gate, up), dim=1).flatten(0, 1)
     return adapter.lora_A.detach().reshape(E * r, in_features).contiguous(), lora_B.contiguous()
 
 
-def _from_peft(lora_A: torch.Tensor, lora_B: torch.Tensor, n_expert: int) -> LayerAdapter:
+def _from_peft(lora_A: torch.Tensor, lora_B: torch.Tensor, n_expert: int, alternating: bool) -> LayerAdapter:
+    if alternating:
+        lora_B = torch.cat((lora_B[0::2], lora_B[1::2]))
     E, out_features = n_expert, lora_B.shape[0]
     return LayerAdapter(
         lora_A.reshape(E, -1, lora_A.shape[-1]), lora_B.reshape(out_features, -1, E).permute(2, 0, 1), None
@@ -341,11 +346,13 @@ def save_peft_adapter(model: nn.Module, lora: LoRAConfig, directory: str | Path,
                 f"{name}: transformers holds {config.hf_model_type}'s experts in another layout than plainlm's, "
                 "which plainlm does not write as a PEFT adapter yet; merge the adapter instead (plainlm merge-lora)"
             )
+        hf, alternating = experts_names[name]
         # peft wraps the targeted weights one inside the other, the first innermost (under .base_layer)
         for depth, weight_name in enumerate(reversed(EXPERT_WEIGHTS)):
-            key = PEFT_PREFIX + experts_names[name] + ".base_layer" * depth
-            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = _to_peft(module.adapters[weight_name])
-            target_parameters.add(re.sub(r"^.*\.layers\.\d+\.", "", experts_names[name]) + "." + weight_name)
+            key = PEFT_PREFIX + hf + ".base_layer" * depth
+            factors = _to_peft(module.adapters[weight_name], alternating and weight_name == "gate_up_proj")
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = factors
+            target_parameters.add(re.sub(r"^.*\.layers\.\d+\.", "", hf) + "." + weight_name)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -419,7 +426,8 @@ def read_peft_adapter(model: nn.Module, directory: str | Path) -> PeftAdapter:
         message = f"{weights_file}: cannot be read as adapter weights ({e}); save the adapter again"
         raise CheckpointError(message) from None
     ours_by_hf = {hf: ours for ours, hf in _hf_module_names(model.config).items()}
-    experts_by_hf = {hf: ours for ours, hf in _hf_experts_names(model.config).items() if hf is not None}
+    layouts = _hf_experts_names(model.config)
+    experts_by_hf = {layout[0]: ours for ours, layout in layouts.items() if layout is not None}
     model_type = model.config.hf_model_type
     hf_by_ours, expert_keys = {}, {}
     for key in tensors:
@@ -462,7 +470,8 @@ def read_peft_adapter(model: nn.Module, directory: str | Path) -> PeftAdapter:
         layers[ours] = LayerAdapter(
             stored["lora_A.weight"], stored["lora_B.weight"], stored.get("lora_magnitude_vector")
         )
-    experts = _read_expert_adapters(model, tensors, expert_keys, raw.get("target_parameters") or [], r, weights_file)
+    targeted = raw.get("target_parameters") or []
+    experts = _read_expert_adapters(model, layouts, tensors, expert_keys, targeted, r, weights_file)
     if not layers and not experts:
         raise CheckpointError(f"{weights_file}: holds no LoRA weights")
     targets = sorted({t for t, suffix in TARGETS.items() for m in [*layers, *experts] if m.endswith(suffix)})
@@ -472,6 +481,7 @@ def read_peft_adapter(model: nn.Module, directory: str | Path) -> PeftAdapter:
 
 def _read_expert_adapters(
     model: nn.Module,
+    layouts: dict[str, tuple[str, bool] | None],
     tensors: dict[str, torch.Tensor],
     expert_keys: dict[tuple[str, int], str],
     target_parameters: list[str],
@@ -479,7 +489,7 @@ def _read_expert_adapters(
     weights_file: Path,
 ) -> dict[str, dict[str, LayerAdapter]]:
     """The expert adapters among `tensors` (expert_keys: (plainlm experts path, wrapper depth) -> peft's
-    module path), each checked against the stacked weight it adapts."""
+    module path), each checked against the stacked weight it adapts; layouts: _hf_experts_names."""
     # Which stacked weights the adapter targets, in peft's nesting order: the first targeted is the innermost.
     targeted = [w for w in EXPERT_WEIGHTS if any(p.endswith("." + w) for p in target_parameters)]
     experts: dict[str, dict[str, LayerAdapter]] = {}
@@ -502,7 +512,8 @@ def _read_expert_adapters(
                     f"model's {ours}.{weight_name} ({E} experts, {in_features} -> {out_features}) needs "
                     f"{expected[part]}: was the adapter trained on another base model?"
                 )
-        experts.setdefault(ours, {})[weight_name] = _from_peft(lora_A, lora_B, E)
+        alternating = layouts[ours][1] and weight_name == "gate_up_proj"
+        experts.setdefault(ours, {})[weight_name] = _from_peft(lora_A, lora_B, E, alternating)
     return experts
 
 

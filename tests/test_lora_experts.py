@@ -1,6 +1,7 @@
 """LoRA on a mixture of experts' stacked weights against `peft`'s `target_parameters`: our adapters load in
-peft with the same logits and peft's load in ours (Qwen3-MoE, whose checkpoints hold the experts per expert,
-and Mixtral's); the update runs through grouped matmuls, merges exactly, and only the adapters train.
+peft with the same logits and peft's load in ours (Qwen3-MoE and Mixtral, whose checkpoints hold the experts
+per expert, and gpt-oss, whose fused experts alternate gate and up outputs); the update runs through grouped
+matmuls, merges exactly, and only the adapters train.
 Tolerance: fp32 logits within 1e-5.
 """
 
@@ -36,6 +37,8 @@ SIZES = dict(
 FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(SIZES, intermediate_size=48, moe_intermediate_size=24, num_experts=4)),
     "mixtral": ("MixtralConfig", dict(SIZES, intermediate_size=24, num_local_experts=4)),
+    # experts stored (E, in, out) with gate and up outputs alternating, and biases (which LoRA leaves alone)
+    "gpt_oss": ("GptOssConfig", dict(SIZES, intermediate_size=24, num_local_experts=4, head_dim=8)),
 }
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 

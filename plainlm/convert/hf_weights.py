@@ -217,14 +217,17 @@ def _gpt2_rules(c: Config) -> list[Rule]:
     return rules
 
 
-def experts_module_name(c: Config, layer: int) -> str | None:
-    """Where transformers holds layer `layer`'s stacked experts in memory (the path peft's expert adapters
-    name), or None where its layout is not ours: gate_up_proj (E, 2I, C) gate rows first, down_proj (E, C, I).
-    Checkpoints kept one tensor per expert are stacked at load into model.layers.{layer}.mlp.experts."""
+def peft_experts(c: Config, layer: int) -> tuple[str, bool] | None:
+    """Where transformers holds layer `layer`'s stacked experts in memory (the module peft's expert adapters
+    name), and whether its gate_up_proj's outputs alternate gate and up (gpt-oss's, stored (E, C, 2I)) rather
+    than come gate rows first (ours, (E, 2I, C)); None for any other layout. Checkpoints kept one tensor per
+    expert are stacked at load into model.layers.{layer}.mlp.experts."""
     rule = next(r for r in weight_rules(c) if r.ours == [f"blocks.{layer}.mlp.experts.gate_up_proj"])
     if rule.parts is not None:
-        return f"model.layers.{layer}.mlp.experts"
-    return rule.hf.removesuffix(".gate_up_proj") if rule.split is _identity_split else None
+        return f"model.layers.{layer}.mlp.experts", False
+    if rule.split is _identity_split or c.hf_model_type == "gpt_oss":
+        return rule.hf.removesuffix(".gate_up_proj"), c.hf_model_type == "gpt_oss"
+    return None
 
 
 # --- fused tensors ---
