@@ -59,13 +59,19 @@ class Config:
     # --- attention ---
     qkv_bias: bool = False  # Qwen2, GPT-2, NeoX, Phi, StableLM
     attn_out_bias: bool = False
-    qk_norm: Literal["none", "head", "full"] = "none"  # "head": Qwen3/Gemma 3; "full": OLMo-2
+    # "head": Qwen3/Gemma 3; "full": OLMo-2; "l2": Llama 4, q and k over their RMS (no weight) on RoPE layers
+    qk_norm: Literal["none", "head", "full", "l2"] = "none"
     attention_scale: float | None = None  # None = head_dim ** -0.5; Gemma 2/3 use query_pre_attn_scalar
     attention_logit_softcap: float | None = None  # Gemma 2
     clip_qkv: float | None = None  # OLMo-1 clamps q, k and v to [-clip, clip]
     sliding_window: int | None = None
     # None: every layer slides (Mistral). k: every k-th layer attends globally (Gemma 2: 2, Gemma 3: 6).
     sliding_window_pattern: int | None = None
+    # Llama 4: the RoPE layers attend in chunks of this many positions, a query only to keys of its own chunk
+    attention_chunk_size: int | None = None
+    # Llama 4's attention temperature: NoPE layers scale q by log1p(floor((position + 1) / floor_scale)) * scale + 1
+    attn_temperature_floor_scale: int | None = None  # None: no temperature tuning
+    attn_temperature_scale: float = 0.1
 
     # --- rotary position embedding ---
     rope_theta: float = 10000.0
@@ -87,8 +93,9 @@ class Config:
     n_expert_per_token: int = 0
     moe_intermediate_size: int | None = None  # None = intermediate_size
     moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
-    # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k
-    moe_router: Literal["softmax"] = "softmax"
+    # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k;
+    # "sigmoid_input" (Llama 4): sigmoid of the top-k logits, which scales the expert's input, not its output
+    moe_router: Literal["softmax", "sigmoid_input"] = "softmax"
     # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
     moe_shared_intermediate_size: int = 0
     moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))
@@ -109,6 +116,8 @@ class Config:
             raise InvalidInput(
                 f"Config {self.name!r}: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"
             )
+        if self.sliding_window is not None and self.attention_chunk_size is not None:
+            raise InvalidInput(f"Config {self.name!r}: sliding_window and attention_chunk_size cannot be combined")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise InvalidInput(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
 
@@ -125,6 +134,9 @@ class Config:
         return self.position_embedding == "rope" and layer not in self.nope_layers
 
     def is_sliding(self, layer: int) -> bool:
+        """Whether the layer attends locally: in a sliding window, or in Llama 4's chunks (its RoPE layers)."""
+        if self.attention_chunk_size is not None:
+            return self.uses_rope(layer)
         if self.sliding_window is None:
             return False
         if self.sliding_window_pattern is None:

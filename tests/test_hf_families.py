@@ -201,6 +201,32 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo": ("OlmoConfig", dict(LLAMA, clip_qkv=0.5)),
     "olmo2": ("Olmo2Config", dict(LLAMA)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    # Llama 4 Maverick's layout (dense and MoE layers alternate) with Scout's rope scaling and q/k norm; chunks of
+    # 4 and a temperature floor of 3 so that 13 tokens cross chunks and the NoPE layer's temperature changes
+    "llama4": (
+        "Llama4TextConfig",
+        dict(
+            LLAMA,
+            head_dim=16,
+            intermediate_size=32,
+            intermediate_size_mlp=96,
+            num_hidden_layers=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            interleave_moe_layer_step=2,
+            attention_chunk_size=4,
+            floor_scale=3,
+            attn_scale=0.5,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 16.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
 }
 
 

@@ -26,6 +26,14 @@ SHAPES = {
     "qwen2-moe-shared": dict(
         n_expert=8, n_expert_per_token=2, moe_intermediate_size=16, moe_shared_intermediate_size=40, moe_shared_gate=1
     ),
+    # Llama 4: the router's sigmoid scales the expert's input; a shared expert of the experts' size
+    "llama4": dict(
+        n_expert=8,
+        n_expert_per_token=2,
+        moe_intermediate_size=24,
+        moe_shared_intermediate_size=24,
+        moe_router="sigmoid_input",
+    ),
 }
 
 
@@ -39,9 +47,11 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     for e in chosen.unique().tolist():
         token, slot = (chosen == e).nonzero(as_tuple=True)
-        gate, up = F.linear(x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        weight = weights[token, slot, None]
+        scale_input = moe.config.moe_router == "sigmoid_input"  # Llama 4
+        gate, up = F.linear(x[token] * weight if scale_input else x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
         y = F.linear(activate(gate, experts.activation) * up, experts.down_proj[e])
-        out.index_add_(0, token, y * weights[token, slot, None])
+        out.index_add_(0, token, y if scale_input else y * weight)
     if moe.config.moe_shared_intermediate_size:
         shared = moe.shared_expert(x)
         if moe.config.moe_shared_gate:
@@ -97,9 +107,29 @@ def test_dense_layers_keep_a_plain_mlp() -> None:
     assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
 
 
+# Model-level fields of the compile tests: a plain MoE, and Llama 4's attention (chunks, NoPE layer with its
+# temperature, L2 q/k norm) around its router
+COMPILED = {
+    "moe": dict(n_expert=4, n_expert_per_token=2),
+    "llama4": dict(
+        n_expert=4,
+        n_expert_per_token=1,
+        moe_router="sigmoid_input",
+        moe_shared_intermediate_size=32,
+        moe_dense_layers=[0],
+        nope_layers=[1],
+        attention_chunk_size=4,
+        attn_temperature_floor_scale=3,
+        qk_norm="l2",
+        rope_interleaved=True,
+    ),
+}
+
+
 @pytest.mark.slow
-def test_moe_model_compiles_as_one_graph() -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, std=0.2).eval()
+@pytest.mark.parametrize("layout", list(COMPILED))
+def test_moe_model_compiles_as_one_graph(layout: str) -> None:
+    model = tiny_gpt(**COMPILED[layout], std=0.2).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     # dynamic=True as in a full run, where earlier compiles of the same forward have made the length symbolic.
     compiled = torch.compile(model, fullgraph=True, dynamic=True)  # a graph break raises
@@ -108,8 +138,9 @@ def test_moe_model_compiles_as_one_graph() -> None:
 
 
 @pytest.mark.slow
-def test_moe_training_step_compiles_as_one_graph() -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, std=0.2)
+@pytest.mark.parametrize("layout", list(COMPILED))
+def test_moe_training_step_compiles_as_one_graph(layout: str) -> None:
+    model = tiny_gpt(**COMPILED[layout], std=0.2)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     explanation = torch._dynamo.explain(lambda i: model(i).logsumexp(-1).mean())(ids)
     assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -17,7 +17,9 @@ PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype
 
 LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo", "olmo2", "phi3")
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "llama4_text", "stablelm", "phi", "gpt_neox", "falcon", "gpt2")
+# Multimodal model types whose config.json holds the text model's config as its text_config
+TEXT_MODEL_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text"}
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -32,6 +34,7 @@ ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "llama4_text": "Llama4ForCausalLM",
     "stablelm": "StableLmForCausalLM",
     "phi": "PhiForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
@@ -52,9 +55,9 @@ ACTIVATIONS = {
 
 def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
     model_type = hf.get("model_type")
-    if model_type == "gemma3" and "text_config" in hf:  # a multimodal Gemma 3 config: take its text model
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
-        model_type = "gemma3_text"
+    if model_type in TEXT_MODEL_TYPES and "text_config" in hf:  # a multimodal config: take its text model
+        model_type = TEXT_MODEL_TYPES[model_type]
+        hf = {**hf["text_config"], "model_type": model_type}
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -67,6 +70,8 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
         fields = _falcon_fields(hf)
     elif model_type == "phi":
         fields = _phi_fields(hf)
+    elif model_type == "llama4_text":
+        fields = _llama4_fields(hf)
     else:
         fields = _llama_like_fields(hf, model_type)
     extra = {k: hf[k] for k in PASSTHROUGH_KEYS if k in hf}
@@ -222,6 +227,54 @@ def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str
     if model_type == "gemma3_text":
         fields["rope_local_theta"] = _rope_fields(hf).get("rope_local_theta", 10000.0)
     return fields
+
+
+def _llama4_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Llama 4's text model, with Llama4TextConfig's defaults: MoE with a shared expert (dense layers between,
+    on Maverick), NoPE every 4th layer, chunked attention with L2-normalised q and k on the RoPE layers."""
+    n_layer = hf["num_hidden_layers"]
+    uses_rope = hf.get("no_rope_layers") or [
+        int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0) for i in range(n_layer)
+    ]
+    nope_layers = [i for i in range(n_layer) if not uses_rope[i]]
+    step = hf.get("interleave_moe_layer_step", 1)
+    moe_layers = hf.get("moe_layers")
+    moe_layers = list(range(step - 1, n_layer, step)) if moe_layers is None else moe_layers
+    chunk = hf.get("attention_chunk_size", 8192)
+    local = ["chunked_attention" if chunk and i not in nope_layers else "full_attention" for i in range(n_layer)]
+    if hf.get("layer_types") and list(hf["layer_types"]) != local:
+        raise UnsupportedModelError(
+            f"llama4_text layer_types {hf['layer_types']} do not chunk exactly the RoPE layers (no_rope_layers); "
+            "plainlm supports chunked attention on the RoPE layers only"
+        )
+    bias = hf.get("attention_bias", False)
+    expert_size = hf.get("intermediate_size", 8192)
+    return dict(
+        **{
+            **_sizes(hf),
+            "block_size": hf.get("max_position_embeddings", 4096 * 32),
+            "intermediate_size": hf.get("intermediate_size_mlp", 16384),  # the dense layers' MLP
+        },
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=bias,
+        attn_out_bias=bias,
+        mlp_activation=_activation(hf.get("hidden_act", "silu")),
+        **_rope_fields(hf, default_theta=500000.0),
+        rope_interleaved=True,  # rotates (2i, 2i+1) as complex numbers
+        nope_layers=nope_layers,
+        qk_norm="l2" if hf.get("use_qk_norm", True) else "none",
+        attention_chunk_size=chunk or None,
+        attn_temperature_floor_scale=hf.get("floor_scale", 8192) if hf.get("attn_temperature_tuning", True) else None,
+        attn_temperature_scale=hf.get("attn_scale", 0.1),
+        n_expert=hf.get("num_local_experts", 16),
+        n_expert_per_token=hf.get("num_experts_per_tok", 1),
+        moe_intermediate_size=expert_size,
+        moe_shared_intermediate_size=expert_size,
+        moe_router="sigmoid_input",
+        moe_dense_layers=[i for i in range(n_layer) if i not in moe_layers],
+    )
 
 
 def _phi_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -405,7 +458,7 @@ def _hf_rope(c: Config) -> dict[str, Any]:
 def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     t = c.hf_model_type
     out: dict[str, Any] = {}
-    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"):
+    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "llama4_text"):
         out["attention_bias"] = c.qkv_bias
     if t == "llama":
         out["mlp_bias"] = c.mlp_bias
@@ -445,4 +498,26 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         )
     if t == "gemma3_text" and c.sliding_window_pattern:
         out["sliding_window_pattern"] = c.sliding_window_pattern
+    if t == "llama4_text":
+        out.update(_hf_llama4(c))
     return out
+
+
+def _hf_llama4(c: Config) -> dict[str, Any]:
+    moe_layers = [i for i in range(c.n_layer) if c.is_moe(i)]
+    steps = [s for s in range(1, c.n_layer + 1) if list(range(s - 1, c.n_layer, s)) == moe_layers]
+    return dict(
+        intermediate_size=c.moe_intermediate_size or c.intermediate_size,
+        intermediate_size_mlp=c.intermediate_size,
+        num_local_experts=c.n_expert,
+        num_experts_per_tok=c.n_expert_per_token,
+        interleave_moe_layer_step=steps[0] if steps else 1,
+        moe_layers=moe_layers,
+        no_rope_layers=[int(c.uses_rope(i)) for i in range(c.n_layer)],
+        use_qk_norm=c.qk_norm == "l2",
+        attention_chunk_size=c.attention_chunk_size,
+        layer_types=["chunked_attention" if c.is_sliding(i) else "full_attention" for i in range(c.n_layer)],
+        attn_temperature_tuning=c.attn_temperature_floor_scale is not None,
+        floor_scale=c.attn_temperature_floor_scale or 8192,
+        attn_scale=c.attn_temperature_scale,
+    )
