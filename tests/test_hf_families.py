@@ -17,6 +17,8 @@ from safetensors import safe_open
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
+from plainlm.convert.hf_config import config_from_hf
+from plainlm.errors import UnsupportedModelError
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -331,3 +333,61 @@ def test_legacy_config_json_keys(tmp_path: Path) -> None:
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(reference, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_llama4_chunks_and_temperature_count_positions_under_a_kv_cache(tmp_path: Path) -> None:
+    """Llama 4's attention chunks and NoPE temperature depend on each token's position: decoding token by token
+    through the KV cache, a left-padded row included (its positions trail its cache slots by the padding), gives
+    transformers' whole-sequence logits of the unpadded rows."""
+    hf_model = make_hf_model("llama4")
+    hf_model.save_pretrained(tmp_path)
+    ids = random_ids()
+    expected = hf_logits(hf_model, ids)
+    model = load_hf_model(tmp_path).eval()
+    T = ids.shape[1]
+    pad = torch.tensor([[0], [3]])  # row 1: three pad slots, then its first T - 3 tokens
+    idx = torch.cat((ids[:1], torch.cat((torch.zeros(1, 3, dtype=ids.dtype), ids[1:, : T - 3]), dim=1)))
+    slots = torch.arange(T)
+    position_ids = (slots - pad).clamp(min=0)
+    mask = ((slots >= pad)[:, None, :] | torch.eye(T, dtype=torch.bool))[:, None]  # (2, 1, T, S); a pad sees itself
+    model.set_kv_cache(2, T)
+    steps = [(0, 5)] + [(t, t + 1) for t in range(5, T)]  # a prefill across chunks, then one token at a time
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                model(
+                    idx[:, a:b],
+                    input_pos=slots[a:b],
+                    position_ids=position_ids[:, a:b],
+                    attention_mask=mask[..., a:b, :],
+                )
+                for a, b in steps
+            ],
+            dim=1,
+        )
+    torch.testing.assert_close(logits[0], expected[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(logits[1, 3:], expected[1, : T - 3], atol=ATOL, rtol=RTOL)
+
+
+def llama4_config_json(**changes: object) -> dict:
+    return {**transformers.Llama4TextConfig(**FAMILIES["llama4"][1]).to_dict(), **changes}
+
+
+def test_llama4_multimodal_config_reads_as_its_text_model() -> None:
+    """The hub's Llama 4 repos hold a multimodal config.json (model_type llama4) around the text model's."""
+    multimodal = {"model_type": "llama4", "text_config": llama4_config_json(), "vision_config": {"hidden_size": 32}}
+    assert config_from_hf(multimodal, name="l4") == config_from_hf(llama4_config_json(), name="l4")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # chunked attention on the NoPE layer too: the layer pattern plainlm's masks do not follow
+        (dict(layer_types=["chunked_attention"] * 4), "llama4_text layer_types .* RoPE layers"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}), "rope scaling 'dynamic'"),
+        (dict(hidden_act="quick_gelu"), "unsupported activation 'quick_gelu'"),
+    ],
+)
+def test_llama4_config_we_cannot_run_is_refused(changes: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(llama4_config_json(**changes))
