@@ -36,6 +36,8 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+LLAMA4_ROPE = dict(LLAMA31_ROPE, factor=16.0, high_freq_factor=1.0)  # Llama 4 Scout's
+
 # name -> (GGUF architecture, transformers config class, kwargs): one entry per supported architecture,
 # each with the switches that make it what it is. Gemma's query_pre_attn_scalar equals head_dim because
 # GGUF does not store it (llama.cpp derives it; only the 27B models differ).
@@ -75,6 +77,23 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             },
+        ),
+    ),
+    # Four layers: the fourth without RoPE, the second and fourth with experts. llama.cpp hard-codes the 8k chunks
+    # and the temperature's floor of 8k positions, so they are Llama 4's own here (and out of reach of 12 tokens).
+    "llama4": (
+        "llama4",
+        "Llama4TextConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=16,
+            intermediate_size=32,
+            intermediate_size_mlp=96,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            interleave_moe_layer_step=2,
+            rope_parameters=LLAMA4_ROPE,
         ),
     ),
 }
@@ -143,13 +162,13 @@ def write_gguf(
         if isinstance(token_id := getattr(cfg, f"{kind}_token_id", None), int) and token_id < cfg.vocab_size:
             getattr(writer, f"add_{kind}_token_id")(token_id)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
+    tensors = [(k, v) for hf_name, t in model.state_dict().items() for k, v in _llama_cpp_tensors(arch, hf_name, t)]
+    for hf_name, data in tensors:
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         stem, suffix = hf_name.rsplit(".", 1)
         name = name_map.get_name(stem)
         assert name is not None, hf_name
-        data = tensor.float().numpy()
         if arch == "llama" and ".attn_q" in name:
             data = llama_cpp_permute(data, cfg.num_attention_heads)
         if arch == "llama" and ".attn_k" in name:
@@ -170,6 +189,22 @@ def write_gguf(
     return path
 
 
+def _llama_cpp_tensors(arch: str, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, np.ndarray]]:
+    """The tensors convert_hf_to_gguf.py makes of one: Llama4Model transposes the experts' (E, in, out) weights and
+    splits gate_up_proj into gate and up."""
+    data = tensor.float().numpy()
+    if arch == "llama4" and hf_name.endswith("experts.gate_up_proj"):
+        gate, up = np.split(data.swapaxes(-1, -2), 2, axis=-2)
+        stem = hf_name.removesuffix("gate_up_proj")
+        return [
+            (stem + "gate_proj.weight", np.ascontiguousarray(gate)),
+            (stem + "up_proj.weight", np.ascontiguousarray(up)),
+        ]
+    if arch == "llama4" and hf_name.endswith("experts.down_proj"):
+        return [(hf_name + ".weight", np.ascontiguousarray(data.swapaxes(-1, -2)))]
+    return [(hf_name, data)]
+
+
 def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, arch: str) -> None:
     rope = cfg.rope_parameters or {}
     full = rope.get("full_attention", rope)
@@ -177,17 +212,23 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
+    # Llama 4's dense layers are intermediate_size_mlp wide (its intermediate_size is the experts')
+    writer.add_feed_forward_length(getattr(cfg, "intermediate_size_mlp", cfg.intermediate_size))
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(full["rope_theta"])
-    if arch in ("qwen3", "gemma2", "gemma3"):
+    if arch in ("qwen3", "gemma2", "gemma3", "llama4"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if arch == "llama":
+    if arch in ("llama", "llama4"):
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_rope_dimension_count(head_dim)
+    if arch == "llama4":
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.intermediate_size)
+        writer.add_interleave_moe_layer_step(cfg.interleave_moe_layer_step)
     if arch == "phi3":
         writer.add_rope_dimension_count(
             int(getattr(cfg, "partial_rotary_factor", 1.0) * cfg.hidden_size) // cfg.num_attention_heads

@@ -30,6 +30,7 @@ from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.convert.gguf import dequantize, load_gguf_model, read_gguf
 from plainlm.convert.gguf_names import read_config, tensor_rules
 from plainlm.convert.hf import convert_to_hf
+from plainlm.convert.hf_config import config_from_hf
 from plainlm.convert.hf_weights import weight_rules
 from plainlm.errors import PackagedModelMissing
 from plainlm.generate import generate
@@ -222,7 +223,23 @@ def test_tensor_rules_invert_and_use_llama_cpp_names(name: str, tmp_path: Path) 
     config = read_config(reader, path)
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]}
     for rule in tensor_rules(config):
-        parts = rule.gguf.split(".")[:-1]  # "blk.3.attn_q.weight" -> "blk.{bid}.attn_q"
-        assert ".".join(["blk", "{bid}", *parts[2:]] if parts[0] == "blk" else parts) in known, rule.gguf
-        original = dequantize(tensors[rule.gguf], path)
-        torch.testing.assert_close(rule.to_gguf(rule.to_ours(original)), original, atol=1e-7, rtol=0)
+        for name in rule.gguf_names:
+            parts = name.split(".")[:-1]  # "blk.3.attn_q.weight" -> "blk.{bid}.attn_q"
+            assert ".".join(["blk", "{bid}", *parts[2:]] if parts[0] == "blk" else parts) in known, name
+        originals = [dequantize(tensors[name], path) for name in rule.gguf_names]
+        back = rule.to_gguf(rule.to_ours(originals if rule.parts else originals[0]))
+        for original, again in zip(originals, back if rule.parts else [back], strict=True):
+            torch.testing.assert_close(again, original, atol=1e-7, rtol=0)
+
+
+def test_llama4_hard_coded_attention_is_the_config_json_one(tmp_path: Path) -> None:
+    """llama.cpp stores none of Llama 4's attention switches (8k chunks, NoPE every 4th layer and its temperature,
+    q/k norm but on the 128-expert model): what it hard-codes reads as what the model's config.json says."""
+    reference = make_tiny_model("llama4")
+    path = write_gguf(reference, "llama4", tmp_path / "tiny.gguf")
+    ours, theirs = read_config(read_gguf(path), path), config_from_hf(reference.config.to_dict())
+    assert ours.attention_chunk_size == 8192 and ours.nope_layers == [3] and ours.moe_dense_layers == [0, 2]
+    assert ours.norm_eps == pytest.approx(theirs.norm_eps, rel=1e-6)  # GGUF stores it in float32
+    for config in (ours, theirs):
+        config.name, config.hf_extra, config.norm_eps = "tiny", {}, 1e-5
+    assert ours == theirs

@@ -210,8 +210,8 @@ def gguf_tensors(reader: GGUFReader, config: Config, path: Path) -> Iterator[tup
     """Our tensors in float32, one GGUF tensor at a time; the set of names is checked before any is read."""
     tensors = {t.name: t for t in reader.tensors}
     rules = tensor_rules(config)
-    missing = [r.gguf for r in rules if r.gguf not in tensors]
-    expected = {r.gguf for r in rules} | set(IGNORED_TENSORS)
+    missing = [name for r in rules for name in r.gguf_names if name not in tensors]
+    expected = {name for r in rules for name in r.gguf_names} | set(IGNORED_TENSORS)
     unexpected = [name for name in tensors if name not in expected]
     if missing or unexpected:
         problem = f"has no tensor {missing[:3]}" if missing else f"has tensors {unexpected[:3]} with no place"
@@ -220,7 +220,8 @@ def gguf_tensors(reader: GGUFReader, config: Config, path: Path) -> Iterator[tup
             "the metadata and the weights do not match"
         )
     for rule in rules:
-        yield from zip(rule.ours, rule.to_ours(dequantize(tensors[rule.gguf], path)), strict=True)
+        parts = [dequantize(tensors[name], path) for name in rule.gguf_names]
+        yield from zip(rule.ours, rule.to_ours(parts if rule.parts else parts[0]), strict=True)
 
 
 # --- entry points ---

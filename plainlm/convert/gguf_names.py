@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor, RopeScalingType
 
 from plainlm.config import Config
+from plainlm.convert.hf_config import interleave_moe_layer_step
 from plainlm.errors import CheckpointError
 from plainlm.model import rope_inv_freq
 
@@ -38,6 +39,7 @@ GGUF_ARCHITECTURES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
+    "llama4": "llama4_text",
 }
 HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}
 
@@ -45,6 +47,9 @@ HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}
 GEMMA_SLIDING_WINDOW_PATTERN = {"gemma2": 2, "gemma3": 6}  # every k-th layer attends globally
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # unless the file has gemma3.rope.freq_base_swa
 GEMMA2_SOFTCAPS = (50.0, 30.0)  # attention, final logits: unless the file has the keys
+# Llama 4's chunked attention (every RoPE layer), NoPE layers (every 4th) and their attention temperature
+# (floor scale, scale); q/k L2 norm on all but the 128-expert model (Maverick)
+LLAMA4_CHUNK, LLAMA4_NOPE_STEP, LLAMA4_TEMPERATURE, LLAMA4_NO_QK_NORM_EXPERTS = 8192, 4, (8192, 0.1), 128
 # Gemma 2 27B (46 layers) and Gemma 3 27B (62 layers) scale queries by n_embd / n_head instead of
 # head_dim (query_pre_attn_scalar in their config.json); llama.cpp recognises them by layer count.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -151,6 +156,8 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         fields["sliding_window"] = meta.int("attention.sliding_window", default=0, minimum=0) or None
     if arch in ("gemma2", "gemma3"):
         fields.update(_gemma_fields(meta, n_layer, n_embd, n_head, head_dim))
+    if arch == "llama4":
+        fields.update(_llama4_fields(meta, n_layer))
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -209,24 +216,26 @@ def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: 
 def _llama3_scaling(meta: _Metadata, tensor: ReaderTensor, rope_dims: int) -> dict[str, Any]:
     """Llama 3.1+ RoPE scaling from the per-frequency factors llama.cpp writes as rope_freqs.weight.
 
-    llama.cpp computes them with low_freq_factor 1, high_freq_factor 4 and an original context of 8192
-    (every Llama 3.x); the factor is the largest of them. Anything else is refused, not guessed.
+    llama.cpp computes them with an original context of 8192 and low_freq_factor 1, high_freq_factor 4 (every
+    Llama 3.x) or 1 (Llama 4 Scout); the factor is the largest of them. Anything else is refused, not guessed.
     """
     if tensor.tensor_type != GGMLQuantizationType.F32 or len(tensor.shape) != 1:
         raise CheckpointError(f"{meta.path}: rope_freqs.weight should be a float32 vector, as llama.cpp writes it")
     factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-    scaling = {
-        "rope_type": "llama3",
-        "factor": float(factors.max()),
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    }
     theta = meta.float("rope.freq_base", default=10000.0)
-    plain, scaled = rope_inv_freq(rope_dims, theta, None, 0)[0], rope_inv_freq(rope_dims, theta, scaling, 0)[0]
-    if factors.shape != plain.shape or not torch.allclose(plain / scaled, factors, rtol=1e-4):
-        raise CheckpointError(f"{meta.path}: rope_freqs.weight matches no Llama 3 RoPE scaling; not supported")
-    return scaling
+    plain = rope_inv_freq(rope_dims, theta, None, 0)[0]
+    for high in (1.0, 4.0) if meta.arch == "llama4" else (4.0, 1.0):
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(factors.max()),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": 8192,
+        }
+        scaled = rope_inv_freq(rope_dims, theta, scaling, 0)[0]
+        if factors.shape == plain.shape and torch.allclose(plain / scaled, factors, rtol=1e-4):
+            return scaling
+    raise CheckpointError(f"{meta.path}: rope_freqs.weight matches no Llama 3 RoPE scaling; not supported")
 
 
 def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_dim: int) -> dict[str, Any]:
@@ -248,6 +257,34 @@ def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_
     else:
         fields["final_logit_softcap"] = meta.float("final_logit_softcapping", default=None)
         fields["rope_local_theta"] = meta.float("rope.freq_base_swa", default=GEMMA3_LOCAL_ROPE_THETA)
+    return fields
+
+
+def _llama4_fields(meta: _Metadata, n_layer: int) -> dict[str, Any]:
+    """What llama.cpp reads for Llama 4, and what it hard-codes (src/llama-model.cpp)."""
+    if meta.int("attention.sliding_window", default=LLAMA4_CHUNK, minimum=0) == 0:
+        raise CheckpointError(
+            f"{meta.path}: llama4 with attention.sliding_window 0 (no chunked attention: MobileLLM) is not supported"
+        )
+    n_expert = meta.int("expert_count", default=0, minimum=0)
+    fields: dict[str, Any] = dict(
+        rope_interleaved=True,
+        nope_layers=[i for i in range(n_layer) if (i + 1) % LLAMA4_NOPE_STEP == 0],
+        qk_norm="none" if n_expert == LLAMA4_NO_QK_NORM_EXPERTS else "l2",
+        attention_chunk_size=LLAMA4_CHUNK,
+        attn_temperature_floor_scale=LLAMA4_TEMPERATURE[0],
+        attn_temperature_scale=LLAMA4_TEMPERATURE[1],
+    )
+    if n_expert:
+        size, step = meta.int("expert_feed_forward_length"), meta.int("interleave_moe_layer_step", maximum=n_layer)
+        fields.update(
+            n_expert=n_expert,
+            n_expert_per_token=meta.int("expert_used_count", maximum=n_expert),
+            moe_intermediate_size=size,
+            moe_shared_intermediate_size=size,
+            moe_router="sigmoid_input",
+            moe_dense_layers=[i for i in range(n_layer) if (i + 1) % step],
+        )
     return fields
 
 
@@ -308,6 +345,11 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
         writer.add_final_logit_softcapping(c.final_logit_softcap)
     if arch == "gemma3" and c.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(c.rope_local_theta)
+    if arch == "llama4" and c.n_expert:
+        writer.add_expert_count(c.n_expert)
+        writer.add_expert_used_count(c.n_expert_per_token)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size or c.intermediate_size)
+        writer.add_interleave_moe_layer_step(interleave_moe_layer_step(c))
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -351,10 +393,26 @@ def write_token_ids(writer: GGUFWriter, c: Config) -> None:
 # --- tensors ---
 @dataclass
 class GGUFRule:
-    gguf: str  # one GGUF tensor
+    gguf: str  # one GGUF tensor (the first of `parts` where there are several)
     ours: list[str]  # the plainlm tensors it holds, several where llama.cpp fuses them
-    to_ours: Callable[[torch.Tensor], list[torch.Tensor]]
-    to_gguf: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_ours: Callable[[Any], list[torch.Tensor]]  # the GGUF tensor (the list of `parts`) -> ours
+    to_gguf: Callable[[list[torch.Tensor]], Any]  # ours -> the GGUF tensor (the list of `parts`)
+    # Where one of ours is several GGUF tensors (MoE experts: llama.cpp keeps the gate and the up projections
+    # apart, we stack them in one gate_up_proj): their names, in the order to_ours takes them.
+    parts: list[str] | None = None
+
+    @property
+    def gguf_names(self) -> list[str]:
+        return self.parts or [self.gguf]
+
+    def per_tensor(self) -> list[GGUFRule]:
+        """One rule per GGUF tensor, for export, which writes them one at a time (to_ours: the whole rule's)."""
+        if self.parts is None:
+            return [self]
+        return [
+            GGUFRule(name, self.ours, self.to_ours, lambda ts, k=k: self.to_gguf(ts)[k])
+            for k, name in enumerate(self.parts)
+        ]
 
 
 def tensor_rules(c: Config) -> list[GGUFRule]:
@@ -371,7 +429,9 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
         rules.append(_norm(c, g + "ffn_norm.weight", o + "mlp_norm.weight"))
-        if arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
+        if arch == "llama4":
+            rules += _llama4_mlp_rules(c, i, g, o + "mlp.")
+        elif arch == "phi3":  # ffn_up holds Phi-3's gate_up_proj: gate rows first, then up
             size = c.intermediate_size
             rules.append(
                 _fused(g + "ffn_up.weight", [o + "mlp.gate_proj.weight", o + "mlp.up_proj.weight"], [size] * 2)
@@ -381,6 +441,24 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
             for gguf_name, ours in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
                 rules += _linear(g + gguf_name, o + f"mlp.{ours}", c.mlp_bias)
     return rules
+
+
+def _llama4_mlp_rules(c: Config, layer: int, g: str, o: str) -> list[GGUFRule]:
+    def gated(suffix: str, ours: str) -> list[GGUFRule]:
+        names = (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj"))
+        return [_plain(f"{g}{name}{suffix}.weight", f"{o}{ours}{x}.weight") for name, x in names]
+
+    if not c.is_moe(layer):
+        return gated("", "")
+    gate_up = GGUFRule(
+        g + "ffn_gate_exps.weight",
+        [o + "experts.gate_up_proj"],
+        lambda ts: [torch.cat(ts, dim=1)],  # (E, I, C) each, gate first
+        lambda ts: [x.contiguous() for x in ts[0].chunk(2, dim=1)],
+        parts=[g + "ffn_gate_exps.weight", g + "ffn_up_exps.weight"],
+    )
+    experts = [gate_up, _plain(g + "ffn_down_exps.weight", o + "experts.down_proj")]
+    return [_plain(g + "ffn_gate_inp.weight", o + "router.weight"), *experts, *gated("_shexp", "shared_expert.")]
 
 
 def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:

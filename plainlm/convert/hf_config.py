@@ -503,16 +503,20 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     return out
 
 
-def _hf_llama4(c: Config) -> dict[str, Any]:
+def interleave_moe_layer_step(c: Config) -> int:
+    """Llama 4's interleave_moe_layer_step: every k-th layer has experts (1 where the MoE layers follow no step)."""
     moe_layers = [i for i in range(c.n_layer) if c.is_moe(i)]
-    steps = [s for s in range(1, c.n_layer + 1) if list(range(s - 1, c.n_layer, s)) == moe_layers]
+    return next((k for k in range(1, c.n_layer + 1) if list(range(k - 1, c.n_layer, k)) == moe_layers), 1)
+
+
+def _hf_llama4(c: Config) -> dict[str, Any]:
     return dict(
         intermediate_size=c.moe_intermediate_size or c.intermediate_size,
         intermediate_size_mlp=c.intermediate_size,
         num_local_experts=c.n_expert,
         num_experts_per_tok=c.n_expert_per_token,
-        interleave_moe_layer_step=steps[0] if steps else 1,
-        moe_layers=moe_layers,
+        interleave_moe_layer_step=interleave_moe_layer_step(c),
+        moe_layers=[i for i in range(c.n_layer) if c.is_moe(i)],
         no_rope_layers=[int(c.uses_rope(i)) for i in range(c.n_layer)],
         use_qk_norm=c.qk_norm == "l2",
         attention_chunk_size=c.attention_chunk_size,
