@@ -391,3 +391,22 @@ def test_llama4_multimodal_config_reads_as_its_text_model() -> None:
 def test_llama4_config_we_cannot_run_is_refused(changes: dict, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         config_from_hf(llama4_config_json(**changes))
+
+
+def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path: Path) -> None:
+    """The hub's Llama 4 checkpoints are Llama4ForConditionalGeneration: the text model under "language_model.",
+    beside the vision model, which plainlm leaves out. Text-only logits are transformers' own."""
+    text = dict(FAMILIES["llama4"][1], num_hidden_layers=2)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28)
+    vision.update(patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    torch.manual_seed(0)
+    hf_model = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=text, vision_config=vision)
+    ).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.normal_(0, 0.1)
+    hf_model.save_pretrained(tmp_path)
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=RTOL)

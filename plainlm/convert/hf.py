@@ -29,7 +29,7 @@ from plainlm.checkpoint import (
 from plainlm.config import Config
 from plainlm.convert.hf_config import config_from_hf, config_to_hf
 from plainlm.convert.hf_quantized import PackedLayers, packed_config, packed_tensors, read_packed_format
-from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
+from plainlm.convert.hf_weights import IGNORED_HF_PREFIXES, IGNORED_HF_SUFFIXES, weight_rules
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
 from plainlm.quantize import check_mode, dequantize_model, finish_loading
@@ -90,7 +90,11 @@ def hf_to_plainlm_tensors(
                 f"{', '.join(rule.ours)} for this config.json; the config and the weights are of different models"
             ) from None
         yield from zip(rule.ours, parts, strict=True)
-    unused = [k for k in source.keys() if k not in used and not k.endswith(IGNORED_HF_SUFFIXES)]
+    unused = [
+        k
+        for k in source.keys()
+        if k not in used and not k.endswith(IGNORED_HF_SUFFIXES) and not k.startswith(IGNORED_HF_PREFIXES)
+    ]
     if config.tie_embeddings:
         unused = [k for k in unused if not k.endswith("lm_head.weight")]
     if unused:
@@ -101,8 +105,10 @@ def hf_to_plainlm_tensors(
 
 
 def _find_key(source: TensorSource, name: str) -> str | None:
-    # Old GPT-2 checkpoints have no "transformer." prefix; some exports add a "model." one.
-    for candidate in (name, name.removeprefix("transformer."), name.removeprefix("model."), f"model.{name}"):
+    # Old GPT-2 checkpoints have no "transformer." prefix; some exports add a "model." one; a multimodal
+    # checkpoint (Llama 4) holds its text model under "language_model.".
+    candidates = (name, name.removeprefix("transformer."), name.removeprefix("model."), f"model.{name}")
+    for candidate in (*candidates, f"language_model.{name}"):
         if candidate in source:
             return candidate
     return None

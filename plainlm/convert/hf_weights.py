@@ -39,6 +39,9 @@ class Rule:
         return self.parts or [self.hf]
 
 
+# The image side of a multimodal checkpoint (Llama 4), whose text model is what plainlm reads; its tensors
+# carry a "language_model." prefix there (hf.py looks for it).
+IGNORED_HF_PREFIXES = ("vision_model.", "multi_modal_projector.")
 # Buffers some checkpoints carry that are recomputed, not learned.
 IGNORED_HF_SUFFIXES = (
     ".rotary_emb.inv_freq",
