@@ -200,7 +200,7 @@ class GPT(nn.Module):
         """
         window, chunk = self.config.sliding_window, self.config.attention_chunk_size
         T = query_slots.shape[-1]
-        local_span = window or chunk  # one chunk of T tokens: as HF, without a cache a chunk starts at slot 0
+        local_span = window or chunk  # T tokens within one: plain causal (chunks count from token 0, as in HF)
         if cache_len is None and attention_mask is None and (local_span is None or local_span >= T):
             return {False: None, True: None}
         key_pos = torch.arange(cache_len or T, device=query_slots.device)
