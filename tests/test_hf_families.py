@@ -386,6 +386,7 @@ def test_llama4_multimodal_config_reads_as_its_text_model() -> None:
         (dict(layer_types=["chunked_attention"] * 4), "llama4_text layer_types .* RoPE layers"),
         (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}), "rope scaling 'dynamic'"),
         (dict(hidden_act="quick_gelu"), "unsupported activation 'quick_gelu'"),
+        (dict(no_rope_layers=[1, 1]), "no_rope_layers has 2 entries for 4 layers"),
     ],
 )
 def test_llama4_config_we_cannot_run_is_refused(changes: dict, message: str) -> None:

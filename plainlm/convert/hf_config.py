@@ -236,6 +236,8 @@ def _llama4_fields(hf: dict[str, Any]) -> dict[str, Any]:
     uses_rope = hf.get("no_rope_layers") or [
         int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0) for i in range(n_layer)
     ]
+    if len(uses_rope) < n_layer:
+        raise UnsupportedModelError(f"llama4_text no_rope_layers has {len(uses_rope)} entries for {n_layer} layers")
     nope_layers = [i for i in range(n_layer) if not uses_rope[i]]
     step = hf.get("interleave_moe_layer_step", 1)
     moe_layers = hf.get("moe_layers")
