@@ -67,7 +67,8 @@ class Config:
     # --- attention ---
     qkv_bias: bool = False  # Qwen2, GPT-2, NeoX, Phi, StableLM
     attn_out_bias: bool = False
-    qk_norm: Literal["none", "head", "full"] = "none"  # "head": Qwen3/Gemma 3; "full": OLMo-2
+    # "head": Qwen3/Gemma 3; "full": OLMo-2; "l2": Llama 4, q and k over their RMS (no weight) on RoPE layers
+    qk_norm: Literal["none", "head", "full", "l2"] = "none"
     attention_scale: float | None = None  # None = head_dim ** -0.5; Gemma 2/3 use query_pre_attn_scalar
     attention_logit_softcap: float | None = None  # Gemma 2
     clip_qkv: float | None = None  # OLMo-1 clamps q, k and v to [-clip, clip]
@@ -75,6 +76,11 @@ class Config:
     sliding_window: int | None = None
     # None: every layer slides (Mistral). k: every k-th layer attends globally (Gemma 2: 2, Gemma 3: 6).
     sliding_window_pattern: int | None = None
+    # Llama 4: the RoPE layers attend in chunks of this many positions, a query only to keys of its own chunk
+    attention_chunk_size: int | None = None
+    # Llama 4's attention temperature: NoPE layers scale q by log1p(floor((position + 1) / floor_scale)) * scale + 1
+    attn_temperature_floor_scale: int | None = None  # None: no temperature tuning
+    attn_temperature_scale: float = 0.1
 
     # --- rotary position embedding ---
     rope_theta: float = 10000.0
@@ -102,8 +108,9 @@ class Config:
     moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
     # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k;
     # "sparsemixer" (PhiMoE) = the best expert, then the best of the rest, each weighted by a softmax over near ties;
-    # "topk_softmax" (gpt-oss) = top-k of the logits, then softmax over the k chosen
-    moe_router: Literal["softmax", "sparsemixer", "topk_softmax"] = "softmax"
+    # "topk_softmax" (gpt-oss) = top-k of the logits, then softmax over the k chosen;
+    # "sigmoid_input" (Llama 4): sigmoid of the top-k logits, which scales the expert's input, not its output
+    moe_router: Literal["softmax", "sparsemixer", "topk_softmax", "sigmoid_input"] = "softmax"
     moe_jitter_eps: float = 0.01  # "sparsemixer" (router_jitter_noise): logits within 2 * eps (relative) count as ties
     moe_router_bias: bool = False  # gpt-oss: the router Linear has a bias
     moe_expert_bias: bool = False  # gpt-oss: every expert's gate/up and down projections have biases
@@ -127,6 +134,8 @@ class Config:
             raise InvalidInput(
                 f"Config {self.name!r}: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"
             )
+        if self.sliding_window is not None and self.attention_chunk_size is not None:
+            raise InvalidInput(f"Config {self.name!r}: sliding_window and attention_chunk_size cannot be combined")
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise InvalidInput(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
         self._check_multipliers()
@@ -159,6 +168,9 @@ class Config:
         return self.position_embedding == "rope" and layer not in self.nope_layers
 
     def is_sliding(self, layer: int) -> bool:
+        """Whether the layer attends locally: in a sliding window, or in Llama 4's chunks (its RoPE layers)."""
+        if self.attention_chunk_size is not None:
+            return self.uses_rope(layer)
         if self.sliding_window is None:
             return False
         if self.sliding_window_pattern is None:

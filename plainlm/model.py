@@ -144,17 +144,22 @@ class GPT(nn.Module):
             x = x + self.pos_embed(position_ids)
 
         if cache is None:
-            masks = self._attention_masks(positions, None, attention_mask)
+            masks = self._attention_masks(positions, None, attention_mask, position_ids)
         else:  # the cache says where the queries sit among its keys: model.KVCache, or serve's paged one
-            masks = self._attention_masks(cache.query_slots(input_pos, position_ids), cache.length, attention_mask)
+            slots = cache.query_slots(input_pos, position_ids)
+            masks = self._attention_masks(slots, cache.length, attention_mask, position_ids)
         ropes = self._ropes(position_ids, x.dtype)
+        temperature = None
+        if c.attn_temperature_floor_scale is not None:  # Llama 4: NoPE layers sharpen attention far into a context
+            steps = torch.floor((position_ids.float() + 1.0) / c.attn_temperature_floor_scale)
+            temperature = (torch.log1p(steps) * c.attn_temperature_scale + 1.0)[:, None, :, None]  # (B, 1, T, 1)
         for i, block in enumerate(self.blocks):
             sliding = c.is_sliding(i)
-            rope = ropes[sliding] if c.uses_rope(i) else None
+            rope, q_scale = (ropes[sliding], None) if c.uses_rope(i) else (None, temperature)
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, masks[sliding], input_pos, use_reentrant=False)
+                x = checkpoint(block, x, rope, masks[sliding], input_pos, q_scale, use_reentrant=False)
             else:
-                x = block(x, rope, masks[sliding], input_pos)  # input_pos None: no cache
+                x = block(x, rope, masks[sliding], input_pos, q_scale)  # input_pos None: no cache
         if logit_positions is not None:
             x = x.gather(1, logit_positions[..., None].expand(-1, -1, x.shape[-1]))
         x = self.final_norm(x)
@@ -186,18 +191,24 @@ class GPT(nn.Module):
         return {False: (cos, sin), True: local}
 
     def _attention_masks(
-        self, query_slots: torch.Tensor, cache_len: int | None, attention_mask: torch.Tensor | None
+        self,
+        query_slots: torch.Tensor,
+        cache_len: int | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
     ) -> dict[bool, torch.Tensor | None]:
-        """Boolean masks (..., T, S) for global (False) and sliding (True) layers; None = plain causal.
+        """Boolean masks (..., T, S) for global (False) and local (True: sliding or chunked) layers; None = causal.
 
         query_slots (T,) or (B, 1, T): where each query sits among the keys, which are numbered 0..S-1.
+        position_ids (B, T): the queries' positions, which Llama 4's chunks count in.
         With model.KVCache, attention always spans the whole preallocated cache (slots past the
         current position are masked): the shapes stay fixed from step to step, so a compiled
         decode step never recompiles and nothing waits on the device for a length.
         """
-        window = self.config.sliding_window
+        window, chunk = self.config.sliding_window, self.config.attention_chunk_size
         T = query_slots.shape[-1]
-        if cache_len is None and attention_mask is None and (window is None or window >= T):
+        local_span = window or chunk  # T tokens within one: plain causal (chunks count from token 0, as in HF)
+        if cache_len is None and attention_mask is None and (local_span is None or local_span >= T):
             return {False: None, True: None}
         key_pos = torch.arange(cache_len or T, device=query_slots.device)
         query_pos = (query_slots if cache_len is not None else key_pos)[..., :, None]
@@ -205,6 +216,11 @@ class GPT(nn.Module):
         if attention_mask is not None:
             causal = causal & attention_mask
         local = causal if window is None else causal & (query_pos - key_pos < window)
+        if chunk is not None:  # Llama 4: a query sees only the keys in its own chunk of positions
+            positions = position_ids[:, None, :, None]  # (B, 1, T, 1)
+            # A key's position: its own without a cache; with one, its slot less its row's offset (left padding).
+            key_positions = positions.mT if cache_len is None else key_pos - (query_pos - positions)
+            local = local & (key_positions // chunk == positions // chunk)
         return {False: causal, True: local}
 
 
@@ -226,9 +242,10 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         input_pos: torch.Tensor | None,
+        q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.attn_norm(x)
-        attn_out = self.post_attn_norm(self.attn(h, rope, mask, input_pos))
+        attn_out = self.post_attn_norm(self.attn(h, rope, mask, input_pos, q_scale))
         if self.config.parallel_residual:  # GPT-NeoX, Phi-1.5/2, Falcon: both branches read x
             mlp_in = h if self.config.shared_attention_norm else self.mlp_norm(x)
             return x + attn_out + self.post_mlp_norm(self.mlp(mlp_in))
@@ -262,7 +279,9 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         input_pos: torch.Tensor | None,
+        q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """q_scale (B, 1, T, 1): Llama 4's attention temperature on its NoPE layers, multiplied into q."""
         c = self.config
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
@@ -277,6 +296,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope, c.rope_interleaved), apply_rope(k, *rope, c.rope_interleaved)
+            if c.qk_norm == "l2":  # Llama 4: q and k over their RMS (no weight), after RoPE, on RoPE layers only
+                q, k = (F.rms_norm(t.float(), (c.head_dim,), eps=c.norm_eps).to(t.dtype) for t in (q, k))
+        if q_scale is not None:
+            q = (q * q_scale).to(q.dtype)
         cache = self.kv_cache if input_pos is not None else None  # see GPT.forward
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
@@ -404,12 +427,16 @@ class MoE(nn.Module):
         One branch per Config.moe_router value; a family with its own routing adds one here."""
         if self.config.moe_router == "sparsemixer":  # PhiMoE
             return sparsemixer(self.router(x), self.config.n_expert_per_token, self.config.moe_jitter_eps)
+        logits = self.router(x)
         # gpt-oss: top-k of the logits, softmax over those k. Equal in exact arithmetic to "softmax" renormalised,
         # but it chooses on the logits as gpt-oss does, so no tie made by rounding the softmax picks another expert.
         if self.config.moe_router == "topk_softmax":
-            logits, chosen = self.router(x).topk(self.config.n_expert_per_token, dim=-1)
-            return logits.softmax(dim=-1, dtype=torch.float32), chosen
-        probs = self.router(x).softmax(dim=-1, dtype=torch.float32)  # "softmax": Mixtral, Qwen MoE
+            top, chosen = logits.topk(self.config.n_expert_per_token, dim=-1)
+            return top.softmax(dim=-1, dtype=torch.float32), chosen
+        if self.config.moe_router == "sigmoid_input":  # Llama 4: each chosen expert's own sigmoid, no softmax
+            top, chosen = logits.topk(self.config.n_expert_per_token, dim=-1)
+            return torch.sigmoid(top.float()), chosen
+        probs = logits.softmax(dim=-1, dtype=torch.float32)  # "softmax": Mixtral, Qwen MoE
         weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)
         if self.config.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -433,6 +460,7 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * size)) if config.moe_expert_bias else None  # gpt-oss
         self.down_proj_bias = nn.Parameter(torch.zeros(E, C)) if config.moe_expert_bias else None
         self.config, self.activation = config, config.mlp_activation
+        self.scale_input = config.moe_router == "sigmoid_input"  # Llama 4 weights each expert's input, not output
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, project: Callable | None = None
@@ -447,14 +475,16 @@ class Experts(nn.Module):
         counts = chosen.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, chosen, torch.ones_like(chosen))
         ends = counts.cumsum(0).to(torch.int32)
         expert = chosen[order]  # each sorted slot's expert, to gather its biases (gpt-oss)
-        gate_up = project("gate_up_proj", x[token], ends)
+        weights = weights.reshape(-1)[order, None]
+        rows = x[token] * weights if self.scale_input else x[token]
+        gate_up = project("gate_up_proj", rows, ends)
         if self.gate_up_proj_bias is not None:
             gate_up = gate_up + self.gate_up_proj_bias[expert]
         y = project("down_proj", self.activate(*gate_up.chunk(2, dim=-1)), ends)
         if self.down_proj_bias is not None:
             y = y + self.down_proj_bias[expert]
         # index_add_ sums a token's k outputs in expert order, as a loop over experts would
-        return torch.zeros_like(x).index_add_(0, token, y * weights.reshape(-1)[order, None])
+        return torch.zeros_like(x).index_add_(0, token, y if self.scale_input else y * weights)
 
     def project(self, name: str, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         return grouped_mm(rows, getattr(self, name), ends)

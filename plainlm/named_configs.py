@@ -326,6 +326,51 @@ _QWEN3_30B_A3B = dict(
     mlp_only_layers=[],
 )
 
+# --- Meta Llama 4 (the text model of the multimodal releases): a shared expert beside the routed ones, every 4th
+# layer without RoPE (and with attention temperature), the others attending in 8k chunks ---
+_LLAMA_4 = dict(
+    model_type="llama4_text",
+    vocab_size=202048,
+    hidden_size=5120,
+    intermediate_size=8192,  # each expert's, and the shared expert's
+    intermediate_size_mlp=16384,  # the dense layers' (Maverick's every other layer)
+    num_hidden_layers=48,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    head_dim=128,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    no_rope_layers=[int((i + 1) % 4 != 0) for i in range(48)],
+    attention_chunk_size=8192,
+    attn_temperature_tuning=True,
+    floor_scale=8192,
+    attn_scale=0.1,
+    num_experts_per_tok=1,
+    attention_bias=False,
+    tie_word_embeddings=False,
+    bos_token_id=200000,
+    eos_token_id=[200001, 200007, 200008],
+    pad_token_id=200018,
+)
+_LLAMA_4_SCOUT = dict(
+    _LLAMA_4,
+    max_position_embeddings=10485760,
+    num_local_experts=16,
+    interleave_moe_layer_step=1,
+    use_qk_norm=True,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 16.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+_LLAMA_4_MAVERICK = dict(
+    _LLAMA_4, max_position_embeddings=1048576, num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False
+)
+
 # --- Google Gemma: GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(width), 256k vocabulary ---
 _GEMMA = dict(
     model_type="gemma",
@@ -692,6 +737,8 @@ HF_CONFIG_JSON: dict[str, dict[str, Any]] = {
     "meta-llama/Llama-3.2-3B": _LLAMA_3_2_3B,
     "meta-llama/Llama-3.2-3B-Instruct": dict(_LLAMA_3_2_3B, eos_token_id=_LLAMA_3_CHAT_EOS),
     "meta-llama/Llama-3.3-70B-Instruct": dict(_LLAMA_3_1_70B, eos_token_id=_LLAMA_3_CHAT_EOS),
+    "meta-llama/Llama-4-Scout-17B-16E-Instruct": _LLAMA_4_SCOUT,
+    "meta-llama/Llama-4-Maverick-17B-128E-Instruct": _LLAMA_4_MAVERICK,
     # SmolLM2
     "HuggingFaceTB/SmolLM2-135M": _SMOLLM2_135M,
     "HuggingFaceTB/SmolLM2-135M-Instruct": dict(_SMOLLM2_135M, **_SMOLLM2_INSTRUCT_TOKENS),

@@ -36,6 +36,8 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+LLAMA4_ROPE = dict(LLAMA31_ROPE, factor=16.0, high_freq_factor=1.0)  # Llama 4 Scout's
+
 # name -> (GGUF architecture, transformers config class, kwargs): one entry per supported architecture,
 # each with the switches that make it what it is. Gemma's query_pre_attn_scalar equals head_dim because
 # GGUF does not store it (llama.cpp derives it; only the 27B models differ).
@@ -165,6 +167,23 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
             },
         ),
     ),
+    # Four layers: the fourth without RoPE, the second and fourth with experts. llama.cpp hard-codes the 8k chunks
+    # and the temperature's floor of 8k positions, so they are Llama 4's own here (and out of reach of 12 tokens).
+    "llama4": (
+        "llama4",
+        "Llama4TextConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=4,
+            head_dim=16,
+            intermediate_size=32,
+            intermediate_size_mlp=96,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            interleave_moe_layer_step=2,
+            rope_parameters=LLAMA4_ROPE,
+        ),
+    ),
 }
 # Architectures whose q and k rows convert_hf_to_gguf.py permutes (its LlamaModel and subclasses).
 PERMUTED_QK = ("llama", "smollm3", "granite")
@@ -215,8 +234,8 @@ def quantized_reference(
     model: transformers.PreTrainedModel, qtype: GGMLQuantizationType, expert_qtype: GGMLQuantizationType | None = None
 ) -> None:
     """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D weights round-tripped, and 3-D experts
-    in `expert_qtype` (default qtype), quantized along their inputs (gpt-oss holds them transposed)."""
-    transposed = model.config.model_type == "gpt_oss"
+    in `expert_qtype` (default qtype), quantized along their inputs (gpt-oss and Llama 4 hold them transposed)."""
+    transposed = model.config.model_type in ("gpt_oss", "llama4_text")  # (E, in, out)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(KEPT_IN_FLOAT32):
@@ -233,6 +252,8 @@ def llama_cpp_inputs(model: transformers.PreTrainedModel, arch: str) -> list[tup
     gate_up_proj (E, 2I, C) split into stacked gate and up (Qwen2MoeModel.modify_tensors does the same)."""
     if arch == "gpt-oss":
         return _gpt_oss_tensors(model)
+    if arch == "llama4":
+        return _llama4_tensors(model)
     out = []
     for name, tensor in model.state_dict().items():
         if name.endswith("mlp.experts.gate_up_proj"):
@@ -245,6 +266,22 @@ def llama_cpp_inputs(model: transformers.PreTrainedModel, arch: str) -> list[tup
             out.append((name + ".weight", tensor))
         else:
             out.append((name, tensor))
+    return out
+
+
+def _llama4_tensors(model: transformers.PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
+    """Llama 4's state dict as Llama4Model.modify_tensors writes it: the experts' (E, in, out) weights transposed,
+    gate_up_proj split into gate and up."""
+    out = []
+    for name, t in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = t.transpose(1, 2).chunk(2, dim=1)
+            stem = name.removesuffix("gate_up_proj")
+            out += [(stem + "gate_proj.weight", gate.contiguous()), (stem + "up_proj.weight", up.contiguous())]
+        elif name.endswith("experts.down_proj"):
+            out.append((name + ".weight", t.transpose(1, 2).contiguous()))
+        else:
+            out.append((name, t))
     return out
 
 
@@ -328,7 +365,8 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
+    # Llama 4's dense layers are intermediate_size_mlp wide (its intermediate_size is the experts')
+    writer.add_feed_forward_length(getattr(cfg, "intermediate_size_mlp", cfg.intermediate_size))
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     if arch == "cohere2":
@@ -341,12 +379,17 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    if arch in ("qwen3", "gemma2", "gemma3", "exaone4", "seed_oss", "ernie4_5", "gpt-oss"):
+    if arch in ("qwen3", "gemma2", "gemma3", "exaone4", "seed_oss", "ernie4_5", "gpt-oss", "llama4"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if arch in PERMUTED_QK:
+    if arch in (*PERMUTED_QK, "llama4"):
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_rope_dimension_count(head_dim)
+    if arch == "llama4":
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.intermediate_size)
+        writer.add_interleave_moe_layer_step(cfg.interleave_moe_layer_step)
     if arch == "granite":  # GraniteModel's multipliers, named as scales
         writer.add_attention_scale(cfg.attention_multiplier)
         writer.add_embedding_scale(cfg.embedding_multiplier)

@@ -30,6 +30,7 @@ from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.convert.gguf import dequantize, load_gguf_model, read_gguf
 from plainlm.convert.gguf_names import read_config, tensor_rules
 from plainlm.convert.hf import convert_to_hf
+from plainlm.convert.hf_config import config_from_hf
 from plainlm.convert.hf_weights import weight_rules
 from plainlm.errors import PackagedModelMissing
 from plainlm.generate import generate
@@ -240,3 +241,16 @@ def test_gpt_oss_mxfp4_experts_load_as_the_gguf_package_dequantizes_them(tmp_pat
     ids = torch.randint(0, reference.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_gguf_model(path)(ids), reference(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_llama4_hard_coded_attention_is_the_config_json_one(tmp_path: Path) -> None:
+    """llama.cpp stores none of Llama 4's attention switches (8k chunks, NoPE every 4th layer and its temperature,
+    q/k norm but on the 128-expert model): what it hard-codes reads as what the model's config.json says."""
+    reference = make_tiny_model("llama4")
+    path = write_gguf(reference, "llama4", tmp_path / "tiny.gguf")
+    ours, theirs = read_config(read_gguf(path), path), config_from_hf(reference.config.to_dict())
+    assert ours.attention_chunk_size == 8192 and ours.nope_layers == [3] and ours.moe_dense_layers == [0, 2]
+    assert ours.norm_eps == pytest.approx(theirs.norm_eps, rel=1e-6)  # GGUF stores it in float32
+    for config in (ours, theirs):
+        config.name, config.hf_extra, config.norm_eps = "tiny", {}, 1e-5
+    assert ours == theirs

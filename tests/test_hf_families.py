@@ -343,6 +343,32 @@ FAMILIES: dict[str, tuple[str, dict]] = {
             },
         ),
     ),
+    # Llama 4 Maverick's layout (dense and MoE layers alternate) with Scout's rope scaling and q/k norm; chunks of
+    # 4 and a temperature floor of 3 so that 13 tokens cross chunks and the NoPE layer's temperature changes
+    "llama4": (
+        "Llama4TextConfig",
+        dict(
+            LLAMA,
+            head_dim=16,
+            intermediate_size=32,
+            intermediate_size_mlp=96,
+            num_hidden_layers=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            interleave_moe_layer_step=2,
+            attention_chunk_size=4,
+            floor_scale=3,
+            attn_scale=0.5,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 16.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
 }
 
 
@@ -662,3 +688,81 @@ def test_mxfp4_blocks_and_scales_that_do_not_pair_up_are_named(tmp_path: Path) -
         with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.down_proj: blocks of shape"):
             load(tmp_path)
     assert not (tmp_path / "native").exists()  # refused before anything is written
+
+
+def test_llama4_chunks_and_temperature_count_positions_under_a_kv_cache(tmp_path: Path) -> None:
+    """Llama 4's attention chunks and NoPE temperature depend on each token's position: decoding token by token
+    through the KV cache, a left-padded row included (its positions trail its cache slots by the padding), gives
+    transformers' whole-sequence logits of the unpadded rows."""
+    hf_model = make_hf_model("llama4")
+    hf_model.save_pretrained(tmp_path)
+    ids = random_ids()
+    expected = hf_logits(hf_model, ids)
+    model = load_hf_model(tmp_path).eval()
+    T = ids.shape[1]
+    pad = torch.tensor([[0], [3]])  # row 1: three pad slots, then its first T - 3 tokens
+    idx = torch.cat((ids[:1], torch.cat((torch.zeros(1, 3, dtype=ids.dtype), ids[1:, : T - 3]), dim=1)))
+    slots = torch.arange(T)
+    position_ids = (slots - pad).clamp(min=0)
+    mask = ((slots >= pad)[:, None, :] | torch.eye(T, dtype=torch.bool))[:, None]  # (2, 1, T, S); a pad sees itself
+    model.set_kv_cache(2, T)
+    steps = [(0, 5)] + [(t, t + 1) for t in range(5, T)]  # a prefill across chunks, then one token at a time
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                model(
+                    idx[:, a:b],
+                    input_pos=slots[a:b],
+                    position_ids=position_ids[:, a:b],
+                    attention_mask=mask[..., a:b, :],
+                )
+                for a, b in steps
+            ],
+            dim=1,
+        )
+    torch.testing.assert_close(logits[0], expected[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(logits[1, 3:], expected[1, : T - 3], atol=ATOL, rtol=RTOL)
+
+
+def llama4_config_json(**changes: object) -> dict:
+    return {**transformers.Llama4TextConfig(**FAMILIES["llama4"][1]).to_dict(), **changes}
+
+
+def test_llama4_multimodal_config_reads_as_its_text_model() -> None:
+    """The hub's Llama 4 repos hold a multimodal config.json (model_type llama4) around the text model's."""
+    multimodal = {"model_type": "llama4", "text_config": llama4_config_json(), "vision_config": {"hidden_size": 32}}
+    assert config_from_hf(multimodal, name="l4") == config_from_hf(llama4_config_json(), name="l4")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # chunked attention on the NoPE layer too: the layer pattern plainlm's masks do not follow
+        (dict(layer_types=["chunked_attention"] * 4), "llama4_text layer_types .* RoPE layers"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}), "rope scaling 'dynamic'"),
+        (dict(hidden_act="quick_gelu"), "unsupported activation 'quick_gelu'"),
+        (dict(no_rope_layers=[1, 1]), "no_rope_layers has 2 entries for 4 layers"),
+    ],
+)
+def test_llama4_config_we_cannot_run_is_refused(changes: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(llama4_config_json(**changes))
+
+
+def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path: Path) -> None:
+    """The hub's Llama 4 checkpoints are Llama4ForConditionalGeneration: the text model under "language_model.",
+    beside the vision model, which plainlm leaves out. Text-only logits are transformers' own."""
+    text = dict(FAMILIES["llama4"][1], num_hidden_layers=2)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28)
+    vision.update(patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    torch.manual_seed(0)
+    hf_model = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=text, vision_config=vision)
+    ).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.normal_(0, 0.1)
+    hf_model.save_pretrained(tmp_path)
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=RTOL)

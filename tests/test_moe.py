@@ -39,6 +39,14 @@ SHAPES = {
         mlp_activation="clamped_swiglu",
         swiglu_limit=0.5,
     ),
+    # Llama 4: the router's sigmoid scales the expert's input; a shared expert of the experts' size
+    "llama4": dict(
+        n_expert=8,
+        n_expert_per_token=2,
+        moe_intermediate_size=24,
+        moe_shared_intermediate_size=24,
+        moe_router="sigmoid_input",
+    ),
 }
 
 
@@ -59,12 +67,15 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     for e in chosen.unique().tolist():
         token, slot = (chosen == e).nonzero(as_tuple=True)
+        weight = weights[token, slot, None]
+        scale_input = moe.config.moe_router == "sigmoid_input"  # Llama 4
         biases = (
             (experts.gate_up_proj_bias[e], experts.down_proj_bias[e]) if moe.config.moe_expert_bias else (None,) * 2
         )
-        gate, up = F.linear(x[token], experts.gate_up_proj[e], biases[0]).chunk(2, dim=-1)
+        rows = x[token] * weight if scale_input else x[token]
+        gate, up = F.linear(rows, experts.gate_up_proj[e], biases[0]).chunk(2, dim=-1)
         y = F.linear(expert_activation(moe.config, gate, up), experts.down_proj[e], biases[1])
-        out.index_add_(0, token, y * weights[token, slot, None])
+        out.index_add_(0, token, y if scale_input else y * weight)
     if moe.config.moe_shared_intermediate_size:
         shared = moe.shared_expert(x)
         if moe.config.moe_shared_gate:
@@ -120,7 +131,8 @@ def test_dense_layers_keep_a_plain_mlp() -> None:
     assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
 
 
-# the models compiled whole: Mixtral's layout, and gpt-oss's (sinks, sliding layers, biased experts)
+# the models compiled whole: Mixtral's layout, gpt-oss's (sinks, sliding layers, biased experts) and Llama 4's
+# attention (chunks, NoPE layer with its temperature, L2 q/k norm) around its router
 COMPILED = {
     "mixtral": dict(n_expert=4, n_expert_per_token=2),
     "phimoe": dict(n_expert=4, n_expert_per_token=2, moe_router="sparsemixer"),
@@ -131,6 +143,18 @@ COMPILED = {
         attention_sinks=True,
         sliding_window=4,
         sliding_window_pattern=2,
+    ),
+    "llama4": dict(
+        n_expert=4,
+        n_expert_per_token=1,
+        moe_router="sigmoid_input",
+        moe_shared_intermediate_size=32,
+        moe_dense_layers=[0],
+        nope_layers=[1],
+        attention_chunk_size=4,
+        attn_temperature_floor_scale=3,
+        qk_norm="l2",
+        rope_interleaved=True,
     ),
 }
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from helpers import make_adapter, merged
+from helpers import make_adapter, merged, tiny_gpt
 
 from plainlm.api import LLM
 from plainlm.errors import InvalidInput, NotFound, QueueFull
@@ -114,7 +114,29 @@ def engine_bytes_per_token(llm: LLM) -> int:
     return 2 * c.n_layer * c.n_kv_head * c.head_dim * 4
 
 
-def test_logprobs_equal_a_plain_forward_pass(llm):
+# Llama 4's attention with chunks of 4 positions, a NoPE layer with its temperature, and its experts: the pool's
+# masks must count positions as a plain forward does, across prompt chunks of 7
+LLAMA4 = dict(
+    n_layer=4,
+    block_size=64,
+    n_expert=4,
+    n_expert_per_token=1,
+    moe_router="sigmoid_input",
+    moe_shared_intermediate_size=32,
+    moe_dense_layers=[0, 2],
+    nope_layers=[3],
+    attention_chunk_size=4,
+    attn_temperature_floor_scale=3,
+    qk_norm="l2",
+    rope_interleaved=True,
+)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_logprobs_equal_a_plain_forward_pass(llm, family):
+    if family == "llama4":
+        model = tiny_gpt(**LLAMA4, vocab_size=llm.model.config.vocab_size, std=0.2).eval()
+        llm = LLM(model, llm.tokenizer)
     prompt = prompts(1, llm.model.config.vocab_size, seed=4, shortest=30, longest=31)[0]
     engine = Engine(llm, prefill_chunk=7, kv_cache_gb=0.01)
     result = engine.generate(

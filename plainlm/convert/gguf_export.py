@@ -65,7 +65,7 @@ class PlannedTensor:
 def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -> Path:
     """Native checkpoint -> a GGUF file for llama.cpp (or transformers' `gguf_file=`); `dtype` is f16, q8_0,
     f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen2moe, qwen3, phi3, gemma2, gemma3, cohere2,
-    exaone4, smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss, ernie4_5."""
+    exaone4, smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss, ernie4_5, llama4."""
     src, file = Path(src_dir), check_output_path(file, "file", file=True)
     if dtype not in DTYPES:
         raise InvalidInput(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")

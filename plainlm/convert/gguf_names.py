@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor, RopeScalingType
 
 from plainlm.config import Config
+from plainlm.convert.hf_config import interleave_moe_layer_step
 from plainlm.errors import CheckpointError
 from plainlm.model import rope_inv_freq
 
@@ -47,6 +48,7 @@ GGUF_ARCHITECTURES = {
     "seed_oss": "seed_oss",
     "ernie4_5": "ernie4_5",
     "gpt-oss": "gpt_oss",
+    "llama4": "llama4_text",
 }
 HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()} | {"olmo3": "olmo2"}
 # Architectures whose q and k rows llama.cpp permutes (LlamaModel.permute) for its interleaved RoPE kernel.
@@ -68,6 +70,9 @@ SLIDING_WINDOW_PATTERN = {
     "exaone4": 4,
     "olmo2": OLMO3_SLIDING_WINDOW_PATTERN,
 }
+# Llama 4's chunked attention (every RoPE layer), NoPE layers (every 4th) and their attention temperature
+# (floor scale, scale); q/k L2 norm on all but the 128-expert model (Maverick)
+LLAMA4_CHUNK, LLAMA4_NOPE_STEP, LLAMA4_TEMPERATURE, LLAMA4_NO_QK_NORM_EXPERTS = 8192, 4, (8192, 0.1), 128
 # Gemma 2 27B (46 layers) and Gemma 3 27B (62 layers) scale queries by n_embd / n_head instead of
 # head_dim (query_pre_attn_scalar in their config.json); llama.cpp recognises them by layer count.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -202,6 +207,8 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         fields.update(_qwen2moe_fields(meta))
     if arch == "gpt-oss":
         fields.update(_gpt_oss_fields(meta, fields["intermediate_size"], fields["rope_scaling"]))
+    if arch == "llama4":
+        fields.update(_llama4_fields(meta, n_layer))
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -263,24 +270,26 @@ def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: 
 def _llama3_scaling(meta: _Metadata, tensor: ReaderTensor, rope_dims: int) -> dict[str, Any]:
     """Llama 3.1+ RoPE scaling from the per-frequency factors llama.cpp writes as rope_freqs.weight.
 
-    llama.cpp computes them with low_freq_factor 1, high_freq_factor 4 and an original context of 8192
-    (every Llama 3.x); the factor is the largest of them. Anything else is refused, not guessed.
+    llama.cpp computes them with an original context of 8192 and low_freq_factor 1, high_freq_factor 4 (every
+    Llama 3.x) or 1 (Llama 4 Scout); the factor is the largest of them. Anything else is refused, not guessed.
     """
     if tensor.tensor_type != GGMLQuantizationType.F32 or len(tensor.shape) != 1:
         raise CheckpointError(f"{meta.path}: rope_freqs.weight should be a float32 vector, as llama.cpp writes it")
     factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
-    scaling = {
-        "rope_type": "llama3",
-        "factor": float(factors.max()),
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    }
     theta = meta.float("rope.freq_base", default=10000.0)
-    plain, scaled = rope_inv_freq(rope_dims, theta, None, 0)[0], rope_inv_freq(rope_dims, theta, scaling, 0)[0]
-    if factors.shape != plain.shape or not torch.allclose(plain / scaled, factors, rtol=1e-4):
-        raise CheckpointError(f"{meta.path}: rope_freqs.weight matches no Llama 3 RoPE scaling; not supported")
-    return scaling
+    plain = rope_inv_freq(rope_dims, theta, None, 0)[0]
+    for high in (1.0, 4.0) if meta.arch == "llama4" else (4.0, 1.0):
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(factors.max()),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": 8192,
+        }
+        scaled = rope_inv_freq(rope_dims, theta, scaling, 0)[0]
+        if factors.shape == plain.shape and torch.allclose(plain / scaled, factors, rtol=1e-4):
+            return scaling
+    raise CheckpointError(f"{meta.path}: rope_freqs.weight matches no Llama 3 RoPE scaling; not supported")
 
 
 def _gemma_fields(meta: _Metadata, n_layer: int, n_embd: int, n_head: int, head_dim: int) -> dict[str, Any]:
@@ -365,6 +374,34 @@ def _gpt_oss_fields(meta: _Metadata, feed_forward: int, rope_scaling: dict[str, 
     )
 
 
+def _llama4_fields(meta: _Metadata, n_layer: int) -> dict[str, Any]:
+    """What llama.cpp reads for Llama 4, and what it hard-codes (src/llama-model.cpp)."""
+    if meta.int("attention.sliding_window", default=LLAMA4_CHUNK, minimum=0) == 0:
+        raise CheckpointError(
+            f"{meta.path}: llama4 with attention.sliding_window 0 (no chunked attention: MobileLLM) is not supported"
+        )
+    n_expert = meta.int("expert_count", default=0, minimum=0)
+    fields: dict[str, Any] = dict(
+        rope_interleaved=True,
+        nope_layers=[i for i in range(n_layer) if (i + 1) % LLAMA4_NOPE_STEP == 0],
+        qk_norm="none" if n_expert == LLAMA4_NO_QK_NORM_EXPERTS else "l2",
+        attention_chunk_size=LLAMA4_CHUNK,
+        attn_temperature_floor_scale=LLAMA4_TEMPERATURE[0],
+        attn_temperature_scale=LLAMA4_TEMPERATURE[1],
+    )
+    if n_expert:
+        size, step = meta.int("expert_feed_forward_length"), meta.int("interleave_moe_layer_step", maximum=n_layer)
+        fields.update(
+            n_expert=n_expert,
+            n_expert_per_token=meta.int("expert_used_count", maximum=n_expert),
+            moe_intermediate_size=size,
+            moe_shared_intermediate_size=size,
+            moe_router="sigmoid_input",
+            moe_dense_layers=[i for i in range(n_layer) if (i + 1) % step],
+        )
+    return fields
+
+
 def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
     """llama.cpp's pattern: an int k (every k-th layer global, 0 = all sliding) or one bool per layer."""
     key = "attention.sliding_window_pattern"
@@ -446,8 +483,10 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
         writer.add_expert_count(c.n_expert)
         writer.add_expert_used_count(c.n_expert_per_token)
         writer.add_expert_feed_forward_length(c.moe_intermediate_size or c.intermediate_size)
-    if c.moe_shared_intermediate_size:
+    if c.moe_shared_intermediate_size and arch != "llama4":  # llama4's shared expert is as wide as each expert
         writer.add_expert_shared_feed_forward_length(c.moe_shared_intermediate_size)
+    if arch == "llama4" and c.n_expert:
+        writer.add_interleave_moe_layer_step(interleave_moe_layer_step(c))
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -605,7 +644,7 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
     rules += _linear(g + "attn_output", o + "o_proj", c.attn_out_bias)
     if c.attention_sinks:  # gpt-oss
         rules.append(_plain(g + "attn_sinks.weight", o + "sinks"))
-    if c.qk_norm != "none":  # Qwen3, Gemma 3, EXAONE 4: one per head; OLMo 2/3: over the whole projection
+    if c.qk_norm in ("head", "full"):  # Qwen3, Gemma 3, EXAONE 4: per head; OLMo 2/3: whole; Llama 4's l2: none
         rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
         rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]
     return rules

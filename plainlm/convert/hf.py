@@ -36,7 +36,7 @@ from plainlm.convert.hf_quantized import (
     quant_method,
     read_packed_format,
 )
-from plainlm.convert.hf_weights import IGNORED_HF_SUFFIXES, weight_rules
+from plainlm.convert.hf_weights import IGNORED_HF_PREFIXES, IGNORED_HF_SUFFIXES, weight_rules
 from plainlm.convert.mxfp4 import Mxfp4Source
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
@@ -98,7 +98,11 @@ def hf_to_plainlm_tensors(
                 f"{', '.join(rule.ours)} for this config.json; the config and the weights are of different models"
             ) from None
         yield from zip(rule.ours, parts, strict=True)
-    unused = [k for k in source.keys() if k not in used and not k.endswith(IGNORED_HF_SUFFIXES)]
+    unused = [
+        k
+        for k in source.keys()
+        if k not in used and not k.endswith(IGNORED_HF_SUFFIXES) and not k.startswith(IGNORED_HF_PREFIXES)
+    ]
     if config.tie_embeddings:
         unused = [k for k in unused if not k.endswith("lm_head.weight")]
     if unused:
@@ -109,8 +113,10 @@ def hf_to_plainlm_tensors(
 
 
 def _find_key(source: TensorSource, name: str) -> str | None:
-    # Old GPT-2 checkpoints have no "transformer." prefix; some exports add a "model." one.
-    for candidate in (name, name.removeprefix("transformer."), name.removeprefix("model."), f"model.{name}"):
+    # Old GPT-2 checkpoints have no "transformer." prefix; some exports add a "model." one; a multimodal
+    # checkpoint (Llama 4) holds its text model under "language_model.".
+    candidates = (name, name.removeprefix("transformer."), name.removeprefix("model."), f"model.{name}")
+    for candidate in (*candidates, f"language_model.{name}"):
         if candidate in source:
             return candidate
     return None

@@ -36,7 +36,19 @@ LLAMA_LIKE = (
     "phimoe",
 )
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2", "gpt_oss")
+SUPPORTED_MODEL_TYPES = (
+    *LLAMA_LIKE,
+    *GEMMA_LIKE,
+    "llama4_text",
+    "stablelm",
+    "phi",
+    "gpt_neox",
+    "falcon",
+    "gpt2",
+    "gpt_oss",
+)
+# Multimodal model types whose config.json holds the text model's config as its text_config
+TEXT_MODEL_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text"}
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -63,6 +75,7 @@ ARCHITECTURES = {
     "gpt_neox": "GPTNeoXForCausalLM",
     "falcon": "FalconForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "llama4_text": "Llama4ForCausalLM",
     "cohere2": "Cohere2ForCausalLM",
     "exaone4": "Exaone4ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
@@ -99,9 +112,9 @@ ACTIVATIONS = {
 
 def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
     model_type = hf.get("model_type")
-    if model_type == "gemma3" and "text_config" in hf:  # a multimodal Gemma 3 config: take its text model
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
-        model_type = "gemma3_text"
+    if model_type in TEXT_MODEL_TYPES and "text_config" in hf:  # a multimodal config: take its text model
+        model_type = TEXT_MODEL_TYPES[model_type]
+        hf = {**hf["text_config"], "model_type": model_type}
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -115,6 +128,8 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
         fields = _falcon_fields(hf)
     elif model_type == "phi":
         fields = _phi_fields(hf)
+    elif model_type == "llama4_text":
+        fields = _llama4_fields(hf)
     elif model_type == "gpt_oss":
         fields = _gpt_oss_fields(hf)
     else:
@@ -411,6 +426,56 @@ def _phimoe_fields(hf: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _llama4_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Llama 4's text model, with Llama4TextConfig's defaults: MoE with a shared expert (dense layers between,
+    on Maverick), NoPE every 4th layer, chunked attention with L2-normalised q and k on the RoPE layers."""
+    n_layer = hf["num_hidden_layers"]
+    uses_rope = hf.get("no_rope_layers") or [
+        int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0) for i in range(n_layer)
+    ]
+    if len(uses_rope) < n_layer:
+        raise UnsupportedModelError(f"llama4_text no_rope_layers has {len(uses_rope)} entries for {n_layer} layers")
+    nope_layers = [i for i in range(n_layer) if not uses_rope[i]]
+    step = hf.get("interleave_moe_layer_step", 1)
+    moe_layers = hf.get("moe_layers")
+    moe_layers = list(range(step - 1, n_layer, step)) if moe_layers is None else moe_layers
+    chunk = hf.get("attention_chunk_size", 8192)
+    local = ["chunked_attention" if chunk and i not in nope_layers else "full_attention" for i in range(n_layer)]
+    if hf.get("layer_types") and list(hf["layer_types"]) != local:
+        raise UnsupportedModelError(
+            f"llama4_text layer_types {hf['layer_types']} do not chunk exactly the RoPE layers (no_rope_layers); "
+            "plainlm supports chunked attention on the RoPE layers only"
+        )
+    bias = hf.get("attention_bias", False)
+    expert_size = hf.get("intermediate_size", 8192)
+    return dict(
+        **{
+            **_sizes(hf),
+            "block_size": hf.get("max_position_embeddings", 4096 * 32),
+            "intermediate_size": hf.get("intermediate_size_mlp", 16384),  # the dense layers' MLP
+        },
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        norm_eps=hf.get("rms_norm_eps", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=bias,
+        attn_out_bias=bias,
+        mlp_activation=_activation(hf.get("hidden_act", "silu")),
+        **_rope_fields(hf, default_theta=500000.0),
+        rope_interleaved=True,  # rotates (2i, 2i+1) as complex numbers
+        nope_layers=nope_layers,
+        qk_norm="l2" if hf.get("use_qk_norm", True) else "none",
+        attention_chunk_size=chunk or None,
+        attn_temperature_floor_scale=hf.get("floor_scale", 8192) if hf.get("attn_temperature_tuning", True) else None,
+        attn_temperature_scale=hf.get("attn_scale", 0.1),
+        n_expert=hf.get("num_local_experts", 16),
+        n_expert_per_token=hf.get("num_experts_per_tok", 1),
+        moe_intermediate_size=expert_size,
+        moe_shared_intermediate_size=expert_size,
+        moe_router="sigmoid_input",
+        moe_dense_layers=[i for i in range(n_layer) if i not in moe_layers],
+    )
+
+
 def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str, Any]:
     if hf.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"{model_type} with use_bidirectional_attention=true is not supported")
@@ -688,7 +753,7 @@ def _hf_rope(c: Config) -> dict[str, Any]:
 def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     t = c.hf_model_type
     out: dict[str, Any] = {}
-    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "phimoe", "gemma", "gemma2", "gemma3_text"):
+    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "phimoe", "gemma", "gemma2", "gemma3_text", "llama4_text"):
         out["attention_bias"] = c.qkv_bias
     if t in ("smollm3", "olmo3", "granite", "seed_oss"):
         out["attention_bias"] = c.qkv_bias
@@ -770,6 +835,8 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         out["sliding_window_pattern"] = c.sliding_window_pattern
     if t in ("cohere2", "exaone4"):
         out.update(_hf_hybrid_attention(c))
+    if t == "llama4_text":
+        out.update(_hf_llama4(c))
     if t == "cohere2":
         out.update(layer_norm_eps=c.norm_eps, logit_scale=c.logit_scale, attention_bias=c.qkv_bias)
         out["rotary_pct"] = 1.0  # ignored by transformers (whole heads rotate), required by llama.cpp's converter
@@ -792,3 +859,27 @@ def _hf_hybrid_attention(c: Config) -> dict[str, Any]:
             "cannot be written to its config.json"
         )
     return out
+
+
+def interleave_moe_layer_step(c: Config) -> int:
+    """Llama 4's interleave_moe_layer_step: every k-th layer has experts (1 where the MoE layers follow no step)."""
+    moe_layers = [i for i in range(c.n_layer) if c.is_moe(i)]
+    return next((k for k in range(1, c.n_layer + 1) if list(range(k - 1, c.n_layer, k)) == moe_layers), 1)
+
+
+def _hf_llama4(c: Config) -> dict[str, Any]:
+    return dict(
+        intermediate_size=c.moe_intermediate_size or c.intermediate_size,
+        intermediate_size_mlp=c.intermediate_size,
+        num_local_experts=c.n_expert,
+        num_experts_per_tok=c.n_expert_per_token,
+        interleave_moe_layer_step=interleave_moe_layer_step(c),
+        moe_layers=[i for i in range(c.n_layer) if c.is_moe(i)],
+        no_rope_layers=[int(c.uses_rope(i)) for i in range(c.n_layer)],
+        use_qk_norm=c.qk_norm == "l2",
+        attention_chunk_size=c.attention_chunk_size,
+        layer_types=["chunked_attention" if c.is_sliding(i) else "full_attention" for i in range(c.n_layer)],
+        attn_temperature_tuning=c.attn_temperature_floor_scale is not None,
+        floor_scale=c.attn_temperature_floor_scale or 8192,
+        attn_scale=c.attn_temperature_scale,
+    )

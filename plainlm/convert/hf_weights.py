@@ -39,6 +39,9 @@ class Rule:
         return self.parts or [self.hf]
 
 
+# The image side of a multimodal checkpoint (Llama 4), whose text model is what plainlm reads; its tensors
+# carry a "language_model." prefix there (hf.py looks for it).
+IGNORED_HF_PREFIXES = ("vision_model.", "multi_modal_projector.")
 # Buffers some checkpoints carry that are recomputed, not learned.
 IGNORED_HF_SUFFIXES = (
     ".rotary_emb.inv_freq",
@@ -99,7 +102,7 @@ def _llama_like_rules(c: Config) -> list[Rule]:
         rules += _one(p + "self_attn.o_proj", o + "attn.o_proj", bias=c.attn_out_bias)
         if c.attention_sinks:  # gpt-oss
             rules.append(Rule(p + "self_attn.sinks", [o + "attn.sinks"]))
-        if c.qk_norm != "none":
+        if c.qk_norm in ("head", "full"):  # Llama 4's "l2" has no weight
             rules += _norm(c, p + "self_attn.q_norm", o + "attn.q_norm") + _norm(
                 c, p + "self_attn.k_norm", o + "attn.k_norm"
             )
@@ -112,12 +115,14 @@ def _llama_like_rules(c: Config) -> list[Rule]:
             rules += _norm(c, p + "post_feedforward_layernorm", o + "post_mlp_norm")
         elif not c.shared_attention_norm:
             rules += _norm(c, p + "post_attention_layernorm", o + "mlp_norm")
-        rules += _mlp_rules(c, p, o, c.is_moe(i))
+        rules += _mlp_rules(c, p, o, i)
     return rules
 
 
-def _mlp_rules(c: Config, p: str, o: str, moe: bool) -> list[Rule]:
-    t = c.hf_model_type
+def _mlp_rules(c: Config, p: str, o: str, layer: int) -> list[Rule]:
+    t, moe = c.hf_model_type, c.is_moe(layer)
+    if t == "llama4_text":
+        return _llama4_mlp_rules(c, p + "feed_forward.", o + "mlp.", layer)
     if moe and t in ("mixtral", "phimoe"):
         return _one(p + "block_sparse_moe.gate", o + "mlp.router") + _experts(
             c, p + "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"), o + "mlp.experts."
@@ -142,6 +147,17 @@ def _mlp_rules(c: Config, p: str, o: str, moe: bool) -> list[Rule]:
             _concat(p + "mlp.gate_up_proj.weight", [o + "mlp.gate_proj.weight", o + "mlp.up_proj.weight"], [size, size])
         ] + _one(p + "mlp.down_proj", o + "mlp.down_proj")
     return [r for x in ("gate", "up", "down") for r in _one(p + f"mlp.{x}_proj", o + f"mlp.{x}_proj", bias=c.mlp_bias)]
+
+
+def _llama4_mlp_rules(c: Config, hf: str, ours: str, layer: int) -> list[Rule]:
+    def gated(hf_prefix: str, ours_prefix: str) -> list[Rule]:
+        return [r for x in ("gate", "up", "down") for r in _one(f"{hf_prefix}{x}_proj", f"{ours_prefix}{x}_proj")]
+
+    if not c.is_moe(layer):
+        return gated(hf, ours)
+    # Llama 4 keeps its experts as (E, in, out), gate_up_proj (E, C, 2I) with the gate columns first: ours transposed
+    experts = [_transposed(f"{hf}experts.{x}", f"{ours}experts.{x}") for x in ("gate_up_proj", "down_proj")]
+    return _one(hf + "router", ours + "router") + experts + gated(hf + "shared_expert.", ours + "shared_expert.")
 
 
 def _phi_rules(c: Config) -> list[Rule]:
@@ -289,6 +305,11 @@ def _interleaved_experts(hf: str, ours: str) -> list[Rule]:
         ),
         Rule(hf + "down_proj_bias", [ours + "down_proj_bias"]),
     ]
+
+
+def _transposed(hf: str, ours: str) -> Rule:
+    """A stack of matrices (E, a, b) that we hold as (E, b, a)."""
+    return Rule(hf, [ours], lambda t: [t.transpose(1, 2).contiguous()], lambda ts: ts[0].transpose(1, 2).contiguous())
 
 
 def _qkv_sizes(c: Config) -> list[int]:
