@@ -66,6 +66,13 @@ class Config:
     sliding_window: int | None = None
     # None: every layer slides (Mistral). k: every k-th layer attends globally (Gemma 2: 2, Gemma 3: 6).
     sliding_window_pattern: int | None = None
+    # Multi-head latent attention (DeepSeek-V3, Kimi K2), on when kv_lora_rank is set: keys and values come from
+    # a per-token latent of kv_lora_rank values, which with one rotated key of qk_rope_head_dim is all the KV cache
+    # holds. head_dim is then a query/key head (qk_nope_head_dim + qk_rope_head_dim); v_head_dim a value head.
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None  # None: a plain q_proj; else queries pass a low-rank bottleneck too
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None  # None = head_dim
 
     # --- rotary position embedding ---
     rope_theta: float = 10000.0
@@ -87,8 +94,13 @@ class Config:
     n_expert_per_token: int = 0
     moe_intermediate_size: int | None = None  # None = intermediate_size
     moe_normalize_topk: bool = True  # Mixtral renormalises the top-k router weights; Qwen3-MoE may not
-    # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k
-    moe_router: Literal["softmax"] = "softmax"
+    # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k;
+    # "noaux_tc" (DeepSeek-V3, GLM-4.5) = sigmoid scores, top-k among the best moe_topk_group of moe_n_group groups
+    # as chosen with a learned per-expert bias, weights scaled by moe_routed_scale
+    moe_router: Literal["softmax", "noaux_tc"] = "softmax"
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_routed_scale: float = 1.0
     # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
     moe_shared_intermediate_size: int = 0
     moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))
@@ -111,6 +123,15 @@ class Config:
             )
         if self.n_expert and not 0 < self.n_expert_per_token <= self.n_expert:
             raise InvalidInput(f"Config {self.name!r}: n_expert_per_token must be in 1..{self.n_expert}")
+        if (
+            self.n_expert
+            and self.moe_router == "noaux_tc"
+            and (self.n_expert % self.moe_n_group or not 0 < self.moe_topk_group <= self.moe_n_group)
+        ):
+            raise InvalidInput(
+                f"Config {self.name!r}: moe_n_group={self.moe_n_group} must divide n_expert={self.n_expert} "
+                f"and moe_topk_group={self.moe_topk_group} be in 1..{self.moe_n_group}"
+            )
 
     # --- derived values ---
     def is_moe(self, layer: int) -> bool:
@@ -119,6 +140,8 @@ class Config:
     @property
     def rope_dim(self) -> int:
         """How many dimensions of each head rotate (the rest pass through unchanged)."""
+        if self.kv_lora_rank is not None:  # multi-head latent attention rotates a part of its own
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.rotary_fraction)
 
     def uses_rope(self, layer: int) -> bool:

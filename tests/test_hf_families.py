@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import reference_greedy
 from safetensors import safe_open
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
+from plainlm.generate import generate
+from plainlm.model import LatentKVCache
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -29,6 +32,35 @@ BASE = dict(
     max_position_embeddings=64,
 )
 LLAMA = dict(BASE, num_key_value_heads=2)
+
+# DeepSeek-V3's multi-head latent attention (yarn with mscale_all_dim, which scales q.k) and grouped sigmoid routing
+DEEPSEEK_V3 = dict(
+    BASE,
+    num_key_value_heads=4,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=3,
+    moe_intermediate_size=16,
+    n_shared_experts=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+)
 
 # family name -> (transformers config class, kwargs). Each entry carries the switches that make
 # the family what it is; sizes are tiny so the whole file runs in about a minute.
@@ -201,6 +233,42 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "olmo": ("OlmoConfig", dict(LLAMA, clip_qkv=0.5)),
     "olmo2": ("Olmo2Config", dict(LLAMA)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    "deepseek-v3": ("DeepseekV3Config", DEEPSEEK_V3),
+    "deepseek-v3-plain-q": (
+        "DeepseekV3Config",
+        dict(
+            DEEPSEEK_V3,
+            q_lora_rank=None,
+            rope_interleave=False,
+            attention_bias=True,
+            norm_topk_prob=False,
+            n_shared_experts=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
+    "glm4-moe": (
+        "Glm4MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=3,
+            head_dim=24,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+        ),
+    ),
+    "glm4-moe-air": (  # GLM-4.5-Air: no q/k norm, the default partial rotary factor
+        "Glm4MoeConfig",
+        dict(LLAMA, attention_bias=True, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    ),
 }
 
 
@@ -215,6 +283,9 @@ def make_hf_model(family: str) -> transformers.PreTrainedModel:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name and "gemma" not in family else 0.0))
             else:
                 p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3 / GLM-4.5's routing bias is a buffer
+                b.normal_(0, 0.1)
     return model
 
 
@@ -305,3 +376,40 @@ def test_legacy_config_json_keys(tmp_path: Path) -> None:
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(reference, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_latent_attention_caches_the_latent_and_decodes_as_a_full_forward(tmp_path: Path) -> None:
+    """DeepSeek-V3's KV cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, no more, and
+    decoding through it (prefill, one-token steps, several rows from one prefix, speculative rollback) gives
+    the logits and tokens of the cacheless forward, which matches transformers (test above)."""
+    make_hf_model("deepseek-v3").save_pretrained(tmp_path)
+    model = load_hf_model(tmp_path).eval()
+    c = model.config
+    model.set_kv_cache(2, 20)
+    for block in model.blocks:
+        cache = block.attn.kv_cache
+        assert isinstance(cache, LatentKVCache)
+        assert cache.k.shape == (2, 1, 20, c.kv_lora_rank) and cache.v.shape == (2, 1, 20, c.qk_rope_head_dim)
+        assert sum(t.numel() for t in cache.buffers()) == 2 * 20 * (16 + 8)
+
+    ids = random_ids()
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :5], input_pos=torch.arange(5))]
+        steps += [model(ids[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(5, ids.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=RTOL)
+
+        model.set_kv_cache(1, 20)  # one prefix for two rows
+        model(ids[:1, :5], input_pos=torch.arange(5))
+        model.repeat_kv_cache(2)
+        shared = torch.stack([ids[0, :5]] * 2)
+        rows = torch.cat((shared, ids[:, 5:7]), dim=1)
+        torch.testing.assert_close(
+            model(ids[:, 5:7], input_pos=torch.arange(5, 7)), model(rows)[:, 5:], atol=ATOL, rtol=RTOL
+        )
+    model.clear_kv_cache()
+
+    prompt = ids[0, :6].tolist() * 2  # a repeat, so that the n-gram draft proposes (and gets some wrong)
+    expected = reference_greedy(model, prompt, 12)
+    assert generate(model, [prompt], max_new_tokens=12) == [expected]
+    assert generate(model, [prompt], max_new_tokens=12, draft="ngram") == [expected]

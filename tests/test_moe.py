@@ -26,6 +26,16 @@ SHAPES = {
     "qwen2-moe-shared": dict(
         n_expert=8, n_expert_per_token=2, moe_intermediate_size=16, moe_shared_intermediate_size=40, moe_shared_gate=1
     ),
+    "deepseek-v3": dict(  # sigmoid scores, top-k within the best 2 of 4 groups, shared experts
+        n_expert=16,
+        n_expert_per_token=4,
+        moe_intermediate_size=12,
+        moe_shared_intermediate_size=24,
+        moe_router="noaux_tc",
+        moe_n_group=4,
+        moe_topk_group=2,
+        moe_routed_scale=2.5,
+    ),
 }
 
 
@@ -55,7 +65,7 @@ def moe_layer(shape: str, seed: int = 0) -> MoE:
     torch.manual_seed(seed)
     moe = MoE(config)
     with torch.no_grad():
-        for p in moe.parameters():
+        for p in (*moe.parameters(), *moe.buffers()):  # DeepSeek-V3's routing bias is a buffer
             p.normal_(0, 0.2)
     return moe
 
@@ -97,9 +107,19 @@ def test_dense_layers_keep_a_plain_mlp() -> None:
     assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
 
 
+# DeepSeek-V3 in small: multi-head latent attention and grouped sigmoid routing compile whole too
+DEEPSEEK_V3 = dict(
+    n_expert=8, n_expert_per_token=2, moe_router="noaux_tc", moe_n_group=4, moe_topk_group=2,
+    moe_shared_intermediate_size=16, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, head_dim=24, v_head_dim=12,
+)  # fmt: skip
+
+
 @pytest.mark.slow
-def test_moe_model_compiles_as_one_graph() -> None:
-    model = tiny_gpt(n_expert=4, n_expert_per_token=2, std=0.2).eval()
+@pytest.mark.parametrize(
+    "fields", [dict(n_expert=4, n_expert_per_token=2), DEEPSEEK_V3], ids=["mixtral", "deepseek-v3"]
+)
+def test_moe_model_compiles_as_one_graph(fields: dict) -> None:
+    model = tiny_gpt(**fields, std=0.2).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     # dynamic=True as in a full run, where earlier compiles of the same forward have made the length symbolic.
     compiled = torch.compile(model, fullgraph=True, dynamic=True)  # a graph break raises

@@ -15,9 +15,9 @@ from plainlm.errors import UnsupportedModelError
 # Keys copied through unchanged so that to-hf writes back what from-hf read.
 PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "initializer_range")
 
-LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo", "olmo2", "phi3")
+LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo", "olmo2", "phi3", "glm4_moe")
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, *GEMMA_LIKE, "stablelm", "phi", "gpt_neox", "falcon", "gpt2", "deepseek_v3")
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -37,6 +37,8 @@ ARCHITECTURES = {
     "gpt_neox": "GPTNeoXForCausalLM",
     "falcon": "FalconForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 
 ACTIVATIONS = {
@@ -55,6 +57,8 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
     if model_type == "gemma3" and "text_config" in hf:  # a multimodal Gemma 3 config: take its text model
         hf = {**hf["text_config"], "model_type": "gemma3_text"}
         model_type = "gemma3_text"
+    if model_type == "kimi_k2":  # Kimi K2's config.json names DeepSeek-V3's architecture (its remote code) so
+        hf, model_type = {**hf, "model_type": "deepseek_v3"}, "deepseek_v3"
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -191,7 +195,62 @@ def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         )
     if model_type in GEMMA_LIKE:
         fields.update(_gemma_fields(hf, model_type, fields["n_layer"]))
+    if model_type == "glm4_moe":
+        fields.update(qkv_bias=hf.get("attention_bias", False), attn_out_bias=False, **_noaux_moe_fields(hf, GLM4_MOE))
+        fields.setdefault("rotary_fraction", 0.5)  # Glm4MoeConfig's default
+        if hf.get("use_qk_norm"):
+            fields["qk_norm"] = "head"
+    if model_type == "deepseek_v3":
+        fields.update(_deepseek_fields(hf))
     return fields
+
+
+# The defaults of transformers' DeepseekV3Config and Glm4MoeConfig, for keys a config.json leaves out.
+DEEPSEEK_V3 = dict(
+    n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048, n_shared_experts=1, n_group=8,
+    topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=3, norm_topk_prob=True,
+)  # fmt: skip
+GLM4_MOE = dict(
+    n_routed_experts=128, num_experts_per_tok=8, moe_intermediate_size=1408, n_shared_experts=1, n_group=1,
+    topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=1, norm_topk_prob=True,
+)  # fmt: skip
+
+
+def _noaux_moe_fields(hf: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3 / GLM-4.5 experts: sigmoid routing by groups, shared experts, the first layers dense."""
+    h = {**defaults, **{k: v for k, v in hf.items() if v is not None}}
+    for key, ours in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"), ("moe_layer_freq", 1)):
+        if h.get(key, ours) != ours:
+            raise UnsupportedModelError(f"{hf['model_type']} with {key}={h[key]!r} is not supported (only {ours!r})")
+    return dict(
+        n_expert=h["n_routed_experts"],
+        n_expert_per_token=h["num_experts_per_tok"],
+        moe_intermediate_size=h["moe_intermediate_size"],
+        moe_shared_intermediate_size=h["n_shared_experts"] * h["moe_intermediate_size"],
+        moe_dense_layers=list(range(min(h["first_k_dense_replace"], hf["num_hidden_layers"]))),
+        moe_normalize_topk=h["norm_topk_prob"],
+        moe_router="noaux_tc",
+        moe_n_group=h["n_group"],
+        moe_topk_group=h["topk_group"],
+        moe_routed_scale=float(h["routed_scaling_factor"]),
+    )
+
+
+def _deepseek_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Multi-head latent attention and DeepSeek-V3's experts (DeepseekV3Config's defaults where keys are absent)."""
+    h = {"kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, **hf}
+    bias = hf.get("attention_bias", False)
+    return dict(
+        head_dim=h["qk_nope_head_dim"] + h["qk_rope_head_dim"],
+        kv_lora_rank=h["kv_lora_rank"],
+        q_lora_rank=h["q_lora_rank"],
+        qk_rope_head_dim=h["qk_rope_head_dim"],
+        v_head_dim=hf.get("v_head_dim") or 128,
+        rope_interleaved=hf.get("rope_interleave", True),
+        qkv_bias=bias,
+        attn_out_bias=bias,
+        **_noaux_moe_fields(hf, DEEPSEEK_V3),
+    )
 
 
 def _gemma_fields(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str, Any]:
@@ -405,7 +464,18 @@ def _hf_rope(c: Config) -> dict[str, Any]:
 def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     t = c.hf_model_type
     out: dict[str, Any] = {}
-    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"):
+    if t in (
+        "llama",
+        "olmo",
+        "olmo2",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "deepseek_v3",
+        "glm4_moe",
+    ):
         out["attention_bias"] = c.qkv_bias
     if t == "llama":
         out["mlp_bias"] = c.mlp_bias
@@ -423,6 +493,20 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
             norm_topk_prob=c.moe_normalize_topk,
             decoder_sparse_step=1,
             mlp_only_layers=[],
+        )
+    if t in ("deepseek_v3", "glm4_moe"):
+        out.update(_hf_noaux_moe(c))
+    if t == "glm4_moe":
+        out["use_qk_norm"] = c.qk_norm == "head"
+    if t == "deepseek_v3":
+        out.update(
+            head_dim=c.qk_rope_head_dim,  # what DeepseekV3Config sets it to
+            kv_lora_rank=c.kv_lora_rank,
+            q_lora_rank=c.q_lora_rank,
+            qk_rope_head_dim=c.qk_rope_head_dim,
+            qk_nope_head_dim=c.head_dim - c.qk_rope_head_dim,
+            v_head_dim=c.v_head_dim or c.head_dim,
+            rope_interleave=c.rope_interleaved,
         )
     if t == "olmo":
         out["clip_qkv"] = c.clip_qkv
@@ -446,3 +530,24 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     if t == "gemma3_text" and c.sliding_window_pattern:
         out["sliding_window_pattern"] = c.sliding_window_pattern
     return out
+
+
+def _hf_noaux_moe(c: Config) -> dict[str, Any]:
+    first_k = len(c.moe_dense_layers)
+    if c.moe_dense_layers != list(range(first_k)):
+        raise UnsupportedModelError(
+            f"cannot export {c.hf_model_type} with dense layers {c.moe_dense_layers}: its config.json only has "
+            "first_k_dense_replace, the first k layers"
+        )
+    size = c.moe_intermediate_size or c.intermediate_size
+    return dict(
+        n_routed_experts=c.n_expert,
+        num_experts_per_tok=c.n_expert_per_token,
+        moe_intermediate_size=size,
+        n_shared_experts=c.moe_shared_intermediate_size // size,
+        first_k_dense_replace=first_k,
+        norm_topk_prob=c.moe_normalize_topk,
+        n_group=c.moe_n_group,
+        topk_group=c.moe_topk_group,
+        routed_scaling_factor=c.moe_routed_scale,
+    )
