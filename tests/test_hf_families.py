@@ -8,6 +8,7 @@ behind constant initialisations. Tolerance: fp32 logits within 1e-5 (absolute an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,11 @@ from safetensors import safe_open
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
+from plainlm.convert.hf_config import config_from_hf
+from plainlm.errors import UnsupportedModelError
 from plainlm.generate import generate
 from plainlm.model import LatentKVCache
+from plainlm.named_configs import HF_CONFIG_JSON
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -413,3 +417,28 @@ def test_latent_attention_caches_the_latent_and_decodes_as_a_full_forward(tmp_pa
     expected = reference_greedy(model, prompt, 12)
     assert generate(model, [prompt], max_new_tokens=12) == [expected]
     assert generate(model, [prompt], max_new_tokens=12, draft="ngram") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("repo", "change", "message"),
+    [
+        ("deepseek-ai/DeepSeek-V3", {"topk_method": "group_limited_greedy"}, "topk_method='group_limited_greedy'"),
+        ("deepseek-ai/DeepSeek-V3", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ("deepseek-ai/DeepSeek-V3", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
+        (
+            "deepseek-ai/DeepSeek-V3",
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            "rope scaling 'dynamic'",
+        ),
+        ("zai-org/GLM-4.5", {"hidden_act": "sigmoid"}, "activation 'sigmoid'"),
+    ],
+)
+def test_deepseek_and_glm_features_we_lack_are_refused(repo: str, change: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=re.escape(message)):
+        config_from_hf({**HF_CONFIG_JSON[repo], **change})
+
+
+def test_kimi_k2_config_reads_as_deepseek_v3() -> None:
+    """Kimi K2's config.json names model_type "kimi_k2" (DeepSeek-V3's remote code); we read and write deepseek_v3."""
+    config = config_from_hf({**HF_CONFIG_JSON["moonshotai/Kimi-K2-Instruct"], "model_type": "kimi_k2"})
+    assert config.hf_model_type == "deepseek_v3" and config.n_expert == 384 and config.kv_lora_rank == 512

@@ -64,6 +64,11 @@ PUBLISHED_BILLIONS = {
     "Falcon3-7B-Base": 7.46,
     "OLMo-1B-hf": 1.18,
     "OLMo-2-1124-7B": 7.3,
+    "DeepSeek-V3": 671,  # without the multi-token-prediction layer (685B with it)
+    "DeepSeek-R1": 671,
+    "Kimi-K2-Instruct": 1040,
+    "GLM-4.5": 355,
+    "GLM-4.5-Air": 106,
     "gpt2": 0.124,
     "gpt2-medium": 0.355,
     "gpt2-large": 0.774,

@@ -507,6 +507,10 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
             qk_nope_head_dim=c.head_dim - c.qk_rope_head_dim,
             v_head_dim=c.v_head_dim or c.head_dim,
             rope_interleave=c.rope_interleaved,
+            # DeepSeek's own code reads these three; transformers knows only this routing
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            moe_layer_freq=1,
         )
     if t == "olmo":
         out["clip_qkv"] = c.clip_qkv
