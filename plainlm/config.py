@@ -144,6 +144,14 @@ class Config:
             return self.qk_rope_head_dim
         return int(self.head_dim * self.rotary_fraction)
 
+    @property
+    def kv_cache_width(self) -> int:
+        """Values the KV cache holds per token and layer: keys and values, or multi-head latent attention's
+        latent and rotated key."""
+        if self.kv_lora_rank is not None:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.n_kv_head * self.head_dim
+
     def uses_rope(self, layer: int) -> bool:
         return self.position_embedding == "rope" and layer not in self.nope_layers
 

@@ -36,6 +36,33 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+DEEPSEEK_V3 = dict(
+    LLAMA,
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    n_routed_experts=8,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=3,
+    moe_intermediate_size=32,
+    n_shared_experts=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    # DeepSeek-V3's YaRN: mscale equal to mscale_all_dim, as GGUF assumes (it stores only the latter)
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+)
+
 # name -> (GGUF architecture, transformers config class, kwargs): one entry per supported architecture,
 # each with the switches that make it what it is. Gemma's query_pre_attn_scalar equals head_dim because
 # GGUF does not store it (llama.cpp derives it; only the 27B models differ).
@@ -77,6 +104,32 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
             },
         ),
     ),
+    # Sizes in multiples of 32 where a row is quantized in blocks (q8_0, q4_0): experts, latent, heads.
+    "deepseek-v3": ("deepseek2", "DeepseekV3Config", DEEPSEEK_V3),
+    "deepseek-v3-plain-q": (
+        "deepseek2",
+        "DeepseekV3Config",
+        dict(DEEPSEEK_V3, q_lora_rank=None, norm_topk_prob=False, rope_parameters={"rope_theta": 10000.0}),
+    ),
+    "glm4-moe": (
+        "glm4moe",
+        "Glm4MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=3,
+            head_dim=32,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+        ),
+    ),
 }
 
 
@@ -96,10 +149,20 @@ REAL_PROMPTS = {
 }
 
 
+def model_arch(arch: str) -> gguf.MODEL_ARCH:
+    """The gguf package's enum member for an architecture name ("glm4moe" -> MODEL_ARCH.GLM4_MOE)."""
+    return next(member for member, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+
+
 def make_tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A tiny transformers model with every parameter (norms included) random."""
     _, config_class, kwargs = TINY_MODELS[name]
-    return tiny_hf_model(getattr(transformers, config_class)(**kwargs), seed)
+    model = tiny_hf_model(getattr(transformers, config_class)(**kwargs), seed)
+    with torch.no_grad():
+        for key, buffer in model.named_buffers():
+            if key.endswith("e_score_correction_bias"):  # DeepSeek-V3 / GLM-4.5's routing bias is a buffer
+                buffer.normal_(0, 0.3)
+    return model
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -119,9 +182,40 @@ def round_trip(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 def quantized_reference(model: transformers.PreTrainedModel, qtype: GGMLQuantizationType) -> None:
     """Give `model` (in place) the weights a GGUF file of `qtype` holds: 2-D weights round-tripped."""
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
+        for name, p in model.named_parameters():
+            if name.endswith("kv_b_proj.weight"):  # quantized as llama.cpp's attn_k_b (transposed) and attn_v_b
+                k_b, v_b = _split_kv_b(model.config, p)
+                k_b, v_b = (torch.from_numpy(round_trip(t.numpy(), qtype)) for t in (k_b, v_b))
+                p.copy_(torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(p.shape))
+            elif p.ndim >= 2:
                 p.copy_(torch.from_numpy(round_trip(p.numpy(), qtype)))
+
+
+def _split_kv_b(cfg: transformers.PretrainedConfig, kv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """convert_hf_to_gguf.py's DeepseekV2Model: kv_b_proj -> attn_k_b (H, rank, nope), attn_v_b (H, V, rank)."""
+    nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+    k_b, v_b = kv_b.view(cfg.num_attention_heads, nope + v, -1).split([nope, v], dim=1)
+    return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
+
+
+def _llama_cpp_tensors(model: transformers.PreTrainedModel, arch: str):
+    """The model's tensors as llama.cpp's converter names them in Hugging Face terms: one 3-D tensor per expert
+    projection (the checkpoint's experts stacked), DeepSeek's kv_b_proj split, the routing bias a `.bias`."""
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            yield name.replace("gate_up_proj", "gate_proj.weight"), gate
+            yield name.replace("gate_up_proj", "up_proj.weight"), up
+        elif name.endswith("mlp.experts.down_proj"):
+            yield name + ".weight", tensor
+        elif name.endswith("e_score_correction_bias"):
+            yield name.replace("e_score_correction_bias", "e_score_correction.bias"), tensor
+        elif arch == "deepseek2" and name.endswith("kv_b_proj.weight"):
+            k_b, v_b = _split_kv_b(model.config, tensor)
+            yield name.replace("kv_b_proj", "k_b_proj"), k_b
+            yield name.replace("kv_b_proj", "v_b_proj"), v_b
+        else:
+            yield name, tensor
 
 
 def write_gguf(
@@ -142,8 +236,8 @@ def write_gguf(
     for kind in ("bos", "eos", "pad"):
         if isinstance(token_id := getattr(cfg, f"{kind}_token_id", None), int) and token_id < cfg.vocab_size:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
+    name_map = gguf.get_tensor_name_map(model_arch(arch), cfg.num_hidden_layers)
+    for hf_name, tensor in _llama_cpp_tensors(model, arch):
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         stem, suffix = hf_name.rsplit(".", 1)
@@ -156,13 +250,17 @@ def write_gguf(
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
         if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1
-        if data.ndim == 2 and qtype != GGMLQuantizationType.F32:
+        if data.ndim >= 2 and qtype != GGMLQuantizationType.F32:
             writer.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(f"{name}.{suffix}", data.astype(np.float32))
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type") == "llama3":  # llama.cpp's LlamaModel.generate_extra_tensors
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, rope))
+    if arch == "glm4moe":  # llama.cpp keeps GLM-4.5's multi-token-prediction layer as one more block
+        mtp = f"blk.{cfg.num_hidden_layers}."
+        writer.add_tensor(mtp + "nextn.eh_proj.weight", np.ones((cfg.hidden_size, 2 * cfg.hidden_size), np.float32))
+        writer.add_tensor(mtp + "attn_norm.weight", np.ones(cfg.hidden_size, np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -176,10 +274,10 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_block_count(cfg.num_hidden_layers + (arch == "glm4moe"))
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_head_count_kv(1 if arch == "deepseek2" else cfg.num_key_value_heads)  # MLA: one latent "head"
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(full["rope_theta"])
     if arch in ("qwen3", "gemma2", "gemma3"):
@@ -198,11 +296,48 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
         writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
         writer.add_sliding_window(cfg.sliding_window)
+    if arch in ("deepseek2", "glm4moe"):
+        _write_moe_hparams(writer, cfg, arch, full)
     if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
         if full.get("rope_type") == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(full["factor"])
+
+
+def _write_moe_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, arch: str, rope: dict) -> None:
+    """What convert_hf_to_gguf.py's DeepseekV2Model and Glm4MoeModel write on top of the common keys."""
+    writer.add_expert_count(cfg.n_routed_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_group_count(cfg.n_group)
+    writer.add_expert_group_used_count(cfg.topk_group)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_shared_count(cfg.n_shared_experts)
+    writer.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    writer.add_expert_weights_scale(cfg.routed_scaling_factor)
+    if cfg.norm_topk_prob:
+        writer.add_expert_weights_norm(True)
+    if arch == "glm4moe":
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(int(cfg.head_dim * rope.get("partial_rotary_factor", 0.5)))
+        writer.add_nextn_predict_layers(1)
+        return
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.q_lora_rank is not None:
+        writer.add_q_lora_rank(cfg.q_lora_rank)
+    writer.add_kv_lora_rank(cfg.kv_lora_rank)
+    writer.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    writer.add_value_length(cfg.kv_lora_rank)
+    writer.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    writer.add_value_length_mla(cfg.v_head_dim)
+    writer.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    if rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
 
 
 def _llama3_rope_factors(cfg: transformers.PretrainedConfig, rope: dict) -> np.ndarray:

@@ -212,11 +212,12 @@ def tiny_checkpoint(model: transformers.PreTrainedModel, directory: Path) -> Pat
 
 
 def as_exported(model: GPT, dtype: str) -> GPT:
-    """`model` with its 2-D weights as an exported file of `dtype` holds them (q8_0: f16 where rows don't fit)."""
+    """`model` with its weights of 2 and more dimensions (3 for experts) as an exported file of `dtype` holds them
+    (q8_0: f16 where rows don't fit)."""
     qtype = GGMLQuantizationType[dtype.upper()]
     with torch.no_grad():
         for p in model.parameters():
-            if p.ndim == 2 and qtype != GGMLQuantizationType.F32:
+            if p.ndim >= 2 and qtype != GGMLQuantizationType.F32:
                 fits = p.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0
                 p.copy_(torch.from_numpy(round_trip(p.numpy(), qtype if fits else GGMLQuantizationType.F16)))
     return model
