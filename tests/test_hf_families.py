@@ -16,11 +16,12 @@ import torch
 import transformers
 from helpers import reference_greedy
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from plainlm.checkpoint import load_checkpoint
 from plainlm.convert.hf import convert_from_hf, convert_to_hf, load_hf_model
 from plainlm.convert.hf_config import config_from_hf
-from plainlm.errors import UnsupportedModelError
+from plainlm.errors import CheckpointError, UnsupportedModelError
 from plainlm.generate import generate
 from plainlm.model import LatentKVCache
 from plainlm.named_configs import HF_CONFIG_JSON
@@ -442,3 +443,21 @@ def test_kimi_k2_config_reads_as_deepseek_v3() -> None:
     """Kimi K2's config.json names model_type "kimi_k2" (DeepSeek-V3's remote code); we read and write deepseek_v3."""
     config = config_from_hf({**HF_CONFIG_JSON["moonshotai/Kimi-K2-Instruct"], "model_type": "kimi_k2"})
     assert config.hf_model_type == "deepseek_v3" and config.n_expert == 384 and config.kv_lora_rank == 512
+
+
+def test_multi_token_prediction_layers_in_the_checkpoint_are_skipped(tmp_path: Path) -> None:
+    """DeepSeek-V3 and GLM-4.5 checkpoints carry their multi-token-prediction module as layer n_layer, which
+    next-token decoding does not run (transformers skips it too); any other stray tensor is still refused."""
+    hf_model = make_hf_model("glm4-moe")
+    hf_model.save_pretrained(tmp_path)
+    tensors = tensors_of(tmp_path)
+    n_layer = hf_model.config.num_hidden_layers
+    save_file({**tensors, f"model.layers.{n_layer}.eh_proj.weight": torch.ones(4, 8)}, tmp_path / "model.safetensors")
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=RTOL)
+    save_file(
+        {**tensors, f"model.layers.{n_layer + 1}.eh_proj.weight": torch.ones(4, 8)}, tmp_path / "model.safetensors"
+    )
+    with pytest.raises(CheckpointError, match="have no place"):
+        load_hf_model(tmp_path)
