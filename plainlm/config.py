@@ -81,6 +81,13 @@ class Config:
     # Llama 4's attention temperature: NoPE layers scale q by log1p(floor((position + 1) / floor_scale)) * scale + 1
     attn_temperature_floor_scale: int | None = None  # None: no temperature tuning
     attn_temperature_scale: float = 0.1
+    # Multi-head latent attention (DeepSeek-V3, Kimi K2), on when kv_lora_rank is set: keys and values come from
+    # a per-token latent of kv_lora_rank values, which with one rotated key of qk_rope_head_dim is all the KV cache
+    # holds. head_dim is then a query/key head (qk_nope_head_dim + qk_rope_head_dim); v_head_dim a value head.
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None  # None: a plain q_proj; else queries pass a low-rank bottleneck too
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None  # None = head_dim
 
     # --- rotary position embedding ---
     rope_theta: float = 10000.0
@@ -109,11 +116,16 @@ class Config:
     # How router logits become each token's experts and weights (MoE.route): "softmax" = softmax, then top-k;
     # "sparsemixer" (PhiMoE) = the best expert, then the best of the rest, each weighted by a softmax over near ties;
     # "topk_softmax" (gpt-oss) = top-k of the logits, then softmax over the k chosen;
-    # "sigmoid_input" (Llama 4): sigmoid of the top-k logits, which scales the expert's input, not its output
-    moe_router: Literal["softmax", "sparsemixer", "topk_softmax", "sigmoid_input"] = "softmax"
+    # "sigmoid_input" (Llama 4): sigmoid of the top-k logits, which scales the expert's input, not its output;
+    # "noaux_tc" (DeepSeek-V3, GLM-4.5) = sigmoid scores, top-k among the best moe_topk_group of moe_n_group groups
+    # as chosen with a learned per-expert bias, weights scaled by moe_routed_scale
+    moe_router: Literal["softmax", "sparsemixer", "topk_softmax", "sigmoid_input", "noaux_tc"] = "softmax"
     moe_jitter_eps: float = 0.01  # "sparsemixer" (router_jitter_noise): logits within 2 * eps (relative) count as ties
     moe_router_bias: bool = False  # gpt-oss: the router Linear has a bias
     moe_expert_bias: bool = False  # gpt-oss: every expert's gate/up and down projections have biases
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_routed_scale: float = 1.0
     # Qwen2-MoE, DeepSeek-V3, GLM-4.5, Llama 4: a shared expert, a gated MLP of this size every token goes through
     moe_shared_intermediate_size: int = 0
     moe_shared_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(Linear(x))
@@ -154,6 +166,15 @@ class Config:
         ):
             if getattr(self, name) != 1.0 and clash:
                 raise InvalidInput(f"Config {self.name!r}: {name} != 1 together with {other} is not supported")
+        if (
+            self.n_expert
+            and self.moe_router == "noaux_tc"
+            and (self.n_expert % self.moe_n_group or not 0 < self.moe_topk_group <= self.moe_n_group)
+        ):
+            raise InvalidInput(
+                f"Config {self.name!r}: moe_n_group={self.moe_n_group} must divide n_expert={self.n_expert} "
+                f"and moe_topk_group={self.moe_topk_group} be in 1..{self.moe_n_group}"
+            )
 
     # --- derived values ---
     def is_moe(self, layer: int) -> bool:
@@ -162,7 +183,17 @@ class Config:
     @property
     def rope_dim(self) -> int:
         """How many dimensions of each head rotate (the rest pass through unchanged)."""
+        if self.kv_lora_rank is not None:  # multi-head latent attention rotates a part of its own
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def kv_cache_width(self) -> int:
+        """Values the KV cache holds per token and layer: keys and values, or multi-head latent attention's
+        latent and rotated key."""
+        if self.kv_lora_rank is not None:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.n_kv_head * self.head_dim
 
     def uses_rope(self, layer: int) -> bool:
         return self.position_embedding == "rope" and layer not in self.nope_layers

@@ -367,7 +367,7 @@ def estimate_memory(
         staged = method == "qlora" or strategy == "fsdp"
         notes += host_memory_notes(n_params * param_bytes, method, world_size, staged, fresh_base or sharded)
     kv_length = kv_length or config.block_size
-    kv_cache = 2 * config.n_layer * config.n_kv_head * kv_length * config.head_dim * param_bytes
+    kv_cache = config.n_layer * kv_length * config.kv_cache_width * param_bytes
     return MemoryEstimate(
         model=config.name,
         method=method,

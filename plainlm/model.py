@@ -79,11 +79,16 @@ class GPT(nn.Module):
         # A quantized embedding (quantize.py) holds integers and says which float dtype it returns.
         dtype = dtype or getattr(self.embed, "dtype", self.embed.weight.dtype)
         device = self.embed.weight.device
-        shape = (batch_size, self.config.n_kv_head, max_seq_length, self.config.head_dim)
+        c = self.config
+        shape = (batch_size, c.n_kv_head, max_seq_length, c.head_dim)
+        if c.kv_lora_rank is not None:  # multi-head latent attention caches its latent (see LatentKVCache)
+            shape = (batch_size, 1, max_seq_length, c.kv_lora_rank)
         for block in self.blocks:
             cache = block.attn.kv_cache
             if cache is not None and cache.k.shape == shape and cache.k.dtype == dtype and cache.k.device == device:
                 cache.k.zero_(), cache.v.zero_()
+            elif c.kv_lora_rank is not None:
+                block.attn.kv_cache = LatentKVCache(batch_size, max_seq_length, c, dtype, device)
             else:
                 block.attn.kv_cache = KVCache(*shape, dtype, device)
 
@@ -229,7 +234,7 @@ class Block(nn.Module):
         super().__init__()
         self.config = config
         self.attn_norm = make_norm(config, config.n_embd) if config.pre_attention_norm else nn.Identity()
-        self.attn = Attention(config)
+        self.attn = LatentAttention(config) if config.kv_lora_rank is not None else Attention(config)
         self.post_attn_norm = make_norm(config, config.n_embd) if config.post_attention_norm else nn.Identity()
         needs_mlp_norm = config.pre_mlp_norm and not config.shared_attention_norm
         self.mlp_norm = make_norm(config, config.n_embd) if needs_mlp_norm else nn.Identity()
@@ -375,6 +380,75 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2): each token's keys and values are expanded
+    (kv_b_proj) from a normalised latent of kv_lora_rank values, and every head's key ends in one rotated part
+    all heads share (qk_rope_head_dim). The cache holds only those two (LatentKVCache), expanded at each step."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        H, D, R, V = config.n_head, config.head_dim, config.qk_rope_head_dim, config.v_head_dim or config.head_dim
+        if config.q_lora_rank is None:  # DeepSeek-V2-Lite
+            self.q_proj = nn.Linear(config.n_embd, H * D, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.n_embd, config.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_norm = make_norm(config, config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * D, bias=False)
+        self.kv_a_proj = nn.Linear(config.n_embd, config.kv_lora_rank + R, bias=config.qkv_bias)
+        self.kv_a_norm = make_norm(config, config.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (D - R + V), bias=False)
+        self.o_proj = nn.Linear(H * V, config.n_embd, bias=config.attn_out_bias)
+        self.scale = config.attention_scale if config.attention_scale is not None else D**-0.5
+        scaling = config.rope_scaling or {}
+        if scaling.get("rope_type", "default") != "default" and scaling.get("mscale_all_dim"):
+            # DeepSeek-V3's YaRN scales every dimension's q.k, not only the rotated ones (HF's yarn_apply_mscale)
+            self.scale *= (0.1 * scaling["mscale_all_dim"] * math.log(max(scaling["factor"], 1.0)) + 1.0) ** 2
+        self.kv_cache: LatentKVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+        q_scale: None = None,  # (Llama 4's temperature, which no MLA model has)
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        H, D, R, V = c.n_head, c.head_dim, c.qk_rope_head_dim, c.v_head_dim or c.head_dim
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(B, T, H, D).transpose(1, 2).split([D - R, R], dim=-1)
+        latent, k_rot = self.kv_a_proj(x).unsqueeze(1).split([c.kv_lora_rank, R], dim=-1)  # (B, 1, T, ...)
+        latent = self.kv_a_norm(latent)
+        if rope is not None:
+            q_rot, k_rot = apply_rope(q_rot, *rope, c.rope_interleaved), apply_rope(k_rot, *rope, c.rope_interleaved)
+        cache = self.kv_cache if input_pos is not None else None  # see GPT.forward
+        if cache is not None:
+            latent, k_rot = cache.update(input_pos, latent, k_rot)
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, H, D - R + V).transpose(1, 2)
+        k_nope, v = kv.split([D - R, V], dim=-1)
+        q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot.expand(-1, H, -1, -1)), dim=-1)
+        is_causal = False  # a branch, as in Attention.attend
+        if mask is None and T > 1:
+            is_causal = True
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * V))
+
+
+class LatentKVCache(KVCache):
+    """Multi-head latent attention's cache: per token only the normalised latent, k (B, 1, max_seq_length,
+    kv_lora_rank), and the rotated key all heads share, v (B, 1, max_seq_length, qk_rope_head_dim); DeepSeek-V3
+    keeps 576 values a token and layer where its 128 heads' keys and values would be 40,960."""
+
+    def __init__(self, batch_size: int, max_seq_length: int, config: Config, dtype: torch.dtype, device: torch.device):
+        nn.Module.__init__(self)
+        for name, size in (("k", config.kv_lora_rank), ("v", config.qk_rope_head_dim)):
+            shape = (batch_size, 1, max_seq_length, size)
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
 class MLP(nn.Module):
     def __init__(self, config: Config, intermediate_size: int, bias: bool | None = None) -> None:
         super().__init__()
@@ -408,6 +482,8 @@ class MoE(nn.Module):
             self.shared_expert = MLP(config, config.moe_shared_intermediate_size, bias=False)
         if config.moe_shared_gate:  # Qwen2-MoE
             self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
+        if config.moe_router == "noaux_tc":  # DeepSeek-V3: a bias per expert, set by load balancing, not gradients
+            self.register_buffer("router_bias", torch.zeros(config.n_expert))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -425,20 +501,32 @@ class MoE(nn.Module):
         """Each token's k experts (N, k) and the weights (N, k) their outputs are summed with.
 
         One branch per Config.moe_router value; a family with its own routing adds one here."""
-        if self.config.moe_router == "sparsemixer":  # PhiMoE
-            return sparsemixer(self.router(x), self.config.n_expert_per_token, self.config.moe_jitter_eps)
+        c = self.config
+        if c.moe_router == "sparsemixer":  # PhiMoE
+            return sparsemixer(self.router(x), c.n_expert_per_token, c.moe_jitter_eps)
+        if c.moe_router == "noaux_tc":  # DeepSeek-V3, GLM-4.5 (router in float32, as theirs)
+            scores = F.linear(x.float(), self.router.weight.float()).sigmoid()
+            # The bias only chooses: first the moe_topk_group groups whose two best biased scores sum highest
+            groups = (scores + self.router_bias.float()).view(-1, c.moe_n_group, c.n_expert // c.moe_n_group)
+            best = groups.topk(2, dim=-1)[0].sum(dim=-1).topk(c.moe_topk_group, dim=-1)[1]
+            kept = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            chosen = groups.masked_fill(~kept[..., None], float("-inf")).flatten(1).topk(c.n_expert_per_token)[1]
+            weights = scores.gather(1, chosen)
+            if c.moe_normalize_topk:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            return weights * c.moe_routed_scale, chosen
         logits = self.router(x)
         # gpt-oss: top-k of the logits, softmax over those k. Equal in exact arithmetic to "softmax" renormalised,
         # but it chooses on the logits as gpt-oss does, so no tie made by rounding the softmax picks another expert.
-        if self.config.moe_router == "topk_softmax":
-            top, chosen = logits.topk(self.config.n_expert_per_token, dim=-1)
+        if c.moe_router == "topk_softmax":
+            top, chosen = logits.topk(c.n_expert_per_token, dim=-1)
             return top.softmax(dim=-1, dtype=torch.float32), chosen
-        if self.config.moe_router == "sigmoid_input":  # Llama 4: each chosen expert's own sigmoid, no softmax
-            top, chosen = logits.topk(self.config.n_expert_per_token, dim=-1)
+        if c.moe_router == "sigmoid_input":  # Llama 4: each chosen expert's own sigmoid, no softmax
+            top, chosen = logits.topk(c.n_expert_per_token, dim=-1)
             return torch.sigmoid(top.float()), chosen
         probs = logits.softmax(dim=-1, dtype=torch.float32)  # "softmax": Mixtral, Qwen MoE
-        weights, chosen = probs.topk(self.config.n_expert_per_token, dim=-1)
-        if self.config.moe_normalize_topk:
+        weights, chosen = probs.topk(c.n_expert_per_token, dim=-1)
+        if c.moe_normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, chosen
 

@@ -36,6 +36,32 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+DEEPSEEK_V3 = dict(
+    LLAMA,
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    n_routed_experts=8,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=3,
+    moe_intermediate_size=32,
+    n_shared_experts=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    # DeepSeek-V3's YaRN: mscale equal to mscale_all_dim, as GGUF assumes (it stores only the latter)
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+)
 LLAMA4_ROPE = dict(LLAMA31_ROPE, factor=16.0, high_freq_factor=1.0)  # Llama 4 Scout's
 
 # name -> (GGUF architecture, transformers config class, kwargs): one entry per supported architecture,
@@ -184,6 +210,32 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
             rope_parameters=LLAMA4_ROPE,
         ),
     ),
+    # Sizes in multiples of 32 where a row is quantized in blocks (q8_0, q4_0): experts, latent, heads.
+    "deepseek-v3": ("deepseek2", "DeepseekV3Config", DEEPSEEK_V3),
+    "deepseek-v3-plain-q": (
+        "deepseek2",
+        "DeepseekV3Config",
+        dict(DEEPSEEK_V3, q_lora_rank=None, norm_topk_prob=False, rope_parameters={"rope_theta": 10000.0}),
+    ),
+    "glm4-moe": (
+        "glm4moe",
+        "Glm4MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=3,
+            head_dim=32,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+        ),
+    ),
 }
 # Architectures whose q and k rows convert_hf_to_gguf.py permutes (its LlamaModel and subclasses).
 PERMUTED_QK = ("llama", "smollm3", "granite")
@@ -205,10 +257,20 @@ REAL_PROMPTS = {
 }
 
 
+def model_arch(arch: str) -> gguf.MODEL_ARCH:
+    """The gguf package's enum member for an architecture name ("glm4moe" -> MODEL_ARCH.GLM4_MOE)."""
+    return next(member for member, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+
+
 def make_tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A tiny transformers model with every parameter (norms included) random."""
     _, config_class, kwargs = TINY_MODELS[name]
-    return tiny_hf_model(getattr(transformers, config_class)(**kwargs), seed)
+    model = tiny_hf_model(getattr(transformers, config_class)(**kwargs), seed)
+    with torch.no_grad():
+        for key, buffer in model.named_buffers():
+            if key.endswith("e_score_correction_bias"):  # DeepSeek-V3 / GLM-4.5's routing bias is a buffer
+                buffer.normal_(0, 0.3)
+    return model
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -240,16 +302,28 @@ def quantized_reference(
         for name, p in model.named_parameters():
             if name.endswith(KEPT_IN_FLOAT32):
                 continue
-            if p.ndim == 2:
+            if name.endswith("kv_b_proj.weight"):  # quantized as llama.cpp's attn_k_b (transposed) and attn_v_b
+                k_b, v_b = _split_kv_b(model.config, p)
+                k_b, v_b = (torch.from_numpy(round_trip(t.numpy(), qtype)) for t in (k_b, v_b))
+                p.copy_(torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(p.shape))
+            elif p.ndim == 2:
                 p.copy_(torch.from_numpy(round_trip(p.numpy(), qtype)))
             if p.ndim == 3:
                 rows = p.transpose(1, 2) if transposed else p
                 rows.copy_(torch.from_numpy(round_trip(rows.contiguous().numpy(), expert_qtype or qtype)))
 
 
+def _split_kv_b(cfg: transformers.PretrainedConfig, kv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """convert_hf_to_gguf.py's DeepseekV2Model: kv_b_proj -> attn_k_b (H, rank, nope), attn_v_b (H, V, rank)."""
+    nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+    k_b, v_b = kv_b.view(cfg.num_attention_heads, nope + v, -1).split([nope, v], dim=1)
+    return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
+
+
 def llama_cpp_inputs(model: transformers.PreTrainedModel, arch: str) -> list[tuple[str, torch.Tensor]]:
     """The model's tensors as convert_hf_to_gguf.py takes them: the experts transformers 5 holds stacked as
-    gate_up_proj (E, 2I, C) split into stacked gate and up (Qwen2MoeModel.modify_tensors does the same)."""
+    gate_up_proj (E, 2I, C) split into stacked gate and up (Qwen2MoeModel.modify_tensors does the same),
+    DeepSeek's kv_b_proj split, the routing bias a `.bias`."""
     if arch == "gpt-oss":
         return _gpt_oss_tensors(model)
     if arch == "llama4":
@@ -264,6 +338,11 @@ def llama_cpp_inputs(model: transformers.PreTrainedModel, arch: str) -> list[tup
             ]
         elif name.endswith("mlp.experts.down_proj"):
             out.append((name + ".weight", tensor))
+        elif name.endswith("e_score_correction_bias"):
+            out.append((name.replace("e_score_correction_bias", "e_score_correction.bias"), tensor))
+        elif arch == "deepseek2" and name.endswith("kv_b_proj.weight"):
+            k_b, v_b = _split_kv_b(model.config, tensor)
+            out += [(name.replace("kv_b_proj", "k_b_proj"), k_b), (name.replace("kv_b_proj", "v_b_proj"), v_b)]
         else:
             out.append((name, tensor))
     return out
@@ -325,7 +404,7 @@ def write_gguf(
     for kind in ("bos", "eos", "pad"):
         if isinstance(token_id := getattr(cfg, f"{kind}_token_id", None), int) and token_id < cfg.vocab_size:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper().replace("-", "_")], cfg.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(model_arch(arch), cfg.num_hidden_layers)
     for hf_name, tensor in llama_cpp_inputs(model, arch):
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -348,6 +427,10 @@ def write_gguf(
             writer.add_tensor(f"{name}.{suffix}", gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(f"{name}.{suffix}", data.astype(np.float32))
+    if arch == "glm4moe":  # llama.cpp keeps GLM-4.5's multi-token-prediction layer as one more block
+        mtp = f"blk.{cfg.num_hidden_layers}."
+        writer.add_tensor(mtp + "nextn.eh_proj.weight", np.ones((cfg.hidden_size, 2 * cfg.hidden_size), np.float32))
+        writer.add_tensor(mtp + "attn_norm.weight", np.ones(cfg.hidden_size, np.float32))
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type") == "llama3":  # llama.cpp's LlamaModel.generate_extra_tensors
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg, rope))
@@ -364,11 +447,11 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_block_count(cfg.num_hidden_layers + (arch == "glm4moe"))
     # Llama 4's dense layers are intermediate_size_mlp wide (its intermediate_size is the experts')
     writer.add_feed_forward_length(getattr(cfg, "intermediate_size_mlp", cfg.intermediate_size))
     writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_head_count_kv(1 if arch == "deepseek2" else cfg.num_key_value_heads)  # MLA: one latent "head"
     if arch == "cohere2":
         writer.add_layer_norm_eps(cfg.layer_norm_eps)
     else:
@@ -421,6 +504,8 @@ def _write_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, 
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(full["factor"])
         writer.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
+    if arch in ("deepseek2", "glm4moe"):
+        _write_moe_hparams(writer, cfg, arch, full)
     if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
         if full.get("rope_type") == "linear":
@@ -457,3 +542,38 @@ def _llama3_rope_factors(cfg: transformers.PretrainedConfig, rope: dict) -> np.n
             smooth = (old_len / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(factors, dtype=np.float32)
+
+
+def _write_moe_hparams(writer: gguf.GGUFWriter, cfg: transformers.PretrainedConfig, arch: str, rope: dict) -> None:
+    """What convert_hf_to_gguf.py's DeepseekV2Model and Glm4MoeModel write on top of the common keys."""
+    writer.add_expert_count(cfg.n_routed_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_group_count(cfg.n_group)
+    writer.add_expert_group_used_count(cfg.topk_group)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_shared_count(cfg.n_shared_experts)
+    writer.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    writer.add_expert_weights_scale(cfg.routed_scaling_factor)
+    if cfg.norm_topk_prob:
+        writer.add_expert_weights_norm(True)
+    if arch == "glm4moe":
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(int(cfg.head_dim * rope.get("partial_rotary_factor", 0.5)))
+        writer.add_nextn_predict_layers(1)
+        return
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.q_lora_rank is not None:
+        writer.add_q_lora_rank(cfg.q_lora_rank)
+    writer.add_kv_lora_rank(cfg.kv_lora_rank)
+    writer.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    writer.add_value_length(cfg.kv_lora_rank)
+    writer.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    writer.add_value_length_mla(cfg.v_head_dim)
+    writer.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    if rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])

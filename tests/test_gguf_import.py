@@ -24,7 +24,7 @@ import torch
 import transformers
 from gguf import GGMLQuantizationType
 from helpers import run_cli
-from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, quantized_reference, write_gguf
+from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, model_arch, quantized_reference, write_gguf
 
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
 from plainlm.convert.gguf import dequantize, load_gguf_model, read_gguf
@@ -32,7 +32,7 @@ from plainlm.convert.gguf_names import read_config, tensor_rules
 from plainlm.convert.hf import convert_to_hf
 from plainlm.convert.hf_config import config_from_hf
 from plainlm.convert.hf_weights import weight_rules
-from plainlm.errors import PackagedModelMissing
+from plainlm.errors import CheckpointError, PackagedModelMissing
 from plainlm.generate import generate
 from plainlm.model import GPT
 from plainlm.packaged_models import gemma3_gguf, smollm2_gguf
@@ -221,7 +221,7 @@ def test_tensor_rules_invert_and_use_llama_cpp_names(name: str, tmp_path: Path) 
     reader = read_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     config = read_config(reader, path)
-    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper().replace("-", "_")]]}
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[model_arch(arch)]}
     for rule in tensor_rules(config):
         for name in rule.gguf_names:
             parts = name.split(".")[:-1]  # "blk.3.attn_q.weight" -> "blk.{bid}.attn_q"
@@ -254,3 +254,14 @@ def test_llama4_hard_coded_attention_is_the_config_json_one(tmp_path: Path) -> N
     for config in (ours, theirs):
         config.name, config.hf_extra, config.norm_eps = "tiny", {}, 1e-5
     assert ours == theirs
+
+
+def test_deepseek2_with_softmax_routing_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's deepseek2 also holds DeepSeek-V2, whose experts are chosen by softmax: refused, never misread."""
+    add = gguf.GGUFWriter.add_expert_gating_func
+    monkeypatch.setattr(
+        gguf.GGUFWriter, "add_expert_gating_func", lambda w, _: add(w, gguf.ExpertGatingFuncType.SOFTMAX)
+    )
+    path = write_gguf(make_tiny_model("deepseek-v3"), "deepseek2", tmp_path / "softmax.gguf")
+    with pytest.raises(CheckpointError, match="deepseek2 with expert_gating_func 1"):
+        load_gguf_model(path)

@@ -8,11 +8,13 @@ behind constant initialisations. Tolerance: fp32 logits within 1e-5 (absolute an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from helpers import reference_greedy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -24,6 +26,8 @@ from plainlm.convert.hf_config import config_from_hf, config_to_hf
 from plainlm.convert.mxfp4 import dequantize_mxfp4
 from plainlm.errors import CheckpointError, InvalidInput, UnsupportedModelError
 from plainlm.generate import generate
+from plainlm.model import LatentKVCache
+from plainlm.named_configs import HF_CONFIG_JSON
 
 ATOL = RTOL = 1e-5
 VOCAB = 160
@@ -37,6 +41,36 @@ BASE = dict(
 )
 LLAMA = dict(BASE, num_key_value_heads=2)
 SMOLLM3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # its defaults lie past the tiny vocabulary
+
+# DeepSeek-V3's multi-head latent attention (yarn with mscale_all_dim, which scales q.k) and grouped sigmoid routing
+DEEPSEEK_V3 = dict(
+    BASE,
+    num_key_value_heads=4,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=3,
+    moe_intermediate_size=16,
+    n_shared_experts=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "mscale": 0.707,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+)
+
 
 # family name -> (transformers config class, kwargs). Each entry carries the switches that make
 # the family what it is; sizes are tiny so the whole file runs in about a minute.
@@ -369,6 +403,42 @@ FAMILIES: dict[str, tuple[str, dict]] = {
             },
         ),
     ),
+    "deepseek-v3": ("DeepseekV3Config", DEEPSEEK_V3),
+    "deepseek-v3-plain-q": (
+        "DeepseekV3Config",
+        dict(
+            DEEPSEEK_V3,
+            q_lora_rank=None,
+            rope_interleave=False,
+            attention_bias=True,
+            norm_topk_prob=False,
+            n_shared_experts=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
+    "glm4-moe": (
+        "Glm4MoeConfig",
+        dict(
+            LLAMA,
+            num_hidden_layers=3,
+            head_dim=24,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+        ),
+    ),
+    "glm4-moe-air": (  # GLM-4.5-Air: no q/k norm, the default partial rotary factor
+        "Glm4MoeConfig",
+        dict(LLAMA, attention_bias=True, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    ),
 }
 
 
@@ -383,6 +453,9 @@ def make_hf_model(family: str) -> transformers.PreTrainedModel:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name and "gemma" not in family else 0.0))
             else:
                 p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3 / GLM-4.5's routing bias is a buffer
+                b.normal_(0, 0.1)
     return model
 
 
@@ -766,3 +839,83 @@ def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path: Path) -> No
     ids = random_ids()
     with torch.no_grad():
         torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_latent_attention_caches_the_latent_and_decodes_as_a_full_forward(tmp_path: Path) -> None:
+    """DeepSeek-V3's KV cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, no more, and
+    decoding through it (prefill, one-token steps, several rows from one prefix, speculative rollback) gives
+    the logits and tokens of the cacheless forward, which matches transformers (test above)."""
+    make_hf_model("deepseek-v3").save_pretrained(tmp_path)
+    model = load_hf_model(tmp_path).eval()
+    c = model.config
+    model.set_kv_cache(2, 20)
+    for block in model.blocks:
+        cache = block.attn.kv_cache
+        assert isinstance(cache, LatentKVCache)
+        assert cache.k.shape == (2, 1, 20, c.kv_lora_rank) and cache.v.shape == (2, 1, 20, c.qk_rope_head_dim)
+        assert sum(t.numel() for t in cache.buffers()) == 2 * 20 * (16 + 8)
+
+    ids = random_ids()
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :5], input_pos=torch.arange(5))]
+        steps += [model(ids[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(5, ids.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=RTOL)
+
+        model.set_kv_cache(1, 20)  # one prefix for two rows
+        model(ids[:1, :5], input_pos=torch.arange(5))
+        model.repeat_kv_cache(2)
+        shared = torch.stack([ids[0, :5]] * 2)
+        rows = torch.cat((shared, ids[:, 5:7]), dim=1)
+        torch.testing.assert_close(
+            model(ids[:, 5:7], input_pos=torch.arange(5, 7)), model(rows)[:, 5:], atol=ATOL, rtol=RTOL
+        )
+    model.clear_kv_cache()
+
+    prompt = ids[0, :6].tolist() * 2  # a repeat, so that the n-gram draft proposes (and gets some wrong)
+    expected = reference_greedy(model, prompt, 12)
+    assert generate(model, [prompt], max_new_tokens=12) == [expected]
+    assert generate(model, [prompt], max_new_tokens=12, draft="ngram") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("repo", "change", "message"),
+    [
+        ("deepseek-ai/DeepSeek-V3", {"topk_method": "group_limited_greedy"}, "topk_method='group_limited_greedy'"),
+        ("deepseek-ai/DeepSeek-V3", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ("deepseek-ai/DeepSeek-V3", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
+        (
+            "deepseek-ai/DeepSeek-V3",
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            "rope scaling 'dynamic'",
+        ),
+        ("zai-org/GLM-4.5", {"hidden_act": "sigmoid"}, "activation 'sigmoid'"),
+    ],
+)
+def test_deepseek_and_glm_features_we_lack_are_refused(repo: str, change: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=re.escape(message)):
+        config_from_hf({**HF_CONFIG_JSON[repo], **change})
+
+
+def test_kimi_k2_config_reads_as_deepseek_v3() -> None:
+    """Kimi K2's config.json names model_type "kimi_k2" (DeepSeek-V3's remote code); we read and write deepseek_v3."""
+    config = config_from_hf({**HF_CONFIG_JSON["moonshotai/Kimi-K2-Instruct"], "model_type": "kimi_k2"})
+    assert config.hf_model_type == "deepseek_v3" and config.n_expert == 384 and config.kv_lora_rank == 512
+
+
+def test_multi_token_prediction_layers_in_the_checkpoint_are_skipped(tmp_path: Path) -> None:
+    """DeepSeek-V3 and GLM-4.5 checkpoints carry their multi-token-prediction module as layer n_layer, which
+    next-token decoding does not run (transformers skips it too); any other stray tensor is still refused."""
+    hf_model = make_hf_model("glm4-moe")
+    hf_model.save_pretrained(tmp_path)
+    tensors = tensors_of(tmp_path)
+    n_layer = hf_model.config.num_hidden_layers
+    save_file({**tensors, f"model.layers.{n_layer}.eh_proj.weight": torch.ones(4, 8)}, tmp_path / "model.safetensors")
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=RTOL)
+    save_file(
+        {**tensors, f"model.layers.{n_layer + 1}.eh_proj.weight": torch.ones(4, 8)}, tmp_path / "model.safetensors"
+    )
+    with pytest.raises(CheckpointError, match="have no place"):
+        load_hf_model(tmp_path)

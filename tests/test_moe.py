@@ -47,6 +47,16 @@ SHAPES = {
         moe_shared_intermediate_size=24,
         moe_router="sigmoid_input",
     ),
+    "deepseek-v3": dict(  # sigmoid scores, top-k within the best 2 of 4 groups, shared experts
+        n_expert=16,
+        n_expert_per_token=4,
+        moe_intermediate_size=12,
+        moe_shared_intermediate_size=24,
+        moe_router="noaux_tc",
+        moe_n_group=4,
+        moe_topk_group=2,
+        moe_routed_scale=2.5,
+    ),
 }
 
 
@@ -89,7 +99,7 @@ def moe_layer(shape: str, seed: int = 0) -> MoE:
     torch.manual_seed(seed)
     moe = MoE(config)
     with torch.no_grad():
-        for p in moe.parameters():
+        for p in (*moe.parameters(), *moe.buffers()):  # DeepSeek-V3's routing bias is a buffer
             p.normal_(0, 0.2)
     return moe
 
@@ -131,8 +141,15 @@ def test_dense_layers_keep_a_plain_mlp() -> None:
     assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
 
 
-# the models compiled whole: Mixtral's layout, gpt-oss's (sinks, sliding layers, biased experts) and Llama 4's
-# attention (chunks, NoPE layer with its temperature, L2 q/k norm) around its router
+# DeepSeek-V3 in small: multi-head latent attention and grouped sigmoid routing compile whole too
+DEEPSEEK_V3 = dict(
+    n_expert=8, n_expert_per_token=2, moe_router="noaux_tc", moe_n_group=4, moe_topk_group=2,
+    moe_shared_intermediate_size=16, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, head_dim=24, v_head_dim=12,
+)  # fmt: skip
+
+
+# the models compiled whole: Mixtral's layout, gpt-oss's (sinks, sliding layers, biased experts), Llama 4's
+# attention (chunks, NoPE layer with its temperature, L2 q/k norm) around its router, and DeepSeek-V3's
 COMPILED = {
     "mixtral": dict(n_expert=4, n_expert_per_token=2),
     "phimoe": dict(n_expert=4, n_expert_per_token=2, moe_router="sparsemixer"),
@@ -156,6 +173,7 @@ COMPILED = {
         qk_norm="l2",
         rope_interleaved=True,
     ),
+    "deepseek-v3": DEEPSEEK_V3,
 }
 
 

@@ -80,6 +80,11 @@ PUBLISHED_BILLIONS = {
     "granite-3.3-8b-instruct": 8.17,
     "Seed-OSS-36B-Instruct": 36.15,
     "ERNIE-4.5-0.3B-PT": 0.36,
+    "DeepSeek-V3": 671,  # without the multi-token-prediction layer (685B with it)
+    "DeepSeek-R1": 671,
+    "Kimi-K2-Instruct": 1040,
+    "GLM-4.5": 355,
+    "GLM-4.5-Air": 106,
     "gpt2": 0.124,
     "gpt2-medium": 0.355,
     "gpt2-large": 0.774,

@@ -302,3 +302,28 @@ def test_a_mixed_batch_of_adapters_decodes_each_row_as_its_adapter_merged_and_al
     engine.load_adapter("b", made["a"])  # another adapter under an old name: a's weights, no stale blocks
     again = engine.generate([Request(prompt=shared, params=params, adapter="b")])[0]
     assert again.cached_tokens == 0 and again.token_ids == first.token_ids
+
+
+def test_latent_attention_serves_from_the_pool_as_it_generates_alone(llm):
+    """DeepSeek-V3's multi-head latent attention: the pool holds its latent and rotated key per token
+    (kv_lora_rank + qk_rope_head_dim values a layer), and each request's greedy tokens are generate's alone."""
+    fields = dict(
+        kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, head_dim=24, v_head_dim=12, rope_interleaved=True,
+        n_expert=8, n_expert_per_token=2, moe_router="noaux_tc", moe_n_group=4, moe_topk_group=2,
+        moe_shared_intermediate_size=16, moe_dense_layers=[0],
+    )  # fmt: skip
+    model = tiny_gpt(vocab_size=llm.model.config.vocab_size, block_size=128, std=0.2, **fields).eval()
+    mla = LLM(model, llm.tokenizer)
+    engine = Engine(mla, max_batch_size=4, prefill_chunk=8, kv_cache_gb=0.01)
+    assert engine.bytes_per_token == model.config.n_layer * (16 + 8) * 4
+    params = SamplingParams(max_new_tokens=12)
+    requests = [Request(prompt=p, params=params) for p in prompts(6, model.config.vocab_size, longest=40)]
+    results = {}
+    for request in requests:
+        request.on_event = lambda event: results.setdefault(event.request_id, []).extend(event.token_ids)
+        engine.submit(request)
+    while engine.running or engine.waiting:
+        engine.step()
+    for request in requests:
+        assert results[request.request_id] == alone(mla, request.prompt, params)
+    assert engine.pool.used_blocks == 0

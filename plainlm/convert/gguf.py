@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 
 from plainlm.checkpoint import CONFIG_FILE, check_output_path, load_state, save_tensors
 from plainlm.config import Config
-from plainlm.convert.gguf_names import IGNORED_TENSORS, read_config, tensor_rules
+from plainlm.convert.gguf_names import ignored_tensor, read_config, tensor_rules
 from plainlm.convert.gguf_tokenizer import write_tokenizer_files
 from plainlm.errors import CheckpointError
 from plainlm.model import GPT
@@ -209,10 +209,10 @@ def dequantize(tensor: ReaderTensor, path: Path) -> torch.Tensor:
 def gguf_tensors(reader: GGUFReader, config: Config, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Our tensors in float32, one GGUF tensor at a time; the set of names is checked before any is read."""
     tensors = {t.name: t for t in reader.tensors}
-    rules = tensor_rules(config)
+    rules = tensor_rules(config, split_kv_b="blk.0.attn_kv_b.weight" not in tensors)
     missing = [name for r in rules for name in r.gguf_names if name not in tensors]
-    expected = {name for r in rules for name in r.gguf_names} | set(IGNORED_TENSORS)
-    unexpected = [name for name in tensors if name not in expected]
+    expected = {name for r in rules for name in r.gguf_names}
+    unexpected = [name for name in tensors if name not in expected and not ignored_tensor(config, name)]
     if missing or unexpected:
         problem = f"has no tensor {missing[:3]}" if missing else f"has tensors {unexpected[:3]} with no place"
         raise CheckpointError(

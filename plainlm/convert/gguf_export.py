@@ -64,8 +64,9 @@ class PlannedTensor:
 
 def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -> Path:
     """Native checkpoint -> a GGUF file for llama.cpp (or transformers' `gguf_file=`); `dtype` is f16, q8_0,
-    f32 or bf16 for the 2-D weights. Architectures: llama, qwen2, qwen2moe, qwen3, phi3, gemma2, gemma3, cohere2,
-    exaone4, smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss, ernie4_5, llama4."""
+    f32 or bf16 for the weights of 2 and more dimensions. Architectures: llama, qwen2, qwen2moe, qwen3, phi3, gemma2,
+    gemma3, cohere2, exaone4, smollm3, olmo2 (OLMo 2 and 3), granite, seed_oss, ernie4_5, llama4, deepseek2
+    (DeepSeek-V3, Kimi K2), glm4moe (GLM-4.5)."""
     src, file = Path(src_dir), check_output_path(file, "file", file=True)
     if dtype not in DTYPES:
         raise InvalidInput(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -74,7 +75,9 @@ def convert_to_gguf(src_dir: str | Path, file: str | Path, dtype: str = "f16") -
     weight_type, file_type = DTYPES[dtype]
     config = _checkpoint_config(src)
     source = TensorSource(src)
-    rules = tensor_rules(config)
+    # One rule per GGUF tensor; DeepSeek's kv_b_proj as one attn_kv_b, which llama.cpp still reads (without
+    # its absorbed-MLA path) and which quantizes by the same rows as ours
+    rules = tensor_rules(config, split_kv_b=False)  # DeepSeek's kv_b_proj whole, as llama.cpp still reads it
     _check_tensor_names(source, rules, src)
     if (factors := llama3_rope_factors(config)) is not None:  # Llama 3.1+: RoPE scaling as llama.cpp stores it
         rules.append(GGUFRule("rope_freqs.weight", [], lambda t: [], lambda ts: factors))

@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor, RopeScalingType
+from gguf import (
+    ExpertGatingFuncType,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    ReaderTensor,
+    RopeScalingType,
+)
 
 from plainlm.config import Config
 from plainlm.convert.hf_config import interleave_moe_layer_step
@@ -49,6 +57,8 @@ GGUF_ARCHITECTURES = {
     "ernie4_5": "ernie4_5",
     "gpt-oss": "gpt_oss",
     "llama4": "llama4_text",
+    "deepseek2": "deepseek_v3",  # DeepSeek-V3 / R1, Kimi K2 (DeepSeek-V2's softmax routing is refused)
+    "glm4moe": "glm4_moe",
 }
 HF_TO_GGUF_ARCHITECTURE = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()} | {"olmo3": "olmo2"}
 # Architectures whose q and k rows llama.cpp permutes (LlamaModel.permute) for its interleaved RoPE kernel.
@@ -149,8 +159,12 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
     n_head = meta.int("attention.head_count", maximum=n_embd)
     n_kv_head = meta.int("attention.head_count_kv", default=n_head, maximum=n_head)
     head_dim = meta.int("attention.key_length", default=n_embd // n_head)
+    if arch == "deepseek2":  # llama.cpp stores MLA as one key/value head of the latent; the real heads are *_mla
+        n_kv_head = n_head
+        head_dim = meta.int("attention.key_length_mla", default=head_dim)  # absent in files before the split
     _check_head_dim(tensors, arch, n_head, n_kv_head, head_dim, path)
-    n_layer = meta.int("block_count", maximum=len(tensors))
+    # GLM-4.5's count includes its multi-token-prediction layers, which next-token decoding does not run
+    n_layer = meta.int("block_count", maximum=len(tensors)) - meta.int("nextn_predict_layers", default=0, minimum=0)
     rope_dims = meta.int("rope.dimension_count", default=head_dim, maximum=head_dim)
     fields: dict[str, Any] = dict(
         name=meta.string("general.name", default=path.stem),
@@ -167,7 +181,7 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         norm_eps=meta.float(
             "attention.layer_norm_epsilon" if arch == "cohere2" else "attention.layer_norm_rms_epsilon"
         ),
-        qkv_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
+        qkv_bias=any(f"blk.0.{name}.bias" in tensors for name in ("attn_q", "attn_qkv", "attn_kv_a_mqa")),
         attn_out_bias="blk.0.attn_output.bias" in tensors,
         mlp_bias="blk.0.ffn_up.bias" in tensors,
         rope_theta=meta.float("rope.freq_base", default=10000.0),
@@ -209,6 +223,12 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
         fields.update(_gpt_oss_fields(meta, fields["intermediate_size"], fields["rope_scaling"]))
     if arch == "llama4":
         fields.update(_llama4_fields(meta, n_layer))
+    if arch == "deepseek2":
+        fields.update(_mla_fields(meta, tensors, rope_dims), **_moe_fields(meta, tensors, n_layer))
+    if arch == "glm4moe":
+        fields.update(
+            _moe_fields(meta, tensors, n_layer), qk_norm="head" if "blk.0.attn_q_norm.weight" in tensors else "none"
+        )
     try:
         config = Config(**fields)
     except ValueError as e:
@@ -233,6 +253,8 @@ def _check_head_dim(tensors: dict, arch: str, n_head: int, n_kv_head: int, head_
     name, heads = (
         ("blk.0.attn_qkv.weight", n_head + 2 * n_kv_head) if arch == "phi3" else ("blk.0.attn_q.weight", n_head)
     )
+    if arch == "deepseek2" and "blk.0.attn_q_b.weight" in tensors:  # queries through a low-rank bottleneck
+        name = "blk.0.attn_q_b.weight"
     rows = _shape(tensors, name, path, dims=2)[0]
     if rows != heads * head_dim:
         raise CheckpointError(
@@ -415,6 +437,51 @@ def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
     raise CheckpointError(f"{meta.path}: {meta.arch}.{key} {value} does not follow a repeating pattern")
 
 
+def _mla_fields(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: int) -> dict[str, Any]:
+    """DeepSeek-V3's multi-head latent attention, as llama.cpp's deepseek2 stores it."""
+    fields: dict[str, Any] = dict(
+        kv_lora_rank=meta.int("attention.kv_lora_rank"),
+        q_lora_rank=meta.int("attention.q_lora_rank") if "blk.0.attn_q_a.weight" in tensors else None,
+        qk_rope_head_dim=rope_dims,
+        v_head_dim=meta.int("attention.value_length_mla", default=None) or meta.int("attention.value_length"),
+        rotary_fraction=1.0,
+        rope_interleaved=True,  # llama.cpp rotates deepseek2's pairs (2i, 2i+1), as DeepSeek's rope_interleave
+    )
+    log_mul = meta.get("rope.scaling.yarn_log_multiplier", _FLOATS, None, "a float")
+    scaling = _rope_scaling(meta, tensors, rope_dims)
+    if scaling is not None and log_mul:  # llama.cpp writes 0.1 * mscale_all_dim; mscale is not stored, and is
+        # equal to it in every DeepSeek-V3 and Kimi K2 config.json (so YaRN's cos/sin factor is 1)
+        mscale = round(log_mul / 0.1, 6)  # stored as float32
+        scaling.update(mscale=mscale, mscale_all_dim=mscale)
+    fields["rope_scaling"] = scaling
+    return fields
+
+
+def _moe_fields(meta: _Metadata, tensors: dict[str, ReaderTensor], n_layer: int) -> dict[str, Any]:
+    """DeepSeek-V3 / GLM-4.5 experts: sigmoid scores chosen by group with exp_probs_b, shared experts, the
+    leading layers dense."""
+    gating = meta.int("expert_gating_func", default=1)  # llama.cpp: absent means softmax (DeepSeek-V2)
+    if gating != int(ExpertGatingFuncType.SIGMOID) or f"blk.{n_layer - 1}.exp_probs_b.bias" not in tensors:
+        raise CheckpointError(
+            f"{meta.path}: {meta.arch} with expert_gating_func {gating} (1 softmax, 2 sigmoid) and without "
+            "exp_probs_b is not supported: only DeepSeek-V3's sigmoid routing with its selection bias"
+        )
+    size = meta.int("expert_feed_forward_length")
+    bools = {int(GGUFValueType.BOOL)}
+    return dict(
+        n_expert=meta.int("expert_count"),
+        n_expert_per_token=meta.int("expert_used_count"),
+        moe_intermediate_size=size,
+        moe_shared_intermediate_size=meta.int("expert_shared_count", default=0, minimum=0) * size,
+        moe_dense_layers=list(range(meta.int("leading_dense_block_count", default=0, minimum=0, maximum=n_layer))),
+        moe_normalize_topk=bool(meta.get("expert_weights_norm", bools, False, "a boolean")),
+        moe_router="noaux_tc",
+        moe_n_group=meta.int("expert_group_count", default=1),
+        moe_topk_group=meta.int("expert_group_used_count", default=1),
+        moe_routed_scale=meta.float("expert_weights_scale", default=1.0),
+    )
+
+
 def _token_ids(meta: _Metadata) -> dict[str, int]:
     """BOS / EOS / padding ids, carried through to config.json on export as from-hf does."""
     ids = {}
@@ -443,7 +510,7 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
     writer.add_head_count(c.n_head)
     writer.add_head_count_kv(c.n_kv_head)
     writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
+    writer.add_value_length(c.v_head_dim or c.head_dim)
     writer.add_rope_dimension_count(c.rope_dim)
     writer.add_rope_freq_base(c.rope_theta)
     if c.norm_class == "layernorm":  # Cohere 2
@@ -479,14 +546,36 @@ def write_config(writer: GGUFWriter, c: Config) -> None:
         writer.add_logit_scale(c.logits_scaling)
         if c.attention_scale is not None:
             writer.add_attention_scale(c.attention_scale)
-    if c.n_expert:
+    if c.kv_lora_rank is not None:  # the layout before llama.cpp split attn_kv_b (tensor_rules(c, False))
+        writer.add_kv_lora_rank(c.kv_lora_rank)
+        if c.q_lora_rank is not None:
+            writer.add_q_lora_rank(c.q_lora_rank)
+        if mscale := (c.rope_scaling or {}).get("mscale_all_dim"):
+            writer.add_rope_scaling_yarn_log_mul(0.1 * mscale)
+    if c.moe_router == "noaux_tc":
+        _write_moe(writer, c)
+    elif c.n_expert:
         writer.add_expert_count(c.n_expert)
         writer.add_expert_used_count(c.n_expert_per_token)
         writer.add_expert_feed_forward_length(c.moe_intermediate_size or c.intermediate_size)
-    if c.moe_shared_intermediate_size and arch != "llama4":  # llama4's shared expert is as wide as each expert
-        writer.add_expert_shared_feed_forward_length(c.moe_shared_intermediate_size)
-    if arch == "llama4" and c.n_expert:
-        writer.add_interleave_moe_layer_step(interleave_moe_layer_step(c))
+        if c.moe_shared_intermediate_size and arch != "llama4":  # llama4's shared expert is as wide as each expert
+            writer.add_expert_shared_feed_forward_length(c.moe_shared_intermediate_size)
+        if arch == "llama4":
+            writer.add_interleave_moe_layer_step(interleave_moe_layer_step(c))
+
+
+def _write_moe(writer: GGUFWriter, c: Config) -> None:
+    size = c.moe_intermediate_size or c.intermediate_size
+    writer.add_expert_count(c.n_expert)
+    writer.add_expert_used_count(c.n_expert_per_token)
+    writer.add_expert_feed_forward_length(size)
+    writer.add_expert_shared_count(c.moe_shared_intermediate_size // size)
+    writer.add_leading_dense_block_count(len(c.moe_dense_layers))
+    writer.add_expert_weights_scale(c.moe_routed_scale)
+    writer.add_expert_weights_norm(c.moe_normalize_topk)
+    writer.add_expert_group_count(c.moe_n_group)
+    writer.add_expert_group_used_count(c.moe_topk_group)
+    writer.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
 
 
 def _write_rope_scaling(writer: GGUFWriter, c: Config) -> None:
@@ -553,8 +642,9 @@ class GGUFRule:
         return self.to_gguf(ours) if self.parts else [self.to_gguf(ours)]
 
 
-def tensor_rules(c: Config) -> list[GGUFRule]:
-    """Every GGUF tensor of a model with this config, in llama.cpp's names and layout."""
+def tensor_rules(c: Config, split_kv_b: bool = True) -> list[GGUFRule]:
+    """Every GGUF tensor of a model with this config, in llama.cpp's names and layout. split_kv_b: DeepSeek's
+    kv_b_proj as attn_k_b and attn_v_b (llama.cpp since 2025), else as one attn_kv_b (the files before)."""
     arch = HF_TO_GGUF_ARCHITECTURE[c.hf_model_type]
     rules = [_plain("token_embd.weight", "embed.weight"), _norm(c, "output_norm.weight", "final_norm.weight")]
     if not c.tie_embeddings:
@@ -565,13 +655,13 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
         g, o = f"blk.{i}.", f"blocks.{i}."
         if c.pre_attention_norm:  # OLMo 2/3 and EXAONE 4 have none
             rules.append(_norm(c, g + "attn_norm.weight", o + "attn_norm.weight"))
-        rules += _attention_rules(c, arch, g, o + "attn.")
+        rules += _attention_rules(c, arch, g, o + "attn.", split_kv_b)
         if c.post_attention_norm:  # Gemma 2/3: "ffn_norm" is the pre-MLP norm, the post norms have their own names
             rules.append(_norm(c, g + "post_attention_norm.weight", o + "post_attn_norm.weight"))
             rules.append(_norm(c, g + "post_ffw_norm.weight", o + "post_mlp_norm.weight"))
         if c.pre_mlp_norm and not c.shared_attention_norm:  # Cohere 2's MLP reads attn_norm; EXAONE 4 has none
-            # Seed-OSS's and gpt-oss's pre-MLP norm keeps Hugging Face's name, post_attention_layernorm
-            mlp_norm = "post_attention_norm" if arch in ("seed_oss", "gpt-oss") else "ffn_norm"
+            # Seed-OSS's, gpt-oss's and GLM-4.5's pre-MLP norm keeps Hugging Face's name, post_attention_layernorm
+            mlp_norm = "post_attention_norm" if arch in ("seed_oss", "gpt-oss", "glm4moe") else "ffn_norm"
             rules.append(_norm(c, g + mlp_norm + ".weight", o + "mlp_norm.weight"))
         if c.is_moe(i):
             rules += _moe_rules(c, g, o + "mlp.")
@@ -590,8 +680,10 @@ def tensor_rules(c: Config) -> list[GGUFRule]:
 def _moe_rules(c: Config, g: str, o: str) -> list[GGUFRule]:
     """The router (ffn_gate_inp) and the experts as convert_hf_to_gguf.py writes them: ffn_{gate,up,down}_exps
     (E, out, in), each expert's slice a Linear weight, gate and up our gate_up_proj's halves, and (gpt-oss) their
-    biases (E, out); the shared expert with its gate (qwen2moe)."""
+    biases (E, out); DeepSeek-V3's and GLM-4.5's choosing bias; the shared expert with its gate (qwen2moe)."""
     rules = _linear(g + "ffn_gate_inp", o + "router", c.moe_router_bias)
+    if c.moe_router == "noaux_tc":  # DeepSeek-V3, GLM-4.5: the bias that only chooses experts
+        rules.append(_plain(g + "exp_probs_b.bias", o + "router_bias"))
     for suffix, ours, dim in ((".weight", "gate_up_proj", 1), (".bias", "gate_up_proj_bias", -1)):
         if suffix == ".bias" and not c.moe_expert_bias:
             continue
@@ -628,8 +720,10 @@ def _moe_rules(c: Config, g: str, o: str) -> list[GGUFRule]:
     return rules
 
 
-def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
-    if arch == "phi3":  # attn_qkv is Phi-3's qkv_proj as it is
+def _attention_rules(c: Config, arch: str, g: str, o: str, split_kv_b: bool) -> list[GGUFRule]:
+    if arch == "deepseek2":
+        rules = _latent_attention_rules(c, g, o, split_kv_b)
+    elif arch == "phi3":  # attn_qkv is Phi-3's qkv_proj as it is
         sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
         rules = [_fused(g + "attn_qkv.weight", [o + f"{x}_proj.weight" for x in "qkv"], sizes)]
     elif arch in PERMUTED_QK:
@@ -648,6 +742,40 @@ def _attention_rules(c: Config, arch: str, g: str, o: str) -> list[GGUFRule]:
         rules += [_norm(c, g + "attn_q_norm.weight", o + "q_norm.weight")]
         rules += [_norm(c, g + "attn_k_norm.weight", o + "k_norm.weight")]
     return rules
+
+
+def _latent_attention_rules(c: Config, g: str, o: str, split_kv_b: bool) -> list[GGUFRule]:
+    """DeepSeek-V3's multi-head latent attention (attn_output is the common rule)."""
+    if c.q_lora_rank is None:
+        rules = [_plain(g + "attn_q.weight", o + "q_proj.weight")]
+    else:
+        rules = _linear(g + "attn_q_a", o + "q_a_proj", c.qkv_bias) + [
+            _norm(c, g + "attn_q_a_norm.weight", o + "q_a_norm.weight"),
+            _plain(g + "attn_q_b.weight", o + "q_b_proj.weight"),
+        ]
+    rules += _linear(g + "attn_kv_a_mqa", o + "kv_a_proj", c.qkv_bias)
+    rules.append(_norm(c, g + "attn_kv_a_norm.weight", o + "kv_a_norm.weight"))
+    if not split_kv_b:
+        return rules + [_plain(g + "attn_kv_b.weight", o + "kv_b_proj.weight")]
+    H, nope, V = c.n_head, c.head_dim - c.qk_rope_head_dim, c.v_head_dim or c.head_dim
+
+    def to_ours(ts: list[torch.Tensor]) -> list[torch.Tensor]:  # attn_k_b (H, rank, nope), attn_v_b (H, V, rank)
+        return [torch.cat((ts[0].transpose(1, 2), ts[1]), dim=1).reshape(H * (nope + V), -1)]
+
+    def to_gguf(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        k_b, v_b = ts[0].reshape(H, nope + V, -1).split([nope, V], dim=1)
+        return [k_b.transpose(1, 2).contiguous(), v_b.contiguous()]
+
+    names = [g + "attn_k_b.weight", g + "attn_v_b.weight"]
+    return rules + [GGUFRule(names[0], [o + "kv_b_proj.weight"], to_ours, to_gguf, parts=names)]
+
+
+def ignored_tensor(c: Config, name: str) -> bool:
+    """Tensors a file may hold that next-token decoding does not use: Llama 3's RoPE factors (read into
+    Config.rope_scaling instead), GLM-4.5's multi-token-prediction layers past n_layer."""
+    if name in IGNORED_TENSORS:
+        return True
+    return c.hf_model_type == "glm4_moe" and name.startswith("blk.") and int(name.split(".")[1]) >= c.n_layer
 
 
 def _suffixes(bias: bool) -> list[str]:

@@ -103,6 +103,10 @@ def hf_to_plainlm_tensors(
         for k in source.keys()
         if k not in used and not k.endswith(IGNORED_HF_SUFFIXES) and not k.startswith(IGNORED_HF_PREFIXES)
     ]
+    if config.hf_model_type in ("deepseek_v3", "glm4_moe"):
+        # their multi-token-prediction layers (model.layers.{n_layer}.*), which next-token decoding never runs
+        # and transformers does not load either
+        unused = [k for k in unused if not k.startswith(f"model.layers.{config.n_layer}.")]
     if config.tie_embeddings:
         unused = [k for k in unused if not k.endswith("lm_head.weight")]
     if unused:

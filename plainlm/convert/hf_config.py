@@ -34,6 +34,7 @@ LLAMA_LIKE = (
     "seed_oss",
     "ernie4_5",
     "phimoe",
+    "glm4_moe",
 )
 GEMMA_LIKE = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_MODEL_TYPES = (
@@ -46,6 +47,7 @@ SUPPORTED_MODEL_TYPES = (
     "falcon",
     "gpt2",
     "gpt_oss",
+    "deepseek_v3",
 )
 # Multimodal model types whose config.json holds the text model's config as its text_config
 TEXT_MODEL_TYPES = {"gemma3": "gemma3_text", "llama4": "llama4_text"}
@@ -79,6 +81,8 @@ ARCHITECTURES = {
     "cohere2": "Cohere2ForCausalLM",
     "exaone4": "Exaone4ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 
 # What these families' configuration classes (transformers 5) default to where the generic reading below
@@ -115,6 +119,8 @@ def config_from_hf(hf: dict[str, Any], name: str | None = None) -> Config:
     if model_type in TEXT_MODEL_TYPES and "text_config" in hf:  # a multimodal config: take its text model
         model_type = TEXT_MODEL_TYPES[model_type]
         hf = {**hf["text_config"], "model_type": model_type}
+    if model_type == "kimi_k2":  # Kimi K2's config.json names DeepSeek-V3's architecture (its remote code) so
+        hf, model_type = {**hf, "model_type": "deepseek_v3"}, "deepseek_v3"
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -279,7 +285,62 @@ def _llama_like_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         fields.update(_cohere2_fields(hf))
     if model_type == "exaone4":
         fields.update(_exaone4_fields(hf))
+    if model_type == "glm4_moe":
+        fields.update(qkv_bias=hf.get("attention_bias", False), attn_out_bias=False, **_noaux_moe_fields(hf, GLM4_MOE))
+        fields.setdefault("rotary_fraction", 0.5)  # Glm4MoeConfig's default
+        if hf.get("use_qk_norm"):
+            fields["qk_norm"] = "head"
+    if model_type == "deepseek_v3":
+        fields.update(_deepseek_fields(hf))
     return fields
+
+
+# The defaults of transformers' DeepseekV3Config and Glm4MoeConfig, for keys a config.json leaves out.
+DEEPSEEK_V3 = dict(
+    n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048, n_shared_experts=1, n_group=8,
+    topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=3, norm_topk_prob=True,
+)  # fmt: skip
+GLM4_MOE = dict(
+    n_routed_experts=128, num_experts_per_tok=8, moe_intermediate_size=1408, n_shared_experts=1, n_group=1,
+    topk_group=1, routed_scaling_factor=1.0, first_k_dense_replace=1, norm_topk_prob=True,
+)  # fmt: skip
+
+
+def _noaux_moe_fields(hf: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3 / GLM-4.5 experts: sigmoid routing by groups, shared experts, the first layers dense."""
+    h = {**defaults, **{k: v for k, v in hf.items() if v is not None}}
+    for key, ours in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"), ("moe_layer_freq", 1)):
+        if h.get(key, ours) != ours:
+            raise UnsupportedModelError(f"{hf['model_type']} with {key}={h[key]!r} is not supported (only {ours!r})")
+    return dict(
+        n_expert=h["n_routed_experts"],
+        n_expert_per_token=h["num_experts_per_tok"],
+        moe_intermediate_size=h["moe_intermediate_size"],
+        moe_shared_intermediate_size=h["n_shared_experts"] * h["moe_intermediate_size"],
+        moe_dense_layers=list(range(min(h["first_k_dense_replace"], hf["num_hidden_layers"]))),
+        moe_normalize_topk=h["norm_topk_prob"],
+        moe_router="noaux_tc",
+        moe_n_group=h["n_group"],
+        moe_topk_group=h["topk_group"],
+        moe_routed_scale=float(h["routed_scaling_factor"]),
+    )
+
+
+def _deepseek_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Multi-head latent attention and DeepSeek-V3's experts (DeepseekV3Config's defaults where keys are absent)."""
+    h = {"kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, **hf}
+    bias = hf.get("attention_bias", False)
+    return dict(
+        head_dim=h["qk_nope_head_dim"] + h["qk_rope_head_dim"],
+        kv_lora_rank=h["kv_lora_rank"],
+        q_lora_rank=h["q_lora_rank"],
+        qk_rope_head_dim=h["qk_rope_head_dim"],
+        v_head_dim=hf.get("v_head_dim") or 128,
+        rope_interleaved=hf.get("rope_interleave", True),
+        qkv_bias=bias,
+        attn_out_bias=bias,
+        **_noaux_moe_fields(hf, DEEPSEEK_V3),
+    )
 
 
 def _layer_types(hf: dict[str, Any], pattern: int | str | None) -> list[str]:
@@ -753,7 +814,20 @@ def _hf_rope(c: Config) -> dict[str, Any]:
 def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
     t = c.hf_model_type
     out: dict[str, Any] = {}
-    if t in ("llama", "olmo", "olmo2", "qwen3", "qwen3_moe", "phimoe", "gemma", "gemma2", "gemma3_text", "llama4_text"):
+    if t in (
+        "llama",
+        "olmo",
+        "olmo2",
+        "qwen3",
+        "qwen3_moe",
+        "phimoe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "llama4_text",
+        "deepseek_v3",
+        "glm4_moe",
+    ):
         out["attention_bias"] = c.qkv_bias
     if t in ("smollm3", "olmo3", "granite", "seed_oss"):
         out["attention_bias"] = c.qkv_bias
@@ -837,6 +911,24 @@ def _hf_llama_like_extras(c: Config) -> dict[str, Any]:
         out.update(_hf_hybrid_attention(c))
     if t == "llama4_text":
         out.update(_hf_llama4(c))
+    if t in ("deepseek_v3", "glm4_moe"):
+        out.update(_hf_noaux_moe(c))
+    if t == "glm4_moe":
+        out["use_qk_norm"] = c.qk_norm == "head"
+    if t == "deepseek_v3":
+        out.update(
+            head_dim=c.qk_rope_head_dim,  # what DeepseekV3Config sets it to
+            kv_lora_rank=c.kv_lora_rank,
+            q_lora_rank=c.q_lora_rank,
+            qk_rope_head_dim=c.qk_rope_head_dim,
+            qk_nope_head_dim=c.head_dim - c.qk_rope_head_dim,
+            v_head_dim=c.v_head_dim or c.head_dim,
+            rope_interleave=c.rope_interleaved,
+            # DeepSeek's own code reads these three; transformers knows only this routing
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            moe_layer_freq=1,
+        )
     if t == "cohere2":
         out.update(layer_norm_eps=c.norm_eps, logit_scale=c.logit_scale, attention_bias=c.qkv_bias)
         out["rotary_pct"] = 1.0  # ignored by transformers (whole heads rotate), required by llama.cpp's converter
@@ -882,4 +974,25 @@ def _hf_llama4(c: Config) -> dict[str, Any]:
         attn_temperature_tuning=c.attn_temperature_floor_scale is not None,
         floor_scale=c.attn_temperature_floor_scale or 8192,
         attn_scale=c.attn_temperature_scale,
+    )
+
+
+def _hf_noaux_moe(c: Config) -> dict[str, Any]:
+    first_k = len(c.moe_dense_layers)
+    if c.moe_dense_layers != list(range(first_k)):
+        raise UnsupportedModelError(
+            f"cannot export {c.hf_model_type} with dense layers {c.moe_dense_layers}: its config.json only has "
+            "first_k_dense_replace, the first k layers"
+        )
+    size = c.moe_intermediate_size or c.intermediate_size
+    return dict(
+        n_routed_experts=c.n_expert,
+        num_experts_per_tok=c.n_expert_per_token,
+        moe_intermediate_size=size,
+        n_shared_experts=c.moe_shared_intermediate_size // size,
+        first_k_dense_replace=first_k,
+        norm_topk_prob=c.moe_normalize_topk,
+        n_group=c.moe_n_group,
+        topk_group=c.moe_topk_group,
+        routed_scaling_factor=c.moe_routed_scale,
     )

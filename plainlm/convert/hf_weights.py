@@ -92,7 +92,9 @@ def _llama_like_rules(c: Config) -> list[Rule]:
         p, o = f"model.layers.{i}.", f"blocks.{i}."
         if c.pre_attention_norm:
             rules += _norm(c, p + "input_layernorm", o + "attn_norm")
-        if t == "phi3":
+        if t == "deepseek_v3":
+            rules += _latent_attention_rules(c, p + "self_attn.", o + "attn.")
+        elif t == "phi3":
             rules.append(
                 _concat(p + "self_attn.qkv_proj.weight", [o + f"attn.{x}_proj.weight" for x in "qkv"], _qkv_sizes(c))
             )
@@ -119,10 +121,33 @@ def _llama_like_rules(c: Config) -> list[Rule]:
     return rules
 
 
+def _latent_attention_rules(c: Config, p: str, o: str) -> list[Rule]:
+    """DeepSeek-V3's multi-head latent attention (o_proj is the common rule)."""
+    if c.q_lora_rank is None:
+        rules = _one(p + "q_proj", o + "q_proj")
+    else:
+        rules = _one(p + "q_a_proj", o + "q_a_proj", bias=c.qkv_bias) + _norm(c, p + "q_a_layernorm", o + "q_a_norm")
+        rules += _one(p + "q_b_proj", o + "q_b_proj")
+    rules += _one(p + "kv_a_proj_with_mqa", o + "kv_a_proj", bias=c.qkv_bias)
+    return rules + _norm(c, p + "kv_a_layernorm", o + "kv_a_norm") + _one(p + "kv_b_proj", o + "kv_b_proj")
+
+
 def _mlp_rules(c: Config, p: str, o: str, layer: int) -> list[Rule]:
     t, moe = c.hf_model_type, c.is_moe(layer)
     if t == "llama4_text":
         return _llama4_mlp_rules(c, p + "feed_forward.", o + "mlp.", layer)
+    if t in ("deepseek_v3", "glm4_moe") and c.is_moe(layer):  # sigmoid router with its bias, shared experts
+        rules = _one(p + "mlp.gate", o + "mlp.router") + [
+            Rule(p + "mlp.gate.e_score_correction_bias", [o + "mlp.router_bias"])
+        ]
+        rules += _experts(c, p + "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"), o + "mlp.experts.")
+        if c.moe_shared_intermediate_size:
+            rules += [
+                r
+                for x in ("gate", "up", "down")
+                for r in _one(p + f"mlp.shared_experts.{x}_proj", o + f"mlp.shared_expert.{x}_proj")
+            ]
+        return rules
     if moe and t in ("mixtral", "phimoe"):
         return _one(p + "block_sparse_moe.gate", o + "mlp.router") + _experts(
             c, p + "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"), o + "mlp.experts."

@@ -246,7 +246,7 @@ class Engine:
         self._proposal_length = ProposalLength(draft_tokens)
 
         dtype = getattr(self.model.embed, "dtype", self.model.embed.weight.dtype)
-        self.bytes_per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize
+        self.bytes_per_token = config.n_layer * config.kv_cache_width * dtype.itemsize
         wanted = max_batch_size * self.max_seq_length * self.bytes_per_token
         if kv_cache_gb is not None:
             if kv_cache_gb <= 0:

@@ -149,7 +149,15 @@ class PagedKVCache(nn.Module):
     asks it where queries sit among the keys (`query_slots`) and how many keys a row has (`length`).
     """
 
-    def __init__(self, pool: BlockPool, n_kv_head: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        pool: BlockPool,
+        n_kv_head: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        value_dim: int | None = None,  # multi-head latent attention: the rotated key's size beside the latent
+    ):
         super().__init__()
         # The pool's blocks, and one block more: its first slot takes the keys and values of padding tokens
         # (PagedStep.scratch_slot), which no request reads.
@@ -159,7 +167,8 @@ class PagedKVCache(nn.Module):
         # torch.zeros of this size maps fresh pages that the OS commits only when written: the pool costs
         # the memory of the blocks actually used.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        v_shape = (n_kv_head * self.slots, value_dim or head_dim)
+        self.register_buffer("v", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
         self.step: PagedStep | None = None  # shared by every layer; set by PagedStep.apply before a forward
 
     @staticmethod
@@ -168,9 +177,12 @@ class PagedKVCache(nn.Module):
         c = model.config
         dtype = dtype or getattr(model.embed, "dtype", model.embed.weight.dtype)  # a quantized embedding says
         device = model.embed.weight.device
-        step = PagedStep(pool, c.n_kv_head, device)
+        K, D, V = c.n_kv_head, c.head_dim, c.head_dim
+        if c.kv_lora_rank is not None:  # DeepSeek-V3: one latent "head" and the rotated key (model.LatentKVCache)
+            K, D, V = 1, c.kv_lora_rank, c.qk_rope_head_dim
+        step = PagedStep(pool, K, device)
         for _ in model.blocks:
-            cache = PagedKVCache(pool, c.n_kv_head, c.head_dim, dtype, device)
+            cache = PagedKVCache(pool, K, D, dtype, device, V)
             cache.step = step
             step.caches.append(cache)
         step.attach(model)
@@ -192,13 +204,13 @@ class PagedKVCache(nn.Module):
         step = self.step
         B, K, T, D = k.shape
         self.k.index_copy_(0, step.write_index, k.to(self.k.dtype).reshape(B * K * T, D))
-        self.v.index_copy_(0, step.write_index, v.to(self.v.dtype).reshape(B * K * T, D))
+        self.v.index_copy_(0, step.write_index, v.to(self.v.dtype).reshape(B * K * T, v.shape[-1]))
         if step.in_place:  # plainlm's attention kernel reads the pool where it lies (kernel_layers)
             return self.k, self.v
         S = step.read_index.shape[-1]
         return (
             self.k.index_select(0, step.read_index.reshape(-1)).view(B, K, S, D),
-            self.v.index_select(0, step.read_index.reshape(-1)).view(B, K, S, D),
+            self.v.index_select(0, step.read_index.reshape(-1)).view(B, K, S, v.shape[-1]),
         )
 
 
