@@ -402,11 +402,16 @@ def models(filter: str | None = None) -> None:
 def _parameter_count(config: Config) -> int:
     """The parameters of `config`'s model, counted on the meta device (no memory, no weights).
 
-    Every block has the same parameters (a Block's shapes do not depend on its index; tests/test_cli.py
-    checks this against whole models), so models of one and two blocks give the count quickly.
+    A block's shapes depend on its index only through whether it has experts (Config.is_moe; tests/test_cli.py
+    checks this against whole models), so a model without blocks and one of each kind give the count quickly.
     """
-    one, two = (_meta_count(dataclasses.replace(config, n_layer=n)) for n in (1, 2))
-    return one + (config.n_layer - 1) * (two - one)
+
+    def blocks(n_layer: int, dense: list[int]) -> int:
+        return _meta_count(dataclasses.replace(config, n_layer=n_layer, moe_dense_layers=dense, nope_layers=[]))
+
+    rest = blocks(0, [])
+    dense, moe = blocks(1, [0]) - rest, blocks(1, []) - rest
+    return rest + sum(moe if config.is_moe(i) else dense for i in range(config.n_layer))
 
 
 def _meta_count(config: Config) -> int:
