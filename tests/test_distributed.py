@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_cli
+import transformers
+from helpers import REPO, run_cli, tiny_hf_model
 from safetensors.torch import load_file
 
 # Losses of 2 processes against 1: the same sums in another order (all-reduce, sharded gradient norms), so
@@ -312,3 +314,40 @@ def test_lora_dpo_on_two_processes_trains_as_one(tiny_hf_dir: Path, tmp_path: Pa
                 if expected[column]:
                     expected_value = pytest.approx(float(expected[column]), rel=PREFERENCE_RTOL, abs=1e-5)
                     assert float(got[column]) == expected_value, column
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_hf_dir's tokenizer beside a tiny Qwen3-MoE (4 experts, top-2) with random weights."""
+    directory = tmp_path_factory.mktemp("tiny-moe")
+    for file in tiny_hf_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")) or file.name == "generation_config.json":
+            shutil.copy(file, directory)
+    vocab_size = json.loads((tiny_hf_dir / "config.json").read_text())["vocab_size"]
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    tiny_hf_model(config, std=0.1).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.timeout(300)
+def test_a_mixture_of_experts_trains_under_fsdp_as_in_one_process(moe_dir: Path, data: Path, tmp_path: Path) -> None:
+    """Experts sharded with their block (their adapters too, LoRA on experts), no unused-parameter search:
+    two FSDP processes give one process's losses."""
+    lora = ("--lora.targets", "[q, v, experts]")
+    run(finetune_args(moe_dir, data, tmp_path / "one", "lora", *lora))
+    run([*finetune_args(moe_dir, data, tmp_path / "two", "lora", *lora, "--strategy", "fsdp"), "--devices", "2"])
+    assert_same_metrics(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
+    assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").exists()
