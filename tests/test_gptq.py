@@ -212,15 +212,22 @@ def test_gptq_closes_half_the_perplexity_gap_of_round_to_nearest(model: str, tmp
     assert scores["rtn"] - scores["gptq"] >= 0.5 * (scores["rtn"] - scores["fp32"]), scores
 
 
-@pytest.mark.slow  # quantizes SmolLM2-135M (seconds) and scores it and float32 (about 90 s)
+@pytest.mark.slow  # quantizes SmolLM2-135M (seconds) and scores it three ways (about 60 s)
 def test_8_bit_round_to_nearest_stays_within_half_a_percent_of_float32_on_smollm2(tmp_path: Path) -> None:
+    """The format's cost (its integers dequantized, float activations) and what the kernels add on top: plainlm's
+    VNNI kernel rounds the activations to int8 per 64 inputs, PyTorch's reads them in bf16."""
     from plainlm.packaged_models import smollm2_gguf
 
     quantize(smollm2_gguf(), tmp_path / "rtn8", method="rtn", bits=8, group_size=64)
-    eight = perplexity(LLM.load(tmp_path / "rtn8", device="cpu"), HELD_OUT).token_perplexity
+    eight = LLM.load(tmp_path / "rtn8", device="cpu")
+    on_kernels = perplexity(eight, HELD_OUT).token_perplexity
+    dequantize_model(eight.model)
+    weights_only = perplexity(eight, HELD_OUT).token_perplexity
     fp32 = perplexity(LLM.load(smollm2_gguf(), device="cpu"), HELD_OUT).token_perplexity
-    # Measured: float32 17.060, 8-bit round-to-nearest in groups of 64 17.066 (4 bits: 21.31).
-    assert abs(eight - fp32) < 0.005 * fp32, (eight, fp32)
+    # Measured: float32 17.060; 8-bit round-to-nearest in groups of 64 17.066 with float activations (4 bits:
+    # 21.31); on its kernels 17.064 (PyTorch's, bf16 activations) and 17.154 (plainlm's, int8 activations).
+    assert abs(weights_only - fp32) < 0.005 * fp32, (weights_only, fp32)
+    assert abs(on_kernels - fp32) < 0.01 * fp32, (on_kernels, fp32)
 
 
 @pytest.mark.slow  # a finetune in a subprocess
