@@ -434,9 +434,7 @@ def _olmo3_fields(hf: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     """OLMo 3: OLMo 2 with sliding-window layers (three of four by default), which rotate with the
     unscaled base (RoPE scaling is for the global layers only)."""
     n_layer = fields["n_layer"]
-    layer_types = hf.get("layer_types") or [
-        "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(n_layer)
-    ]
+    layer_types = _layer_types(hf, 4)
     out: dict[str, Any] = {"rope_local_theta": fields.get("rope_local_theta", fields["rope_theta"])}
     if "sliding_attention" not in layer_types:
         return out
