@@ -383,7 +383,8 @@ class KVCache(nn.Module):
 class LatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2): each token's keys and values are expanded
     (kv_b_proj) from a normalised latent of kv_lora_rank values, and every head's key ends in one rotated part
-    all heads share (qk_rope_head_dim). The cache holds only those two (LatentKVCache), expanded at each step."""
+    all heads share (qk_rope_head_dim). The cache holds only those two (LatentKVCache); decoding steps fold the
+    expansion into the queries and the output instead of expanding every cached token (attend_latent)."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -426,15 +427,43 @@ class LatentAttention(nn.Module):
         cache = self.kv_cache if input_pos is not None else None  # see GPT.forward
         if cache is not None:
             latent, k_rot = cache.update(input_pos, latent, k_rot)
-        S = latent.shape[2]
-        kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, H, D - R + V).transpose(1, 2)
-        k_nope, v = kv.split([D - R, V], dim=-1)
-        q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot.expand(-1, H, -1, -1)), dim=-1)
         is_causal = False  # a branch, as in Attention.attend
         if mask is None and T > 1:
             is_causal = True
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        # Expanding costs S * L * H * (D - R + V) for the S cached tokens; absorbing costs attention over
+        # L + R dimensions and values of L instead of D and V: T * S * H * (2L + R - D - V) more.
+        L = c.kv_lora_rank
+        if cache is not None and type(self.kv_b_proj) is nn.Linear and T * (2 * L + R - D - V) < L * (D - R + V):
+            y = self.attend_latent(q_nope, q_rot, latent, k_rot, mask, is_causal)
+        else:  # no cache (training, scoring), a long prompt, or kv_b_proj with an adapter or quantized
+            S = latent.shape[2]
+            kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, H, D - R + V).transpose(1, 2)
+            k_nope, v = kv.split([D - R, V], dim=-1)
+            q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot.expand(-1, H, -1, -1)), dim=-1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * V))
+
+    def attend_latent(
+        self,
+        q_nope: torch.Tensor,
+        q_rot: torch.Tensor,
+        latent: torch.Tensor,
+        k_rot: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> torch.Tensor:
+        """Attention over the latents themselves ("absorbing" kv_b_proj, DeepSeek-V2's paper): a head's q_nope . k_nope
+        is (q_nope W_k) . latent, and its weighted sum of values is (weights . latent) W_v^T, with W_k and W_v
+        that head's key and value rows of kv_b_proj. All heads attend to one shared key and value (enable_gqa)."""
+        c = self.config
+        H, D, R, L = c.n_head, c.head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+        w_k, w_v = self.kv_b_proj.weight.view(H, -1, L).split([D - R, c.v_head_dim or D], dim=1)
+        q = torch.cat((q_nope @ w_k.to(q_nope.dtype), q_rot), dim=-1)  # (B, H, T, L + R)
+        k = torch.cat((latent, k_rot), dim=-1).to(q.dtype)  # (B, 1, S, L + R)
+        y = F.scaled_dot_product_attention(
+            q, k, latent.to(q.dtype), attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
+        )
+        return y @ w_v.transpose(1, 2).to(y.dtype)  # (B, H, T, V)
 
 
 class LatentKVCache(KVCache):
