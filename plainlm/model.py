@@ -434,7 +434,7 @@ class LatentAttention(nn.Module):
         # L + R dimensions and values of L instead of D and V: T * S * H * (2L + R - D - V) more.
         L = c.kv_lora_rank
         if cache is not None and type(self.kv_b_proj) is nn.Linear and T * (2 * L + R - D - V) < L * (D - R + V):
-            y = self.attend_latent(q_nope, q_rot, latent, k_rot, mask, is_causal)
+            y = self.attend_latent(q_nope, q_rot, latent, k_rot, mask)
         else:  # no cache (training, scoring), a long prompt, or kv_b_proj with an adapter or quantized
             S = latent.shape[2]
             kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, H, D - R + V).transpose(1, 2)
@@ -449,21 +449,23 @@ class LatentAttention(nn.Module):
         q_rot: torch.Tensor,
         latent: torch.Tensor,
         k_rot: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
+        mask: torch.Tensor,
     ) -> torch.Tensor:
         """Attention over the latents themselves ("absorbing" kv_b_proj, DeepSeek-V2's paper): a head's q_nope . k_nope
         is (q_nope W_k) . latent, and its weighted sum of values is (weights . latent) W_v^T, with W_k and W_v
-        that head's key and value rows of kv_b_proj. All heads attend to one shared key and value (enable_gqa)."""
+        that head's key and value rows of kv_b_proj. Every head attends to the same keys and values, so the heads
+        become query rows of one attention (B, 1, H * T, ...), which reads the cache once."""
         c = self.config
-        H, D, R, L = c.n_head, c.head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+        B, H, T, _ = q_nope.shape
+        D, R, L = c.head_dim, c.qk_rope_head_dim, c.kv_lora_rank
         w_k, w_v = self.kv_b_proj.weight.view(H, -1, L).split([D - R, c.v_head_dim or D], dim=1)
-        q = torch.cat((q_nope @ w_k.to(q_nope.dtype), q_rot), dim=-1)  # (B, H, T, L + R)
+        q = torch.cat((q_nope @ w_k.to(q_nope.dtype), q_rot), dim=-1).reshape(B, 1, H * T, L + R)
         k = torch.cat((latent, k_rot), dim=-1).to(q.dtype)  # (B, 1, S, L + R)
-        y = F.scaled_dot_product_attention(
-            q, k, latent.to(q.dtype), attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
-        )
-        return y @ w_v.transpose(1, 2).to(y.dtype)  # (B, H, T, V)
+        S = k.shape[2]
+        rows = mask.reshape(-1, 1, 1, T, S)  # with a cache there is always a mask (T, S) or (B, 1, T, S) ...
+        mask = rows.expand(-1, 1, H, T, S).reshape(rows.shape[0], 1, H * T, S)  # ... copied for every head
+        y = F.scaled_dot_product_attention(q, k, latent.to(q.dtype), attn_mask=mask, scale=self.scale)
+        return y.view(B, H, T, L) @ w_v.transpose(1, 2).to(y.dtype)  # (B, H, T, V)
 
 
 class LatentKVCache(KVCache):
