@@ -2,11 +2,11 @@
 
     use_cpu_kernels(model)   # in place; quantize_model, quantized checkpoints and LLM.load call it
 
-KernelAttention  Attention whose one-token decode step (CPU, fp32, no gradient) runs
-                 kernels/decode_attention.cpp, which visits only the cache slots the mask allows
-                 (SDPA computes all of them), over model.KVCache; over the serving engine's paged
-                 pool, decode steps and prompt chunks alike read it in place (reads_paged_pool);
-                 and whose q, k and v projections, when they are plainlm's int8/int4 layers
+KernelAttention  Attention whose steps over model.KVCache (CPU, fp32, no gradient: decode steps,
+                 speculative verifications, prompts) run kernels/decode_attention.cpp, which
+                 visits only the cache slots the mask allows (SDPA computes all of them); over
+                 the serving engine's paged pool, decode steps and prompt chunks alike read it
+                 in place (reads_paged_pool); and whose q, k and v projections, when they are plainlm's int8/int4 layers
                  (quantize.py), run in one kernel call.
 KernelMLP        MLP whose gate and up projections run in one kernel call likewise.
 KernelLinear     nn.Linear whose float32 product over a few rows (a decode step, a speculative
@@ -58,13 +58,16 @@ class KernelAttention(Attention):
             mask = mask.expand(B, 1, T, mask.shape[-1]).reshape(B * T, -1).contiguous()
             y = torch.ops.plainlm.paged_attention(queries, k, v, cache.step.read_index, mask, self.scale)
             return y.view(B, T, H, D).transpose(1, 2)
-        one_new_token = q.shape[2] == 1 and cache is not None and not torch.is_grad_enabled()
-        if not (one_new_token and self.decode_kernel and decode_attention_takes(k)):
+        over_cache = cache is not None and not torch.is_grad_enabled()
+        if not (over_cache and self.decode_kernel and decode_attention_takes(k)):
             return super().attend(q, k, v, mask, cache)
-        B, H, _, D = q.shape
-        mask = mask.reshape(-1, mask.shape[-1]).contiguous()  # (B or 1, S): a cache always comes with a mask
-        y = torch.ops.plainlm.decode_attention(q.reshape(B, H, D).contiguous(), k, v, mask, self.scale)
-        return y.view(B, H, 1, D)
+        # New tokens over model.KVCache: a decode step (T = 1), a speculative verification or a prompt. SDPA
+        # would compute every slot of the preallocated cache; the kernel visits the ones the mask allows.
+        B, H, T, D = q.shape
+        queries = q.transpose(1, 2).reshape(B * T, H, D).contiguous()
+        mask = mask.reshape(-1, mask.shape[-1]).contiguous()  # (T or B * T, S): a cache always comes with a mask
+        y = torch.ops.plainlm.decode_attention(queries, k, v, mask, self.scale)
+        return y.view(B, T, H, D).transpose(1, 2)
 
 
 class KernelMLP(MLP):

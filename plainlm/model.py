@@ -427,9 +427,6 @@ class LatentAttention(nn.Module):
         cache = self.kv_cache if input_pos is not None else None  # see GPT.forward
         if cache is not None:
             latent, k_rot = cache.update(input_pos, latent, k_rot)
-        is_causal = False  # a branch, as in Attention.attend
-        if mask is None and T > 1:
-            is_causal = True
         # Expanding costs S * L * H * (D - R + V) for the S cached tokens; absorbing costs attention over
         # L + R dimensions and values of L instead of D and V: T * S * H * (2L + R - D - V) more.
         L = c.kv_lora_rank
@@ -440,6 +437,9 @@ class LatentAttention(nn.Module):
             kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, H, D - R + V).transpose(1, 2)
             k_nope, v = kv.split([D - R, V], dim=-1)
             q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot.expand(-1, H, -1, -1)), dim=-1)
+            is_causal = False  # a branch, as in Attention.attend
+            if mask is None and T > 1:
+                is_causal = True
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * V))
 

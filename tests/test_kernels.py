@@ -249,6 +249,33 @@ def test_decode_attention_matches_sdpa(B: int, H: int, KH: int, D: int) -> None:
         torch.testing.assert_close(y.view(B, H, 1, D).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("T", "H", "KH"), [(3, 4, 4), (3, 9, 3), (9, 9, 3), (150, 8, 2)])
+@pytest.mark.parametrize("shared_mask", [True, False])
+def test_decode_attention_of_several_new_tokens_matches_sdpa(T: int, H: int, KH: int, shared_mask: bool) -> None:
+    """A speculative verification or a prompt over model.KVCache: T new tokens after a cached prefix, each query
+    with its own causal mask row over the whole preallocated cache (one for the batch, or one a sequence with
+    its own left padding and a sliding window), a pass a token for few queries a KV head and tiles for many."""
+    torch.manual_seed(2)
+    B, D, prefix, S = 2, 64, 30, 200
+    q, k, v = torch.randn(B * T, H, D), torch.randn(B, KH, S, D), torch.randn(B, KH, S, D)
+    slots = torch.arange(S)
+    causal = slots <= prefix + torch.arange(T)[:, None]  # (T, S): token t sits at slot prefix + t
+    if shared_mask:
+        mask = causal
+    else:
+        mask = causal.expand(B, T, S).clone()
+        mask[1, :, :5] = False  # sequence 1: left padding ...
+        mask[1] &= slots > prefix + torch.arange(T)[:, None] - 12  # ... and a window of 12 keys
+        mask = mask.reshape(B * T, S)
+    y = torch.ops.plainlm.decode_attention(q, k, v, mask.contiguous(), 0.125)
+    queries = q.view(B, T, H, D).transpose(1, 2).double()
+    seen = mask.view(-1, 1, T, S)
+    expected = F.scaled_dot_product_attention(
+        queries, k.double(), v.double(), attn_mask=seen, scale=0.125, enable_gqa=True
+    )
+    torch.testing.assert_close(y.double(), expected.transpose(1, 2).reshape(B * T, H, D), rtol=1e-5, atol=1e-5)
+
+
 def test_paged_attention_reads_the_pool_in_place_as_decode_attention_reads_a_cache() -> None:
     """The serving engine's pool: keys scattered over (R, D) rows, heads outermost; rows (B, KH, S) says where."""
     torch.manual_seed(0)

@@ -21,10 +21,10 @@ int8_matmul.cpp       tile_int8), with AVX512-VNNI integer dot products on activ
                       *_matmuls forms take several weights that read one input (q, k, v) in one
                       call, their outputs side by side.
 vnni_common.h         what the two share.
-decode_attention.cpp  one new token's attention over a KV cache, visiting only the unmasked slots;
-                      paged_attention reads the serving engine's paged pool in place, for one
-                      new token a sequence or a prompt chunk's many (tiles of queries, two
-                      small matrix products each).
+decode_attention.cpp  new tokens' attention over a KV cache, visiting only the unmasked slots:
+                      one pass over the keys a token for a few queries, tiles of queries (two
+                      small matrix products each) for many; paged_attention reads the serving
+                      engine's paged pool in place the same way.
 rows_matmul.cpp       float32 x @ W^T for up to 16 rows of x (a decode step, a speculative
                       verification): each weight row read once, every output one fixed-order dot
                       product, so a row's bits do not depend on the rows beside it. AVX2 and FMA

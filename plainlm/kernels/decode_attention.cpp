@@ -7,22 +7,23 @@
 // actually in the cache. Grouped-query attention reads each key and value once for the whole group
 // of query heads that share it.
 //
-//   q     (B, H, D) float     the new token's queries
-//   k, v  (B, KH, S, D) float the cache; H is a multiple of KH
-//   mask  (B or 1, S) bool    true where the token may attend
-// returns (B, H, D): softmax(scale * q k^T over allowed slots) v, in fp32 throughout.
+//   q     (B * T, H, D) float  the T new tokens' queries, sequence-major: token t of sequence b is row b * T + t
+//   k, v  (B, KH, S, D) float  the cache; H is a multiple of KH
+//   mask  (B * T or T, S) bool true where the token may attend (T rows: the same for every sequence)
+// returns (B * T, H, D): softmax(scale * q k^T over allowed slots) v, in fp32 throughout. T is 1 for a
+// decode step, a few for a speculative verification, many for a prompt.
 //
 // paged_attention is the same over the serving engine's paged KV pool (plainlm/serve/kv_pool.py), read
 // in place instead of first gathered into the layout above, for T new tokens of each sequence at once
 // (a decode step, T = 1, or a chunk of a prompt):
-//   q     (B * T, H, D) float the queries, sequence-major: token t of sequence b is row b * T + t
+//   q     (B * T, H, D) float the queries, as above
 //   k, v  (R, D) float        the pool's rows: every block's tokens, KV heads outermost
 //   rows  (B, KH, S) int64    the pool row of each sequence's s-th key for each KV head
 //   mask  (B * T, S) bool     true where token t of sequence b may attend (causality, windows, padding)
-// With few queries a KV head (T x group < kManyQueries) each is one pass over its keys, as above. With
-// many, the keys and values are gathered into contiguous buffers once per tile of queries and the tile
-// is two small matrix products (scores, then weighted values) with a masked softmax between, so a prompt
-// chunk reads its sequence's keys once a tile rather than once a query.
+// Both: with few queries a KV head (T x group < kManyQueries) each is one pass over its keys. With many,
+// the keys and values a tile of queries may see are gathered into contiguous buffers once and the tile
+// is two small matrix products (scores, then weighted values) with a masked softmax between, so T tokens
+// read their sequence's keys once a tile rather than once a query.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -130,40 +131,10 @@ void attend_group(const float* q, const float* k, const float* v, const int64_t*
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                            double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: q (B, H, D), k and v (B, KH, S, D)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "decode_attention: fp32 only");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && mask.is_contiguous(),
-              "decode_attention: contiguous tensors only");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KH = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % KH == 0 && D % kLanes == 0,
-              "decode_attention: shapes do not match, or the head size is not a multiple of 16");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && (mask.size(0) == 1 || mask.size(0) == B) &&
-                  mask.size(1) == S,
-              "decode_attention: mask must be bool (1 or B, S)");
-  const int64_t group = H / KH;
-  at::Tensor out = at::empty({B, H, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const bool* mp = mask.data_ptr<bool>();
-  float* op = out.data_ptr<float>();
-  // A (sequence, KV head) is microseconds of work: threads share them only when there are several each.
-  at::parallel_for(0, B * KH, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / KH, h = i % KH;
-      attend_group(qp + (b * H + h * group) * D, kp + i * S * D, vp + i * S * D, nullptr,
-                   mp + (mask.size(0) == 1 ? 0 : b * S), group, S, D, static_cast<float>(scale),
-                   op + (b * H + h * group) * D);
-    }
-  });
-  return out;
-}
-
 // One tile of many queries of one sequence and KV head: tokens [t0, t0 + tokens) of the sequence, each
 // with the `group` query heads that share the KV head. q and out point at token t0's first such head;
-// `token_stride` floats lie between one token's heads and the next's. rows (S) and mask (T, S) are the
-// sequence's; the tile gathers the keys and values that any of its queries may see into contiguous
+// `token_stride` floats lie between one token's heads and the next's. rows (S; null: slot s is row s) and
+// mask (T, S) are the sequence's; the tile gathers the keys and values that any of its queries may see into contiguous
 // buffers, then scores = queries keys^T and out = softmax(scores) values are two matrix products.
 void attend_tile(const float* q, int64_t token_stride, const float* k, const float* v, const int64_t* rows,
                  const bool* mask, int64_t t0, int64_t tokens, int64_t group, int64_t S, int64_t D, float scale,
@@ -191,8 +162,9 @@ void attend_tile(const float* q, int64_t token_stride, const float* k, const flo
   results.resize(m * D);
   for (int64_t t = 0; t < tokens; ++t) std::memcpy(&queries[t * group * D], q + t * token_stride, group * D * sizeof(float));
   for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(&keys[i * D], k + rows[slots[i]] * D, D * sizeof(float));
-    std::memcpy(&values[i * D], v + rows[slots[i]] * D, D * sizeof(float));
+    const int64_t row = rows == nullptr ? slots[i] : rows[slots[i]];
+    std::memcpy(&keys[i * D], k + row * D, D * sizeof(float));
+    std::memcpy(&values[i * D], v + row * D, D * sizeof(float));
   }
   const auto options = at::TensorOptions().dtype(at::kFloat);
   at::Tensor scores = at::from_blob(weights.data(), {m, n}, options);
@@ -222,6 +194,61 @@ void attend_tile(const float* q, int64_t token_stride, const float* k, const flo
   for (int64_t t = 0; t < tokens; ++t) std::memcpy(out + t * token_stride, &results[t * group * D], group * D * sizeof(float));
 }
 
+// Every (sequence, KV head) of a call: key_stride floats lie between one (sequence, KV head)'s keys and the
+// next's (S * D in a cache, 0 in the pool, where rows says where each key is: rows_stride apart, or null);
+// mask_stride bools between one sequence's T mask rows and the next's (0 where they share them).
+void attend_all(const float* q, const float* k, const float* v, int64_t key_stride, const int64_t* rows,
+                int64_t rows_stride, const bool* mask, int64_t mask_stride, int64_t B, int64_t T, int64_t H,
+                int64_t KH, int64_t S, int64_t D, float scale, float* out) {
+  const int64_t group = H / KH;
+  if (T * group < kManyQueries) {  // a decode step: one pass over the keys a token
+    // A (sequence, KV head, token) is microseconds of work: threads share them only when there are several each.
+    at::parallel_for(0, B * KH * T, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / (KH * T), h = i / T % KH, t = i % T, head = b * KH + h, first = (b * T + t) * H + h * group;
+        attend_group(q + first * D, k + head * key_stride, v + head * key_stride,
+                     rows == nullptr ? nullptr : rows + head * rows_stride, mask + b * mask_stride + t * S, group, S, D,
+                     scale, out + first * D);
+      }
+    });
+    return;
+  }
+  // Tiles of alike size, at most kTileQueries queries each: a sequence's T tokens split into `tiles` parts.
+  const int64_t tiles = (T * group + kTileQueries - 1) / kTileQueries, tile_tokens = (T + tiles - 1) / tiles;
+  at::parallel_for(0, B * KH * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (KH * tiles), h = i / tiles % KH, t0 = i % tiles * tile_tokens, head = b * KH + h;
+      const int64_t tokens = std::min(tile_tokens, T - t0);
+      if (tokens <= 0) continue;
+      const int64_t first = (b * T + t0) * H + h * group;
+      attend_tile(q + first * D, H * D, k + head * key_stride, v + head * key_stride,
+                  rows == nullptr ? nullptr : rows + head * rows_stride, mask + b * mask_stride, t0, tokens, group, S,
+                  D, scale, out + first * D);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "decode_attention: q (B * T, H, D), k and v (B, KH, S, D)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: fp32 only");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && mask.is_contiguous(),
+              "decode_attention: contiguous tensors only");
+  const int64_t B = k.size(0), H = q.size(1), D = q.size(2), KH = k.size(1), S = k.size(2);
+  TORCH_CHECK(B > 0 && q.size(0) % B == 0 && k.size(3) == D && H % KH == 0 && D % kLanes == 0,
+              "decode_attention: shapes do not match, or the head size is not a multiple of 16");
+  const int64_t T = q.size(0) / B;
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && (mask.size(0) == T || mask.size(0) == B * T) &&
+                  mask.size(1) == S,
+              "decode_attention: mask must be bool (B * T or T, S)");
+  at::Tensor out = at::empty({B * T, H, D}, q.options());
+  attend_all(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), S * D, nullptr, 0, mask.data_ptr<bool>(),
+             mask.size(0) == T ? 0 : T * S, B, T, H, KH, S, D, static_cast<float>(scale), out.data_ptr<float>());
+  return out;
+}
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
                            const at::Tensor& mask, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 2 && v.sizes() == k.sizes() && rows.dim() == 3,
@@ -235,36 +262,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t B = rows.size(0), H = q.size(1), D = q.size(2), KH = rows.size(1), S = rows.size(2);
   TORCH_CHECK(B > 0 && q.size(0) % B == 0 && k.size(1) == D && H % KH == 0 && D % kLanes == 0,
               "paged_attention: shapes do not match, or the head size is not a multiple of 16");
-  const int64_t T = q.size(0) / B, group = H / KH;
+  const int64_t T = q.size(0) / B;
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B * T && mask.size(1) == S,
               "paged_attention: mask must be bool (B * T, S)");
   at::Tensor out = at::empty({B * T, H, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const bool* mp = mask.data_ptr<bool>();
-  float* op = out.data_ptr<float>();
-  if (T * group < kManyQueries) {  // a decode step: one pass over the keys a token
-    at::parallel_for(0, B * KH * T, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / (KH * T), h = i / T % KH, t = i % T, token = b * T + t;
-        attend_group(qp + (token * H + h * group) * D, kp, vp, rp + (b * KH + h) * S, mp + token * S, group, S, D,
-                     static_cast<float>(scale), op + (token * H + h * group) * D);
-      }
-    });
-    return out;
-  }
-  // Tiles of alike size, at most kTileQueries queries each: a sequence's T tokens split into `tiles` parts.
-  const int64_t tiles = (T * group + kTileQueries - 1) / kTileQueries, tile_tokens = (T + tiles - 1) / tiles;
-  at::parallel_for(0, B * KH * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (KH * tiles), h = i / tiles % KH, t0 = i % tiles * tile_tokens;
-      const int64_t tokens = std::min(tile_tokens, T - t0);
-      if (tokens <= 0) continue;
-      const int64_t first = (b * T + t0) * H + h * group;
-      attend_tile(qp + first * D, H * D, kp, vp, rp + (b * KH + h) * S, mp + b * T * S, t0, tokens, group, S, D,
-                  static_cast<float>(scale), op + first * D);
-    }
-  });
+  attend_all(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), 0, rows.data_ptr<int64_t>(), S,
+             mask.data_ptr<bool>(), T * S, B, T, H, KH, S, D, static_cast<float>(scale), out.data_ptr<float>());
   return out;
 }
 
