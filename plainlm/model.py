@@ -24,6 +24,8 @@ from plainlm.config import Config
 from plainlm.errors import InvalidInput
 from plainlm.grouped_mm import grouped_mm
 
+ROPE_TABLE_POSITIONS = 1 << 17  # positions the RoPE tables hold at first (GPT.grow_rope_tables adds more)
+
 
 class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
@@ -46,21 +48,29 @@ class GPT(nn.Module):
         self.quantization: dict | None = None
         self.init_rope_cache()
 
-    def init_rope_cache(self, device: torch.device | None = None) -> None:
-        """(Re)build the cos/sin tables; call after creating the model on the meta device."""
+    def init_rope_cache(self, device: torch.device | None = None, positions: int | None = None) -> None:
+        """(Re)build the cos/sin tables, `positions` rows (default: the context, at most ROPE_TABLE_POSITIONS;
+        grow_rope_tables adds more); call after creating the model on the meta device."""
         c = self.config
         if c.position_embedding != "rope":
             return
         device = device or self.embed.weight.device
         if device.type == "meta":  # a model built on the meta device still gets real tables
             device = torch.device("cpu")
-        cos, sin = rope_cache(c.block_size, c.rope_dim, c.rope_theta, c.rope_scaling, c.block_size, device)
+        positions = positions or min(c.block_size, ROPE_TABLE_POSITIONS)  # a row depends on its position alone
+        cos, sin = rope_cache(positions, c.rope_dim, c.rope_theta, c.rope_scaling, c.block_size, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if c.rope_local_theta is not None:  # Gemma 3: sliding layers rotate with their own base
-            cos, sin = rope_cache(c.block_size, c.rope_dim, c.rope_local_theta, None, c.block_size, device)
+            cos, sin = rope_cache(positions, c.rope_dim, c.rope_local_theta, None, c.block_size, device)
             self.register_buffer("rope_local_cos", cos, persistent=False)
             self.register_buffer("rope_local_sin", sin, persistent=False)
+
+    def grow_rope_tables(self, positions: int) -> None:
+        """Make the tables hold `positions` positions, doubling: Llama 4 Scout's context of 10M positions
+        would take gigabytes of tables that few runs read."""
+        if self.config.position_embedding == "rope" and positions > (held := self.rope_cos.shape[0]):
+            self.init_rope_cache(self.rope_cos.device, min(self.config.block_size, max(positions, 2 * held)))
 
     # --- KV cache ---
     def set_kv_cache(
@@ -76,6 +86,7 @@ class GPT(nn.Module):
             raise InvalidInput(
                 f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}"
             )
+        self.grow_rope_tables(max_seq_length)  # a compiled step reads positions up to it unchecked
         # A quantized embedding (quantize.py) holds integers and says which float dtype it returns.
         dtype = dtype or getattr(self.embed, "dtype", self.embed.weight.dtype)
         device = self.embed.weight.device
@@ -135,10 +146,13 @@ class GPT(nn.Module):
             position_ids = positions.unsqueeze(0).expand(B, T)
         # (An empty batch, 0 rows, still runs: a rank out of validation data keeps step with the others.)
         checkable = self.check_positions and not torch.compiler.is_compiling() and position_ids.numel()
-        if checkable and int(position_ids.max()) >= c.block_size:
-            raise InvalidInput(
-                f"position {int(position_ids.max())} is past the model's context of {c.block_size} tokens"
-            )
+        if checkable:
+            last = int(position_ids.max())
+            if last >= c.block_size:
+                raise InvalidInput(f"position {last} is past the model's context of {c.block_size} tokens")
+            self.grow_rope_tables(last + 1)
+        elif cache is None:  # compiled: T is known while tracing (a cache's positions grew in set_kv_cache)
+            self.grow_rope_tables(T)
 
         x = self.embed(idx)
         if c.scale_embeddings:  # Gemma: the normaliser is rounded to the activation dtype first

@@ -291,3 +291,22 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_any_prompt_length
     assert torch.equal(kept.k, cached_keys)
     generate(model, [prompts[0]], max_new_tokens=6)
     assert model.blocks[0].attn.kv_cache is None  # eager decoding frees its cache
+
+
+def test_rope_tables_grow_to_the_positions_a_run_reaches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context of millions (Llama 4 Scout's 10M) starts with short cos/sin tables: a forward pass past them,
+    a KV cache longer than them, grow them, to the numbers full tables give."""
+    import plainlm.model
+
+    full = tiny_gpt(CONFIGS["sliding_window"], std=0.2).eval()  # a context of 32: tables of 32 positions
+    monkeypatch.setattr(plainlm.model, "ROPE_TABLE_POSITIONS", 8)
+    short = tiny_gpt(CONFIGS["sliding_window"], std=0.2).eval()
+    assert (short.rope_cos.shape[0], full.rope_cos.shape[0]) == (8, 32)
+    seq = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(short(seq), full(seq), atol=0, rtol=0)
+    assert short.rope_cos.shape[0] == 16  # doubled: at least the 12 positions read
+    torch.testing.assert_close(short.rope_cos, full.rope_cos[:16], atol=0, rtol=0)
+    prompt = [[5, 17, 3, 9]]
+    assert generate(short, prompt, max_new_tokens=25) == generate(full, prompt, max_new_tokens=25)
+    assert short.rope_cos.shape[0] == 32  # the cache's length, capped at the context

@@ -234,6 +234,7 @@ class Engine:
                 f"--max_seq_length {self.max_seq_length} must be in [2, {config.block_size}], the model's context"
             )
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.model.grow_rope_tables(self.max_seq_length)  # before any step: a compiled one reads them unchecked
         self.device = self.model.embed.weight.device
         self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, prefill_chunk, max_queue
         self.adapters, self.structured = adapters, structured
