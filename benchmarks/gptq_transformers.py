@@ -1,14 +1,14 @@
-"""`plainlm quantize`'s GPTQ directories in transformers: they load there (through gptqmodel) with the logits plainlm
-gives them.
+"""`plainlm quantize`'s GPTQ and AWQ directories in transformers: they load there (through gptqmodel) with the logits
+plainlm gives them.
 
-    python benchmarks/gptq_transformers.py [--env benchmarks/.venv-gptq] [--cases rtn4,gptq4,rtn8]
+    python benchmarks/gptq_transformers.py [--env benchmarks/.venv-gptq] [--cases rtn4,gptq4,rtn8,awq4]
 
 SmolLM2-135M-Instruct (the packaged GGUF) is quantized by `plainlm quantize` in each case (4-bit round-to-nearest,
-4-bit GPTQ with act order, whose g_idx is out of order, and 8-bit round-to-nearest, groups of 64), then loaded
+4-bit GPTQ with act order, whose g_idx is out of order, 8-bit round-to-nearest, and 4-bit AWQ, groups of 64), then loaded
 by transformers' `AutoModelForCausalLM.from_pretrained` in float32 in a venv of its own, since gptqmodel, which
 transformers' GPTQ loading needs, imports torchvision, and PyPI's torchvision does not import beside the CPU
-torch 2.13 that plainlm pins: the venv (git-ignored) holds torch 2.14.1, torchvision 0.29.1, transformers and
-gptqmodel built without CUDA, and is made by the first run.
+torch 2.13 that plainlm pins: the venv (git-ignored) holds torch 2.14.1, torchvision 0.29.1, transformers,
+accelerate (which its AWQ loading asks for) and gptqmodel built without CUDA, and is made by the first run.
 
 Compared on one batch: transformers' logits against plainlm's model with its dequantized weights rounded to
 fp16 (gptqmodel's kernels compute with fp16 weights: plainlm keeps them exact in float32), which should be
@@ -35,13 +35,14 @@ from plainlm.packaged_models import smollm2_gguf  # noqa: E402
 from plainlm.quantize import dequantize_model  # noqa: E402
 
 TRANSFORMERS = f"transformers=={transformers.__version__}"  # the version the tests use
-PEER = ["torch==2.14.1", "torchvision==0.29.1", TRANSFORMERS, "optimum>=1.24", "requests"]
+PEER = ["torch==2.14.1", "torchvision==0.29.1", TRANSFORMERS, "optimum>=1.24", "accelerate", "requests"]
 GPTQMODEL = "gptqmodel==7.7.0"
 CALIBRATION = REPO / "data" / "pretrain" / "stories-1.txt"
 CASES = {
     "rtn4": dict(method="rtn", bits=4),
     "gptq4": dict(method="gptq", bits=4, act_order=True, calibration=CALIBRATION, samples=16, length=256),
     "rtn8": dict(method="rtn", bits=8, sym=True),
+    "awq4": dict(method="awq", bits=4, calibration=CALIBRATION, samples=16, length=256),
 }
 # Run in the peer's venv: load the directory in float32, write the logits of the saved ids.
 THEIRS = """

@@ -20,8 +20,8 @@ gptq  Frantar et al. (2022): the columns of W (N, K) are rounded one at a time, 
       factor of the inverse drives the updates, 128 columns a block with the error carried to the rest in
       one product. `--act_order` takes the columns in decreasing order of H's diagonal (the inputs with the
       largest activations first); the groups are then formed in that order, and g_idx records it.
-awq   AWQ's activation-aware scales (awq.py) searched and folded into the layers before them, then
-      round-to-nearest; written in AWQ's GEMM layout, which is 4-bit only.
+awq   AWQ's activation-aware scales (awq.py) searched and folded into the layers before them, each group's
+      clipping bound searched, then round-to-nearest; written in AWQ's GEMM layout, which is 4-bit only.
 
 The model goes through the calibration text block by block: the inputs of one transformer block for every
 sample are kept (samples x length x width floats), its Linear layers' Hessians gathered in one pass (layers
@@ -309,6 +309,10 @@ def quantize_blocks(
                 awq.scale_block(
                     block, samples.remove(), group_size, sym, _rounded, not model.config.shared_attention_norm
                 )
+                samples = awq.InputSamples(block, len(inputs))  # the inputs again, as the scaled block sees them
+                for x in inputs:
+                    block(x, *arguments[index])
+                awq.clip_block(block, samples.remove(), group_size, sym, _rounded)
             results = {}
             for name, linear in layers.items():
                 G = linear.in_features if group_size == -1 else group_size

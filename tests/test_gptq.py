@@ -107,6 +107,31 @@ def test_awqs_scales_leave_the_float_block_unchanged(family: str) -> None:
         torch.testing.assert_close(block(x, *arguments[0]), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_awqs_clip_search_lowers_every_groups_rounded_output_error() -> None:
+    """Weights with a few outliers: each group keeps the bound whose rounding errs least on the inputs, the
+    group's own largest |w| (no clipping) among them, so no group gets worse and the outliers' groups improve."""
+    from plainlm.awq import clip_search
+    from plainlm.gptq import _rounded
+
+    generator = torch.Generator().manual_seed(4)
+    X = correlated_inputs(1024, 128)
+    W = torch.randn(48, 128, generator=generator) * 0.05
+    W.view(-1)[torch.randperm(W.numel(), generator=generator)[:40]] *= 8  # outliers stretch their groups' grids
+    clipped = clip_search(W, X, 32, False, _rounded)
+    assert (clipped.abs() <= W.abs()).all() and not torch.equal(clipped, W)
+
+    def group_errors(weight: torch.Tensor) -> torch.Tensor:  # (rows, groups): each group's share of the output
+        rounded = _rounded(weight, 32, False).view(48, 4, 32)
+        xs = X[::2].view(-1, 4, 32)  # the rows clip_search reads (CLIP_ROWS of the 1024)
+        return (torch.einsum("tgj,ogj->otg", xs, rounded - W.view(48, 4, 32)) ** 2).mean(dim=1)
+
+    before, after = group_errors(W), group_errors(clipped)
+    assert (after <= before * (1 + 1e-5)).all()
+    # Measured: the whole output's squared error 0.90x of round-to-nearest's without clipping.
+    error, unclipped = (((X @ (_rounded(w, 32, False) - W).T) ** 2).mean() for w in (clipped, W))
+    assert error < 0.95 * unclipped
+
+
 def test_quantize_writes_a_gptq_directory_that_loads_back(tiny_hf_dir: Path, tmp_path: Path) -> None:
     for method, act_order, bits in (("rtn", False, 4), ("gptq", True, 4), ("awq", False, 4), ("gptq", True, 8)):
         out = tmp_path / f"{method}{bits}"
