@@ -4,8 +4,8 @@ plainlm gives them.
     python benchmarks/gptq_transformers.py [--env benchmarks/.venv-gptq] [--cases rtn4,gptq4,rtn8,awq4]
 
 SmolLM2-135M-Instruct (the packaged GGUF) is quantized by `plainlm quantize` in each case (4-bit round-to-nearest,
-4-bit GPTQ with act order, whose g_idx is out of order, 8-bit round-to-nearest, and 4-bit AWQ, groups of 64), then loaded
-by transformers' `AutoModelForCausalLM.from_pretrained` in float32 in a venv of its own, since gptqmodel, which
+4-bit GPTQ with act order, whose g_idx is out of order, 8-bit round-to-nearest, and 4-bit AWQ, groups of 64), then
+loaded by transformers' `AutoModelForCausalLM.from_pretrained` in float32 in a venv of its own, since gptqmodel, which
 transformers' GPTQ loading needs, imports torchvision, and PyPI's torchvision does not import beside the CPU
 torch 2.13 that plainlm pins: the venv (git-ignored) holds torch 2.14.1, torchvision 0.29.1, transformers,
 accelerate (which its AWQ loading asks for) and gptqmodel built without CUDA, and is made by the first run.
