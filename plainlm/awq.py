@@ -11,6 +11,10 @@ into whatever produces the input, so it costs nothing at run time:
                  head a query head; with grouped heads the rows repeat, and this pair is left unscaled)
     down_proj    reads act(gate) * up: up_proj's rows are divided by s
 
+Multi-head latent attention (DeepSeek-V3, Kimi K2) has no v_proj: q_a_proj (or q_proj) and kv_a_proj read
+attn_norm's output, and q_b_proj and kv_b_proj read the latents' own norms, each folded the same way; its
+o_proj reads heads expanded from the latent and is left unscaled.
+
 s = mean|x|^alpha per input channel (normalised by the square root of its largest times its smallest), alpha
 searched over 0, 1/20, ..., 19/20 for the smallest squared error of the layers' outputs on the calibration
 inputs, every candidate rounded by round-to-nearest on GPTQ's grid (gptq.rtn).
@@ -80,19 +84,26 @@ def scale_block(
     separate_norms: bool = True,
 ) -> list[str]:
     """Search and apply AWQ's scales in one transformer block, in place: `inputs` holds the calibration inputs
-    (rows, K) of q_proj, o_proj, gate_proj (up_proj without a gate) and down_proj, as the float block computed
-    them. `separate_norms` False (one norm feeding attention and MLP): the norms are left as they are.
-    Returns the layers whose inputs were scaled, for the log."""
+    (rows, K) of the layers that InputSamples.READERS names, as the float block computed them. `separate_norms`
+    False (one norm feeding attention and MLP): the norms are left as they are. Returns the layers whose inputs
+    were scaled, for the log."""
     attn, mlp, scaled = block.attn, block.mlp, []
     with torch.no_grad():
         first_mlp = [mlp.gate_proj, mlp.up_proj] if mlp.gated else [mlp.up_proj]
         pairs = [(mlp.up_proj if mlp.gated else None, [mlp.down_proj], "down_proj", divide_rows)]
+        latent = not hasattr(attn, "v_proj")  # multi-head latent attention
+        readers = [attn.q_proj, attn.k_proj, attn.v_proj] if not latent else [attn.kv_a_proj]
+        if latent:
+            readers.insert(0, attn.q_a_proj if hasattr(attn, "q_a_proj") else attn.q_proj)
+            pairs.append((attn.kv_a_norm, [attn.kv_b_proj], "kv_b_proj", divide_norm))
+            if hasattr(attn, "q_a_proj"):
+                pairs.append((attn.q_a_norm, [attn.q_b_proj], "q_b_proj", divide_norm))
         if separate_norms:
             pairs += [
-                (block.attn_norm, [attn.q_proj, attn.k_proj, attn.v_proj], "q_proj", divide_norm),
+                (block.attn_norm, readers, "kv_a_proj" if latent else "q_proj", divide_norm),
                 (block.mlp_norm, first_mlp, "gate_proj" if mlp.gated else "up_proj", divide_norm),
             ]
-        if attn.v_proj.out_features == attn.o_proj.in_features:  # one key/value head a query head
+        if not latent and attn.v_proj.out_features == attn.o_proj.in_features:  # one key/value head a query head
             pairs.append((attn.v_proj, [attn.o_proj], "o_proj", divide_rows))
         for previous, layers, reader, fold in pairs:
             if previous is None or not hasattr(previous, "weight") or reader not in inputs:
@@ -114,12 +125,9 @@ def clip_block(
     the bounds clip_search finds; `inputs` are the layers' calibration inputs as InputSamples gathered them
     after scale_block. Returns the layers clipped, for the log."""
     mlp_reader = "gate_proj" if block.mlp.gated else "up_proj"
-    readers = {
-        "attn.v_proj": "q_proj",
-        "attn.o_proj": "o_proj",
-        "mlp.up_proj": mlp_reader,
-        "mlp.down_proj": "down_proj",
-    }
+    readers = {"attn.o_proj": "o_proj", "mlp.up_proj": mlp_reader, "mlp.down_proj": "down_proj"}
+    if hasattr(block.attn, "v_proj"):  # not multi-head latent attention, whose values come from kv_b_proj
+        readers["attn.v_proj"] = "q_proj"
     if block.mlp.gated:
         readers["mlp.gate_proj"] = "gate_proj"
     clipped = []
@@ -154,10 +162,10 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, group_size: int, sym: boo
 
 
 class InputSamples:
-    """Rows of the inputs that a block's q_proj, o_proj, gate_proj, up_proj and down_proj read over the
-    calibration batches (forward hooks), at most SEARCH_ROWS of each, drawn evenly from every batch."""
+    """Rows of the inputs that a block's layers named in READERS read over the calibration batches (forward
+    hooks), at most SEARCH_ROWS of each, drawn evenly from every batch."""
 
-    READERS = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    READERS = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "kv_a_proj", "q_b_proj", "kv_b_proj")
 
     def __init__(self, block: nn.Module, batches: int) -> None:
         self.per_batch = max(1, SEARCH_ROWS // max(batches, 1))

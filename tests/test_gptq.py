@@ -83,10 +83,11 @@ def test_the_8_bit_grid_is_gptqs_with_255_steps_and_the_int8_layer_holds_it_exac
         assert torch.equal(layer.dequantized_weight(), layer_result.dequantized())
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "latent"])
 def test_awqs_scales_leave_the_float_block_unchanged(family: str) -> None:
     """Scaling a layer's input channels and dividing what produces them (a norm, v_proj's or up_proj's rows)
-    is exact in float: the block computes what it did; only the rounding then sees other weights."""
+    is exact in float: the block computes what it did; only the rounding then sees other weights. Multi-head
+    latent attention (DeepSeek-V3) folds into its own two latent norms as well."""
     from plainlm.awq import InputSamples, scale_block
     from plainlm.gptq import block_arguments, first_block_input
     from tests.helpers import tiny_gpt
@@ -94,6 +95,8 @@ def test_awqs_scales_leave_the_float_block_unchanged(family: str) -> None:
     fields = dict(n_head=4, n_kv_head=4)  # one key/value head a query head: o_proj is scaled too
     if family == "gemma3":
         fields.update(norm_unit_offset=True, post_attention_norm=True, post_mlp_norm=True, qk_norm="head")
+    if family == "latent":
+        fields.update(kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16)
     model = tiny_gpt(seed=3, std=0.3, **fields).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -103,7 +106,10 @@ def test_awqs_scales_leave_the_float_block_unchanged(family: str) -> None:
         samples = InputSamples(block, 1)
         block(x, *arguments[0])
         scaled = scale_block(block, samples.remove(), 16, False, lambda w, g, s: w.round(decimals=1))
-        assert sorted(scaled) == ["down_proj", "gate_proj", "o_proj", "q_proj"]
+        expected_scaled = ["down_proj", "gate_proj", "o_proj", "q_proj"]
+        if family == "latent":  # no v_proj before o_proj; q_b_proj and kv_b_proj read the latents' norms
+            expected_scaled = ["down_proj", "gate_proj", "kv_a_proj", "kv_b_proj", "q_b_proj"]
+        assert sorted(scaled) == expected_scaled
         torch.testing.assert_close(block(x, *arguments[0]), expected, rtol=1e-5, atol=1e-5)
 
 
