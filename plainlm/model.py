@@ -91,17 +91,17 @@ class GPT(nn.Module):
         dtype = dtype or getattr(self.embed, "dtype", self.embed.weight.dtype)
         device = self.embed.weight.device
         c = self.config
-        shape = (batch_size, c.n_kv_head, max_seq_length, c.head_dim)
-        if c.kv_lora_rank is not None:  # multi-head latent attention caches its latent (see LatentKVCache)
-            shape = (batch_size, 1, max_seq_length, c.kv_lora_rank)
+        shape = v_shape = (batch_size, c.n_kv_head, max_seq_length, c.head_dim)
+        make = KVCache
+        if c.kv_lora_rank is not None:  # multi-head latent attention caches its latent and rotated key
+            make, shape = LatentKVCache, (batch_size, 1, max_seq_length, c.kv_lora_rank)
+            v_shape = (batch_size, 1, max_seq_length, c.qk_rope_head_dim)
         for block in self.blocks:
             cache = block.attn.kv_cache
             if cache is not None and cache.k.shape == shape and cache.k.dtype == dtype and cache.k.device == device:
                 cache.k.zero_(), cache.v.zero_()
-            elif c.kv_lora_rank is not None:
-                block.attn.kv_cache = LatentKVCache(batch_size, max_seq_length, c, dtype, device)
             else:
-                block.attn.kv_cache = KVCache(*shape, dtype, device)
+                block.attn.kv_cache = make(shape, v_shape, dtype, device)
 
     def repeat_kv_cache(self, batch_size: int) -> None:
         """Copy a one-row cache into `batch_size` rows: sequences that share a prefix compute it once, in row 0."""
@@ -197,17 +197,11 @@ class GPT(nn.Module):
         """cos/sin (B, 1, T, rope_dim) for global (False) and sliding (True) layers."""
         if self.config.position_embedding != "rope":
             return {False: None, True: None}
-        cos, sin = (
-            self.rope_cos[position_ids].unsqueeze(1).to(dtype),
-            self.rope_sin[position_ids].unsqueeze(1).to(dtype),
-        )
+        rows = [table[position_ids].unsqueeze(1).to(dtype) for table in (self.rope_cos, self.rope_sin)]
         if self.config.rope_local_theta is None:
-            return {False: (cos, sin), True: (cos, sin)}
-        local = (
-            self.rope_local_cos[position_ids].unsqueeze(1).to(dtype),
-            self.rope_local_sin[position_ids].unsqueeze(1).to(dtype),
-        )
-        return {False: (cos, sin), True: local}
+            return {False: tuple(rows), True: tuple(rows)}
+        local = [table[position_ids].unsqueeze(1).to(dtype) for table in (self.rope_local_cos, self.rope_local_sin)]
+        return {False: tuple(rows), True: tuple(local)}
 
     def _attention_masks(
         self,
@@ -364,19 +358,10 @@ class Attention(nn.Module):
 class KVCache(nn.Module):
     """Preallocated keys and values (B, K, max_seq_length, D); tokens are written at their slots."""
 
-    def __init__(
-        self,
-        batch_size: int,
-        n_kv_head: int,
-        max_seq_length: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, k_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         super().__init__()
-        shape = (batch_size, n_kv_head, max_seq_length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.zeros(k_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def length(self) -> int:
@@ -486,12 +471,6 @@ class LatentKVCache(KVCache):
     """Multi-head latent attention's cache: per token only the normalised latent, k (B, 1, max_seq_length,
     kv_lora_rank), and the rotated key all heads share, v (B, 1, max_seq_length, qk_rope_head_dim); DeepSeek-V3
     keeps 576 values a token and layer where its 128 heads' keys and values would be 40,960."""
-
-    def __init__(self, batch_size: int, max_seq_length: int, config: Config, dtype: torch.dtype, device: torch.device):
-        nn.Module.__init__(self)
-        for name, size in (("k", config.kv_lora_rank), ("v", config.qk_rope_head_dim)):
-            shape = (batch_size, 1, max_seq_length, size)
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
 class MLP(nn.Module):
