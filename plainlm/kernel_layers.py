@@ -12,8 +12,12 @@ KernelMLP        MLP whose gate and up projections run in one kernel call likewi
 KernelLinear     nn.Linear whose float32 product over a few rows (a decode step, a speculative
                  verification; no gradient) runs kernels/rows_matmul.cpp, which reads the weights
                  once at memory speed, and gives each row the same bits however many rows run.
+KernelExperts    a mixture of experts' Experts whose few-row products (decode steps; no gradient) run
+                 rows_matmul.cpp on each chosen expert's weight: torch._grouped_mm on the CPU calls
+                 a matmul for every expert, empty ones too, and its one-row products read weights at
+                 a third of the memory speed (a DeepSeek-V3-shaped decode step spent half its time there).
 
-Each overrides one or two of model.py's small methods (`project_qkv`, `attend`, `project_gate_up`)
+Each overrides one or two of model.py's small methods (`project_qkv`, `attend`, `project_gate_up`, `project`)
 and falls back to them wherever a kernel cannot run, so results never depend on the swap; only the
 speed does. model.py itself stays plain PyTorch and knows nothing of this file. The int8/int4 layers'
 own single-layer kernel calls live with them in quantize.py.
@@ -34,7 +38,7 @@ from plainlm.kernels import (
     kernels_loaded,
     rows_matmul_takes,
 )
-from plainlm.model import GPT, MLP, Attention, KVCache
+from plainlm.model import GPT, MLP, Attention, Experts, KVCache
 
 
 class KernelAttention(Attention):
@@ -85,6 +89,37 @@ class KernelLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+class KernelExperts(Experts):
+    def project(self, name: str, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, name)
+        if torch.is_grad_enabled() or not rows_matmul_takes(rows, weight):
+            return super().project(name, rows, ends)
+        if torch.compiler.is_compiling():  # the loop reads `ends` on the host: one opaque call for the compiler
+            return torch.ops.plainlm.expert_rows_matmul(rows, weight, ends)
+        return expert_rows_matmul(rows, weight, ends)
+
+
+def expert_rows_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (M, in), rows sorted by expert, @ weight[e].T for weight (E, out, in), each expert's rows
+    (ends[e-1]:ends[e]) by rows_matmul; experts without rows are skipped. (M, out)."""
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = torch.ops.plainlm_fp32.rows_matmul(x[start:end].contiguous(), weight[expert])
+        start = end
+    return out
+
+
+# The same under torch.compile, as one opaque op (called directly in eager: an op's dispatch costs ~30 us)
+_expert_rows_matmul_op = torch.library.custom_op("plainlm::expert_rows_matmul", mutates_args=())(expert_rows_matmul)
+
+
+@_expert_rows_matmul_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
 def use_cpu_kernels(model: GPT) -> GPT:
     """Swap `model`'s attention, MLP and linear modules for the kernel-calling ones above, in place, where
     plainlm's kernels run (a CPU model on a CPU where they built); elsewhere the model stays as it is.
@@ -104,6 +139,8 @@ def use_cpu_kernels(model: GPT) -> GPT:
             module.__class__ = KernelMLP
         elif type(module) is nn.Linear and fp32:
             module.__class__ = KernelLinear
+        elif type(module) is Experts and fp32:
+            module.__class__ = KernelExperts
     return model
 
 
