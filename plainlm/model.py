@@ -428,8 +428,9 @@ class LatentAttention(nn.Module):
             latent, k_rot = cache.update(input_pos, latent, k_rot)
         # Expanding costs S * L * H * (D - R + V) for the S cached tokens; absorbing costs attention over
         # L + R dimensions and values of L instead of D and V: T * S * H * (2L + R - D - V) more.
-        L = c.kv_lora_rank
-        if cache is not None and type(self.kv_b_proj) is nn.Linear and T * (2 * L + R - D - V) < L * (D - R + V):
+        # A float weight to fold: any nn.Linear (kernel_layers' too) but bitsandbytes' packed one.
+        L, plain_b = c.kv_lora_rank, isinstance(self.kv_b_proj, nn.Linear) and self.kv_b_proj.weight.is_floating_point()
+        if cache is not None and plain_b and T * (2 * L + R - D - V) < L * (D - R + V):
             y = self.attend_latent(q_nope, q_rot, latent, k_rot, mask)
         else:  # no cache (training, scoring), a long prompt, or kv_b_proj with an adapter or quantized
             S = latent.shape[2]

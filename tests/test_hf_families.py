@@ -26,7 +26,8 @@ from plainlm.convert.hf_config import config_from_hf, config_to_hf
 from plainlm.convert.mxfp4 import dequantize_mxfp4
 from plainlm.errors import CheckpointError, InvalidInput, UnsupportedModelError
 from plainlm.generate import generate
-from plainlm.model import LatentKVCache
+from plainlm.kernel_layers import use_cpu_kernels
+from plainlm.model import LatentAttention, LatentKVCache
 from plainlm.named_configs import HF_CONFIG_JSON
 
 ATOL = RTOL = 1e-5
@@ -841,10 +842,13 @@ def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path: Path) -> No
         torch.testing.assert_close(load_hf_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=RTOL)
 
 
-def test_latent_attention_caches_the_latent_and_decodes_as_a_full_forward(tmp_path: Path) -> None:
+def test_latent_attention_caches_the_latent_and_decodes_as_a_full_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DeepSeek-V3's KV cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, no more, and
     decoding through it (prefill, one-token steps, several rows from one prefix, speculative rollback) gives
-    the logits and tokens of the cacheless forward, which matches transformers (test above)."""
+    the logits and tokens of the cacheless forward, which matches transformers (test above); with the CPU
+    kernels swapped in (kv_b_proj a KernelLinear), decode steps still attend over the latents themselves."""
     make_hf_model("deepseek-v3").save_pretrained(tmp_path)
     model = load_hf_model(tmp_path).eval()
     c = model.config
@@ -876,6 +880,12 @@ def test_latent_attention_caches_the_latent_and_decodes_as_a_full_forward(tmp_pa
     expected = reference_greedy(model, prompt, 12)
     assert generate(model, [prompt], max_new_tokens=12) == [expected]
     assert generate(model, [prompt], max_new_tokens=12, draft="ngram") == [expected]
+
+    absorbed = []
+    attend_latent = LatentAttention.attend_latent
+    monkeypatch.setattr(LatentAttention, "attend_latent", lambda *a: absorbed.append(1) or attend_latent(*a))
+    kernels = use_cpu_kernels(load_hf_model(tmp_path).eval())
+    assert generate(kernels, [prompt], max_new_tokens=12) == [expected] and absorbed
 
 
 @pytest.mark.parametrize(
