@@ -92,12 +92,13 @@ def scale_block(
         first_mlp = [mlp.gate_proj, mlp.up_proj] if mlp.gated else [mlp.up_proj]
         pairs = [(mlp.up_proj if mlp.gated else None, [mlp.down_proj], "down_proj", divide_rows)]
         latent = not hasattr(attn, "v_proj")  # multi-head latent attention
-        readers = [attn.q_proj, attn.k_proj, attn.v_proj] if not latent else [attn.kv_a_proj]
-        if latent:
-            readers.insert(0, attn.q_a_proj if hasattr(attn, "q_a_proj") else attn.q_proj)
+        if latent:  # readers: the layers that read attn_norm's output
+            readers = [attn.q_a_proj if hasattr(attn, "q_a_proj") else attn.q_proj, attn.kv_a_proj]
             pairs.append((attn.kv_a_norm, [attn.kv_b_proj], "kv_b_proj", divide_norm))
             if hasattr(attn, "q_a_proj"):
                 pairs.append((attn.q_a_norm, [attn.q_b_proj], "q_b_proj", divide_norm))
+        else:
+            readers = [attn.q_proj, attn.k_proj, attn.v_proj]
         if separate_norms:
             pairs += [
                 (block.attn_norm, readers, "kv_a_proj" if latent else "q_proj", divide_norm),

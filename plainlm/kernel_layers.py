@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from plainlm.grouped_mm import expert_loop
 from plainlm.kernels import (
     decode_attention_fits,
     decode_attention_takes,
@@ -100,15 +101,8 @@ class KernelExperts(Experts):
 
 
 def expert_rows_matmul(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """x (M, in), rows sorted by expert, @ weight[e].T for weight (E, out, in), each expert's rows
-    (ends[e-1]:ends[e]) by rows_matmul; experts without rows are skipped. (M, out)."""
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    start = 0
-    for expert, end in enumerate(ends.tolist()):
-        if end > start:
-            out[start:end] = torch.ops.plainlm_fp32.rows_matmul(x[start:end].contiguous(), weight[expert])
-        start = end
-    return out
+    """grouped_mm.expert_loop with each expert's rows (sorted by expert) through rows_matmul. (M, out)."""
+    return expert_loop(x, weight, ends, lambda rows, w: torch.ops.plainlm_fp32.rows_matmul(rows.contiguous(), w))
 
 
 # The same under torch.compile, as one opaque op (called directly in eager: an op's dispatch costs ~30 us)
