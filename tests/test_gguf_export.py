@@ -14,7 +14,6 @@ head_dim) is checked by re-importing the tiny models of tests/helpers_gguf.py, t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import shutil
 from dataclasses import dataclass
@@ -29,12 +28,12 @@ from gguf import GGMLQuantizationType
 from helpers import run_cli, tiny_hf_model
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, round_trip
 
-import plainlm.convert.gguf
 from plainlm.checkpoint import TensorSource, load_checkpoint, save_checkpoint
 from plainlm.config import Config
-from plainlm.convert.gguf import convert_from_gguf, load_gguf_model, read_gguf
+from plainlm.convert.gguf import convert_from_gguf, load_gguf_model
 from plainlm.convert.gguf_export import convert_to_gguf
 from plainlm.convert.gguf_names import IMPORT_ONLY_ARCHITECTURES
+from plainlm.convert.gguf_reader import GGUFFile, read_gguf
 from plainlm.convert.hf import convert_from_hf
 from plainlm.errors import CheckpointError, PackagedModelMissing
 from plainlm.model import GPT
@@ -71,8 +70,8 @@ TEXTS = [
 @dataclass
 class RealExport:
     name: str
-    original: gguf.GGUFReader  # the file llama.cpp wrote
-    exported: gguf.GGUFReader  # the q8_0 export
+    original: GGUFFile  # the file llama.cpp wrote
+    exported: GGUFFile  # the q8_0 export
     checkpoint: Path  # converted from the original: the source of the exports
     files: dict[str, Path]  # dtype -> the exported file
     source_logits: torch.Tensor
@@ -93,9 +92,7 @@ def real(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     tmp = tmp_path_factory.mktemp(f"export-{name}")
     row = [t for prompt in PROMPTS[name] for t in prompt]
     ids = torch.tensor([row, row[::-1]])
-    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        # Our side reads each file once: reading a GGUF file's vocabulary takes seconds.
-        patch.setattr(plainlm.convert.gguf, "read_gguf", functools.cache(read_gguf))
+    with torch.no_grad():
         if name == "smollm2":
             checkpoint = convert_from_gguf(original, tmp / "checkpoint")
         else:
@@ -113,7 +110,7 @@ def real(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         tokenizer_dir = tmp / "tokenizer" if (checkpoint / "tokenizer.json").is_file() else None
         ours = load_gguf_model(files["q8_0"], tokenizer_dir=tokenizer_dir)
         reimport_logits = ours(ids)
-        readers = (plainlm.convert.gguf.read_gguf(original), plainlm.convert.gguf.read_gguf(files["q8_0"]))
+        readers = (read_gguf(original), read_gguf(files["q8_0"]))
     weights = {k: v for k, v in ours.state_dict().items() if k.startswith("blocks.0.")}
     del ours
     gc.collect()
@@ -135,11 +132,11 @@ def weights_only(checkpoint: Path, directory: Path) -> Path:
 def test_real_export_has_llama_cpp_tensors_and_metadata(real: RealExport) -> None:
     """Same tensor names and shapes as the file llama.cpp wrote, the same hyperparameters; norms F32, weights Q8_0."""
     original, exported = real.original, real.exported
-    arch = original.fields["general.architecture"].contents()
-    assert exported.fields["general.architecture"].contents() == arch
-    assert exported.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
-    shapes = {t.name: t.shape.tolist() for t in exported.tensors}
-    assert shapes == {t.name: t.shape.tolist() for t in original.tensors}
+    arch = original.fields["general.architecture"].value
+    assert exported.fields["general.architecture"].value == arch
+    assert exported.fields["general.file_type"].value == gguf.LlamaFileType.MOSTLY_Q8_0
+    shapes = {t.name: t.shape for t in exported.tensors}
+    assert shapes == {t.name: t.shape for t in original.tensors}
     for t in exported.tensors:
         expected = GGMLQuantizationType.F32 if len(t.shape) == 1 else GGMLQuantizationType.Q8_0
         assert t.tensor_type == expected, t.name
@@ -149,7 +146,7 @@ def test_real_export_has_llama_cpp_tensors_and_metadata(real: RealExport) -> Non
     # Flags llama.cpp wrote at their defaults, which the export leaves out (as test_gguf_tokenizer.py checks).
     assert keys - exported.fields.keys() <= {"tokenizer.ggml.add_space_prefix", "tokenizer.ggml.add_sep_token"}
     for key in keys & exported.fields.keys():
-        assert exported.fields[key].contents() == original.fields[key].contents(), key
+        assert exported.fields[key].value == original.fields[key].value, key
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ from helpers import run_cli
 from helpers_gguf import REAL_PROMPTS, TINY_MODELS, make_tiny_model, model_arch, quantized_reference, write_gguf
 
 from plainlm.checkpoint import load_checkpoint, save_checkpoint
-from plainlm.convert.gguf import dequantize, load_gguf_model, read_gguf
+from plainlm.convert.gguf import dequantize, load_gguf_model
 from plainlm.convert.gguf_names import read_config, tensor_rules
+from plainlm.convert.gguf_reader import read_gguf
 from plainlm.convert.hf import convert_to_hf
 from plainlm.convert.hf_config import config_from_hf
 from plainlm.convert.hf_weights import weight_rules

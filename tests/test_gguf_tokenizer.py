@@ -24,6 +24,7 @@ from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from plainlm.chat_templates import CHAT_TEMPLATES
+from plainlm.convert.gguf_reader import GGUFFile, read_gguf
 from plainlm.convert.gguf_tokenizer import SPLIT_REGEXES, add_tokenizer_to_gguf, write_tokenizer_files
 from plainlm.errors import CheckpointError, PackagedModelMissing
 from plainlm.packaged_models import gemma3_gguf, smollm2_gguf
@@ -80,7 +81,7 @@ MESSAGES = [
 @dataclass
 class Case:
     name: str
-    reader: gguf.GGUFReader
+    reader: GGUFFile
     directory: Path  # what write_tokenizer_files wrote
     ours: Tokenizer
     theirs: Any  # transformers' tokenizer from the GGUF file
@@ -91,7 +92,7 @@ def _case(name: str, find_gguf: Callable[[], Path], directory: Path) -> Case:
         path = find_gguf()
     except PackagedModelMissing as e:
         pytest.skip(str(e))
-    reader = gguf.GGUFReader(path)
+    reader = read_gguf(path)
     write_tokenizer_files(reader, directory)
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return Case(name, reader, directory, Tokenizer(directory), theirs)
@@ -183,7 +184,7 @@ def test_chat_template_matches_transformers(case: Case) -> None:
         ours, template = Tokenizer(case.directory, model_family="gemma-3"), CHAT_TEMPLATES["gemma"]
     else:
         template = None
-        assert ours.chat_template == case.reader.fields["tokenizer.chat_template"].contents()
+        assert ours.chat_template == case.reader.fields["tokenizer.chat_template"].value
     for messages in (MESSAGES, MESSAGES[1:]):
         expected = theirs.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
@@ -194,7 +195,7 @@ def test_chat_template_matches_transformers(case: Case) -> None:
 
 
 # --- round trips through GGUF ---
-def write_gguf(path: Path, architecture: str, fill: Callable[[gguf.GGUFWriter], None]) -> gguf.GGUFReader:
+def write_gguf(path: Path, architecture: str, fill: Callable[[gguf.GGUFWriter], None]) -> GGUFFile:
     """A minimal GGUF file: the metadata `fill` writes and one tiny tensor."""
     writer = gguf.GGUFWriter(path, architecture)
     fill(writer)
@@ -203,11 +204,11 @@ def write_gguf(path: Path, architecture: str, fill: Callable[[gguf.GGUFWriter], 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return gguf.GGUFReader(path)
+    return read_gguf(path)
 
 
-def _tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+def _tokenizer_metadata(reader: GGUFFile) -> dict[str, Any]:
+    return {k: f.value for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -114,8 +114,8 @@ def hf_tokenizer(directory: Path) -> Any:
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokenizer, Any]:
     """SmolLM2-135M-Instruct's tokenizer, ours from the packaged GGUF and transformers' from the same file."""
-    gguf = pytest.importorskip("gguf")
     transformers = pytest.importorskip("transformers")
+    from plainlm.convert.gguf_reader import read_gguf
     from plainlm.convert.gguf_tokenizer import write_tokenizer_files
     from plainlm.packaged_models import smollm2_gguf
 
@@ -124,7 +124,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokenizer, Any]:
     except PackagedModelMissing as e:
         pytest.skip(str(e))
     directory = tmp_path_factory.mktemp("smollm2")
-    write_tokenizer_files(gguf.GGUFReader(path), directory)
+    write_tokenizer_files(read_gguf(path), directory)
     return Tokenizer(directory), transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 

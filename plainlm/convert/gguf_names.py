@@ -22,14 +22,13 @@ import torch
 from gguf import (
     ExpertGatingFuncType,
     GGMLQuantizationType,
-    GGUFReader,
     GGUFValueType,
     GGUFWriter,
-    ReaderTensor,
     RopeScalingType,
 )
 
 from plainlm.config import Config
+from plainlm.convert.gguf_reader import GGUFFile, GGUFTensor
 from plainlm.convert.hf_config import interleave_moe_layer_step
 from plainlm.errors import CheckpointError
 from plainlm.model import rope_inv_freq
@@ -102,7 +101,7 @@ class _Metadata:
     """Typed access to one file's metadata; keys without a "general." or "tokenizer." prefix are the
     architecture's own ("{arch}.block_count"). Errors name the file and the key."""
 
-    def __init__(self, reader: GGUFReader, path: Path) -> None:
+    def __init__(self, reader: GGUFFile, path: Path) -> None:
         self.reader, self.path, self.arch = reader, path, ""
 
     def key(self, key: str) -> str:
@@ -118,8 +117,9 @@ class _Metadata:
                 )
             return default
         if len(field.types) not in (1, 2) or int(field.types[0]) not in kinds:
-            raise CheckpointError(f"{self.path}: metadata {self.key(key)!r} should be {what}, found {field.types}")
-        return field.contents()
+            found = "/".join(GGUFValueType(t).name for t in field.types)  # the reader refused unknown types
+            raise CheckpointError(f"{self.path}: metadata {self.key(key)!r} should be {what}, found {found}")
+        return field.value
 
     def int(self, key: str, default: Any = _REQUIRED, minimum: int = 1, maximum: int = 1 << 31) -> Any:
         value = self.get(key, _INTS, _MISSING if default is not _REQUIRED else _REQUIRED, "an integer")
@@ -144,7 +144,7 @@ class _Metadata:
         return self.get(key, {int(GGUFValueType.STRING)}, default, "a string")
 
 
-def read_config(reader: GGUFReader, path: Path) -> Config:
+def read_config(reader: GGUFFile, path: Path) -> Config:
     """Our `Config` from a GGUF file's metadata and tensor shapes, with llama.cpp's defaults per architecture."""
     meta = _Metadata(reader, path)
     arch = meta.arch = meta.string("general.architecture")
@@ -238,11 +238,11 @@ def read_config(reader: GGUFReader, path: Path) -> Config:
     return config
 
 
-def _shape(tensors: dict[str, ReaderTensor], name: str, path: Path, dims: int) -> tuple[int, ...]:
+def _shape(tensors: dict[str, GGUFTensor], name: str, path: Path, dims: int) -> tuple[int, ...]:
     """A tensor's shape as PyTorch orders it (GGUF lists the fastest-varying dimension first)."""
     if name not in tensors:
         raise CheckpointError(f"{path}: no tensor {name!r}; the file is not a complete model")
-    shape = tuple(int(d) for d in reversed(tensors[name].shape.tolist()))
+    shape = tuple(reversed(tensors[name].shape))
     if len(shape) != dims:
         raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, expected {dims} dimensions")
     return shape
@@ -263,7 +263,7 @@ def _check_head_dim(tensors: dict, arch: str, n_head: int, n_kv_head: int, head_
         )
 
 
-def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: int) -> dict[str, Any] | None:
+def _rope_scaling(meta: _Metadata, tensors: dict[str, GGUFTensor], rope_dims: int) -> dict[str, Any] | None:
     kind = meta.string("rope.scaling.type", default="none")
     if kind == "linear":
         return {"rope_type": "linear", "factor": meta.float("rope.scaling.factor")}
@@ -289,7 +289,7 @@ def _rope_scaling(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: 
     return None
 
 
-def _llama3_scaling(meta: _Metadata, tensor: ReaderTensor, rope_dims: int) -> dict[str, Any]:
+def _llama3_scaling(meta: _Metadata, tensor: GGUFTensor, rope_dims: int) -> dict[str, Any]:
     """Llama 3.1+ RoPE scaling from the per-frequency factors llama.cpp writes as rope_freqs.weight.
 
     llama.cpp computes them with an original context of 8192 and low_freq_factor 1, high_freq_factor 4 (every
@@ -437,7 +437,7 @@ def _sliding_pattern(meta: _Metadata, n_layer: int) -> int | None:
     raise CheckpointError(f"{meta.path}: {meta.arch}.{key} {value} does not follow a repeating pattern")
 
 
-def _mla_fields(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: int) -> dict[str, Any]:
+def _mla_fields(meta: _Metadata, tensors: dict[str, GGUFTensor], rope_dims: int) -> dict[str, Any]:
     """DeepSeek-V3's multi-head latent attention, as llama.cpp's deepseek2 stores it."""
     fields: dict[str, Any] = dict(
         kv_lora_rank=meta.int("attention.kv_lora_rank"),
@@ -457,7 +457,7 @@ def _mla_fields(meta: _Metadata, tensors: dict[str, ReaderTensor], rope_dims: in
     return fields
 
 
-def _moe_fields(meta: _Metadata, tensors: dict[str, ReaderTensor], n_layer: int) -> dict[str, Any]:
+def _moe_fields(meta: _Metadata, tensors: dict[str, GGUFTensor], n_layer: int) -> dict[str, Any]:
     """DeepSeek-V3 / GLM-4.5 experts: sigmoid scores chosen by group with exp_probs_b, shared experts, the
     leading layers dense."""
     gating = meta.int("expert_gating_func", default=1)  # llama.cpp: absent means softmax (DeepSeek-V2)

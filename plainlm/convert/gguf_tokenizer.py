@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
+from plainlm.convert.gguf_reader import GGUFFile
 from plainlm.errors import CheckpointError
 from plainlm.tokenizer import Tokenizer, _content, _read_json
 
@@ -80,9 +81,9 @@ BYTE_TO_CHAR = _bytes_to_unicode()
 
 
 # --- GGUF -> tokenizer files ---
-def write_tokenizer_files(reader: gguf.GGUFReader, dst_dir: Path) -> None:
+def write_tokenizer_files(reader: GGUFFile, dst_dir: Path) -> None:
     """Write tokenizer.json, tokenizer_config.json and generation_config.json for the GGUF file's tokenizer."""
-    source = getattr(reader.data, "filename", "the GGUF file")
+    source = reader.path
     meta, ids = _checked_metadata(reader, source)
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     kind = meta.get("tokenizer.ggml.model")
@@ -115,9 +116,9 @@ def write_tokenizer_files(reader: gguf.GGUFReader, dst_dir: Path) -> None:
     _write_json(dst_dir / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
 
 
-def _checked_metadata(reader: gguf.GGUFReader, source: Any) -> tuple[dict[str, Any], dict[str, int | None]]:
+def _checked_metadata(reader: GGUFFile, source: Any) -> tuple[dict[str, Any], dict[str, int | None]]:
     """The tokenizer metadata as Python values, and the special token ids, each checked against the vocabulary."""
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general.architecture"))}
+    meta = {k: f.value for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general.architecture"))}
     tokens = _required(meta, "tokenizer.ggml.tokens", source)
     meta.setdefault("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
     for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
