@@ -2,9 +2,9 @@
 
     python benchmarks/memory.py [--steps 3] [--cases small]
 
-Each case runs the real command (`python -m plainlm.cli finetune|pretrain ...`) in a child process
-and reads that child's peak resident memory from os.wait4 (ru_maxrss: the kernel's high-water
-mark, file-backed pages included); the prediction is `plainlm estimate` on the same arguments.
+Each case runs the real command (plainlm's `finetune|pretrain ...`) in a child process, which reports
+its own peak resident memory as it exits (VmHWM, the kernel's high-water mark of its address space,
+file-backed pages included); the prediction is `plainlm estimate` on the same arguments.
 Pretraining uses the shipped stories and their 2k tokenizer; finetuning uses a random-weight
 plainlm checkpoint of the case's shape, written once, and instruction records long enough that
 every row is cut to data.max_seq_length (batches are then exactly micro_batch x max_seq_length).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -162,17 +161,38 @@ def command(case: Case, work: Path, steps: int) -> list[str]:
 
 
 def measured_peak(args: list[str], timeout: float = 600) -> int:
-    """Peak RSS in bytes of `python -m plainlm.cli ARGS`, the child's own (os.wait4), or an error with its output."""
-    with tempfile.TemporaryFile() as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "plainlm.cli", *args], cwd=REPO, stdout=output, stderr=subprocess.STDOUT
+    """Peak RSS in bytes of `plainlm ARGS` in a child process, as the child measures it, or an error with its output.
+
+    Not ru_maxrss from os.wait4: Linux carries the parent's resident size at the fork across the exec into the
+    child's mark, so a child of a large process (a pytest worker that has loaded a model) reads as large."""
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "output", "w+b") as output:
+        peak_file = Path(tmp) / "peak"
+        process = subprocess.run(
+            [sys.executable, __file__, "--report-peak", str(peak_file), *args],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
         )
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
+        if process.returncode != 0 or not peak_file.is_file():
             output.seek(0)
             raise RuntimeError(f"plainlm {' '.join(args)} failed:\n{output.read().decode()[-3000:]}")
-    return usage.ru_maxrss * 1024  # Linux reports KiB
+        return int(peak_file.read_text())
+
+
+def run_cli_reporting_peak(peak_file: str, args: list[str]) -> None:
+    """`plainlm ARGS` in this process; at exit, this process's peak resident bytes (VmHWM) go to `peak_file`."""
+    import atexit
+    import runpy
+
+    def report() -> None:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        Path(peak_file).write_text(str(kib * 1024))
+
+    atexit.register(report)
+    sys.argv = ["plainlm", *args]
+    runpy.run_module("plainlm.cli", run_name="__main__", alter_sys=True)
 
 
 def predicted_peak(args: list[str]) -> int:
@@ -205,6 +225,8 @@ def markdown(rows: list[tuple[Case, int, int]]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--report-peak"]:  # measured_peak's child
+        return run_cli_reporting_peak(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
