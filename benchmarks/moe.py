@@ -1,13 +1,14 @@
 """Mixture-of-experts speed, side by side with transformers: same weights, same batches, same threads, one process.
 
     python benchmarks/moe.py [--shapes qwen3-moe,deepseek-v3] [--steps 4] [--new_tokens 48] [--rounds 2]
-                             [--threads 2] [--precision fp32|bf16]
+                             [--threads 2] [--precision fp32|bf16-mixed|bf16-true]
 
 For each small model shape (random weights drawn by transformers and saved once, loaded by both):
   - training: tokens/s of a plain step (forward, summed token cross entropy over the batch, backward, fused AdamW)
     on the same random batches, every weight trained; transformers runs its default experts kernel
     (`experts_implementation="grouped_mm"` where it can dispatch, as it picks by itself) and sdpa attention;
-    plainlm runs eager and under `torch.compile` (the whole model, one graph);
+    plainlm runs eager and under `torch.compile` (the whole model, one graph); `--precision` picks fp32,
+    bf16-mixed (float32 weights, bf16 autocast) or bf16-true (both models' weights cast to bfloat16);
   - decoding: batch-1 greedy tokens/s after a short prompt, plainlm `generate` (on the model as `LLM.load`
     gives it, with its CPU kernels for float32 linears) eager and with `compile=True`, against transformers
     `generate` (its default dynamic cache); the tokens must agree;
@@ -158,7 +159,7 @@ def mla_cache_bytes(config: dict, bytes_per_value: int) -> tuple[int, int]:
 def run_shape(shape: str, args: argparse.Namespace, workdir: Path) -> dict:
     directory = workdir / shape
     make_model_dir(shape, directory)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    autocast = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
     theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa")
     experts_impl = theirs.config._experts_implementation
     generator = torch.Generator().manual_seed(0)
@@ -183,6 +184,9 @@ def run_shape(shape: str, args: argparse.Namespace, workdir: Path) -> dict:
                 print(f"  {shape} round {round_index} {name}: decode {decode[name][-1]:.1f} tok/s", flush=True)
 
     ours, ours_compiled = load_hf_model(directory), load_hf_model(directory)
+    if args.precision == "bf16-true":
+        for model in (ours, ours_compiled, theirs):
+            model.to(torch.bfloat16)
     compiled = torch.compile(ours_compiled)
     shape_ = (args.batch, args.seq_len + 1)
     batches = [torch.randint(0, vocab, shape_, generator=generator) for _ in range(args.steps + 1)]
@@ -191,11 +195,11 @@ def run_shape(shape: str, args: argparse.Namespace, workdir: Path) -> dict:
         Side("plainlm compiled", ours_compiled, lambda ids: compiled(ids)),
         Side("transformers", theirs, lambda ids: theirs(ids).logits),
     ]
-    time_training(sides[1], batches[:2], dtype)  # compiles forward and backward before any timing
+    time_training(sides[1], batches[:2], autocast)  # compiles forward and backward before any timing
     train: dict[str, list[float]] = {s.name: [] for s in sides}
     for round_index in range(args.rounds):
         for side in sides if round_index % 2 == 0 else sides[::-1]:
-            train[side.name].append(time_training(side, batches, dtype))
+            train[side.name].append(time_training(side, batches, autocast))
             print(f"  {shape} round {round_index} {side.name}: train {train[side.name][-1]:.0f} tok/s", flush=True)
     n_params = sum(p.numel() for p in ours.parameters())
     result = {
@@ -207,14 +211,14 @@ def run_shape(shape: str, args: argparse.Namespace, workdir: Path) -> dict:
         "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
     }
     if "kv_lora_rank" in SHAPES[shape][1]:
-        latent, full = mla_cache_bytes(SHAPES[shape][1], torch.finfo(dtype).bits // 8)
+        latent, full = mla_cache_bytes(SHAPES[shape][1], 4)  # the decoders' float32 caches
         result["kv_cache_bytes_per_token"] = {"mla_latent": latent, "full_attention": full}
     return result
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"MoE, {args.precision}, {args.threads} threads; training: batch {args.batch} x {args.seq_len} tokens, "
+        f"MoE, training in {args.precision}, decoding in fp32, {args.threads} threads; training: batch {args.batch} x {args.seq_len} tokens, "
         f"AdamW, best of {args.rounds} rounds of {args.steps} steps; decoding: batch 1, greedy, "
         f"{args.new_tokens} new tokens after 32",
         "",
@@ -254,7 +258,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16-mixed", "bf16-true"], default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = []
