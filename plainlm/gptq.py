@@ -222,27 +222,23 @@ class HessianSums:
 
 
 def block_arguments(model: GPT, ids: torch.Tensor) -> list[tuple]:
-    """Every block's arguments besides its input (RoPE, masks, positions) for ids (B, T), from one forward pass
-    of the model: with every calibration sample of one length, they serve every batch."""
+    """Every block's arguments besides its input (RoPE, masks, positions) for ids (B, T), from a forward pass of
+    the model that stops at the last block (its head, for a large vocabulary, would cost the most): with every
+    calibration sample of one length, they serve every batch."""
     arguments: list[tuple] = [()] * len(model.blocks)
 
     def record(index: int):  # noqa: ANN202 (a forward pre-hook)
         def hook(module: nn.Module, args: tuple) -> None:
             arguments[index] = args[1:]
+            if index == len(model.blocks) - 1:
+                raise _StopForward
 
         return hook
 
-    handles = [block.register_forward_pre_hook(record(i)) for i, block in enumerate(model.blocks)]
-    try:
-        model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_until_stopped(
+        model, ids, [block.register_forward_pre_hook(record(i)) for i, block in enumerate(model.blocks)]
+    )
     return arguments
-
-
-class _FirstBlockReached(Exception):
-    pass
 
 
 def first_block_input(model: GPT, ids: torch.Tensor) -> torch.Tensor:
@@ -251,16 +247,25 @@ def first_block_input(model: GPT, ids: torch.Tensor) -> torch.Tensor:
 
     def stop(module: nn.Module, args: tuple) -> None:
         seen.append(args[0])
-        raise _FirstBlockReached
+        raise _StopForward
 
-    handle = model.blocks[0].register_forward_pre_hook(stop)
+    _forward_until_stopped(model, ids, [model.blocks[0].register_forward_pre_hook(stop)])
+    return seen[0]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _forward_until_stopped(model: GPT, ids: torch.Tensor, handles: list) -> None:
+    """model(ids) until a hook raises _StopForward; the hooks are removed either way."""
     try:
         model(ids)
-    except _FirstBlockReached:
+    except _StopForward:
         pass
     finally:
-        handle.remove()
-    return seen[0]
+        for handle in handles:
+            handle.remove()
 
 
 def quantize_blocks(
