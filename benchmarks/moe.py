@@ -218,9 +218,9 @@ def run_shape(shape: str, args: argparse.Namespace, workdir: Path) -> dict:
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"MoE, training in {args.precision}, decoding in fp32, {args.threads} threads; training: batch {args.batch} x {args.seq_len} tokens, "
-        f"AdamW, best of {args.rounds} rounds of {args.steps} steps; decoding: batch 1, greedy, "
-        f"{args.new_tokens} new tokens after 32",
+        f"MoE, training in {args.precision}, decoding in fp32, {args.threads} threads; training: batch {args.batch} "
+        f"x {args.seq_len} tokens, AdamW, best of {args.rounds} rounds of {args.steps} steps; decoding: batch 1, "
+        f"greedy, {args.new_tokens} new tokens after 32",
         "",
         "| shape | params | work | plainlm | plainlm compiled | transformers | ratio (eager, compiled) "
         "| target >= 1.3x |",

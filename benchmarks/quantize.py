@@ -40,7 +40,8 @@ import torch
 import transformers
 from inference import memory_bandwidth_gbs  # benchmarks/inference.py, beside this file
 
-from plainlm.convert.gguf import load_gguf_model, read_gguf
+from plainlm.convert.gguf import load_gguf_model
+from plainlm.convert.gguf_reader import read_gguf
 from plainlm.generate import generate, generate_tokens
 from plainlm.gptq import calibration_ids, quantize_blocks
 from plainlm.kernel_layers import use_cpu_kernels

@@ -23,8 +23,8 @@ import yaml
 
 from plainlm.checkpoint import CONFIG_FILE, detect_format
 from plainlm.config import Config
-from plainlm.convert.gguf import read_gguf
 from plainlm.convert.gguf_names import read_config
+from plainlm.convert.gguf_reader import read_gguf
 from plainlm.convert.hf import read_hf_config
 from plainlm.device import resolve_device
 from plainlm.distributed import check_process_counts, resolve_strategy

@@ -26,7 +26,6 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from plainlm.checkpoint import CONFIG_FILE, TensorSource, check_output_path, read_quantization
 from plainlm.config import Config
-from plainlm.convert.gguf import read_gguf
 from plainlm.convert.gguf_names import (
     HF_TO_GGUF_ARCHITECTURE,
     IMPORT_ONLY_ARCHITECTURES,
@@ -37,6 +36,7 @@ from plainlm.convert.gguf_names import (
     write_config,
     write_token_ids,
 )
+from plainlm.convert.gguf_reader import read_gguf
 from plainlm.convert.gguf_tokenizer import add_tokenizer_to_gguf
 from plainlm.errors import CheckpointError, InvalidInput
 
