@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from plainlm.config import Config
 from plainlm.errors import InvalidInput
 from plainlm.grouped_mm import grouped_mm
+from plainlm.windowed_attention import windowed_attention
 
 ROPE_TABLE_POSITIONS = 1 << 17  # positions the RoPE tables hold at first (GPT.grow_rope_tables adds more)
 
@@ -242,7 +243,8 @@ class Block(nn.Module):
         super().__init__()
         self.config = config
         self.attn_norm = make_norm(config, config.n_embd) if config.pre_attention_norm else nn.Identity()
-        self.attn = LatentAttention(config) if config.kv_lora_rank is not None else Attention(config)
+        window = config.sliding_window if config.is_sliding(layer) and not config.attention_chunk_size else None
+        self.attn = LatentAttention(config) if config.kv_lora_rank is not None else Attention(config, window)
         self.post_attn_norm = make_norm(config, config.n_embd) if config.post_attention_norm else nn.Identity()
         needs_mlp_norm = config.pre_mlp_norm and not config.shared_attention_norm
         self.mlp_norm = make_norm(config, config.n_embd) if needs_mlp_norm else nn.Identity()
@@ -269,9 +271,9 @@ class Block(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, window: int | None = None) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.window = config, window  # window: this layer's sliding window, if it has one
         H, K, D = config.n_head, config.n_kv_head, config.head_dim
         self.q_proj = nn.Linear(config.n_embd, H * D, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.n_embd, K * D, bias=config.qkv_bias)
@@ -335,6 +337,10 @@ class Attention(nn.Module):
             is_causal = False
             if mask is None and q.shape[2] > 1:
                 is_causal = True
+            # A sequence longer than two windows, without a cache or padding (training, scoring): see the window only
+            windowed = self.window and cache is None and mask is not None and mask.dim() == 2
+            if windowed and not torch.compiler.is_compiling() and q.shape[2] > 2 * self.window:
+                return windowed_attention(q, k, v, self.window, self.scale, c.n_kv_head != c.n_head)
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=c.n_kv_head != c.n_head
             )
