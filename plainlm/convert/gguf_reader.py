@@ -143,9 +143,12 @@ class _Cursor:
 
 # GGUFValueType -> little-endian numpy dtype, for the scalar types
 _SCALARS = {
-    kind: np.dtype(code)
-    for kind, code in {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8"}.items()
-} | {11: np.dtype("<i8"), 12: np.dtype("<f8")}
+    int(getattr(GGUFValueType, name)): np.dtype(code)
+    for name, code in (
+        ("UINT8", "u1"), ("INT8", "i1"), ("UINT16", "<u2"), ("INT16", "<i2"), ("UINT32", "<u4"), ("INT32", "<i4"),
+        ("FLOAT32", "<f4"), ("BOOL", "?"), ("UINT64", "<u8"), ("INT64", "<i8"), ("FLOAT64", "<f8"),
+    )
+}  # fmt: skip
 _STRING, _ARRAY = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 # Tensor types held as numbers rather than blocks (BF16 is left to gguf.quants, as bytes)
